@@ -1,0 +1,50 @@
+"""streamloader — train on a remote DagsHub (or any fsspec) dataset repository as if it were on local disk.
+
+The public names are imported lazily so that ``import streamloader`` stays cheap (no torch import) and
+DataLoader workers started with ``spawn`` pay only for what they use.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    # errors
+    "StreamloaderError": "streamloader.errors",
+    "AuthenticationError": "streamloader.errors",
+    "RemoteError": "streamloader.errors",
+    "RemoteFileNotFoundError": "streamloader.errors",
+    "RevisionNotFoundError": "streamloader.errors",
+    "IntegrityError": "streamloader.errors",
+    "DataFormatError": "streamloader.errors",
+    # transport / filesystem
+    "DagsHubClient": "streamloader.remote.client",
+    "RetryPolicy": "streamloader.remote.client",
+    "DagsHubFileSystem": "streamloader.remote.filesystem",
+    # auth / cache
+    "login": "streamloader.auth",
+    "resolve_token": "streamloader.auth",
+    "FileCache": "streamloader.cache",
+    "cache_info": "streamloader.cache",
+    "prune": "streamloader.cache",
+    # server
+    "DagsHubServer": "streamloader.server",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'streamloader' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return __all__

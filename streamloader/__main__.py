@@ -1,0 +1,3 @@
+from streamloader.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""Typed exceptions raised by streamloader.
+
+Every error a user can act on has its own class, so callers can catch precisely what they handle::
+
+    try:
+        fs.cat_file("dagshub://owner/repo/data/labels.tsv")
+    except streamloader.AuthenticationError:
+        ...
+"""
+from __future__ import annotations
+
+import errno
+from typing import Optional
+
+__all__ = [
+    "StreamloaderError",
+    "AuthenticationError",
+    "RemoteError",
+    "RemoteFileNotFoundError",
+    "RevisionNotFoundError",
+    "IntegrityError",
+    "DataFormatError",
+]
+
+TOKEN_HINT = (
+    "Set the DAGSHUB_TOKEN environment variable to a DagsHub access token "
+    "(https://dagshub.com/user/settings/tokens), call streamloader.login(token=...), "
+    "or run `streamloader login --token ...`."
+)
+
+
+class StreamloaderError(Exception):
+    """Base class of every error raised by streamloader."""
+
+
+class AuthenticationError(StreamloaderError, PermissionError):
+    """No usable token, or the server rejected it (HTTP 401/403)."""
+
+    def __init__(self, message: str, *, hint: bool = True):
+        super().__init__(f"{message}. {TOKEN_HINT}" if hint else message)
+
+
+class RemoteError(StreamloaderError, OSError):
+    """The remote answered with an error we cannot recover from (after retries).
+
+    ``status`` is the HTTP status (None for connection-level failures) and ``url`` never contains credentials.
+    """
+
+    def __init__(self, message: str, *, status: Optional[int] = None, url: Optional[str] = None):
+        self.status = status
+        self.url = url
+        details = []
+        if status is not None:
+            details.append(f"HTTP {status}")
+        if url:
+            details.append(url)
+        text = f"{message} ({', '.join(details)})" if details else message
+        # OSError(errno, strerror) would reformat the text; keep the message readable.
+        Exception.__init__(self, text)
+
+    def __str__(self) -> str:  # OSError.__str__ would prefix "[Errno ...]"
+        return str(self.args[0]) if self.args else ""
+
+
+class RemoteFileNotFoundError(StreamloaderError, FileNotFoundError):
+    """A repo path does not exist (HTTP 404). Behaves like a local missing file (errno ENOENT)."""
+
+    def __init__(self, path: str):
+        FileNotFoundError.__init__(self, errno.ENOENT, "No such file or directory in the remote repository", path)
+
+
+class RevisionNotFoundError(StreamloaderError, LookupError):
+    """The branch or commit does not exist in the repository."""
+
+
+class IntegrityError(StreamloaderError, OSError):
+    """Downloaded bytes do not match the size or hash the server announced."""
+
+
+class DataFormatError(StreamloaderError, ValueError):
+    """Input data (a TSV row, a tar member, an embedding file) is malformed."""
