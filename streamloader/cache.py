@@ -1,0 +1,398 @@
+"""A crash-safe, content-addressed file cache shared by threads, DataLoader workers and processes.
+
+Layout under the root (default: ``$STREAMLOADER_CACHE`` or the platform's user cache dir / streamloader)::
+
+    objects/<kind>/<d[:2]>/<d>     finished, verified files (read-only once renamed into place)
+    tmp/<d>.<pid>.<random>.part     downloads in progress (never read; swept when their process is gone)
+    locks/<d[:2]>/<d>.lock          one lock per entry (flock: released by the kernel if the holder dies)
+
+Guarantees: a reader sees a whole verified file or nothing (download to a unique temp file, verify size and hash,
+fsync, atomic rename); concurrent processes download an entry once (per-entry lock, re-checked after locking);
+keys are content hashes or (commit sha, path), so a moved branch can never return stale bytes; eviction takes the
+entry lock and files are opened under it, so an evicted entry never breaks a reader that already opened it.
+Files are private to the user (dirs 0700, files 0600).
+
+Usage::
+
+    cache = FileCache()                         # or FileCache("/scratch/cache", max_size="50GB")
+    key = CacheKey.from_hash("git", blob_sha1)
+    path = cache.fetch(key, lambda f: client.download("data/a.jpg", f), size=1234)
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import IO, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+from filelock import FileLock, Timeout
+
+from streamloader.errors import IntegrityError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CacheKey", "FileCache", "cache_info", "default_cache_dir", "parse_size", "prune"]
+
+_HEX = re.compile(r"^[0-9a-f]+$")
+_TOUCH_INTERVAL = 60.0  # seconds between LRU timestamp updates of one entry
+_STALE_TMP_AGE = 3600.0  # a temp file this old is swept even if its pid looks alive (pid reuse)
+
+
+def default_cache_dir() -> str:
+    """``$STREAMLOADER_CACHE`` or the platform user cache directory (``~/.cache/streamloader`` on Linux)."""
+    env = os.environ.get("STREAMLOADER_CACHE")
+    if env:
+        return os.path.abspath(os.path.expanduser(env))
+    import platformdirs
+
+    return platformdirs.user_cache_dir("streamloader", appauthor=False)
+
+
+def parse_size(size: Union[int, str, None]) -> Optional[int]:
+    """``"10GB"`` → 10_000_000_000, ``"512MiB"`` → 536870912, ints pass through, None stays None."""
+    if size is None or isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgtp]?)(i?)b?\s*", str(size).lower())
+    if not m:
+        raise ValueError(f"invalid size {size!r}; use e.g. 500MB, 10GB, 1.5TiB or a byte count")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " kmgtp".index(m.group(2) or " "))
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Identity of cached content: ``kind`` names how ``digest`` was made ("git" blob sha1, "md5", or "path")."""
+
+    kind: str
+    digest: str
+
+    @classmethod
+    def from_hash(cls, versioning: Optional[str], value: str) -> "CacheKey":
+        """A key from a listing's content hash (git blob sha1 for "git", md5 for "dvc")."""
+        value = value.lower()
+        if not _HEX.match(value) or not 16 <= len(value) <= 128:
+            # Unknown format: hash it so the key is still a safe file name.
+            return cls("opaque", hashlib.sha256(f"{versioning}:{value}".encode()).hexdigest())
+        kind = "git" if (versioning in (None, "git") and len(value) == 40) else ("md5" if len(value) == 32 else "opaque")
+        return cls(kind, value)
+
+    @classmethod
+    def from_location(cls, *parts: str) -> "CacheKey":
+        """A key for content known only by where it lives (e.g. host, repo, commit sha, path)."""
+        return cls("path", hashlib.sha256("\x00".join(parts).encode()).hexdigest())
+
+    def hasher(self) -> Optional["_Verifier"]:
+        if self.kind == "git":
+            return _Verifier("sha1", self.digest, git_blob=True)
+        if self.kind == "md5":
+            return _Verifier("md5", self.digest)
+        return None
+
+
+class _Verifier:
+    """Incrementally hashes downloaded bytes; ``on_chunk(b"")`` restarts (used by retries)."""
+
+    def __init__(self, algo: str, expected: str, git_blob: bool = False):
+        self.algo, self.expected, self.git_blob = algo, expected, git_blob
+        self.reset()
+
+    def reset(self) -> None:
+        self._h = hashlib.new(self.algo)
+        self._started = False
+
+    def start(self, size: Optional[int]) -> None:
+        self.reset()
+        if self.git_blob:
+            if size is None:
+                raise ValueError("git blob verification needs the size")
+            self._h.update(b"blob %d\x00" % size)
+        self._started = True
+
+    def update(self, chunk: bytes) -> None:
+        self._h.update(chunk)
+
+    def ok(self) -> bool:
+        return self._h.hexdigest() == self.expected
+
+
+class FileCache:
+    """The shared on-disk cache (see module docstring). ``max_size`` (bytes or "10GB") enables LRU eviction."""
+
+    def __init__(self, root: Optional[str] = None, max_size: Union[int, str, None] = None, verify: bool = True,
+                 lock_timeout: float = 600.0):
+        self.root = os.path.abspath(os.path.expanduser(root)) if root else default_cache_dir()
+        self.max_size = parse_size(max_size)
+        self.verify = verify
+        self.lock_timeout = lock_timeout
+        self._local_locks: Dict[str, threading.Lock] = {}
+        self._local_guard = threading.Lock()
+        self._ensure_dirs()
+
+    def __repr__(self) -> str:
+        return f"FileCache({self.root!r}, max_size={self.max_size})"
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_local_locks"] = {}
+        state["_local_guard"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local_guard = threading.Lock()
+
+    # -- layout ---------------------------------------------------------------------------------------------------
+    def _ensure_dirs(self) -> None:
+        for sub in ("", "objects", "tmp", "locks"):
+            os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
+
+    def path_for(self, key: CacheKey) -> str:
+        """Where the finished file for ``key`` lives (always inside the cache root)."""
+        if not _HEX.match(key.digest) or not re.fullmatch(r"[a-z0-9]+", key.kind):
+            raise ValueError(f"invalid cache key {key!r}")
+        return os.path.join(self.root, "objects", key.kind, key.digest[:2], key.digest)
+
+    def _lock_path(self, key: CacheKey) -> str:
+        return os.path.join(self.root, "locks", key.digest[:2], f"{key.kind}-{key.digest}.lock")
+
+    def _file_lock(self, key: CacheKey) -> FileLock:
+        path = self._lock_path(key)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        # thread_local=False: the lock object is shared by threads of this process via _thread_lock below.
+        return FileLock(path, timeout=self.lock_timeout, mode=0o600, thread_local=False)
+
+    def _thread_lock(self, key: CacheKey) -> threading.Lock:
+        # flock is per open file description: serialize threads of one process before taking it.
+        with self._local_guard:
+            return self._local_locks.setdefault(f"{key.kind}/{key.digest}", threading.Lock())
+
+    # -- reading --------------------------------------------------------------------------------------------------
+    def get(self, key: CacheKey) -> Optional[str]:
+        """The cached file's path, or None when absent. Marks the entry recently used."""
+        path = self.path_for(key)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        if time.time() - st.st_mtime > _TOUCH_INTERVAL:
+            try:
+                os.utime(path)
+            except OSError:
+                pass
+        return path
+
+    def __contains__(self, key: CacheKey) -> bool:
+        return os.path.exists(self.path_for(key))
+
+    def open(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int] = None) -> IO[bytes]:
+        """An open binary file for ``key``, downloading it first if needed (see :meth:`fetch`)."""
+        for _ in range(3):
+            path = self.fetch(key, fill, size)
+            try:
+                return open(path, "rb")
+            except FileNotFoundError:
+                # evicted between fetch and open by another process: fetch again
+                continue
+        raise IntegrityError(f"cache entry {key.digest} keeps disappearing; is the cache cap too small?")
+
+    # -- writing --------------------------------------------------------------------------------------------------
+    def fetch(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int] = None) -> str:
+        """Return the path of ``key``, calling ``fill(fileobj)`` to produce the bytes if it is not cached yet.
+
+        ``fill`` writes the content into the given binary file object and may be called again after a failure.
+        The result is verified against ``size`` and the key's hash before it becomes visible. Exactly one caller
+        (thread or process) runs ``fill`` for a key at a time; the others wait and reuse its result.
+        """
+        path = self.get(key)
+        if path is not None:
+            return path
+        with self._thread_lock(key):
+            try:
+                with self._file_lock(key):
+                    path = self.get(key)
+                    if path is None:
+                        path = self._store(key, fill, size)
+            except Timeout:
+                raise IntegrityError(f"timed out after {self.lock_timeout}s waiting for another process to download "
+                                     f"cache entry {key.digest}") from None
+        if self.max_size is not None:
+            self._maybe_evict(keep=path)
+        return path
+
+    def _store(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int]) -> str:
+        final = self.path_for(key)
+        os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+        tmp = os.path.join(self.root, "tmp", f"{key.digest}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+        verifier = key.hasher() if self.verify else None
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as raw:
+                target: BinaryIO = _HashingWriter(raw, verifier, size) if verifier else raw  # type: ignore[assignment]
+                fill(target)
+                raw.flush()
+                got = raw.tell()
+                if size is not None and got != size:
+                    raise IntegrityError(f"downloaded {got} bytes, expected {size} (cache entry {key.digest})")
+                if verifier is not None and not verifier.ok():
+                    raise IntegrityError(f"content hash mismatch for cache entry {key.digest} ({key.kind})")
+                os.fsync(raw.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return final
+
+    def put_file(self, key: CacheKey, src_path: str) -> str:
+        """Copy a local file into the cache under ``key`` (verified like a download)."""
+        import shutil
+
+        def fill(f: BinaryIO) -> None:
+            with open(src_path, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 20)
+
+        return self.fetch(key, fill, os.path.getsize(src_path))
+
+    # -- maintenance ----------------------------------------------------------------------------------------------
+    def _entries(self) -> Iterator[Tuple[str, os.stat_result]]:
+        objects = os.path.join(self.root, "objects")
+        for dirpath, _dirs, files in os.walk(objects):
+            for name in files:
+                p = os.path.join(dirpath, name)
+                try:
+                    yield p, os.stat(p)
+                except FileNotFoundError:
+                    continue
+
+    def info(self) -> Dict[str, object]:
+        """``{"root", "files", "bytes", "max_size", "temp_files"}`` for this cache."""
+        files = total = 0
+        for _p, st in self._entries():
+            files += 1
+            total += st.st_size
+        tmp = len(os.listdir(os.path.join(self.root, "tmp")))
+        return {"root": self.root, "files": files, "bytes": total, "max_size": self.max_size, "temp_files": tmp}
+
+    def _maybe_evict(self, keep: Optional[str] = None) -> None:
+        assert self.max_size is not None
+        entries = list(self._entries())
+        total = sum(st.st_size for _p, st in entries)
+        if total > self.max_size:
+            self._evict(entries, total, int(self.max_size * 0.9), keep)
+
+    def _evict(self, entries: List[Tuple[str, os.stat_result]], total: int, target: int,
+               keep: Optional[str] = None) -> int:
+        removed = 0
+        for path, st in sorted(entries, key=lambda e: e[1].st_mtime):
+            if total <= target:
+                break
+            if path == keep:
+                continue
+            kind = os.path.basename(os.path.dirname(os.path.dirname(path)))
+            key = CacheKey(kind, os.path.basename(path))
+            lock = self._file_lock(key)
+            try:
+                # Skip entries being downloaded right now; an already-open reader keeps its inode after unlink.
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            try:
+                os.unlink(path)
+                total -= st.st_size
+                removed += 1
+            except FileNotFoundError:
+                pass
+            finally:
+                lock.release()
+        if removed:
+            log.info("evicted %d cache entries (cache now %.1f MB)", removed, total / 1e6)
+        return removed
+
+    def sweep_temp(self) -> int:
+        """Delete temp files left by dead processes (or older than an hour). Returns how many were removed."""
+        tmpdir = os.path.join(self.root, "tmp")
+        removed = 0
+        for name in os.listdir(tmpdir):
+            p = os.path.join(tmpdir, name)
+            try:
+                pid = int(name.split(".")[1])
+                age = time.time() - os.stat(p).st_mtime
+            except (IndexError, ValueError, OSError):
+                pid, age = -1, _STALE_TMP_AGE
+            if pid != os.getpid() and (age >= _STALE_TMP_AGE or not _pid_alive(pid)):
+                try:
+                    os.unlink(p)
+                    removed += 1
+                except OSError:
+                    pass
+        return removed
+
+    def prune(self, max_size: Union[int, str, None] = None) -> Dict[str, int]:
+        """Evict least-recently-used entries until the cache fits ``max_size`` (default: the cache's cap)."""
+        cap = parse_size(max_size) if max_size is not None else self.max_size
+        swept = self.sweep_temp()
+        entries = list(self._entries())
+        total = sum(st.st_size for _p, st in entries)
+        removed = self._evict(entries, total, cap, None) if cap is not None and total > cap else 0
+        return {"removed": removed, "temp_removed": swept}
+
+    def clear(self) -> int:
+        """Remove every finished entry (entries being downloaded are left alone). Returns how many."""
+        entries = list(self._entries())
+        return self._evict(entries, sum(st.st_size for _p, st in entries), -1) + self.sweep_temp()
+
+
+class _HashingWriter:
+    """File wrapper that feeds a verifier; ``write(b"")`` at offset 0 marks a restart (see client.download)."""
+
+    def __init__(self, raw: BinaryIO, verifier: "_Verifier", size: Optional[int]):
+        self._raw, self._verifier, self._size = raw, verifier, size
+        verifier.start(size)
+
+    def write(self, data: bytes) -> int:
+        self._verifier.update(data)
+        return self._raw.write(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        pos = self._raw.seek(offset, whence)
+        if pos == 0:
+            self._verifier.start(self._size)
+        return pos
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def truncate(self, size: Optional[int] = None) -> int:
+        return self._raw.truncate(size)
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cache_info(cache_dir: Optional[str] = None) -> Dict[str, object]:
+    """Summary of the cache at ``cache_dir`` (default cache dir): files, bytes, root."""
+    return FileCache(cache_dir).info()
+
+
+def prune(max_size: Union[int, str, None] = None, cache_dir: Optional[str] = None) -> Dict[str, int]:
+    """Evict LRU entries of the cache at ``cache_dir`` until it fits ``max_size``; sweep dead temp files."""
+    return FileCache(cache_dir).prune(max_size)

@@ -1,0 +1,256 @@
+"""FileCache: atomic, verified, shared by threads and processes, keyed safely, capped with LRU eviction."""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import signal
+import stat
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from streamloader.cache import CacheKey, FileCache, cache_info, parse_size, prune
+from streamloader.errors import IntegrityError
+
+
+def git_key(data: bytes) -> CacheKey:
+    return CacheKey.from_hash("git", hashlib.sha1(b"blob %d\x00" % len(data) + data).hexdigest())
+
+
+def writer(data: bytes, counter: list = None, chunk: int = 1000, delay: float = 0.0):
+    def fill(f):
+        if counter is not None:
+            counter.append(1)
+        for i in range(0, len(data), chunk):
+            f.write(data[i:i + chunk])
+            if delay:
+                time.sleep(delay)
+    return fill
+
+
+def test_fetch_stores_verified_file_and_reuses_it(tmp_path):
+    cache = FileCache(str(tmp_path / "c"))
+    data = os.urandom(5000)
+    calls = []
+    path = cache.fetch(git_key(data), writer(data, calls), size=len(data))
+    assert open(path, "rb").read() == data
+    assert cache.fetch(git_key(data), writer(data, calls), size=len(data)) == path
+    assert len(calls) == 1
+    assert path.startswith(cache.root + os.sep)
+
+
+def test_size_and_hash_mismatch_are_rejected_and_leave_nothing(tmp_path):
+    cache = FileCache(str(tmp_path / "c"))
+    data = b"hello world"
+    with pytest.raises(IntegrityError, match="expected 11"):
+        cache.fetch(git_key(data), writer(data[:5]), size=len(data))
+    with pytest.raises(IntegrityError, match="hash mismatch"):
+        cache.fetch(git_key(data), writer(b"HELLO WORLD"), size=len(data))
+    assert cache.get(git_key(data)) is None
+    assert os.listdir(os.path.join(cache.root, "tmp")) == []
+    assert cache.info()["files"] == 0
+
+
+def test_md5_keys_are_verified(tmp_path):
+    cache = FileCache(str(tmp_path / "c"))
+    data = b"dvc-tracked bytes"
+    key = CacheKey.from_hash("dvc", hashlib.md5(data).hexdigest())
+    assert key.kind == "md5"
+    assert open(cache.fetch(key, writer(data), len(data)), "rb").read() == data
+    bad = CacheKey.from_hash("dvc", hashlib.md5(b"other").hexdigest())
+    with pytest.raises(IntegrityError):
+        cache.fetch(bad, writer(data), len(data))
+
+
+def test_failed_fill_propagates_and_a_retry_succeeds(tmp_path):
+    cache = FileCache(str(tmp_path / "c"))
+    data = b"x" * 100
+
+    def broken(f):
+        f.write(b"partial")
+        raise ConnectionError("boom")
+
+    with pytest.raises(ConnectionError):
+        cache.fetch(git_key(data), broken, len(data))
+    assert cache.get(git_key(data)) is None
+    assert open(cache.fetch(git_key(data), writer(data), len(data)), "rb").read() == data
+
+
+def test_threads_share_one_download(tmp_path):
+    cache = FileCache(str(tmp_path / "c"))
+    data = os.urandom(200_000)
+    calls, results, errors = [], [], []
+
+    def reader():
+        try:
+            results.append(open(cache.fetch(git_key(data), writer(data, calls, 10_000, 0.005), len(data)), "rb").read())
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(calls) == 1
+    assert results == [data] * 8
+
+
+def _proc_fetch(root, data, marker_dir, out):
+    cache = FileCache(root)
+
+    def fill(f):
+        open(os.path.join(marker_dir, f"call-{os.getpid()}"), "w").close()
+        for i in range(0, len(data), 20_000):
+            f.write(data[i:i + 20_000])
+            time.sleep(0.01)
+
+    path = cache.fetch(git_key(data), fill, len(data))
+    with open(out, "wb") as f:
+        f.write(open(path, "rb").read())
+
+
+def test_processes_share_one_download(tmp_path):
+    root, markers = str(tmp_path / "c"), tmp_path / "markers"
+    markers.mkdir()
+    data = os.urandom(300_000)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_proc_fetch, args=(root, data, str(markers), str(tmp_path / f"out{i}")))
+             for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert len(os.listdir(markers)) == 1
+    for i in range(4):
+        assert (tmp_path / f"out{i}").read_bytes() == data
+
+
+def _slow_fill_forever(root, data):
+    cache = FileCache(root)
+
+    def fill(f):
+        f.write(data[:1000])
+        f.flush()
+        time.sleep(60)
+
+    cache.fetch(git_key(data), fill, len(data))
+
+
+def test_sigkilled_download_leaves_nothing_readable_and_does_not_block(tmp_path):
+    root = str(tmp_path / "c")
+    data = os.urandom(10_000)
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=_slow_fill_forever, args=(root, data))
+    p.start()
+    cache = FileCache(root, lock_timeout=20)
+    deadline = time.time() + 30
+    while not os.listdir(os.path.join(root, "tmp")) and time.time() < deadline:
+        assert cache.get(git_key(data)) is None
+        time.sleep(0.05)
+    assert os.listdir(os.path.join(root, "tmp")), "child never started writing"
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    assert cache.get(git_key(data)) is None  # the partial temp file is never visible as data
+    t0 = time.time()
+    path = cache.fetch(git_key(data), writer(data), len(data))  # the dead holder's lock does not block
+    assert time.time() - t0 < 10
+    assert open(path, "rb").read() == data
+    assert cache.prune()["temp_removed"] == 1
+    assert os.listdir(os.path.join(root, "tmp")) == []
+
+
+def test_reader_never_sees_partial_file(tmp_path):
+    cache = FileCache(str(tmp_path / "c"))
+    data = os.urandom(400_000)
+    key = git_key(data)
+    seen, stop = [], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            p = cache.get(key)
+            if p is not None:
+                seen.append(len(open(p, "rb").read()))
+
+    t = threading.Thread(target=poll)
+    t.start()
+    cache.fetch(key, writer(data, chunk=10_000, delay=0.002), len(data))
+    time.sleep(0.05)
+    stop.set()
+    t.join()
+    assert seen and set(seen) == {len(data)}
+
+
+def test_lru_eviction_under_cap_keeps_open_readers_working(tmp_path):
+    cache = FileCache(str(tmp_path / "c"), max_size=25_000)
+    blobs = [os.urandom(10_000) for _ in range(5)]
+    first = cache.open(git_key(blobs[0]), writer(blobs[0]), 10_000)
+    for b in blobs[1:]:
+        cache.fetch(git_key(b), writer(b), len(b))
+        time.sleep(0.01)
+    info = cache.info()
+    assert info["bytes"] <= 25_000
+    assert cache.get(git_key(blobs[-1])) is not None  # the newest entry survives
+    assert cache.get(git_key(blobs[0])) is None  # the oldest was evicted...
+    assert first.read() == blobs[0]  # ...but its open reader still reads every byte
+    first.close()
+
+
+def test_eviction_skips_entries_being_downloaded(tmp_path):
+    root = str(tmp_path / "c")
+    cache = FileCache(root)
+    data = os.urandom(1000)
+    key = git_key(data)
+    cache.fetch(key, writer(data), len(data))
+    lock = cache._file_lock(key)
+    lock.acquire()
+    try:
+        assert FileCache(root).prune(0)["removed"] == 0
+    finally:
+        lock.release()
+    assert FileCache(root).prune(0)["removed"] == 1
+
+
+def test_permissions_are_private(tmp_path):
+    cache = FileCache(str(tmp_path / "c"))
+    data = b"secret-ish"
+    path = cache.fetch(git_key(data), writer(data), len(data))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    for sub in ("", "objects", "tmp", "locks"):
+        assert stat.S_IMODE(os.stat(os.path.join(cache.root, sub)).st_mode) == 0o700
+
+
+def test_env_default_info_prune_and_clear(tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMLOADER_CACHE", str(tmp_path / "envcache"))
+    cache = FileCache()
+    assert cache.root == str(tmp_path / "envcache")
+    for i in range(3):
+        d = bytes([i]) * 1000
+        cache.fetch(git_key(d), writer(d), len(d))
+    assert cache_info()["files"] == 3 and cache_info()["bytes"] == 3000
+    assert prune("2kB")["removed"] == 1  # 3000 bytes -> at most 2000
+    assert cache.clear() == 2
+    assert cache_info()["files"] == 0
+
+
+def test_parse_size():
+    assert parse_size("10GB") == 10_000_000_000
+    assert parse_size("512MiB") == 512 * 1024 ** 2
+    assert parse_size(123) == 123
+    with pytest.raises(ValueError, match="invalid size"):
+        parse_size("ten gigs")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=0, max_size=300), st.text(max_size=80))
+def test_any_key_maps_inside_the_cache_root(tmp_path_factory, path, hash_value):
+    cache = FileCache(str(tmp_path_factory.getbasetemp() / "prop-cache"))
+    for key in (CacheKey.from_location("https://h", "o", "r", "sha", path), CacheKey.from_hash("git", hash_value)):
+        target = os.path.realpath(cache.path_for(key))
+        assert target.startswith(os.path.realpath(cache.root) + os.sep)
+        assert ".." not in os.path.relpath(target, cache.root).split(os.sep)
