@@ -1,0 +1,99 @@
+"""``streamloader serve DIR``: serve a local folder as a DagsHub repository (for tests, demos and benchmarks).
+
+Example::
+
+    STREAMLOADER_SERVER_TOKEN=t0k streamloader serve ./laion-mini --port 8765
+    # Serving ./laion-mini as user/repo at http://127.0.0.1:8765 (repo URL: http://127.0.0.1:8765/user/repo)
+    DAGSHUB_TOKEN=t0k DAGSHUB_CLIENT_HOST=http://127.0.0.1:8765 python train.py
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "STREAMLOADER_SERVER_TOKEN"
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``serve`` sub-command."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a local folder as a DagsHub repository (test server)",
+        description=(
+            "Serve DIR over HTTP as a one-branch DagsHub repository, compatible with streamloader and the official "
+            "dagshub client. Binds 127.0.0.1 by default. The token is read from --token or, better (it then stays "
+            f"out of the process list), from the {TOKEN_ENV} environment variable; without one, any credentials "
+            "are accepted. Runs until interrupted (Ctrl-C / SIGTERM)."
+        ),
+    )
+    parser.add_argument("dir", metavar="DIR", help="folder to serve")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port (default 0: pick a free one)")
+    parser.add_argument("--owner", default="user", help="repository owner in URLs (default: user)")
+    parser.add_argument("--repo", default="repo", help="repository name in URLs (default: repo)")
+    parser.add_argument("--branch", default="main", help="branch name (default: main)")
+    parser.add_argument("--token", default=None, help=f"required access token (prefer the {TOKEN_ENV} env var)")
+    faults = parser.add_argument_group("fault injection (for robustness tests)")
+    faults.add_argument("--latency", type=float, default=0.0, metavar="S", help="delay every answer by S seconds")
+    faults.add_argument("--error-rate", type=float, default=0.0, metavar="F", help="fraction of raw answers 5xx")
+    faults.add_argument("--throttle-rate", type=float, default=0.0, metavar="F", help="fraction of raw answers 429")
+    faults.add_argument("--retry-after", type=float, default=0.0, metavar="S", help="Retry-After of 429 answers")
+    faults.add_argument("--drop-rate", type=float, default=0.0, metavar="F",
+                        help="fraction of raw downloads cut off after half the body")
+    faults.add_argument("--test-knobs", action="store_true",
+                        help="enable the unauthenticated /_streamloader/ admin endpoints (counters, live faults)")
+    parser.set_defaults(func=run)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM; returns the exit code."""
+    from streamloader.server import DagsHubServer, ServerFaults
+
+    if not os.path.isdir(args.dir):
+        print(f"streamloader serve: error: not a directory: {args.dir}")
+        return 2
+    try:
+        faults = ServerFaults(latency=args.latency, error_rate=args.error_rate, throttle_rate=args.throttle_rate,
+                              retry_after=args.retry_after, drop_rate=args.drop_rate)
+    except ValueError as exc:
+        print(f"streamloader serve: error: {exc}")
+        return 2
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    if not _is_loopback(args.host):
+        log.warning("binding %s exposes %s to the network%s", args.host, args.dir,
+                    "" if token else " WITHOUT any token")
+    server = DagsHubServer(args.dir, owner=args.owner, repo=args.repo, branch=args.branch, token=token,
+                           host=args.host, port=args.port, faults=faults, test_knobs=args.test_knobs)
+    stop = threading.Event()
+
+    def _request_stop(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server.start()
+    try:
+        print(f"Serving {args.dir} as {args.owner}/{args.repo} at {server.url} (repo URL: {server.repo_url})",
+              flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0

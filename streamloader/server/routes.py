@@ -1,0 +1,81 @@
+"""Request-path routing and Range parsing for the local server (pure functions, no I/O)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+__all__ = ["Route", "parse_route", "parse_range", "Unsatisfiable"]
+
+
+class Unsatisfiable(Exception):
+    """A Range header that selects no byte of the file (answer 416)."""
+
+
+def parse_range(header: Optional[str], size: int) -> Optional[Tuple[int, int]]:
+    """Inclusive (start, end) of a single ``bytes=`` range, None to send the whole file; raises Unsatisfiable.
+
+    Malformed or multi-range headers are ignored (RFC 9110 allows answering them with the whole file).
+    Example: ``parse_range("bytes=-2", 10) == (8, 9)``.
+    """
+    if not header or not header.strip().lower().startswith("bytes="):
+        return None
+    spec = header.strip()[6:].strip()
+    first, sep, last = spec.partition("-")
+    first, last = first.strip(), last.strip()
+    if "," in spec or not sep or not (first.isdigit() or (not first and last.isdigit())):
+        return None
+    if last and not last.isdigit():
+        return None
+    if not first:  # suffix range: the last N bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            raise Unsatisfiable
+        return max(0, size - n), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
+    if last and end < start:
+        return None
+    if start >= size:
+        raise Unsatisfiable
+    return start, min(end, size - 1)
+
+
+@dataclass
+class Route:
+    """What a request path asks for; ``key`` is what the counters file it under (repo path, branch, sha, "")."""
+
+    kind: str
+    action: str = ""
+    owner: str = ""
+    repo: str = ""
+    rev: str = ""
+    key: str = ""
+
+
+def parse_route(path: str) -> Route:
+    """Classify a URL-decoded request path (no query string)."""
+    parts = path.split("/")[1:]
+    if parts[:3] == ["api", "v1", "user"] and len(parts) == 3:
+        return Route("user", "self")
+    if parts[:3] == ["api", "v1", "users"] and len(parts) == 4:
+        return Route("user", "named", key=parts[3])
+    if len(parts) == 3 and parts[:2] == ["login", "oauth"]:
+        return Route("oauth", parts[2])
+    if parts[:3] != ["api", "v1", "repos"] or len(parts) < 5:
+        return Route("other")
+    owner, repo, rest = parts[3], parts[4], parts[5:]
+    if not rest or rest == [""]:
+        return Route("repo", "record", owner, repo)
+    action, args = rest[0], rest[1:]
+    if action in ("content", "raw"):
+        rev = args[0] if args else ""
+        key = "/".join(args[1:])
+        # "content/main/data/" and "content/main/data" are one directory: count them under one key
+        return Route(action, action, owner, repo, rev, key[:-1] if key.endswith("/") else key)
+    if action == "branches":
+        return Route("branches", "branch" if args and args != [""] else "list", owner, repo, key="/".join(args))
+    if action == "commits" and args:
+        return Route("commits", "commit", owner, repo, key="/".join(args))
+    if action == "storage":
+        return Route("storage", "list" if not args or args == [""] else "sub", owner, repo, key="/".join(args))
+    return Route("other", "", owner, repo)
