@@ -1,0 +1,385 @@
+"""Find the DagsHub access token, the same way for every entry point.
+
+Order: explicit token > ``DAGSHUB_TOKEN`` > ``DAGSHUB_USER_TOKEN`` > the dagshub package's token cache (what
+``dagshub.auth.add_app_token`` writes) > OAuth through the dagshub package when the process is interactive >
+otherwise :class:`~streamloader.errors.AuthenticationError` at once. A headless job never waits on OAuth::
+
+    token = resolve_token("https://dagshub.com")
+    requests.get(url, headers=auth_headers(token))
+
+The secret lives only inside :class:`Token`; it never appears in logs, exception text, ``repr``, URLs or paths.
+The dagshub package is imported only for OAuth (it takes ~0.4-0.7 s to import).
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import re
+import sys
+import tempfile
+import threading
+from datetime import datetime, timezone
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from streamloader.errors import AuthenticationError, DataFormatError, RemoteError
+from streamloader.remote.urls import normalize_host
+
+__all__ = [
+    "DEFAULT_HOST",
+    "Token",
+    "auth_headers",
+    "default_host",
+    "is_interactive",
+    "login",
+    "resolve_token",
+    "token_cache_path",
+    "validate_token",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "https://dagshub.com"
+HOST_ENV = "DAGSHUB_CLIENT_HOST"
+TOKEN_ENV = "DAGSHUB_TOKEN"
+USER_TOKEN_ENV = "DAGSHUB_USER_TOKEN"
+TOKENS_CACHE_ENV = "DAGSHUB_CLIENT_TOKENS_CACHE"
+NONINTERACTIVE_ENV = "STREAMLOADER_NONINTERACTIVE"
+CACHE_SOURCE = "dagshub token cache"
+OAUTH_SOURCE = "oauth"
+ARGUMENT_SOURCE = "argument"
+
+# Token types the dagshub package writes, in the order its TokenStorage hands them out (app tokens first).
+_CACHE_TYPE_PRIORITY = {"app-token": 0, "bearer": 1}
+_TRUE_VALUES = {"1", "true", "yes", "on"}
+# (connect, read) seconds for the token check; a login must not hang on a dead host.
+VALIDATE_TIMEOUT = (10.0, 30.0)
+
+# One OAuth flow at a time per process: concurrent first requests must not open several browser tabs.
+_oauth_lock = threading.Lock()
+
+
+class Token:
+    """A DagsHub access token that does not leak: ``repr``/``str`` hide the value; ``reveal()`` returns it.
+
+    ``source`` says where it came from ("argument", "DAGSHUB_TOKEN", "DAGSHUB_USER_TOKEN", "dagshub token cache",
+    "oauth"); ``user`` is the account name once :func:`login` has validated it. Picklable, so DataLoader workers
+    started with ``spawn`` receive it.
+    """
+
+    __slots__ = ("_value", "source", "user")
+
+    def __init__(self, value: str, source: str, user: Optional[str] = None):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("a DagsHub token must be a non-empty string")
+        self._value = value.strip()
+        self.source = source
+        self.user = user
+
+    def reveal(self) -> str:
+        """The secret itself; the only way to get it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Token(source={self.source!r}, value=***)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Token):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def default_host() -> str:
+    """``$DAGSHUB_CLIENT_HOST`` (as the official client reads it) else ``https://dagshub.com``, no trailing slash."""
+    return normalize_host(os.environ.get(HOST_ENV) or DEFAULT_HOST)
+
+
+def token_cache_path() -> str:
+    """Where the dagshub package keeps its tokens: ``$DAGSHUB_CLIENT_TOKENS_CACHE`` or its per-user cache file."""
+    override = os.environ.get(TOKENS_CACHE_ENV)
+    if override:
+        return override
+    try:  # the dagshub package computes its default with appdirs; use the same to land on the same file
+        import appdirs
+
+        cache_dir = appdirs.user_cache_dir("dagshub")
+    except ImportError:
+        import platformdirs
+
+        cache_dir = platformdirs.user_cache_dir("dagshub")
+    return os.path.join(cache_dir, "tokens")
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE_VALUES
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError, OSError):  # closed or replaced streams
+        return False
+
+
+def _in_ipython_kernel() -> bool:
+    ipython = sys.modules.get("IPython")  # never import IPython just to ask
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()
+    except Exception:  # a half-initialised IPython must not break token resolution
+        return False
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def is_interactive() -> bool:
+    """True in Colab, a Jupyter/IPython kernel, or with stdin and stdout on a terminal.
+
+    ``STREAMLOADER_NONINTERACTIVE=1`` or ``CI=true`` force False, so OAuth is never attempted there.
+    """
+    if _env_true(NONINTERACTIVE_ENV) or _env_true("CI"):
+        return False
+    if "google.colab" in sys.modules or _in_ipython_kernel():
+        return True
+    return _isatty(sys.stdin) and _isatty(sys.stdout)
+
+
+def _parse_expiry(value: Any) -> Optional[datetime]:
+    """The dagshub cache's ``expiry`` as an aware datetime; None for "never"; raises ValueError if unreadable."""
+    if isinstance(value, datetime):  # an unquoted timestamp in a hand-edited YAML file
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if not isinstance(value, str):
+        raise ValueError("expiry is not a string")
+    text = value.strip()
+    if text == "never":
+        return None
+    # dagshub writes "%Y-%m-%dT%H:%M:%S.%fZ"; older versions wrote 9 fraction digits, which fromisoformat rejects.
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text)
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    parsed = datetime.fromisoformat(text)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def _load_cache(path: str) -> Optional[Dict[Any, Any]]:
+    """The cache file as a dict; None if it does not exist. Raises DataFormatError if it is unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise DataFormatError(f"cannot read the dagshub token cache {path}: {exc.strerror}") from None
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        # The YAML error text quotes the offending line, which may hold a token: never pass it on.
+        raise DataFormatError(f"the dagshub token cache {path} is not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or str(data.get("version", "1")) != "1":
+        raise DataFormatError(f"the dagshub token cache {path} is not in the format this version understands")
+    return data
+
+
+def _host_entries(data: Dict[Any, Any], host: str) -> List[Tuple[str, Any]]:
+    """The (key, entries) pairs of the cache whose host key normalizes to ``host``."""
+    found = []
+    for key, entries in data.items():
+        if key == "version" or not isinstance(key, str) or not isinstance(entries, list):
+            continue
+        if normalize_host(key) == host:
+            found.append((key, entries))
+    return found
+
+
+def _read_cached_token(host: str, path: str) -> Optional[str]:
+    """The best unexpired token the dagshub cache holds for ``host``, without any network or OAuth."""
+    try:
+        data = _load_cache(path)
+    except DataFormatError as exc:
+        log.warning("ignoring the dagshub token cache: %s", exc)
+        return None
+    if not data:
+        return None
+    now = datetime.now(timezone.utc)
+    candidates: List[Tuple[int, int, str]] = []
+    skipped = 0
+    for _key, entries in _host_entries(data, host):
+        for entry in entries:
+            if not isinstance(entry, dict):
+                skipped += 1
+                continue
+            value, token_type = entry.get("access_token"), entry.get("token_type")
+            priority = _CACHE_TYPE_PRIORITY.get(token_type) if isinstance(token_type, str) else None
+            if not isinstance(value, str) or not value.strip() or priority is None:
+                skipped += 1
+                continue
+            try:
+                expiry = _parse_expiry(entry.get("expiry"))
+            except (ValueError, TypeError):
+                skipped += 1
+                continue
+            if expiry is not None and expiry <= now:
+                skipped += 1
+                continue
+            candidates.append((priority, len(candidates), value))
+    if skipped:
+        log.debug("skipped %d expired or unreadable token(s) for %s in %s", skipped, host, path)
+    return min(candidates)[2] if candidates else None
+
+
+def _store_in_cache(value: str, host: str, token_type: str = "app-token", expiry: str = "never") -> str:
+    """Put a token first in the dagshub cache for ``host`` (so it wins next time); returns the cache path."""
+    import yaml
+
+    path = token_cache_path()
+    data = _load_cache(path) or {"version": "1"}
+    matches = _host_entries(data, host)
+    key = matches[0][0] if matches else host
+    existing = data.get(key)
+    existing = existing if isinstance(existing, list) else []
+    entries = [e for e in existing if not (isinstance(e, dict) and e.get("access_token") == value)]
+    data[key] = [{"access_token": value, "expiry": expiry, "token_type": token_type}] + entries
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    # Write-then-rename so a reader never sees half a file; mkstemp makes it owner-only (it holds secrets).
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokens-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yaml.safe_dump(data, f, default_flow_style=False)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _oauth_token(host: str) -> str:
+    """Run the dagshub package's browser OAuth flow for ``host``; store and return the token."""
+    log.info("no DagsHub token found for %s; starting OAuth in the browser", host)
+    from dagshub.auth import oauth
+
+    try:
+        token_obj = oauth.oauth_flow(host)
+    except Exception as exc:  # the dagshub package raises bare Exception / httpx errors
+        raise AuthenticationError(f"OAuth login with {host} failed ({type(exc).__name__}: {exc})") from exc
+    value = token_obj.token_text
+    try:
+        path = _store_in_cache(value, host, token_obj.token_type, token_obj.serialize()["expiry"])
+        log.info("stored the OAuth token for %s in the dagshub token cache %s", host, path)
+    except (OSError, DataFormatError) as exc:
+        log.warning("could not store the OAuth token in the dagshub token cache (%s); OAuth will run again", exc)
+    return value
+
+
+def _found(token: Token, host: str) -> Token:
+    log.debug("using the DagsHub token from %s for %s", token.source, host)
+    return token
+
+
+def resolve_token(
+    host: Optional[str] = None, token: Union[str, Token, None] = None, *, interactive: Optional[bool] = None
+) -> Token:
+    """Find the token for ``host``: argument > env > dagshub cache > OAuth (interactive only) > error.
+
+    ``interactive=None`` autodetects (:func:`is_interactive`). Without a token in a headless process this raises
+    :class:`AuthenticationError` at once, without network access::
+
+        token = resolve_token("https://dagshub.com")   # Token(source='DAGSHUB_TOKEN', value=***)
+    """
+    host = normalize_host(host) if host else default_host()
+    if isinstance(token, Token):
+        return _found(token, host)
+    if token is not None:
+        if not isinstance(token, str) or not token.strip():
+            raise AuthenticationError("The token argument is empty")
+        return _found(Token(token, ARGUMENT_SOURCE), host)
+    for name in (TOKEN_ENV, USER_TOKEN_ENV):
+        value = os.environ.get(name)
+        if value and value.strip():
+            return _found(Token(value, name), host)
+        if value is not None:
+            log.debug("%s is set but empty; ignoring it", name)
+    path = token_cache_path()
+    cached = _read_cached_token(host, path)
+    if cached:
+        return _found(Token(cached, CACHE_SOURCE), host)
+    if interactive is None:
+        interactive = is_interactive()
+    if not interactive:
+        raise AuthenticationError(
+            f"No DagsHub token for {host}: {TOKEN_ENV} and {USER_TOKEN_ENV} are unset, the dagshub token cache "
+            f"({path}) has none, and this process is not interactive, so OAuth was not attempted"
+        )
+    with _oauth_lock:
+        cached = _read_cached_token(host, path)  # another thread may have finished OAuth while we waited
+        if cached:
+            return _found(Token(cached, CACHE_SOURCE), host)
+        return _found(Token(_oauth_token(host), OAUTH_SOURCE), host)
+
+
+def auth_headers(token: Optional[Token]) -> Dict[str, str]:
+    """``{"Authorization": "Bearer ..."}`` for a token, ``{}`` for None (anonymous access to public repos)."""
+    return {"Authorization": f"Bearer {token.reveal()}"} if token is not None else {}
+
+
+def validate_token(token: Token, host: Optional[str] = None) -> Dict[str, Any]:
+    """Check ``token`` with ``GET {host}/api/v1/user``; return the user record.
+
+    Raises :class:`AuthenticationError` on 401/403 and :class:`RemoteError` if the host cannot be reached.
+    """
+    import requests
+
+    host = normalize_host(host) if host else default_host()
+    url = f"{host}/api/v1/user"
+    log.debug("checking the DagsHub token from %s against %s", token.source, url)
+    try:
+        resp = requests.get(url, headers=auth_headers(token), timeout=VALIDATE_TIMEOUT)
+    except requests.RequestException as exc:
+        raise RemoteError(f"cannot reach DagsHub to check the token ({type(exc).__name__})", url=url) from None
+    if resp.status_code in (401, 403):
+        raise AuthenticationError(
+            f"{host} rejected the token from {token.source} (HTTP {resp.status_code}); check that it is a valid, "
+            f"unrevoked access token ({host}/user/settings/tokens)",
+            hint=False,
+        )
+    if resp.status_code != 200:
+        raise RemoteError("unexpected answer while checking the token", status=resp.status_code, url=url)
+    try:
+        user = resp.json()
+    except ValueError:
+        user = None
+    if not isinstance(user, dict) or not (user.get("username") or user.get("login")):
+        raise RemoteError("the token check did not return a DagsHub user record", status=resp.status_code, url=url)
+    return user
+
+
+def login(token: Union[str, Token, None] = None, host: Optional[str] = None, *, validate: bool = True) -> Token:
+    """Resolve (OAuth allowed when interactive), validate and remember the DagsHub token for ``host``.
+
+    An explicit token is stored first in the dagshub token cache, so later runs and the official client find it;
+    tokens from environment variables are not written to disk. Sets nothing in ``os.environ``::
+
+        streamloader.login(token="...")        # or streamloader.login() in Colab for the browser flow
+    """
+    host = normalize_host(host) if host else default_host()
+    resolved = resolve_token(host, token)
+    if validate:
+        user = validate_token(resolved, host)
+        resolved.user = user.get("username") or user.get("login")
+        log.info("logged in to %s as %s (token from %s)", host, resolved.user, resolved.source)
+    if resolved.source == ARGUMENT_SOURCE:
+        path = _store_in_cache(resolved.reveal(), host)
+        log.info("stored the token for %s in the dagshub token cache %s", host, path)
+    return resolved
