@@ -1,0 +1,288 @@
+"""Select labels.tsv rows by caption keywords, regex and score — the guide's squirrel loop, done right and fast.
+
+    result = filter_labels("data/labels.tsv", "squirrel")        # 'squirrel' in caption.lower(), like the guide
+    result.matched, result.scanned, result.skipped              # 115, 540000, 0
+    [row.file for row in result.rows]
+
+Given a path or URL, keyword filters first look for the keyword in whole lower-cased blocks of the file and only
+parse the lines that contain it (:func:`keyword_line_starts`); every row is still validated and
+counted. The same :class:`LabelFilter` also works on any iterable of LabelRow.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Pattern, Sequence, Union
+
+from streamloader.data.labels import LabelReader, LabelRow, Source
+
+__all__ = ["LabelFilter", "FilterResult", "filter_labels", "filter_rows", "keyword_line_starts", "sample_keeps"]
+
+MATCH_MODES = ("any", "all")
+Keywords = Union[str, Sequence[str], None]
+
+
+def _keyword_list(value: Keywords, what: str) -> List[str]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"{what} must be non-empty strings; got {item!r}")
+        if "\n" in item:
+            raise ValueError(f"{what} cannot contain a newline (a caption never does); got {item!r}")
+    return [item.lower() for item in items]
+
+
+def _optional_score(value: Optional[float], what: str) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{what} must be a number; got {value!r}")
+    return float(value)
+
+
+class LabelFilter:
+    """A predicate on LabelRow: caption keywords, exclusions, regex and an inclusive score range (all ANDed).
+
+    Keywords match like the guide's ``'squirrel' in caption.lower()`` (case-insensitive substring, so "squirrel"
+    matches "Squirrels"); ``whole_word=True`` requires word boundaries (then it does not), for keywords and
+    exclusions alike. ``regex`` is searched in the caption, case-insensitively unless passed pre-compiled.
+
+    >>> keep = LabelFilter(["squirrel", "cat"], match="all", exclude="cartoon", min_score=7)
+    >>> keep(LabelRow("a.jpg", "A Squirrel and a cat", 7.5, "http://x"))
+    True
+    """
+
+    def __init__(
+        self,
+        keywords: Keywords = None,
+        *,
+        match: str = "any",
+        exclude: Keywords = None,
+        whole_word: bool = False,
+        regex: Union[str, Pattern[str], None] = None,
+        min_score: Optional[float] = None,
+        max_score: Optional[float] = None,
+    ):
+        if match not in MATCH_MODES:
+            raise ValueError(f"match must be 'any' or 'all'; got {match!r}")
+        self.keywords = _keyword_list(keywords, "keywords")
+        self.exclude = _keyword_list(exclude, "exclude keywords")
+        self.match = match
+        self.whole_word = bool(whole_word)
+        self.min_score = _optional_score(min_score, "min_score")
+        self.max_score = _optional_score(max_score, "max_score")
+        if self.min_score is not None and self.max_score is not None and self.min_score > self.max_score:
+            raise ValueError(f"min_score ({self.min_score}) is greater than max_score ({self.max_score})")
+        if isinstance(regex, str):
+            try:
+                regex = re.compile(regex, re.IGNORECASE)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {regex!r}: {exc}") from None
+        elif regex is not None and not isinstance(regex, re.Pattern):
+            raise ValueError(f"regex must be a string or a compiled pattern; got {regex!r}")
+        self.regex = regex
+        # whole words: one compiled pattern per keyword, searched in the lower-cased caption
+        self._word_res = [self._word_re(k) for k in self.keywords] if self.whole_word else []
+        self._exclude_res = [self._word_re(k) for k in self.exclude] if self.whole_word else []
+
+    @staticmethod
+    def _word_re(keyword: str) -> Pattern[str]:
+        return re.compile(r"(?<!\w)" + re.escape(keyword) + r"(?!\w)")
+
+    def _has(self, low: str, keyword: str, index: int, exclusion: bool) -> bool:
+        if not self.whole_word:
+            return keyword in low
+        return (self._exclude_res if exclusion else self._word_res)[index].search(low) is not None
+
+    def __call__(self, row: LabelRow) -> bool:
+        score = row.score
+        if self.min_score is not None and score < self.min_score:
+            return False
+        if self.max_score is not None and score > self.max_score:
+            return False
+        if self.keywords or self.exclude:
+            low = row.caption.lower()
+            if self.keywords:
+                hits = (self._has(low, k, i, False) for i, k in enumerate(self.keywords))
+                if not (all(hits) if self.match == "all" else any(hits)):
+                    return False
+            if any(self._has(low, k, i, True) for i, k in enumerate(self.exclude)):
+                return False
+        if self.regex is not None and self.regex.search(row.caption) is None:
+            return False
+        return True
+
+    def __repr__(self) -> str:
+        parts = [f"{name}={value!r}" for name, value in vars(self).items() if not name.startswith("_") and value]
+        return f"LabelFilter({', '.join(parts)})"
+
+
+def sample_keeps(file: str, fraction: float, seed: int = 0) -> bool:
+    """Whether a seeded sample of ``fraction`` keeps the row for ``file``: a keyed hash of the name, so the choice
+    is the same for a given (seed, file) whatever else is in the file, and about ``fraction`` of names are kept."""
+    if fraction >= 1.0:
+        return True
+    digest = hashlib.blake2b(file.encode("utf-8", "surrogatepass"), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
+@dataclass
+class FilterResult:
+    """Rows kept, plus the counts behind them: scanned = valid + malformed rows read (blank lines excluded),
+    matched = rows passing the filter (before ``sample``/``limit``), skipped = malformed rows, reasons = why."""
+
+    rows: List[LabelRow]
+    scanned: int
+    matched: int
+    skipped: int
+    reasons: Counter = field(default_factory=Counter)
+    stopped_early: bool = False  # ``limit`` was reached before the end of the source
+
+    @property
+    def files(self) -> List[str]:
+        """File names of the kept rows."""
+        return [row.file for row in self.rows]
+
+    def summary(self) -> str:
+        """One human line, e.g. ``115 of 540,000 rows matched (0 malformed skipped)``."""
+        return f"{self.matched:,} of {self.scanned:,} rows matched ({self.skipped:,} malformed skipped)"
+
+
+# The only non-ASCII characters whose str.lower() contains ASCII (U+0130 -> "i\u0307", KELVIN SIGN -> "k"): where
+# they occur, bytes.lower() could miss a keyword that caption.lower() contains.
+_LOWERS_TO_ASCII = ("\u0130".encode(), "\u212a".encode())
+
+
+def keyword_line_starts(needles: Sequence[str], require_all: bool = False) -> Callable[[bytes], List[int]]:
+    """A ``LabelReader.iter_selected`` pre-filter: starts of the lines whose lower-cased text contains any (with
+    ``require_all``: every) of the lower-cased ``needles``. A superset of caption matches (the file name or URL may
+    hold the keyword too), so the caption must still be tested."""
+    needles = [needle.lower() for needle in needles]
+    if not needles or any(not needle or "\n" in needle for needle in needles):
+        raise ValueError("needles must be non-empty strings without newlines")
+    test = all if require_all else any
+    ascii_needles = all(needle.isascii() for needle in needles)
+    # For require_all every needle must appear: the lines holding the longest one are enough candidates.
+    search = [max(needles, key=len).encode()] if require_all else [needle.encode() for needle in needles]
+
+    def select(block: bytes) -> List[int]:
+        if not ascii_needles or any(seq in block for seq in _LOWERS_TO_ASCII):
+            starts, pos = [], 0  # exact Unicode lower-casing, line by line (slower, rarely needed)
+            for raw in block.split(b"\n")[:-1]:
+                low = raw.decode("utf-8").lower()
+                if test(needle in low for needle in needles):
+                    starts.append(pos)
+                pos += len(raw) + 1
+            return starts
+        # ASCII needles: bytes.lower() of UTF-8 agrees with str.lower() here and runs at memory speed.
+        lowered = block.lower()
+        found = set()
+        for needle in search:
+            hit = lowered.find(needle)
+            while hit >= 0:
+                found.add(lowered.rfind(b"\n", 0, hit) + 1)
+                hit = lowered.find(needle, lowered.index(b"\n", hit) + 1)
+        return sorted(found)
+
+    return select
+
+
+def _check_limit_sample(limit: Optional[int], sample: Optional[float], seed: int) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a non-negative integer; got {limit!r}")
+    if sample is not None and (
+        isinstance(sample, bool) or not isinstance(sample, (int, float)) or not 0 < sample <= 1
+    ):
+        raise ValueError(f"sample must be a fraction with 0 < sample <= 1; got {sample!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer; got {seed!r}")
+
+
+def filter_rows(rows: Iterable[LabelRow], keep: LabelFilter) -> Iterator[LabelRow]:
+    """Lazily yield the rows ``keep`` accepts (for any iterable of LabelRow, e.g. a LabelReader)."""
+    return (row for row in rows if keep(row))
+
+
+def filter_labels(
+    source: Union[Source, LabelReader, Iterable[LabelRow]],
+    keywords: Keywords = None,
+    *,
+    match: str = "any",
+    exclude: Keywords = None,
+    whole_word: bool = False,
+    regex: Union[str, Pattern[str], None] = None,
+    min_score: Optional[float] = None,
+    max_score: Optional[float] = None,
+    limit: Optional[int] = None,
+    sample: Optional[float] = None,
+    seed: int = 0,
+    on_error: str = "raise",
+    storage_options: Optional[Mapping[str, Any]] = None,
+    encoding: str = "utf-8",
+) -> FilterResult:
+    """Rows of a labels.tsv (path, URL, LabelReader or iterable of LabelRow) that pass the filter.
+
+    ``sample`` keeps a seeded, deterministic fraction of the matches (see :func:`sample_keeps`); ``limit`` stops
+    after that many kept rows (the counts then cover the rows read up to there). ``on_error`` applies when
+    ``source`` is a path or URL.
+
+    Usage::
+
+        result = filter_labels("data/labels.tsv", "squirrel")
+        print(result.summary())            # 115 of 540,000 rows matched (0 malformed skipped)
+        red = filter_labels(result.rows, ["red", "grey"], whole_word=True, min_score=7)   # refine in memory
+    """
+    keep = LabelFilter(
+        keywords, match=match, exclude=exclude, whole_word=whole_word, regex=regex,
+        min_score=min_score, max_score=max_score,
+    )
+    _check_limit_sample(limit, sample, seed)
+    reader: Optional[LabelReader] = None
+    if isinstance(source, LabelReader):
+        reader = source
+    elif isinstance(source, (str, bytes, os.PathLike)) or hasattr(source, "read"):
+        reader = LabelReader(source, on_error, storage_options=storage_options, encoding=encoding)  # type: ignore
+    if limit == 0:
+        return FilterResult([], 0, 0, 0, Counter(), stopped_early=True)
+
+    if reader is not None:
+        candidates: Iterator[LabelRow] = (
+            reader.iter_selected(keyword_line_starts(keep.keywords, require_all=keep.match == "all"))
+            if keep.keywords
+            else iter(reader)
+        )
+    else:
+        candidates = iter(source)  # type: ignore[arg-type]
+
+    kept: List[LabelRow] = []
+    matched = seen = 0
+    stopped = False
+    try:
+        for row in candidates:
+            seen += 1
+            if not keep(row):
+                continue
+            matched += 1
+            if sample is not None and not sample_keeps(row.file, sample, seed):
+                continue
+            kept.append(row)
+            if limit is not None and len(kept) >= limit:
+                stopped = True
+                break
+    finally:
+        close = getattr(candidates, "close", None)
+        if close is not None:
+            close()  # finish the reader's accounting and release the file now, not at garbage collection
+
+    if reader is None:
+        return FilterResult(kept, seen, matched, 0, Counter(), stopped_early=stopped)
+    stats = reader.stats
+    return FilterResult(
+        kept, stats["rows"] + stats["skipped"], matched, stats["skipped"], stats["reasons"], stopped_early=stopped
+    )

@@ -1,0 +1,476 @@
+"""Read and write LAION-Aesthetics style ``labels.tsv`` files, fast and strictly.
+
+Format (see ``formats.md``): no header; ``file <TAB> caption <TAB> score <TAB> url``, where the caption may itself
+contain tabs. The file name is the first field, score and url are the LAST two fields, the caption is everything
+in between (so ``row.split('\\t')[:2]``, as in the DagsHub guide, is wrong for such rows)::
+
+    reader = read_labels("data/labels.tsv", on_error="warn")
+    for row in reader:                 # LabelRow(file, caption, score, url)
+        ...
+    reader.stats                       # {'rows': 540000, 'skipped': 0, 'blank': 0, 'reasons': Counter()}
+
+Malformed rows (too few fields, an empty or unsafe file name, a non-numeric / ``nan`` / infinite score, bytes that
+do not decode) follow ``on_error``: ``raise`` a DataFormatError naming the 1-based line, ``skip`` and count, or
+``warn`` (count and log the first few). Blank lines are not rows and not errors; a line over 16 MiB always
+raises. CRLF line ends, a UTF-8 BOM and a missing final newline are accepted. Only ``\\n`` ends a line (other
+Unicode line breaks may appear in captions).
+
+Speed: the file is read in blocks of whole lines; each block is decoded and validated by one compiled regex (C
+speed) and only the lines the regex rejects go through the per-line parser that names the reason. The regex
+accepts a strict subset of what the per-line parser accepts, so a block it accepts entirely needs no per-line check.
+"""
+from __future__ import annotations
+
+import builtins
+import codecs
+import contextlib
+import logging
+import math
+import os
+import re
+import sys
+from collections import Counter
+from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Tuple, Union
+
+from streamloader.errors import DataFormatError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LabelRow",
+    "LabelReader",
+    "read_labels",
+    "write_labels",
+    "parse_label_line",
+    "file_name_problem",
+    "ON_ERROR_POLICIES",
+]
+
+ON_ERROR_POLICIES = ("raise", "skip", "warn")
+WARN_LIMIT = 10  # warn: log this many malformed rows one by one, then only a summary at the end
+DEFAULT_CHUNK_SIZE = 4 << 20
+MAX_LINE_BYTES = 16 << 20  # a longer "line" means this is not a labels file; raised whatever on_error says
+
+Source = Union[str, "os.PathLike[str]", IO[bytes]]
+
+
+class LabelRow(NamedTuple):
+    """One labels.tsv row: image file name (relative to ``data/``), caption, aesthetic score, source URL."""
+
+    file: str
+    caption: str
+    score: float
+    url: str
+
+
+# tuple.__new__ is a C call; LabelRow(...) goes through a Python-level __new__ and is ~3x slower in the hot loop.
+_new_tuple = tuple.__new__
+
+# --- per-line parsing: the authority on what is valid and why not --------------------------------------------------
+_SCORE_RE = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*")
+_NAN_RE = re.compile(r"\s*[+-]?nan\s*", re.IGNORECASE)
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_SEPARATOR_RE = re.compile(r"[/\\]")
+_USERINFO_RE = re.compile(r"(://)[^/@]*@")
+
+# --- block validation: a strict subset of the per-line rules, as one bytes regex ---------------------------------
+# file: starts with a printable ASCII byte other than a space or separator and no drive letter, has no control
+# character and no ".." at all (stricter than "no '..' segment": "a..jpg" just takes the per-line path); caption:
+# any tab-separated fields; score: at most 20 integer digits and a 2-digit exponent, so float() never gives inf.
+_FAST_LINE = (
+    rb"(?![A-Za-z]:)(?![^\t\n]*\.\.)[\x21-\x2e\x30-\x5b\x5d-\x7e][^\x00-\x1f\x7f]*"
+    rb"\t(?:[^\t\n]*+\t)+?"
+    rb" *[+-]?(?:[0-9]{1,20}(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,2})? *"
+    rb"\t[^\t\n]*+\n"
+)
+_LINE_RE = re.compile(_FAST_LINE)
+# Possessive/atomic groups (3.11+) let one match() call consume a whole block without keeping backtrack state.
+_BLOCK_RE = re.compile(rb"(?>" + _FAST_LINE + rb")*+") if sys.version_info >= (3, 11) else None
+
+
+def file_name_problem(name: str) -> Optional[str]:
+    """Why ``name`` is not a safe relative file name, or None when it is (absolute, ``..`` or control chars are not)."""
+    if not name.strip():
+        return "empty file name"
+    if _CONTROL_RE.search(name):
+        return "control character in file name"
+    if name[0] in "/\\" or (len(name) >= 2 and name[1] == ":" and name[0].isascii() and name[0].isalpha()):
+        return "absolute file name"
+    if ".." in _SEPARATOR_RE.split(name):
+        return "'..' in file name"
+    return None
+
+
+def _parse_checked(line: str) -> Union[LabelRow, str]:
+    """The row for one line (no line end), or the reason it is malformed."""
+    parts = line.rsplit("\t", 2)
+    if len(parts) < 3 or "\t" not in parts[0]:
+        return "too few fields"
+    head, score_text, url = parts
+    file, _, caption = head.partition("\t")
+    problem = file_name_problem(file)
+    if problem:
+        return problem
+    if not _SCORE_RE.fullmatch(score_text):
+        return "nan score" if _NAN_RE.fullmatch(score_text) else "non-numeric score"
+    score = float(score_text)
+    if not math.isfinite(score):
+        return "non-finite score"
+    return _new_tuple(LabelRow, (file, caption, score, url))
+
+
+def parse_label_line(line: str) -> LabelRow:
+    """Parse one labels.tsv line (a trailing ``\\n``/``\\r\\n`` is ignored); raise DataFormatError if malformed.
+
+    >>> parse_label_line("a.jpg\\tA cat\\twith tabs\\t7.5\\thttp://x/a.jpg")
+    LabelRow(file='a.jpg', caption='A cat\\twith tabs', score=7.5, url='http://x/a.jpg')
+    """
+    result = _parse_checked(line.removesuffix("\n").removesuffix("\r"))
+    if isinstance(result, str):
+        raise DataFormatError(f"{result}: {_preview(line)}")
+    return result
+
+
+def _preview(line: str, width: int = 80) -> str:
+    return repr(line if len(line) <= width else line[:width] + "...")
+
+
+def _valid_prefix_end(data: bytes, pos: int) -> int:
+    """End of the run of regex-valid lines starting at ``pos``."""
+    if _BLOCK_RE is not None:
+        return _BLOCK_RE.match(data, pos).end()
+    match = _LINE_RE.match(data, pos)  # Python 3.10: line by line
+    while match:
+        pos = match.end()
+        match = _LINE_RE.match(data, pos)
+    return pos
+
+
+# A line the block regex did not accept: (start, end incl. "\n", 1-based line number, row, reason, text).
+# row set: valid after all; reason set: malformed; neither: a blank line.
+_Special = Tuple[int, int, int, Optional[LabelRow], Optional[str], str]
+
+
+def _find_special_lines(data: bytes, line_base: int, undecodable: Mapping[int, bytes], encoding: str) -> List[_Special]:
+    """Classify every line of ``data`` (UTF-8, ends with "\\n") that the block regex rejects."""
+    specials: List[_Special] = []
+    pos, size, lineno = 0, len(data), line_base + 1
+    while True:
+        end = _valid_prefix_end(data, pos)
+        if end >= size:
+            return specials
+        lineno += data.count(b"\n", pos, end)
+        line_end = data.index(b"\n", end) + 1
+        if end in undecodable:
+            raw = undecodable[end].decode(encoding, "replace")
+            specials.append((end, line_end, lineno, None, f"undecodable bytes ({encoding})", raw))
+        else:
+            line = data[end : line_end - 1].decode("utf-8")
+            result = _parse_checked(line) if line.strip() else None
+            if isinstance(result, str):
+                specials.append((end, line_end, lineno, None, result, line))
+            else:
+                specials.append((end, line_end, lineno, result, None, line))
+        lineno += 1
+        pos = line_end
+
+
+def _fast_rows(data: bytes, start: int, end: int) -> List[LabelRow]:
+    """Rows of the regex-validated lines data[start:end] (end just past a "\\n")."""
+    rows = []
+    append = rows.append
+    for line in data[start : end - 1].decode("utf-8").split("\n"):
+        head, score, url = line.rsplit("\t", 2)
+        file, _, caption = head.partition("\t")
+        append(_new_tuple(LabelRow, (file, caption, float(score), url)))
+    return rows
+
+
+@contextlib.contextmanager
+def _open_source(source: Source, storage_options: Optional[Mapping[str, Any]]) -> Iterator[IO[bytes]]:
+    """Open a path with builtins.open (so installed hooks see it), a URL with fsspec; pass file objects through."""
+    if hasattr(source, "read"):
+        yield source  # type: ignore[misc]  # caller owns it
+        return
+    path = os.fsdecode(os.fspath(source))  # type: ignore[arg-type]
+    if "://" in path:
+        import fsspec
+
+        with fsspec.open(path, "rb", **dict(storage_options or {})) as handle:
+            yield handle
+    else:
+        if storage_options:
+            log.debug("storage_options ignored for local path %s", path)
+        # Looked up on the builtins module at call time on purpose: streamloader's hooks patch builtins.open.
+        with builtins.open(path, "rb") as handle:
+            yield handle
+
+
+def _check_encoding(encoding: str) -> str:
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise ValueError(f"unknown encoding {encoding!r}") from None
+    if name in ("utf-8", "utf-8-sig"):
+        return "utf-8"  # the BOM is stripped once at the start of the file, never mid-file
+    if "\n\t".encode(name) != b"\n\t":
+        raise ValueError(f"encoding {encoding!r} is not ASCII-compatible; labels files must be")
+    return name
+
+
+class LabelReader:
+    """Iterable over the rows of a labels.tsv (path, fsspec URL or binary file object), with malformed-row stats.
+
+    Every iteration re-opens the source and resets ``stats`` (a file object is read from where it is, once)::
+
+        reader = LabelReader("dagshub://owner/repo/data/labels.tsv", on_error="skip")
+        rows = list(reader)
+        reader.stats["skipped"], reader.stats["reasons"]
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        on_error: str = "raise",
+        *,
+        storage_options: Optional[Mapping[str, Any]] = None,
+        encoding: str = "utf-8",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ):
+        if on_error not in ON_ERROR_POLICIES:
+            raise ValueError(f"on_error must be one of {', '.join(ON_ERROR_POLICIES)}; got {on_error!r}")
+        if not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
+        self.source = source
+        self.on_error = on_error
+        self.storage_options = dict(storage_options or {})
+        self.encoding = _check_encoding(encoding)
+        self.chunk_size = chunk_size
+        self._reset_stats()
+
+    @property
+    def name(self) -> str:
+        """A printable name of the source (for messages)."""
+        if hasattr(self.source, "read"):
+            return str(getattr(self.source, "name", "<stream>"))
+        # never echo credentials embedded in a URL (https://user:token@host/...)
+        return _USERINFO_RE.sub(r"\1", os.fsdecode(os.fspath(self.source)))  # type: ignore[arg-type]
+
+    @property
+    def stats(self) -> Dict[str, Any]:
+        """Counts for the rows read so far: rows (valid), skipped (malformed), blank lines, reasons (Counter)."""
+        return {"rows": self._rows, "skipped": self._skipped, "blank": self._blank, "reasons": Counter(self._reasons)}
+
+    def __repr__(self) -> str:
+        return f"LabelReader({self.name!r}, on_error={self.on_error!r})"
+
+    def __iter__(self) -> Iterator[LabelRow]:
+        return self._iterate(None)
+
+    def iter_selected(self, select_lines: Callable[[bytes], Iterable[int]]) -> Iterator[LabelRow]:
+        """Yield only the rows on lines that ``select_lines`` picks; every row is still validated and counted.
+
+        ``select_lines(block)`` gets each block of whole lines as UTF-8 bytes (LF line ends, ending with b"\\n")
+        and returns the start offsets of the lines to parse, ascending — a fast pre-filter hook (see
+        :func:`streamloader.data.filters.keyword_line_starts`).
+        """
+        return self._iterate(select_lines)
+
+    # -- internals -------------------------------------------------------------------------------------------------
+    def _reset_stats(self) -> None:
+        self._rows = self._skipped = self._blank = 0
+        self._reasons: Counter = Counter()
+
+    def _iterate(self, select_lines: Optional[Callable[[bytes], Iterable[int]]]) -> Iterator[LabelRow]:
+        self._reset_stats()
+        try:
+            with _open_source(self.source, self.storage_options) as handle:
+                for data, line_base, undecodable in self._blocks(handle):
+                    specials = _find_special_lines(data, line_base, undecodable, self.encoding)
+                    if select_lines is None:
+                        yield from self._all_rows(data, specials)
+                    else:
+                        yield from self._selected_rows(data, specials, select_lines(data))
+        finally:
+            if self.on_error == "warn" and self._skipped > WARN_LIMIT:
+                log.warning(
+                    "%s: %d malformed rows skipped in all (%d not logged one by one): %s",
+                    self.name, self._skipped, self._skipped - WARN_LIMIT, dict(self._reasons),
+                )
+
+    def _blocks(self, handle: IO[bytes]) -> Iterator[Tuple[bytes, int, Dict[int, bytes]]]:
+        """Yield (UTF-8 LF-only bytes ending in "\\n", lines before them, undecodable lines) for runs of lines."""
+        carry, line_base, first = b"", 0, True
+        while True:
+            chunk = handle.read(self.chunk_size)
+            if not chunk:
+                break
+            buffer = carry + chunk
+            cut = buffer.rfind(b"\n") + 1
+            if cut == 0:
+                if len(buffer) > MAX_LINE_BYTES:  # not a labels file (or a corrupt one): don't buffer it all
+                    raise DataFormatError(
+                        f"{self.name}: line {line_base + 1}: longer than {MAX_LINE_BYTES:,} bytes; not a labels.tsv?"
+                    )
+                carry = buffer
+                continue
+            carry = buffer[cut:]
+            data, undecodable = self._prepare(buffer[:cut], first)
+            first = False
+            yield data, line_base, undecodable
+            line_base += data.count(b"\n")
+        if carry:  # the last line has no "\n"
+            data, undecodable = self._prepare(carry + b"\n", first)
+            yield data, line_base, undecodable
+
+    def _prepare(self, block: bytes, first: bool) -> Tuple[bytes, Dict[int, bytes]]:
+        """Validate (and for other encodings, transcode) a block; undecodable lines are blanked with NULs so the
+        block regex rejects them, and returned by start offset with their raw bytes."""
+        if first and self.encoding == "utf-8" and block.startswith(codecs.BOM_UTF8):
+            block = block[len(codecs.BOM_UTF8) :]
+        if b"\r\n" in block:
+            block = block.replace(b"\r\n", b"\n")
+        try:
+            text = block.decode(self.encoding)  # C-speed validation; the text itself is only kept to transcode
+        except UnicodeDecodeError:
+            return self._prepare_lines(block)
+        return (block if self.encoding == "utf-8" else text.encode("utf-8")), {}
+
+    def _prepare_lines(self, block: bytes) -> Tuple[bytes, Dict[int, bytes]]:
+        lines, undecodable, pos = [], {}, 0
+        for raw in block.split(b"\n")[:-1]:
+            try:
+                text = raw.decode(self.encoding)
+                line = raw if self.encoding == "utf-8" else text.encode("utf-8")
+            except UnicodeDecodeError:
+                undecodable[pos] = raw
+                line = b"\x00" * len(raw)
+            lines.append(line)
+            pos += len(line) + 1
+        lines.append(b"")
+        return b"\n".join(lines), undecodable
+
+    def _malformed(self, lineno: int, reason: str, line: str) -> None:
+        if self.on_error == "raise":
+            raise DataFormatError(f"{self.name}: line {lineno}: {reason}: {_preview(line)}")
+        self._skipped += 1
+        self._reasons[reason] += 1
+        if self.on_error == "warn" and self._skipped <= WARN_LIMIT:
+            log.warning("%s: line %d: %s (row skipped): %s", self.name, lineno, reason, _preview(line))
+
+    def _special(self, special: _Special) -> Optional[LabelRow]:
+        """Account for one rejected line; return its row when the per-line parser found it valid after all."""
+        _, _, lineno, row, reason, line = special
+        if row is not None:
+            self._rows += 1
+        elif reason is None:
+            self._blank += 1
+        else:
+            self._malformed(lineno, reason, line)
+        return row
+
+    def _all_rows(self, data: bytes, specials: List[_Special]) -> Iterator[LabelRow]:
+        pos = 0
+        for special in specials + [(len(data), len(data), 0, None, None, "")]:
+            start = special[0]
+            if start > pos:
+                for row in _fast_rows(data, pos, start):
+                    self._rows += 1  # per row, so stats stay exact when the consumer stops early
+                    yield row
+            if start == len(data):
+                break
+            row = self._special(special)
+            if row is not None:
+                yield row
+            pos = special[1]
+
+    def _selected_rows(self, data: bytes, specials: List[_Special], starts: Iterable[int]) -> Iterator[LabelRow]:
+        by_start = {special[0]: special for special in specials}
+        counted_to, next_special = 0, 0
+
+        def count_up_to(pos: int) -> None:
+            # Account for every line in data[counted_to:pos] before anything at or after pos is yielded.
+            nonlocal counted_to, next_special
+            lines = data.count(b"\n", counted_to, pos)
+            while next_special < len(specials) and specials[next_special][0] < pos:
+                lines -= 1
+                self._special(specials[next_special])
+                next_special += 1
+            self._rows += lines
+            counted_to = pos
+
+        for start in starts:
+            if start < counted_to or start >= len(data) or (start and data[start - 1] != 10):
+                raise ValueError(f"select_lines returned {start}: not the start of a later line")
+            end = data.index(b"\n", start) + 1
+            count_up_to(end)
+            special = by_start.get(start)
+            if special is None:
+                yield _fast_rows(data, start, end)[0]
+            elif special[3] is not None:
+                yield special[3]
+        count_up_to(len(data))
+
+
+def read_labels(
+    path_or_url: Source,
+    on_error: str = "raise",
+    *,
+    storage_options: Optional[Mapping[str, Any]] = None,
+    encoding: str = "utf-8",
+) -> LabelReader:
+    """Stream the rows of a labels.tsv; the returned LabelReader is iterable and keeps ``stats``.
+
+    Usage::
+
+        reader = read_labels("data/labels.tsv", on_error="skip")   # or "memory://…", "dagshub://owner/repo/…"
+        squirrels = [row.file for row in reader if "squirrel" in row.caption.lower()]
+        reader.stats["skipped"], reader.stats["reasons"]
+    """
+    return LabelReader(path_or_url, on_error, storage_options=storage_options, encoding=encoding)
+
+
+def _row_problem(row: LabelRow) -> Optional[str]:
+    """Why ``row`` cannot be written so that it reads back identically (None when it can)."""
+    file, caption, score, url = row
+    problem = file_name_problem(file) or ("BOM at start of file name" if file.startswith("\ufeff") else None)
+    if problem:
+        return problem
+    if "\n" in caption:
+        return "newline in caption"
+    if "\t" in url or "\n" in url or url.endswith("\r"):
+        return "tab, newline or trailing CR in url"
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        return f"score must be a finite number, got {score!r}"
+    return None
+
+
+def write_labels(rows: Iterable[LabelRow], path_or_fileobj: Union[str, "os.PathLike[str]", IO[str]]) -> int:
+    """Write rows as a 4-column labels.tsv (captions keep their tabs; reads back identically); return the count.
+
+    A row that could not round-trip (unsafe file name, newline in the caption, tab in the url, non-finite score)
+    raises DataFormatError before anything is written for it. Paths with "://" are opened with fsspec.
+
+    Usage: ``write_labels(filter_labels("data/labels.tsv", "squirrel").rows, "squirrels.tsv")`` → 115.
+    """
+    if hasattr(path_or_fileobj, "write"):
+        return _write_rows(rows, path_or_fileobj)  # type: ignore[arg-type]
+    path = os.fsdecode(os.fspath(path_or_fileobj))  # type: ignore[arg-type]
+    if "://" in path:
+        import fsspec
+
+        with fsspec.open(path, "w", encoding="utf-8", newline="\n") as handle:
+            return _write_rows(rows, handle)
+    with builtins.open(path, "w", encoding="utf-8", newline="\n") as handle:
+        return _write_rows(rows, handle)
+
+
+def _write_rows(rows: Iterable[LabelRow], handle: IO[str]) -> int:
+    count = 0
+    for count, row in enumerate(rows, 1):
+        problem = _row_problem(row)
+        if problem:
+            raise DataFormatError(f"cannot write row {count} ({problem}): {row!r}")
+        # repr() of a float reads back to the identical float
+        handle.write(f"{row[0]}\t{row[1]}\t{float(row[2])!r}\t{row[3]}\n")
+    return count
