@@ -1,0 +1,440 @@
+"""DALLE2-compatible decoder data: (image, embedding) pairs from webdataset tars and ``.npy`` embeddings.
+
+Drop-in for ``dalle2_pytorch.dataloaders`` (both the seed's and the later parameter names are accepted)::
+
+    loader = create_image_embedding_dataloader(
+        tar_url="/data/{0000..0009}.tar", embeddings_url="/data/img_emb", shard_width=4,
+        num_workers=4, batch_size=32, shuffle_num=200)
+    for img, emb in loader:      # [32, 3, H, W] float in [0, 1], [32, 512]
+        ...
+
+Every sample is read exactly once per epoch across ``torch.distributed`` ranks and DataLoader workers (shards
+are dealt out by rank, then by worker), shuffles are seeded by ``seed`` and the epoch (``set_epoch``), and
+skips are counted in ``dataset.stats``.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import os
+import random
+import warnings
+from contextlib import closing
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from streamloader.data.embeddings import EmbeddingFolder, ShardEmbeddings, npy_from_bytes, parse_key
+from streamloader.data.tars import (
+    SKIP_REASONS,
+    ErrorPolicy,
+    Handler,
+    SharedCounters,
+    expand_urls,
+    iter_shard_samples,
+    raise_on_error,
+)
+from streamloader.errors import DataFormatError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ImageEmbeddingDataset",
+    "create_image_embedding_dataloader",
+    "distributed_context",
+    "image_to_tensor",
+]
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
+_TEXT_EXTS = ("txt", "text", "caption")
+_INT_EXTS = ("cls", "cls2", "index", "inx", "id")
+_SKIP_SHARD = object()  # sentinel: drop the rest of the current shard
+
+
+def distributed_context(fallback: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+    """``(rank, world_size)`` from an initialized ``torch.distributed``, else ``fallback``, else env, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if fallback is not None:
+        return fallback
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def image_to_tensor(image: Any) -> torch.Tensor:
+    """PIL image -> float tensor ``[3, H, W]`` in ``[0, 1]`` (what ``torchvision.transforms.ToTensor`` gives)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    # One numpy pass does the HWC->CHW transpose and the float conversion (and gives torch a writable buffer).
+    chw = np.asarray(image).transpose(2, 0, 1).astype(np.float32, order="C")
+    return torch.from_numpy(chw).div_(255.0)
+
+
+def _open_image(data: bytes) -> Any:
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image.load()  # decode now so a corrupt image fails here, inside the handler's reach
+    return image
+
+
+def _decode_extra(ext: str, value: Any) -> Any:
+    last = ext.rsplit(".", 1)[-1]
+    if ext.startswith("__"):
+        return value
+    if last in IMAGE_EXTS:
+        return image_to_tensor(_open_image(value))
+    if last in _TEXT_EXTS:
+        return value.decode("utf-8")
+    if last == "json":
+        return json.loads(value)
+    if last in _INT_EXTS:
+        return int(value)
+    if last == "npy":
+        return np.load(io.BytesIO(value), allow_pickle=False)
+    return value
+
+
+def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Yield ``items`` in a random order using a buffer of ``size`` items (webdataset-style)."""
+    buffer: List[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class ImageEmbeddingDataset(IterableDataset):
+    """Iterable of ``(image, embedding, *extra_keys)`` read from webdataset tars plus in-tar or external ``.npy``.
+
+    ``image`` is a float tensor ``[3, H, W]`` unless ``img_preproc`` is given (it receives the RGB PIL image).
+    ``embedding`` is a tensor ``[D]``; with the later DALLE2 names (``img_embedding_folder_url`` /
+    ``text_embedding_folder_url``) it is a dict ``{"img": [D], "text": [D]}`` as that version returns.
+    ``extra_keys`` may name any extension (decoded by type: txt -> str, json -> object, images -> tensor) or
+    ``__key__`` / ``__url__``.
+
+    Keyword-only extras: ``shuffle_num`` (sample shuffle buffer), ``seed`` (with :meth:`set_epoch`, fixes every
+    order), ``epoch_length`` (samples per epoch on this rank; required to end a ``resample=True`` epoch),
+    ``embedding_dim`` (checked on every embedding), ``cache_dir`` (disk cache for remote shards), and
+    ``rank``/``world_size`` (else from torch.distributed, else ``RANK``/``WORLD_SIZE``, else 0/1).
+    Example::
+
+        ds = ImageEmbeddingDataset("/data/{0000..0009}.tar", embedding_folder_url="/data/img_emb", shard_width=4)
+        loader = DataLoader(ds, batch_size=32, num_workers=2)
+    """
+
+    def __init__(
+        self,
+        urls: Union[str, Sequence[str]],
+        embedding_folder_url: Optional[str] = None,
+        shard_width: Optional[int] = None,
+        img_preproc: Optional[Callable[[Any], Any]] = None,
+        extra_keys: Sequence[str] = (),
+        handler: Handler = raise_on_error,
+        resample: bool = False,
+        shuffle_shards: bool = True,
+        *,
+        index_width: Optional[int] = None,
+        img_embedding_folder_url: Optional[str] = None,
+        text_embedding_folder_url: Optional[str] = None,
+        shuffle_num: Optional[int] = None,
+        seed: int = 0,
+        epoch_length: Optional[int] = None,
+        embedding_dim: Optional[int] = None,
+        cache_dir: Optional[str] = None,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ):
+        super().__init__()
+        if embedding_folder_url is not None and img_embedding_folder_url is not None:
+            raise ValueError("pass embedding_folder_url or img_embedding_folder_url, not both")
+        self.urls = expand_urls(urls)
+        later_api = img_embedding_folder_url is not None or text_embedding_folder_url is not None
+        self.emb_as_dict = later_api
+        img_url = embedding_folder_url if embedding_folder_url is not None else img_embedding_folder_url
+        self.img_folder = EmbeddingFolder(img_url, prefix=None) if img_url is not None else None
+        self.text_folder = (
+            EmbeddingFolder(text_embedding_folder_url, prefix=None) if text_embedding_folder_url is not None else None
+        )
+        self.shard_width, self.index_width = shard_width, index_width
+        self.img_preproc = img_preproc
+        self.extra_keys = tuple(extra_keys)
+        self.handler = handler
+        self.resample = resample
+        self.shuffle_shards = shuffle_shards
+        self.shuffle_num = int(shuffle_num) if shuffle_num else 0
+        self.seed = seed
+        if epoch_length is not None and epoch_length <= 0:
+            raise ValueError("epoch_length must be positive")
+        self.epoch_length = epoch_length
+        self.embedding_dim = embedding_dim
+        self.cache_dir = cache_dir
+        if (rank is None) != (world_size is None):
+            raise ValueError("pass both rank and world_size, or neither")
+        self._explicit_dist = (rank, world_size) if rank is not None else None
+        self._parent_dist: Optional[Tuple[int, int]] = None
+        self._counters = SharedCounters(SKIP_REASONS)
+        self._epoch = SharedCounters(("epoch",))
+        if resample and shuffle_shards:
+            log.debug("resample=True draws shards at random; shuffle_shards is ignored")
+
+    # --- public knobs -------------------------------------------------------------------------------------------
+    @property
+    def stats(self) -> Dict[str, int]:
+        """Skip counts by reason, summed over all DataLoader workers (see ``streamloader.data.tars.SKIP_REASONS``)."""
+        return self._counters.as_dict()
+
+    def reset_stats(self) -> None:
+        """Zero the skip counters."""
+        self._counters.reset()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch ``epoch``'s seeded shard/sample order from the next iteration on (reaches persistent workers)."""
+        self._epoch.set("epoch", int(epoch))
+
+    @property
+    def epoch(self) -> int:
+        """The epoch set by :meth:`set_epoch` (0 by default)."""
+        return self._epoch.get("epoch")
+
+    def shuffle(self, size: int) -> "ImageEmbeddingDataset":
+        """Set the sample shuffle buffer size (webdataset's fluid ``.shuffle(n)``); returns self."""
+        self.shuffle_num = int(size)
+        return self
+
+    def __len__(self) -> int:
+        if self.epoch_length is None:
+            raise TypeError("ImageEmbeddingDataset has no length unless epoch_length is set")
+        return self.epoch_length
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        # Pickled here = being sent to spawned workers, where torch.distributed is not initialized: carry ours.
+        state["_parent_dist"] = self._explicit_dist or distributed_context()
+        return state
+
+    # --- iteration -----------------------------------------------------------------------------------------------
+    def _slot(self) -> Tuple[int, int, int, int]:
+        rank, world = self._explicit_dist or distributed_context(self._parent_dist)
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return rank, world, worker, workers
+
+    def _shard_order(self, slot: int, slots: int, epoch: int) -> Iterator[str]:
+        n = len(self.urls)
+        if self.resample:
+            rng = random.Random(f"{self.seed}:{epoch}:{slot}:resample")
+            while True:
+                yield self.urls[rng.randrange(n)]
+        order = list(range(n))
+        if self.shuffle_shards:
+            # Same seed on every rank and worker, so the deal below partitions the shards.
+            random.Random(f"{self.seed}:{epoch}:shards").shuffle(order)
+        if n < slots and slot == 0:
+            message = (
+                f"only {n} shard(s) for {slots} readers (ranks x DataLoader workers): "
+                f"{slots - n} reader(s) will get no data; use fewer workers or more shards"
+            )
+            log.warning(message)
+            warnings.warn(message, UserWarning, stacklevel=3)
+        for i in order[slot::slots]:
+            yield self.urls[i]
+
+    def _embedding(
+        self, sample: Dict[str, Any], lookups: Dict[str, ShardEmbeddings], policy: ErrorPolicy
+    ) -> Any:
+        """The sample's embedding(s), None to skip the sample, or _SKIP_SHARD to drop the rest of the shard."""
+        url, key = sample["__url__"], sample["__key__"]
+        found: Dict[str, np.ndarray] = {}
+        if lookups:
+            try:
+                shard, index = parse_key(key, url, self.shard_width, self.index_width)
+            except DataFormatError as exc:
+                return None if policy.skip("bad_key", exc) else _SKIP_SHARD
+            for name, lookup in lookups.items():
+                try:
+                    rows = lookup.rows_for(shard)
+                except FileNotFoundError as exc:
+                    policy.skip("missing_embedding_file", exc)
+                    return _SKIP_SHARD
+                except DataFormatError as exc:  # the whole file is unusable: count it once, drop the shard
+                    policy.skip("bad_embedding", exc)
+                    return _SKIP_SHARD
+                try:
+                    found[name] = rows.row(index)
+                except DataFormatError as exc:
+                    return None if policy.skip("bad_embedding", exc) else _SKIP_SHARD
+        elif "npy" in sample:
+            try:
+                found["img"] = npy_from_bytes(sample["npy"], f"{url}:{key}.npy")
+            except DataFormatError as exc:
+                return None if policy.skip("bad_embedding", exc) else _SKIP_SHARD
+        else:
+            exc = DataFormatError(f"{url}: sample {key!r} has no .npy embedding; did you set embedding_folder_url?")
+            return None if policy.skip("incomplete_sample", exc) else _SKIP_SHARD
+        for name, vector in found.items():
+            if self.embedding_dim is not None and vector.shape[-1] != self.embedding_dim:
+                exc = DataFormatError(
+                    f"{url}: sample {key!r} {name} embedding has dimension {vector.shape[-1]}, "
+                    f"expected {self.embedding_dim}"
+                )
+                return None if policy.skip("bad_embedding", exc) else _SKIP_SHARD
+            if not np.any(vector):
+                policy.always_skip("missing_embedding", f"{url}: sample {key!r} has an all-zero {name} embedding")
+                return None
+        return found
+
+    def _raw_samples(self, shard_urls: Iterator[str], policy: ErrorPolicy) -> Iterator[Tuple[Any, ...]]:
+        """Undecoded ``(key, url, image bytes, embeddings, extras)`` per good sample, shard by shard."""
+        lookups: Dict[str, ShardEmbeddings] = {}
+        if self.img_folder is not None:
+            lookups["img"] = ShardEmbeddings(self.img_folder, self.embedding_dim)
+        if self.text_folder is not None:
+            lookups["text"] = ShardEmbeddings(self.text_folder)
+        empty_streak = 0
+        try:
+            for url in shard_urls:
+                produced = 0
+                with closing(iter_shard_samples(url, policy, self.cache_dir)) as samples:
+                    for sample in samples:
+                        found = self._embedding(sample, lookups, policy)
+                        if found is _SKIP_SHARD or policy.stopped:
+                            break
+                        image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+                        missing = [k for k in self.extra_keys if k not in sample]
+                        if found is not None and (image_ext is None or missing):
+                            what = "an image" if image_ext is None else f"extra key(s) {missing}"
+                            exc = DataFormatError(f"{url}: sample {sample['__key__']!r} has no {what}")
+                            found = None
+                            if not policy.skip("incomplete_sample", exc):
+                                break
+                        if found is None:
+                            continue
+                        extras = {k: sample[k] for k in self.extra_keys}
+                        produced += 1
+                        yield sample["__key__"], url, sample[image_ext], found, extras
+                if policy.stopped:
+                    return
+                empty_streak = 0 if produced else empty_streak + 1
+                # Resampling never runs out of shards: if none of them yields anything, say so instead of spinning.
+                if self.resample and empty_streak >= 2 * len(self.urls) + 10:
+                    raise DataFormatError(
+                        f"no usable sample in {empty_streak} shards drawn in a row; skips so far: {self.stats}"
+                    )
+        finally:
+            for lookup in lookups.values():
+                lookup.close()
+
+    def _decoded(self, raw: Iterator[Tuple[Any, ...]], policy: ErrorPolicy) -> Iterator[Tuple[Any, ...]]:
+        for key, url, image_bytes, found, extras in raw:
+            try:
+                image = _open_image(image_bytes)
+                if self.img_preproc is not None:
+                    image = self.img_preproc(image if image.mode == "RGB" else image.convert("RGB"))
+                else:
+                    image = image_to_tensor(image)
+                extra_values = [_decode_extra(k, v) for k, v in extras.items()]
+            except Exception as exc:  # noqa: BLE001 - any decode/preproc failure goes to the handler
+                wrapped = DataFormatError(f"{url}: sample {key!r} could not be decoded ({exc!r})")
+                wrapped.__cause__ = exc
+                if not policy.skip("decode_error", wrapped):
+                    return
+                continue
+            tensors = {name: torch.from_numpy(vector) for name, vector in found.items()}
+            emb = tensors if self.emb_as_dict else tensors["img"]
+            yield (image, emb, *extra_values)
+
+    def __iter__(self) -> Iterator[Tuple[Any, ...]]:
+        rank, world, worker, workers = self._slot()
+        epoch = self.epoch
+        slot, slots = rank * workers + worker, world * workers
+        policy = ErrorPolicy(self.handler, self._counters)
+        raw: Iterator[Tuple[Any, ...]] = self._raw_samples(self._shard_order(slot, slots, epoch), policy)
+        if self.shuffle_num > 1:
+            raw = shuffle_buffer(raw, self.shuffle_num, random.Random(f"{self.seed}:{epoch}:{slot}:samples"))
+        items: Iterator[Tuple[Any, ...]] = self._decoded(raw, policy)
+        if self.epoch_length is not None:
+            share = self.epoch_length // workers + (1 if worker < self.epoch_length % workers else 0)
+            items = itertools.islice(items, share)
+        yield from items
+        if policy.local:
+            log.info("rank %d worker %d epoch %d: skipped %s", rank, worker, epoch, dict(policy.local))
+
+
+def create_image_embedding_dataloader(
+    tar_url: Union[str, Sequence[str]],
+    embeddings_url: Optional[str] = None,
+    num_workers: int = 4,
+    batch_size: int = 32,
+    shard_width: Optional[int] = None,
+    shuffle_num: Optional[int] = None,
+    shuffle_shards: bool = True,
+    resample_shards: bool = False,
+    img_preproc: Optional[Callable[[Any], Any]] = None,
+    extra_keys: Sequence[str] = (),
+    handler: Handler = raise_on_error,
+    *,
+    img_embeddings_url: Optional[str] = None,
+    text_embeddings_url: Optional[str] = None,
+    index_width: Optional[int] = None,
+    seed: int = 0,
+    epoch_length: Optional[int] = None,
+    embedding_dim: Optional[int] = None,
+    cache_dir: Optional[str] = None,
+    **dataloader_kwargs: Any,
+) -> DataLoader:
+    """Build an :class:`ImageEmbeddingDataset` and wrap it in a ``DataLoader`` (the seed's one-call helper).
+
+    Example::
+
+        loader = create_image_embedding_dataloader("/data/{0000..0009}.tar", "/data/img_emb", shard_width=4)
+    """
+    if not isinstance(embeddings_url, (str, os.PathLike, type(None))):
+        raise TypeError(
+            "embeddings_url must be a URL; this signature is (tar_url, embeddings_url, num_workers, batch_size, ...)"
+            " - pass num_workers/batch_size by keyword"
+        )
+    if embeddings_url is not None and img_embeddings_url is not None:
+        raise ValueError("pass embeddings_url or img_embeddings_url, not both")
+    dataset = ImageEmbeddingDataset(
+        tar_url,
+        embedding_folder_url=None if embeddings_url is None else str(embeddings_url),
+        shard_width=shard_width,
+        img_preproc=img_preproc,
+        extra_keys=extra_keys,
+        handler=handler,
+        resample=resample_shards,
+        shuffle_shards=shuffle_shards,
+        index_width=index_width,
+        img_embedding_folder_url=img_embeddings_url,
+        text_embedding_folder_url=text_embeddings_url,
+        shuffle_num=shuffle_num,
+        seed=seed,
+        epoch_length=epoch_length,
+        embedding_dim=embedding_dim,
+        cache_dir=cache_dir,
+    )
+    rank, world = distributed_context()
+    readers = max(1, num_workers) * world
+    if not resample_shards and len(dataset.urls) < readers:
+        warnings.warn(
+            f"only {len(dataset.urls)} shard(s) for {readers} readers ({world} rank(s) x {max(1, num_workers)} "
+            "worker(s)): some readers will get no data",
+            UserWarning,
+            stacklevel=2,
+        )
+    options: Dict[str, Any] = {"pin_memory": torch.cuda.is_available()}
+    if num_workers > 0:
+        options["prefetch_factor"] = 2  # keeps the next shard's embedding file opening off the critical path
+    options.update(dataloader_kwargs)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False, **options)

@@ -1,0 +1,371 @@
+"""Stream webdataset-style tar shards as samples with bounded memory.
+
+A shard is read once, front to back, through ``tarfile`` stream mode (``r|*``), so a 2 GB shard never sits in
+memory: only the members of the sample being assembled do. Members are grouped into samples exactly like
+webdataset does (the key is the member path up to the first ``.`` of its basename, the rest is the extension)::
+
+    from streamloader.data.tars import iter_samples, skip_and_count
+    for sample in iter_samples("/data/{0000..0009}.tar", handler=skip_and_count):
+        sample["__key__"], sample["jpg"]   # "00010509", b"\\xff\\xd8..."
+
+Error policy: every problem is either raised as a typed error or skipped *and counted* under a named reason
+(see :data:`SKIP_REASONS`), as the handler decides. Handlers never sleep. Members that could escape a directory
+(``../x``, absolute names, links, devices) are never read: they are always skipped and counted.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import re
+import tarfile
+from collections import Counter
+from contextlib import contextmanager
+from multiprocessing.context import get_spawning_popen
+from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+from streamloader.errors import DataFormatError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SKIP_REASONS",
+    "Handler",
+    "raise_on_error",
+    "skip_and_count",
+    "warn_and_continue",
+    "resolve_handler",
+    "SharedCounters",
+    "ErrorPolicy",
+    "expand_urls",
+    "open_url",
+    "iter_tar_members",
+    "group_members",
+    "iter_shard_samples",
+    "iter_samples",
+    "split_key",
+    "make_synthetic_shards",
+]
+
+#: Why a shard, member or sample was skipped; the keys of ``dataset.stats``.
+SKIP_REASONS: Tuple[str, ...] = (
+    "missing_shard",  # the tar does not exist (handler decides)
+    "unreadable_shard",  # truncated / corrupt / unreadable tar; the rest of that shard is dropped (handler)
+    "unsafe_member",  # link, device, absolute or ``..`` member name: never read (always skipped)
+    "ignored_member",  # member name without ``key.ext`` (always skipped)
+    "malformed_sample",  # the same extension twice in one sample (handler)
+    "bad_key",  # key not of the form <shard><index>, or naming another shard (handler)
+    "missing_embedding_file",  # no img_emb_<shard>.npy for a shard; that shard is dropped (handler)
+    "bad_embedding",  # index past the array, dimension mismatch, unreadable .npy (handler)
+    "missing_embedding",  # an all-zero embedding row marks a missing sample (always skipped)
+    "incomplete_sample",  # no image, no embedding or a requested extra key absent (handler)
+    "decode_error",  # the image could not be decoded or img_preproc failed (handler)
+)
+
+# A handler gets the exception and returns True to skip and go on, False to stop this stream; or it raises.
+Handler = Callable[[BaseException], bool]
+
+# webdataset's key/extension split, kept identical so tars written by its TarWriter group the same way.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_META = re.compile(r"__[^/]*__($|/)")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def raise_on_error(exc: BaseException) -> bool:
+    """Default handler: re-raise, so bad data stops the run with a typed error."""
+    raise exc
+
+
+def skip_and_count(exc: BaseException) -> bool:
+    """Handler that skips the bad item; the skip is counted in ``stats`` and logged at DEBUG."""
+    log.debug("skipped: %s", exc)
+    return True
+
+
+def warn_and_continue(exc: BaseException) -> bool:
+    """Handler that skips the bad item, counts it and logs a warning (without sleeping, unlike webdataset's)."""
+    log.warning("skipped: %s", exc)
+    return True
+
+
+def _stop_quietly(exc: BaseException) -> bool:
+    log.debug("stopping this stream: %s", exc)
+    return False
+
+
+def _warn_and_stop(exc: BaseException) -> bool:
+    log.warning("stopping this stream: %s", exc)
+    return False
+
+
+# webdataset's handlers sleep 0.5 s per warning; users switching from DALLE2 pass them, so we swap in ours.
+_WEBDATASET_EQUIVALENTS = {
+    "reraise_exception": raise_on_error,
+    "warn_and_continue": warn_and_continue,
+    "ignore_and_continue": skip_and_count,
+    "ignore_and_stop": _stop_quietly,
+    "warn_and_stop": _warn_and_stop,
+}
+
+
+def resolve_handler(handler: Optional[Handler]) -> Handler:
+    """Return ``handler`` (None means :func:`raise_on_error`), replacing webdataset's sleeping handlers by ours."""
+    if handler is None:
+        return raise_on_error
+    if not callable(handler):
+        raise TypeError(f"handler must be callable, got {handler!r}")
+    if str(getattr(handler, "__module__", "")).startswith("webdataset"):
+        return _WEBDATASET_EQUIVALENTS.get(getattr(handler, "__name__", ""), handler)
+    return handler
+
+
+def _shared_array(values: List[int]) -> Any:
+    # A spawn-context lock also works in forked children; a fork-context one cannot go to spawned workers.
+    return multiprocessing.get_context("spawn").Array("q", values, lock=True)
+
+
+class SharedCounters:
+    """Named int64 counters shared by the DataLoader workers of one process tree.
+
+    Backed by a ``multiprocessing.Array`` so counts made in worker processes are visible in the parent. Pickled
+    outside of process spawning (``copy.deepcopy``, ``pickle.dumps``) it degrades to a detached snapshot.
+    """
+
+    def __init__(self, names: Sequence[str]):
+        self.names = tuple(names)
+        self._index = {name: i for i, name in enumerate(self.names)}
+        self._values: Any = _shared_array([0] * len(self.names))
+
+    def add(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``name``."""
+        i = self._index[name]
+        with self._values.get_lock():
+            self._values[i] += n
+
+    def set(self, name: str, value: int) -> None:
+        """Set counter ``name`` to ``value``."""
+        with self._values.get_lock():
+            self._values[self._index[name]] = value
+
+    def get(self, name: str) -> int:
+        """Current value of counter ``name``."""
+        return int(self._values[self._index[name]])
+
+    def as_dict(self) -> Dict[str, int]:
+        """Snapshot of all counters."""
+        with self._values.get_lock():
+            return {name: int(self._values[i]) for i, name in enumerate(self.names)}
+
+    def reset(self) -> None:
+        """Set every counter to zero."""
+        with self._values.get_lock():
+            for i in range(len(self.names)):
+                self._values[i] = 0
+
+    def __getstate__(self) -> Dict[str, Any]:
+        if get_spawning_popen() is not None:  # handing over to a child process: share the memory
+            return {"names": self.names, "values": self._values}
+        return {"names": self.names, "snapshot": [int(v) for v in self._values]}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.names = state["names"]
+        self._index = {name: i for i, name in enumerate(self.names)}
+        if "values" in state:
+            self._values = state["values"]
+        else:
+            self._values = _shared_array(state["snapshot"])
+
+
+class ErrorPolicy:
+    """Applies a handler to errors and counts every skip under its reason."""
+
+    def __init__(self, handler: Optional[Handler] = None, counters: Optional[SharedCounters] = None):
+        self.handler = resolve_handler(handler)
+        self.counters = counters if counters is not None else SharedCounters(SKIP_REASONS)
+        # Set once a handler answers "stop": every loop of the stream checks it and ends.
+        self.stopped = False
+        self.local: Counter = Counter()  # this stream's skips (counters are shared with other workers)
+
+    def skip(self, reason: str, exc: BaseException) -> bool:
+        """Ask the handler about ``exc`` (it may raise); count the skip; return True to go on, False to stop."""
+        go_on = bool(self.handler(exc))
+        self.counters.add(reason)
+        self.local[reason] += 1
+        if not go_on:
+            self.stopped = True
+        return go_on
+
+    def always_skip(self, reason: str, message: str) -> None:
+        """Count a skip that no handler can turn into an error (unsafe members, all-zero embeddings)."""
+        self.counters.add(reason)
+        self.local[reason] += 1
+        log.debug("skipped (%s): %s", reason, message)
+
+
+def expand_urls(urls: Union[str, Iterable[str]]) -> List[str]:
+    """Expand brace notation (``/d/{0000..0009}.tar``, padding kept) in a URL or a list of URLs."""
+    from braceexpand import braceexpand
+
+    items = [urls] if isinstance(urls, (str, bytes)) or not isinstance(urls, Iterable) else list(urls)
+    out: List[str] = []
+    for item in items:
+        out.extend(braceexpand(str(item)))
+    if not out:
+        raise ValueError("no shard URLs given")
+    return out
+
+
+@contextmanager
+def open_url(url: str, cache_dir: Optional[str] = None) -> Iterator[IO[bytes]]:
+    """Open any fsspec URL (local path, ``file://``, ``memory://``, ``https://``, ``dagshub://``) for reading.
+
+    With ``cache_dir`` a remote file is first copied to that directory (fsspec ``simplecache``) and read from
+    disk on later epochs.
+    """
+    import fsspec
+
+    target, options = url, {}
+    if cache_dir is not None and "://" in url and not url.startswith("file://"):
+        target, options = f"simplecache::{url}", {"simplecache": {"cache_storage": str(cache_dir)}}
+    with fsspec.open(target, "rb", **options) as f:
+        yield f
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """Records header errors that ``TarFile.next`` silently treats as the end of the archive."""
+
+    @classmethod
+    def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        try:
+            return super().fromtarfile(tf)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as exc:
+            # Past offset 0 tarfile ends iteration quietly on these; a cut-off download would look complete.
+            tf._streamloader_bad_end = exc  # type: ignore[attr-defined]
+            raise
+
+
+def _unsafe_reason(info: tarfile.TarInfo) -> Optional[str]:
+    if info.issym() or info.islnk():
+        return f"link to {info.linkname!r}"
+    if not info.isreg():
+        return "not a regular file"
+    name = info.name
+    if name.startswith(("/", "\\")) or _DRIVE.match(name):
+        return "absolute path"
+    if ".." in re.split(r"[\\/]", name):
+        return "path with '..'"
+    return None
+
+
+def iter_tar_members(
+    fileobj: IO[bytes], url: str, policy: Optional[ErrorPolicy] = None
+) -> Iterator[Tuple[str, bytes]]:
+    """Yield ``(member name, bytes)`` for the regular, safe members of a tar stream, in order.
+
+    Raises :class:`DataFormatError` for a truncated or corrupt archive (after yielding what came before).
+    """
+    policy = policy or ErrorPolicy()
+    try:
+        tar = tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_StrictTarInfo)
+        for info in tar:
+            # Stream mode still appends every TarInfo to .members; forget them to keep memory flat.
+            tar.members = []
+            if info.isdir():
+                continue
+            unsafe = _unsafe_reason(info)
+            if unsafe is not None:
+                policy.always_skip("unsafe_member", f"{url}: member {info.name!r}: {unsafe}")
+                continue
+            member = tar.extractfile(info)
+            if member is None:  # pragma: no cover - isreg() members always have data
+                continue
+            yield info.name, member.read()
+        bad_end = getattr(tar, "_streamloader_bad_end", None)
+    except (tarfile.TarError, EOFError) as exc:
+        raise DataFormatError(f"{url}: truncated or corrupt tar ({exc})") from exc
+    if bad_end is not None:
+        raise DataFormatError(f"{url}: truncated or corrupt tar (no end-of-archive marker: {bad_end})")
+
+
+def split_key(name: str) -> Tuple[Optional[str], Optional[str]]:
+    """Split a member name into ``(key, extension)`` like webdataset: ``a/0001.seg.png`` -> ``a/0001``, ``seg.png``."""
+    match = _KEY_EXT.match(name)
+    if not match:
+        return None, None
+    return match.group(1), match.group(2)
+
+
+def group_members(
+    members: Iterable[Tuple[str, bytes]], url: str, policy: Optional[ErrorPolicy] = None
+) -> Iterator[Dict[str, Any]]:
+    """Group consecutive members sharing a key into sample dicts ``{"__key__", "__url__", ext: bytes, ...}``."""
+    policy = policy or ErrorPolicy()
+    current: Optional[Dict[str, Any]] = None
+    bad_key: Optional[str] = None  # a sample already rejected: swallow its remaining members
+    for name, data in members:
+        if _META.match(name):  # webdataset's __meta__ members are not samples
+            continue
+        key, ext = split_key(name)
+        if key is None or ext is None:
+            policy.always_skip("ignored_member", f"{url}: member {name!r} has no key.extension name")
+            continue
+        ext = ext.lower()
+        if key == bad_key:
+            continue
+        if current is None or key != current["__key__"]:
+            if current is not None:
+                yield current
+            current, bad_key = {"__key__": key, "__url__": url}, None
+        if ext in current:
+            exc = DataFormatError(f"{url}: sample {key!r} has two {ext!r} members")
+            current, bad_key = None, key
+            if not policy.skip("malformed_sample", exc):
+                return
+            continue
+        current[ext] = data
+    if current is not None:
+        yield current
+
+
+def iter_shard_samples(
+    url: str, policy: Optional[ErrorPolicy] = None, cache_dir: Optional[str] = None
+) -> Iterator[Dict[str, Any]]:
+    """Yield the samples of one shard; a missing or corrupt shard raises or is skipped and counted per policy.
+
+    Returns normally after a skipped shard error; when a handler says "stop", ``policy.stopped`` is set.
+    """
+    policy = policy or ErrorPolicy()
+    try:
+        with open_url(url, cache_dir) as f:
+            yield from group_members(iter_tar_members(f, url, policy), url, policy)
+    except FileNotFoundError as exc:
+        policy.skip("missing_shard", exc)
+    except PermissionError:  # a bad token is not bad data: no handler may hide it
+        raise
+    except (DataFormatError, OSError) as exc:
+        policy.skip("unreadable_shard", exc)
+
+
+def iter_samples(
+    urls: Union[str, Iterable[str]],
+    handler: Optional[Handler] = None,
+    counters: Optional[SharedCounters] = None,
+    cache_dir: Optional[str] = None,
+) -> Iterator[Dict[str, Any]]:
+    """Yield the raw samples (bytes per extension) of every shard in order; no decoding, no splitting.
+
+    Example::
+
+        keys = [s["__key__"] for s in iter_samples("shards/{0000..0003}.tar")]
+    """
+    policy = ErrorPolicy(handler, counters)
+    for url in expand_urls(urls):
+        yield from iter_shard_samples(url, policy, cache_dir)
+        if policy.stopped:
+            return
+
+
+def make_synthetic_shards(*args: Any, **kwargs: Any) -> Any:
+    """Write synthetic webdataset shards (see :func:`streamloader.data.shardgen.make_synthetic_shards`)."""
+    from streamloader.data.shardgen import make_synthetic_shards as _make
+
+    return _make(*args, **kwargs)
