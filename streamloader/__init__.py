@@ -30,8 +30,26 @@ _EXPORTS = {
     "FileCache": "streamloader.cache",
     "cache_info": "streamloader.cache",
     "prune": "streamloader.cache",
+    "Token": "streamloader.auth",
+    "is_interactive": "streamloader.auth",
+    # labels.tsv
+    "LabelRow": "streamloader.data.labels",
+    "LabelReader": "streamloader.data.labels",
+    "read_labels": "streamloader.data.labels",
+    "write_labels": "streamloader.data.labels",
+    "filter_labels": "streamloader.data.filters",
+    "LabelFilter": "streamloader.data.filters",
+    "FilterResult": "streamloader.data.filters",
+    # DALLE2-compatible loaders (also under streamloader.dataloaders)
+    "ImageEmbeddingDataset": "streamloader.data.decoder",
+    "create_image_embedding_dataloader": "streamloader.data.decoder",
+    "EmbeddingReader": "streamloader.data.prior",
+    "get_reader": "streamloader.data.prior",
+    "PriorEmbeddingDataset": "streamloader.data.prior",
+    "make_splits": "streamloader.data.prior",
     # server
     "DagsHubServer": "streamloader.server",
+    "ServerFaults": "streamloader.server",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
