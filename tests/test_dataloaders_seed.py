@@ -137,3 +137,55 @@ def test_prior_snippet_runs_as_written(tmp_path, monkeypatch):
                 assert emb.shape[1:] == (DIM,) and emb.shape[0] <= 2 and len(caps) == emb.shape[0]
                 captions += caps
         assert sorted(int(c[1:]) for c in captions) == list(expected)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
+def test_decoder_snippet_over_dagshub_urls(tmp_path, monkeypatch, make_server):
+    """The same snippet streaming the shards and embeddings from `streamloader serve` via dagshub:// URLs."""
+    from conftest import TOKEN
+
+    tar_url, rows = _write_img2dataset_shards(tmp_path)
+    srv = make_server(str(tmp_path), token=TOKEN)
+    monkeypatch.setenv("DAGSHUB_CLIENT_HOST", srv.url)
+    monkeypatch.setenv("DAGSHUB_TOKEN", TOKEN)
+    code = DECODER_SNIPPET.replace(
+        "/path/or/url/to/webdataset/{0000..9999}.tar", "dagshub://user/repo/webdataset/{0000..0003}.tar"
+    ).replace('"path/or/url/to/embeddings/folder"', '"dagshub://user/repo/path/or/url/to/embeddings/folder"')
+    printed = []
+    namespace = {"print": printed.append}
+    exec(compile(code, "decoder_snippet", "exec"), namespace)
+    assert {str(p) for p in printed} == {"torch.Size([32, 3, 256, 256])", "torch.Size([32, 512])"}
+    assert len(printed) == 2 * SHARDS * PER_SHARD // 32
+    dataset = namespace["dataset"]
+    dataset.extra_keys = ("__key__",)
+    keys = []
+    for _img, emb, key in dataset:
+        np.testing.assert_array_equal(emb.numpy(), rows[int(key[:4])][int(key[4:])])
+        keys.append(key)
+    assert sorted(keys) == sorted(f"{s:04d}{i:04d}" for s in range(SHARDS) for i in range(PER_SHARD))
+    tar_gets = {p: n for p, n in srv.get_counts(kind="raw").items() if p.endswith(".tar")}
+    assert set(tar_gets) == {f"webdataset/{s:04d}.tar" for s in range(SHARDS)}
+
+
+def test_prior_reader_over_dagshub_urls(tmp_path, monkeypatch, make_server):
+    from conftest import TOKEN
+    from streamloader.dataloaders import get_reader, make_splits
+
+    (tmp_path / "data/img_emb").mkdir(parents=True)
+    (tmp_path / "data/meta").mkdir(parents=True)
+    start = 0
+    for number, n in {0: 40, 2: 30, 10: 30}.items():  # numeric order: 0, 2, 10
+        np.save(tmp_path / f"data/img_emb/img_emb_{number}.npy", np.full((n, 8), start, np.float32)
+                + np.arange(n, dtype=np.float32)[:, None])
+        pd.DataFrame({"caption": [f"c{i}" for i in range(start, start + n)]}).to_parquet(
+            tmp_path / f"data/meta/metadata_{number}.parquet")
+        start += n
+    srv = make_server(str(tmp_path), token=TOKEN)
+    monkeypatch.setenv("DAGSHUB_CLIENT_HOST", srv.url)
+    monkeypatch.setenv("DAGSHUB_TOKEN", TOKEN)
+    reader = get_reader(text_conditioned=True, img_url="dagshub://user/repo/data/img_emb/",
+                        meta_url="dagshub://user/repo/data/meta/")
+    train, _eval, _test = make_splits(text_conditioned=True, batch_size=10, num_data_points=100, train_split=0.8,
+                                      eval_split=0.1, image_reader=reader)
+    for emb, caps in train:
+        assert [f"c{int(v)}" for v in emb[:, 0].tolist()] == list(caps)

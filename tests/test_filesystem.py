@@ -170,3 +170,15 @@ def test_new_process_on_known_commit_lists_nothing_and_offline_mode(make_server,
         fs3.cat_file("user/repo/data/imgs/005.bin")
     with pytest.raises(RemoteError, match="offline mode"):
         fs3.ls("user/repo/data")
+
+
+def test_default_host_follows_the_environment(make_server, tree, tmp_path, monkeypatch):
+    """fsspec caches instances by arguments: host=None must not hand back an instance bound to an older host."""
+    first, second = make_server(str(tree), token=TOKEN), make_server(str(tree), token=TOKEN)
+    monkeypatch.setenv("DAGSHUB_TOKEN", TOKEN)
+    for srv in (first, second):
+        monkeypatch.setenv("DAGSHUB_CLIENT_HOST", srv.url)
+        fs = fsspec.filesystem("dagshub")
+        assert fs.host == srv.url
+        assert fs.cat_file("user/repo/data/table.csv") == b"x,y\n1,2\n3,4\n"
+        assert srv.request_count(kind="raw") == 1

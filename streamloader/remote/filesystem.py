@@ -34,7 +34,19 @@ __all__ = ["DagsHubFileSystem"]
 WHOLE_FILE_MAX = 256 * 1024 * 1024
 
 
-class DagsHubFileSystem(AbstractFileSystem):
+class _ResolveHostFirst(type(AbstractFileSystem)):  # type: ignore[misc]
+    """fsspec caches instances by constructor arguments: resolve the default host *before* that lookup, so that
+    ``host=None`` with a changed ``$DAGSHUB_CLIENT_HOST`` never returns an instance talking to the old host."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if not args and kwargs.get("host") is None:
+            from streamloader.auth import default_host
+
+            kwargs["host"] = default_host()
+        return super().__call__(*args, **kwargs)
+
+
+class DagsHubFileSystem(AbstractFileSystem, metaclass=_ResolveHostFirst):
     """fsspec filesystem over the DagsHub REST API (see module docstring)."""
 
     protocol = "dagshub"
