@@ -12,11 +12,16 @@ def register(subparsers: Any) -> None:
         description="List URL (dagshub://OWNER/REPO/DIR, or any fsspec URL) with sizes. For dagshub:// the host is "
                     "--host, else $DAGSHUB_CLIENT_HOST, else https://dagshub.com.")
     parser.add_argument("url", metavar="URL")
-    parser.add_argument("--host", help="DagsHub host for dagshub:// URLs")
-    parser.add_argument("--branch", help="branch to read (default: the repo's default branch)")
-    parser.add_argument("--revision", help="commit sha to read")
+    add_remote_arguments(parser)
     parser.add_argument("-l", "--long", action="store_true", help="show type and size")
     parser.set_defaults(func=run)
+
+
+def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --host/--branch/--revision flags shared by commands that read dagshub:// URLs."""
+    parser.add_argument("--host", help="DagsHub host (default: $DAGSHUB_CLIENT_HOST or https://dagshub.com)")
+    parser.add_argument("--branch", help="branch to read (default: the repo's default branch)")
+    parser.add_argument("--revision", help="commit sha to read")
 
 
 def storage_options(args: argparse.Namespace) -> dict:

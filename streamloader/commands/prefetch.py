@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, List
 
-from streamloader.commands.ls import storage_options
+from streamloader.commands.ls import add_remote_arguments, storage_options
 
 
 def register(subparsers: Any) -> None:
@@ -14,9 +14,7 @@ def register(subparsers: Any) -> None:
         description="Warm the streamloader cache. URL_OR_LIST is a dagshub://OWNER/REPO/PATH file or directory "
                     "(directories are walked recursively), or a local text file with one dagshub:// URL per line.")
     parser.add_argument("target", metavar="URL_OR_LIST")
-    parser.add_argument("--host", help="DagsHub host (default: $DAGSHUB_CLIENT_HOST or https://dagshub.com)")
-    parser.add_argument("--branch", help="branch to read (default: the repo's default branch)")
-    parser.add_argument("--revision", help="commit sha to read")
+    add_remote_arguments(parser)
     parser.add_argument("--cache-dir", help="cache directory (default: $STREAMLOADER_CACHE or the user cache dir)")
     parser.add_argument("-j", "--max-concurrency", type=int, default=32, help="parallel downloads (default 32)")
     parser.add_argument("--skip-errors", action="store_true", help="report failed files and carry on")
