@@ -24,6 +24,12 @@ _EXPORTS = {
     "DagsHubClient": "streamloader.remote.client",
     "RetryPolicy": "streamloader.remote.client",
     "DagsHubFileSystem": "streamloader.remote.filesystem",
+    # hooks
+    "install_hooks": "streamloader.hooks",
+    "uninstall_hooks": "streamloader.hooks",
+    "activate_from_env": "streamloader.hooks",
+    "prefetch": "streamloader.prefetch",
+    "PrefetchResult": "streamloader.remote.repo",
     # auth / cache
     "login": "streamloader.auth",
     "resolve_token": "streamloader.auth",
@@ -40,6 +46,16 @@ _EXPORTS = {
     "filter_labels": "streamloader.data.filters",
     "LabelFilter": "streamloader.data.filters",
     "FilterResult": "streamloader.data.filters",
+    # LAION-Aesthetics dataset, features, training
+    "LaionAestheticsDataset": "streamloader.data.laion",
+    "LAIONAestheticsDataset": "streamloader.data.laion",
+    "FeatureExtractor": "streamloader.data.features",
+    "tiny_cnn_extractor": "streamloader.data.features",
+    "FeatureCache": "streamloader.data.feature_cache",
+    "precompute_features": "streamloader.data.precompute",
+    "train_valid_split": "streamloader.data.split",
+    "train_regressor": "streamloader.data.train",
+    "run_aesthetic_demo": "streamloader.data.train",
     # DALLE2-compatible loaders (also under streamloader.dataloaders)
     "ImageEmbeddingDataset": "streamloader.data.decoder",
     "create_image_embedding_dataloader": "streamloader.data.decoder",

@@ -182,3 +182,24 @@ def test_default_host_follows_the_environment(make_server, tree, tmp_path, monke
         assert fs.host == srv.url
         assert fs.cat_file("user/repo/data/table.csv") == b"x,y\n1,2\n3,4\n"
         assert srv.request_count(kind="branches") + srv.request_count(kind="repo") >= 1  # this server was asked
+
+
+def _list_in_child(repo, out):
+    out.put([e.path for e in repo.ls("data/imgs")][:2])
+
+
+def test_fork_while_another_thread_holds_the_locks_does_not_deadlock(make_server, tree, tmp_path):
+    import multiprocessing as mp
+
+    srv = make_server(str(tree), token=TOKEN)
+    fs = DagsHubFileSystem(host=srv.url, token=TOKEN, cache_dir=str(tmp_path / "c"), skip_instance_cache=True)
+    repo = fs.repo("user", "repo")
+    repo.revision()
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    with repo._lock, fs.cache._local_guard:  # as if another thread were inside them at fork time
+        child = ctx.Process(target=_list_in_child, args=(repo, out))
+        child.start()
+        child.join(30)
+    assert child.exitcode == 0, "child deadlocked on a lock inherited from the parent"
+    assert out.get(timeout=5) == ["data/imgs/000.bin", "data/imgs/001.bin"]

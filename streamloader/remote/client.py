@@ -95,6 +95,29 @@ class _OriginBearerAuth(requests.auth.AuthBase):
         return request
 
 
+class _Session(requests.Session):
+    """A Session that reads proxy and CA-bundle settings from the environment once per origin, not per request.
+
+    requests re-scans the whole environment on every request (``merge_environment_settings``, ~0.1 ms of CPU, a
+    tenth of what downloading a 30 KB file costs us); the answer depends only on the origin and on an environment
+    that a training process does not change mid-run. Each new client (and each process) reads it afresh.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._env_settings: Dict[Any, Dict[str, Any]] = {}
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> Dict[str, Any]:
+        if proxies or not self.trust_env:  # explicit per-request proxies: requests' own logic, uncached
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        key = (_origin(url), stream, verify, cert)
+        settings = self._env_settings.get(key)
+        if settings is None:
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            self._env_settings[key] = settings
+        return {**settings, "proxies": dict(settings["proxies"])}
+
+
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}".lower()
@@ -173,7 +196,7 @@ class DagsHubClient:
         return self._session
 
     def _make_session(self) -> requests.Session:
-        session = requests.Session()
+        session = _Session()
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.max_concurrency, max_retries=0)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
@@ -253,7 +276,7 @@ class DagsHubClient:
         if self._sha is None:
             with self._lock:
                 if self._sha is None:
-                    self._sha = self._resolve_revision()
+                    self._sha = self._checked_commit_id(self._resolve_revision())
                     log.debug("%s pinned to commit %s", self.ref, self._sha)
         return self._sha
 
@@ -285,6 +308,12 @@ class DagsHubClient:
                 raise _Transient(f"invalid JSON from {what}") from None
 
         return self._call(fetch, what, url)
+
+    def _checked_commit_id(self, sha: str) -> str:
+        # The sha becomes part of request URLs and of cache paths: a server must not be able to steer either.
+        if not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", sha):
+            raise RemoteError(f"{self.ref} returned an invalid commit id {sha[:80]!r}", url=self.ref.api_base)
+        return sha
 
     def _resolve_revision(self) -> str:
         if self._requested_revision:

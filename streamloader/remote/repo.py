@@ -17,11 +17,12 @@ import posixpath
 import re
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import IO, Dict, Iterable, List, Optional
 
-from streamloader.cache import CacheKey, FileCache
+from streamloader.cache import CacheKey, FileCache, makedirs_private
 from streamloader.errors import RemoteError, RemoteFileNotFoundError
 from streamloader.remote.client import DagsHubClient, RemoteEntry
 from streamloader.remote.urls import safe_repo_path
@@ -29,6 +30,8 @@ from streamloader.remote.urls import safe_repo_path
 log = logging.getLogger(__name__)
 
 __all__ = ["RemoteRepo", "PrefetchResult"]
+
+_LIVE_REPOS: "weakref.WeakSet[RemoteRepo]" = weakref.WeakSet()
 
 
 @dataclass
@@ -65,6 +68,7 @@ class RemoteRepo:
         self._missing_dirs: set = set()
         self._lock = threading.Lock()
         self._dir_locks: Dict[str, threading.Lock] = {}
+        _LIVE_REPOS.add(self)
 
     def __repr__(self) -> str:
         return f"RemoteRepo({self.client!r})"
@@ -73,11 +77,22 @@ class RemoteRepo:
         state = self.__dict__.copy()
         state["_lock"] = None
         state["_dir_locks"] = {}
+        # With a cache, listings are persisted per commit: a spawned worker reloads what it needs from disk instead
+        # of unpickling every listing (540k entries pickle to ~60 MB). Without one, ship a snapshot (dict() of a
+        # dict is atomic under the GIL, so a thread adding a listing meanwhile cannot break pickling).
+        state["_listings"] = {} if self.cache is not None else dict(self._listings)
+        state["_missing_dirs"] = set() if self.cache is not None else set(self._missing_dirs)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        _LIVE_REPOS.add(self)
+
+    def _after_fork(self) -> None:
+        # A lock held by another thread at fork time would stay locked forever in the child.
+        self._lock = threading.Lock()
+        self._dir_locks = {}
 
     # -- revision and persisted listings ---------------------------------------------------------------------------
     def _repo_dir(self) -> Optional[str]:
@@ -251,11 +266,20 @@ class RemoteRepo:
     def read_bytes(self, path: str, start: Optional[int] = None, end: Optional[int] = None) -> bytes:
         """Bytes ``[start, end)`` (whole file by default); served from the cache when the file is there."""
         entry = self._file_entry(path)
-        local = self.cache.get(self.cache_key(entry)) if self.cache is not None else None
-        if local is None and start is None and end is None and self.cache is not None:
-            local = self.local_path(path)
-        if local is not None:
-            with open(local, "rb") as f:
+        handle: Optional[IO[bytes]] = None
+        if self.cache is not None:
+            key = self.cache_key(entry)
+            if start is None and end is None:
+                # cache.open re-fetches if another process evicts the entry between download and open
+                handle = self.cache.open(key, self._fill(entry), entry.size)
+            else:
+                local = self.cache.get(key)
+                try:
+                    handle = open(local, "rb") if local is not None else None
+                except FileNotFoundError:  # evicted since get(): read the range remotely instead
+                    handle = None
+        if handle is not None:
+            with handle as f:
                 if start:
                     f.seek(start)
                 return f.read(-1 if end is None else max(0, end - (start or 0)))
@@ -307,9 +331,17 @@ def _safe_name(name: str) -> str:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    makedirs_private(os.path.dirname(path))
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "wb") as f:
+    # created 0600 from the start: no window in which the umask decides who may read it
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         f.write(data)
-    os.chmod(tmp, 0o600)
     os.replace(tmp, path)
+
+
+def _renew_locks_after_fork() -> None:
+    for repo in list(_LIVE_REPOS):
+        repo._after_fork()
+
+
+os.register_at_fork(after_in_child=_renew_locks_after_fork)

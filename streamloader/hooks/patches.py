@@ -1,0 +1,299 @@
+"""The functions installed in place of ``open``, ``os.stat``, ``os.lstat``, ``os.listdir``, ``os.scandir`` and
+``os.mkdir``.
+
+The local filesystem always answers first, through the original function and with no other work beforehand (that
+is what keeps the hooks' cost on unrelated files to a function call). Only a local ``FileNotFoundError`` — or, for
+listings and writes, any call — maps the path with :func:`streamloader.hooks.router.resolve`; file descriptors,
+``dir_fd=`` calls and paths outside every hooked root then behave exactly as without hooks. Under a root:
+
+- reads of a remote file open the verified file in the cache (same mode, encoding, buffering: a real file object);
+- a path missing in both places raises the very ``FileNotFoundError`` the local call raised;
+- listings are the union of the local and the remote directory;
+- writes always go to a local file. When its local parent directory is missing but exists in the repo, the parent
+  is created locally first; appending to (or ``r+`` on) a file that exists only in the repo first copies the repo's
+  content to the local file; ``x`` mode on a file that exists in the repo raises ``FileExistsError``.
+
+The wrappers keep working after ``uninstall_hooks()`` (as plain pass-throughs) so that modules which copied them
+while hooks were on (``from os import stat``) are never broken.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import os
+import posixpath
+import shutil
+import threading
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
+
+from streamloader.errors import IntegrityError
+from streamloader.hooks.entries import RemoteDirEntry, ScandirIterator, remote_stat
+from streamloader.hooks.router import resolve
+
+if TYPE_CHECKING:
+    from streamloader.hooks.router import HookedRoot
+    from streamloader.remote.client import RemoteEntry
+
+log = logging.getLogger(__name__)
+
+__all__ = ["open", "stat", "lstat", "listdir", "scandir", "mkdir", "originals", "capture_originals", "exists_locally"]
+
+Route = Tuple["HookedRoot", str]
+
+# The real functions. Refreshed by capture_originals() at the first install (someone may have wrapped them since
+# import); kept after uninstall because copies of our wrappers may live on in other modules.
+_open = io.open
+_stat = os.stat
+_lstat = os.lstat
+_listdir = os.listdir
+_scandir = os.scandir
+_mkdir = os.mkdir
+
+_WRITE_CHARS = frozenset("wax+")
+_READ_MODES = frozenset(("r", "rb", "rt", "br", "tr"))
+_guard = threading.local()  # depth > 0 while this thread does our own I/O: nested calls pass straight through
+
+
+def capture_originals(originals: Dict[str, Any]) -> None:
+    """Point the wrappers at ``originals`` (name → function, names as in :func:`originals`)."""
+    globals().update({f"_{name}": fn for name, fn in originals.items()})
+
+
+def originals() -> Dict[str, Any]:
+    """The functions the wrappers currently delegate to, by name."""
+    return {"open": _open, "stat": _stat, "lstat": _lstat, "listdir": _listdir, "scandir": _scandir,
+            "mkdir": _mkdir}
+
+
+@contextmanager
+def _inside() -> Iterator[None]:
+    _guard.depth = getattr(_guard, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _guard.depth -= 1
+
+
+def _may_go_remote(hook: "HookedRoot", rel: str) -> bool:
+    return not getattr(_guard, "depth", 0) and not hook.excluded(rel)
+
+
+def _remote_entry(hook: "HookedRoot", rel: str) -> Optional["RemoteEntry"]:
+    """The repo's entry for ``rel``; None when it is missing, excluded, or we are inside our own I/O."""
+    if not _may_go_remote(hook, rel):
+        return None
+    with _inside():
+        try:
+            return hook.repo.info(rel)
+        except (FileNotFoundError, ValueError):  # ValueError: a local name no repo path can have (backslash)
+            return None
+
+
+def _remote_listing(hook: "HookedRoot", rel: str) -> Optional[Dict[str, "RemoteEntry"]]:
+    if not _may_go_remote(hook, rel):
+        return None
+    with _inside():
+        try:
+            return hook.repo.listing(rel)
+        except (FileNotFoundError, ValueError):
+            return None
+
+
+def _local_path(hook: "HookedRoot", rel: str) -> str:
+    return os.path.join(hook.root, rel) if rel else hook.root
+
+
+def _make_local_parent(hook: "HookedRoot", rel: str) -> bool:
+    """Create the local parent directory of ``rel`` when the repo has it; False when the repo does not either."""
+    parent = posixpath.dirname(rel)
+    if not rel or (parent and not getattr(_remote_entry(hook, parent), "is_dir", False)):
+        return False
+    with _inside():
+        os.makedirs(_local_path(hook, parent), exist_ok=True)
+    log.debug("created local directory %s (it exists in the repository)", _local_path(hook, parent))
+    return True
+
+
+def exists_locally(path: Any) -> bool:
+    """Whether ``path`` exists on the local disk (never asks the repository)."""
+    try:
+        _lstat(path)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _errno_error(cls: type, code: int, filename: Any) -> OSError:
+    return cls(code, os.strerror(code), filename)
+
+
+# -- open -----------------------------------------------------------------------------------------------------------
+def open(file: Any, mode: str = "r", buffering: int = -1, encoding: Optional[str] = None,  # noqa: A001
+         errors: Optional[str] = None, newline: Optional[str] = None, closefd: bool = True, opener: Any = None) -> Any:
+    """``open()`` that also reads files of a hooked repository (see the module docstring)."""
+    if mode in _READ_MODES or (type(mode) is str and _WRITE_CHARS.isdisjoint(mode)):
+        # Reads try the local file first, with no other work: a path is only mapped once it is missing locally.
+        try:
+            return _open(file, mode, buffering, encoding, errors, newline, closefd, opener)
+        except FileNotFoundError as exc:
+            local_error = exc
+        route = resolve(file)
+        if route is None:
+            raise local_error
+        return _open_remote(route, local_error, mode, buffering, encoding, errors, newline, closefd, opener)
+    route = resolve(file)
+    if route is None:
+        return _open(file, mode, buffering, encoding, errors, newline, closefd, opener)
+    return _open_for_write(route[0], route[1], file, mode, buffering, encoding, errors, newline, closefd, opener)
+
+
+def _open_remote(route: Route, local_error: FileNotFoundError, mode: str, *rest: Any) -> Any:
+    hook, rel = route
+    entry = _remote_entry(hook, rel)
+    if entry is None:
+        raise local_error
+    if entry.type == "dir":
+        raise _errno_error(IsADirectoryError, errno.EISDIR, local_error.filename)
+    with _inside():
+        for _attempt in range(3):
+            cached = hook.repo.local_path(rel)
+            try:
+                return _open(cached, mode, *rest)
+            except FileNotFoundError:
+                continue  # evicted by another process between the download and this open: fetch again
+    raise IntegrityError(f"cache entry of {rel!r} keeps disappearing; is the cache size cap too small?")
+
+
+def _open_for_write(hook: "HookedRoot", rel: str, file: Any, mode: str, *rest: Any) -> Any:
+    if "w" not in mode:  # "x", "a", "r+": whether (and what) the file already is matters
+        try:
+            _stat(file)
+            return _open(file, mode, *rest)
+        except FileNotFoundError:
+            pass
+        entry = _remote_entry(hook, rel)
+        if entry is not None:
+            name = os.fspath(file)
+            if entry.type == "dir":
+                raise _errno_error(IsADirectoryError, errno.EISDIR, name)
+            if "x" in mode:
+                raise _errno_error(FileExistsError, errno.EEXIST, name)
+            _materialize(hook, rel)
+    try:
+        return _open(file, mode, *rest)
+    except FileNotFoundError:
+        if "r" in mode or not _make_local_parent(hook, rel):  # "r+" creates nothing, so needs no parent either
+            raise
+    return _open(file, mode, *rest)
+
+
+def _materialize(hook: "HookedRoot", rel: str) -> None:
+    """Copy a repo file to its local path (before appending to it or updating it in place)."""
+    _make_local_parent(hook, rel)
+    with _inside():
+        shutil.copyfile(hook.repo.local_path(rel), _local_path(hook, rel))
+    log.info("copied %s from the repository to a local file before writing to it", rel)
+
+
+# -- stat -----------------------------------------------------------------------------------------------------------
+def stat(path: Any, *, dir_fd: Optional[int] = None, follow_symlinks: bool = True) -> os.stat_result:
+    """``os.stat`` that reports repo files (real size, mode 0o100444) and directories (S_IFDIR)."""
+    try:
+        return _stat(path, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
+    except FileNotFoundError as exc:
+        local_error = exc
+    return _stat_remote(path, dir_fd, local_error)
+
+
+def lstat(path: Any, *, dir_fd: Optional[int] = None) -> os.stat_result:
+    """``os.lstat``: like :func:`stat` (repo entries are never symlinks)."""
+    try:
+        return _lstat(path, dir_fd=dir_fd)
+    except FileNotFoundError as exc:
+        local_error = exc
+    return _stat_remote(path, dir_fd, local_error)
+
+
+def _stat_remote(path: Any, dir_fd: Optional[int], local_error: FileNotFoundError) -> os.stat_result:
+    route = resolve(path) if dir_fd is None else None  # dir_fd-relative paths are never mapped
+    entry = _remote_entry(*route) if route is not None else None
+    if entry is None:
+        raise local_error
+    return remote_stat(route[0], entry)
+
+
+# -- listings -------------------------------------------------------------------------------------------------------
+def _merged(route: Route, local: Optional[List[Any]], local_error: Optional[OSError],
+            name_of: Any) -> Tuple[List[Any], List[Tuple[str, "RemoteEntry"]]]:
+    """(local items, remote-only (name, entry) pairs in name order) or raise like the local call would."""
+    hook, rel = route
+    remote = _remote_listing(hook, rel)
+    if remote is None:
+        if local_error is None:
+            return local or [], []
+        entry = _remote_entry(hook, rel)
+        if entry is not None and entry.type != "dir":
+            raise _errno_error(NotADirectoryError, errno.ENOTDIR, local_error.filename)
+        raise local_error
+    seen = {name_of(item) for item in local or ()}
+    extra = [(name, entry) for name, entry in sorted(remote.items())
+             if name not in seen and not hook.excluded_child(rel, name)]
+    return local or [], extra
+
+
+def listdir(path: Any = None) -> List[Any]:
+    """``os.listdir``: under a hooked root, the union of the local and the repo directory."""
+    route = resolve("." if path is None else path)
+    if route is None:
+        return _listdir(path)
+    local, local_error = None, None
+    try:
+        local = _listdir(path)
+    except FileNotFoundError as exc:
+        local_error = exc
+    want_bytes = path is not None and isinstance(os.fspath(path), bytes)
+    local_names, extra = _merged(route, local, local_error, os.fsdecode if want_bytes else str)
+    if want_bytes:
+        return local_names + [os.fsencode(name) for name, _entry in extra]
+    return local_names + [name for name, _entry in extra]
+
+
+def scandir(path: Any = None) -> Any:
+    """``os.scandir``: under a hooked root, local DirEntry objects plus RemoteDirEntry for repo-only names."""
+    route = resolve("." if path is None else path)
+    if route is None:
+        return _scandir(path)
+    local, local_error = None, None
+    try:
+        with _scandir(path) as it:
+            local = list(it)
+    except FileNotFoundError as exc:
+        local_error = exc
+    base = "." if path is None else os.fspath(path)
+    as_bytes = isinstance(base, bytes)
+    local_entries, extra = _merged(route, local, local_error,
+                                   (lambda e: os.fsdecode(e.name)) if as_bytes else (lambda e: e.name))
+    base_str = os.fsdecode(base)
+    prefix = base_str if base_str.endswith("/") else base_str + "/"
+    remote_entries = []
+    for name, entry in extra:
+        child = prefix + name
+        if as_bytes:
+            remote_entries.append(RemoteDirEntry(os.fsencode(name), os.fsencode(child), route[0], entry))
+        else:
+            remote_entries.append(RemoteDirEntry(name, child, route[0], entry))
+    return ScandirIterator(local_entries + remote_entries)
+
+
+# -- directories ----------------------------------------------------------------------------------------------------
+def mkdir(path: Any, mode: int = 0o777, *, dir_fd: Optional[int] = None) -> None:
+    """``os.mkdir``: a missing local parent that exists in the repo is created locally first."""
+    try:
+        return _mkdir(path, mode, dir_fd=dir_fd)
+    except FileNotFoundError:
+        route = resolve(path) if dir_fd is None else None
+        if route is None or not _make_local_parent(*route):
+            raise
+    return _mkdir(path, mode)

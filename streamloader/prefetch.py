@@ -1,0 +1,115 @@
+"""Warm the cache for many files at once, so that the training loop's ``open()`` calls never wait on the network.
+
+Paths are given the way the training code opens them — relative to the cwd or absolute, under a root hooked with
+``install_hooks`` — or as ``dagshub://owner/repo/path`` URLs::
+
+    install_hooks(project_root=".", repo_url=url, branch="main")
+    streamloader.prefetch([os.path.join("data", f) for f in squirrel_files])   # 32 downloads in flight
+    Image.open(os.path.join("data", squirrel_files[0]))                        # served from the cache
+
+``streamloader.prefetch`` is both this module and its function: the module is callable, so the name works
+whichever of the two an import left on the package.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import types
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+
+from streamloader.remote.repo import PrefetchResult
+
+log = logging.getLogger(__name__)
+
+__all__ = ["prefetch", "PrefetchResult"]
+
+_URL_PREFIX = "dagshub://"
+
+
+def prefetch(paths: Iterable[Any], max_concurrency: int = 32, progress: bool = True, on_error: str = "raise",
+             storage_options: Optional[Mapping[str, Any]] = None) -> PrefetchResult:
+    """Download ``paths`` into the cache concurrently (``max_concurrency`` requests in flight, a progress bar).
+
+    Hooked paths that exist locally need no download and are skipped. ``on_error="raise"`` raises the first
+    failure after all downloads finished; ``"skip"`` logs each failure, records it in ``result.failed`` (keyed by
+    the path as given) and carries on. A path that is neither under a hooked root nor a ``dagshub://`` URL, or that
+    matches the root's ``exclude_globs``, is such a failure (ValueError). ``storage_options`` go to the
+    ``dagshub://`` filesystem (``host``, ``token``, ``branch``, ...).
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError("on_error must be 'raise' or 'skip'")
+    groups, failed = _group(paths, storage_options or {})
+    if failed and on_error == "raise":
+        raise next(iter(failed.values()))
+    started = time.perf_counter()
+    total = PrefetchResult(failed=dict(failed))
+    for fetch, rels in groups.values():
+        part = fetch(list(rels), max_concurrency=max_concurrency, progress=progress, on_error="skip")
+        total.files += part.files
+        total.bytes += part.bytes
+        for rel, exc in part.failed.items():
+            total.failed[rels[rel]] = exc
+    total.seconds = time.perf_counter() - started
+    for path, exc in failed.items():
+        log.warning("prefetch skipped %s: %s", path, exc)
+    if total.failed and on_error == "raise":
+        raise next(iter(total.failed.values()))
+    log.info("prefetch: %s", total)
+    return total
+
+
+def _group(paths: Iterable[Any], storage_options: Mapping[str, Any]) -> Tuple[Dict[Any, Tuple[Any, Dict[str, str]]],
+                                                                               Dict[str, BaseException]]:
+    """Sort paths by the repository that serves them: ({key: (prefetch function, {repo path: path as given})},
+    {path as given: error})."""
+    from streamloader.hooks import router
+    from streamloader.hooks.patches import exists_locally
+    from streamloader.remote.urls import split_repo_path
+
+    groups: Dict[Any, Tuple[Any, Dict[str, str]]] = {}
+    failed: Dict[str, BaseException] = {}
+    filesystem = None
+    for given in paths:
+        shown = os.fsdecode(os.fspath(given))
+        if shown.startswith(_URL_PREFIX):
+            try:
+                owner, name, rel = split_repo_path(shown[len(_URL_PREFIX):])
+            except ValueError as exc:
+                failed[shown] = exc
+                continue
+            if filesystem is None:
+                from streamloader.remote.filesystem import DagsHubFileSystem
+
+                filesystem = DagsHubFileSystem(**storage_options)
+            groups.setdefault(("url", owner, name), (_url_fetcher(filesystem, owner, name), {}))[1][rel] = shown
+            continue
+        route = router.resolve(given)
+        if route is None:
+            failed[shown] = ValueError(f"{shown!r} is neither under a hooked project root (install_hooks) "
+                                       "nor a dagshub:// URL")
+            continue
+        hook, rel = route
+        if hook.excluded(rel):
+            failed[shown] = ValueError(f"{shown!r} matches the exclude_globs of {hook.root}: it is never fetched")
+        elif not exists_locally(given):  # a local file is what open() will serve: nothing to fetch
+            groups.setdefault(("hook", hook.root), (hook.repo.prefetch, {}))[1][rel] = shown
+    return groups, failed
+
+
+def _url_fetcher(filesystem: Any, owner: str, name: str) -> Any:
+    def fetch(rels: List[str], **kwargs: Any) -> PrefetchResult:
+        return filesystem.prefetch([f"{owner}/{name}/{rel}" for rel in rels], **kwargs)
+
+    return fetch
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``streamloader.prefetch(...)`` work even when the import system bound the module to that name."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> PrefetchResult:
+        return prefetch(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
