@@ -1,0 +1,317 @@
+"""``LaionAestheticsDataset``: the DagsHub guide's LAIONAestheticsDataset, filtered, cached and safe with workers.
+
+The guide's four positional arguments keep their meaning; everything else is a keyword::
+
+    ds = LaionAestheticsDataset("data/labels.tsv", "data")                       # plain paths (hooks stream them)
+    ds = LaionAestheticsDataset("dagshub://owner/repo/data/labels.tsv", "dagshub://owner/repo/data",
+                                tiny_cnn_extractor(), limit=500, keywords="squirrel",
+                                storage_options={"branch": "main"})
+    ds.prefetch()                      # warm every image concurrently (progress bar)
+    feature, score = ds[0]             # score: float32 tensor of shape [1], like the guide
+
+Items: without an extractor, ``(image, score)`` with the image a float tensor ``[3, H, W]`` in [0, 1] (or
+``transform(pil_image)``); with one, ``(features, score)``. Features come from the on-disk feature cache keyed by
+(image content, extractor fingerprint), so a second epoch or a new process reads them without the network or the
+model (:mod:`streamloader.data.feature_cache`). An extractor without a ``fingerprint`` (e.g. the guide's own class
+with only ``.extract(path)``) gets the guide's per-process in-memory cache instead.
+
+Rows: ``labels.tsv`` (path, URL, or an iterable of LabelRow such as ``filter_labels(...).rows``) filtered by
+:class:`~streamloader.data.filters.LabelFilter` (keywords, match, exclude, whole_word, regex, min/max score);
+``limit`` keeps the first N selected rows (without filters: the first N rows, as in the guide).
+
+Errors (``on_error``): malformed rows, including NaN scores, follow the label reader's policy. A missing or
+undecodable image: ``"raise"`` raises (FileNotFoundError / DataFormatError naming the file); ``"skip"`` (and
+``"warn"``, which also logs) serves the next readable item in index order instead, so default batches stay full
+and valid, and counts the skip in ``stats`` (summed over DataLoader workers). A bad item is counted each time it
+is passed over (once per epoch) and re-read only by a new process. Network and authentication errors always raise.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from collections import Counter
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Pattern, Tuple, Union
+
+import torch
+from torch.utils.data import Dataset
+
+from streamloader.data.feature_cache import FeatureCache, content_identity, default_feature_dir, exists_locally
+from streamloader.data.filters import FilterResult, Keywords, filter_labels
+from streamloader.data.images import decode_image, join_path, read_image_bytes, url_filesystem
+from streamloader.data.labels import ON_ERROR_POLICIES, LabelRow, file_name_problem
+from streamloader.data.tars import SharedCounters
+from streamloader.errors import DataFormatError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LaionAestheticsDataset", "LAIONAestheticsDataset", "COUNTERS"]
+
+#: keys of the per-dataset counters in ``stats`` (summed over DataLoader workers)
+COUNTERS = ("missing_image", "decode_error", "features_cached", "features_computed")
+_WARN_LIMIT = 10
+# Bad data, as opposed to network/auth failures (RemoteError, AuthenticationError), which always propagate.
+_BAD_ITEM = (FileNotFoundError, IsADirectoryError, NotADirectoryError, DataFormatError)
+
+
+class LaionAestheticsDataset(Dataset):
+    """Map-style dataset of (image or features, score) for a labels.tsv and an image folder; see module docstring."""
+
+    def __init__(
+        self,
+        annotations_file: Union[str, Iterable[LabelRow], FilterResult],
+        img_dir: str,
+        feature_extractor: Any = None,
+        limit: Optional[int] = None,
+        *,
+        keywords: Keywords = None,
+        match: str = "any",
+        exclude: Keywords = None,
+        whole_word: bool = False,
+        regex: Union[str, Pattern[str], None] = None,
+        min_score: Optional[float] = None,
+        max_score: Optional[float] = None,
+        sample: Optional[float] = None,
+        seed: int = 0,
+        transform: Optional[Callable[[Any], Any]] = None,
+        on_error: str = "raise",
+        cache_dir: Optional[str] = None,
+        storage_options: Optional[Mapping[str, Any]] = None,
+        cache_features: bool = True,
+    ):
+        if on_error not in ON_ERROR_POLICIES:
+            raise ValueError(f"on_error must be one of {', '.join(ON_ERROR_POLICIES)}; got {on_error!r}")
+        if transform is not None and feature_extractor is not None:
+            raise ValueError("transform applies to images; with a feature_extractor its own preprocess is used")
+        self.img_dir = str(img_dir)
+        self.feature_extractor = feature_extractor
+        self.transform = transform
+        self.on_error = on_error
+        self.cache_dir = cache_dir
+        self.storage_options: Dict[str, Any] = dict(storage_options or {})
+        if cache_dir and "cache_dir" not in self.storage_options and self.img_dir.startswith("dagshub://"):
+            self.storage_options["cache_dir"] = cache_dir  # images and features under one root
+        self.filter_result = self._select(
+            annotations_file, keywords=keywords, match=match, exclude=exclude, whole_word=whole_word, regex=regex,
+            min_score=min_score, max_score=max_score, limit=limit, sample=sample, seed=seed,
+        )
+        self.rows: List[LabelRow] = self.filter_result.rows
+        self.paths: List[str] = [join_path(self.img_dir, row.file) for row in self.rows]
+        self.feature_cache: Optional[FeatureCache] = None
+        if feature_extractor is not None and cache_features and getattr(feature_extractor, "fingerprint", None):
+            describe = getattr(feature_extractor, "describe", None)
+            self.feature_cache = FeatureCache(default_feature_dir(cache_dir), feature_extractor.fingerprint,
+                                              describe() if callable(describe) else None)
+        self._counters = SharedCounters(COUNTERS)
+        self._fs: Any = None
+        self._bad: Dict[int, str] = {}  # per process: items known to be unreadable -> reason
+        self._memory: Dict[int, torch.Tensor] = {}  # per process: the guide's in-memory embeddings
+        self._warned = 0
+
+    # -- rows ---------------------------------------------------------------------------------------------------
+    def _select(self, source: Any, **options: Any) -> FilterResult:
+        if isinstance(source, FilterResult):
+            source = source.rows
+        if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") or hasattr(source, "read"):
+            so = dict(self.storage_options)
+            if self.cache_dir and "cache_dir" not in so and str(source).startswith("dagshub://"):
+                so["cache_dir"] = self.cache_dir
+            return filter_labels(source, on_error=self.on_error, storage_options=so, **options)
+        rows, bad = self._checked_rows(source)
+        result = filter_labels(rows, **options)
+        if bad:
+            result.skipped += sum(bad.values())
+            result.scanned += sum(bad.values())
+            result.reasons.update(bad)
+        return result
+
+    def _checked_rows(self, rows: Iterable[LabelRow]) -> Tuple[List[LabelRow], Counter]:
+        """In-memory rows get the reader's checks: an unsafe file name (absolute, ``..``, control characters) or a
+        NaN/infinite score follows ``on_error``, so no row can point outside ``img_dir``."""
+        good: List[LabelRow] = []
+        bad: Counter = Counter()
+        for number, row in enumerate(rows, 1):
+            problem = file_name_problem(row.file) if isinstance(row.file, str) else "file name is not a string"
+            if problem is None and (isinstance(row.score, bool) or not isinstance(row.score, (int, float))
+                                    or not math.isfinite(row.score)):
+                problem = "non-finite score"
+            if problem is None:
+                good.append(row)
+                continue
+            message = f"row {number} ({row.file!r}, score {row.score!r}): {problem}"
+            if self.on_error == "raise":
+                raise DataFormatError(message)
+            if self.on_error == "warn":
+                log.warning("skipped %s", message)
+            bad[problem] += 1
+        return good, bad
+
+    # -- dataset protocol ---------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        mode = "features" if self.feature_extractor is not None else "images"
+        return f"LaionAestheticsDataset({len(self)} rows, img_dir={self.img_dir!r}, {mode}, on_error={self.on_error!r})"
+
+    @property
+    def files(self) -> List[str]:
+        """Image file names (relative to ``img_dir``), in item order."""
+        return [row.file for row in self.rows]
+
+    img_files = files  # the guide's attribute name
+
+    @property
+    def scores(self) -> List[float]:
+        """Aesthetic scores, in item order."""
+        return [row.score for row in self.rows]
+
+    def __getitem__(self, idx: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        n = len(self.rows)
+        if type(idx) is not int or not 0 <= idx < n:
+            idx = self._normalize_index(idx, n)
+        for step in range(n):
+            j = idx + step if idx + step < n else idx + step - n
+            reason = self._bad.get(j) if self._bad else None
+            if reason is None:
+                try:
+                    return self._item(j)
+                except _BAD_ITEM as exc:
+                    if self.on_error == "raise":
+                        raise
+                    reason = "missing_image" if isinstance(exc, OSError) else "decode_error"
+                    self._bad[j] = reason
+                    self._log_skip(j, exc)
+            self._counters.add(reason)
+        raise DataFormatError(f"none of the {n} images of {self!r} could be read (see dataset.stats)")
+
+    @staticmethod
+    def _normalize_index(idx: Any, n: int) -> int:
+        if torch.is_tensor(idx):
+            idx = idx.tolist()
+        if isinstance(idx, bool):
+            raise TypeError(f"dataset index must be an integer; got {idx!r}")
+        try:
+            idx = operator.index(idx)  # int, numpy integers
+        except TypeError:
+            raise TypeError(f"dataset index must be an integer; got {idx!r}") from None
+        if not -n <= idx < n:
+            raise IndexError(f"index {idx} out of range for a dataset of {n} items")
+        return idx % n
+
+    def _log_skip(self, j: int, exc: BaseException) -> None:
+        self._warned += 1
+        if self.on_error == "warn" and self._warned <= _WARN_LIMIT:
+            log.warning("skipping item %d (%s): %s", j, self.paths[j], exc)
+        else:
+            log.debug("skipping item %d (%s): %s", j, self.paths[j], exc)
+
+    def _item(self, j: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        score = torch.full((1,), self.rows[j].score, dtype=torch.float32)
+        cache = self.feature_cache
+        if cache is not None:  # the hot path of every epoch after the first
+            identity = content_identity(self.paths[j], self.filesystem)
+            vector = cache.get(identity)
+            if vector is not None:
+                self._counters.add("features_cached")
+                return torch.from_numpy(vector), score
+            embedding = self.feature_extractor.extract_image(self.load_image(j))
+            cache.put(identity, embedding.numpy())
+            self._counters.add("features_computed")
+            return embedding, score
+        extractor = self.feature_extractor
+        if extractor is None:
+            image = self.load_image(j)
+            return (self.transform(image) if self.transform is not None else _to_tensor(image)), score
+        embedding = self._memory.get(j)  # the guide's behaviour: compute once per process, keep in memory
+        if embedding is None:
+            if hasattr(extractor, "extract_image"):
+                embedding = extractor.extract_image(self.load_image(j))
+            else:
+                embedding = extractor.extract(self.paths[j])
+            self._memory[j] = embedding
+        return embedding, score
+
+    def load_image(self, j: int) -> Any:
+        """The decoded RGB PIL image of item ``j`` (no skipping: errors raise)."""
+        return decode_image(read_image_bytes(self.paths[j], self.filesystem), self.paths[j])
+
+    @property
+    def filesystem(self) -> Any:
+        """The fsspec filesystem of ``img_dir`` when it is a URL (made once per process), else None."""
+        if self._fs is None and "://" in self.img_dir:
+            self._fs = url_filesystem(self.img_dir, self.storage_options)
+        return self._fs
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_fs=None, _bad={}, _memory={}, _warned=0)  # per-process state; counters stay shared
+        return state
+
+    # -- stats ------------------------------------------------------------------------------------------------
+    @property
+    def stats(self) -> Dict[str, Any]:
+        """Row selection counts plus image/feature counters summed over all DataLoader workers.
+
+        Keys: rows, scanned, matched, malformed_rows, malformed_reasons, missing_image, decode_error, skipped
+        (= missing_image + decode_error), features_cached, features_computed.
+        """
+        counters = self._counters.as_dict()
+        result = self.filter_result
+        return {
+            "rows": len(self.rows), "scanned": result.scanned, "matched": result.matched,
+            "malformed_rows": result.skipped, "malformed_reasons": dict(result.reasons),
+            **counters, "skipped": counters["missing_image"] + counters["decode_error"],
+        }
+
+    def reset_stats(self) -> None:
+        """Zero the image/feature counters (the row selection counts stay)."""
+        self._counters.reset()
+
+    # -- warm-up ----------------------------------------------------------------------------------------------
+    def prefetch(self, max_concurrency: int = 32, progress: bool = True, on_error: Optional[str] = None,
+                 skip_cached_features: bool = True) -> Any:
+        """Download every image of the dataset concurrently into the cache, with a progress bar.
+
+        ``dagshub://`` images go through the filesystem's prefetch; plain paths that are not on local disk
+        through :func:`streamloader.prefetch` (hooks); local files need nothing. Images whose features are already
+        cached are left out (``skip_cached_features``). ``on_error`` defaults to "raise" when the dataset's
+        policy is "raise", else "skip". Returns a PrefetchResult.
+        """
+        from streamloader.remote.repo import PrefetchResult
+
+        on_error = on_error or ("raise" if self.on_error == "raise" else "skip")
+        paths = self.paths
+        if skip_cached_features and self.feature_cache is not None:
+            paths = [p for p in paths if not self._features_cached(p)]
+        if not paths:
+            return PrefetchResult()
+        fs = self.filesystem
+        if fs is not None:
+            if not hasattr(fs, "prefetch"):
+                log.info("prefetch: %s has no cache to warm; nothing to do", type(fs).__name__)
+                return PrefetchResult()
+            return fs.prefetch(paths, max_concurrency=max_concurrency, progress=progress, on_error=on_error)
+        remote = [p for p in paths if not exists_locally(p)]
+        if not remote:
+            return PrefetchResult()
+        from streamloader.prefetch import prefetch  # the hooks' prefetch (imported only when needed)
+
+        return prefetch(remote, max_concurrency=max_concurrency, progress=progress, on_error=on_error)
+
+    def _features_cached(self, path: str) -> bool:
+        try:
+            identity = content_identity(path, self.filesystem, read_bytes=False)
+        except _BAD_ITEM:
+            return False
+        return identity is not None and identity in self.feature_cache  # type: ignore[operator]
+
+
+#: the guide's spelling
+LAIONAestheticsDataset = LaionAestheticsDataset
+
+
+def _to_tensor(image: Any) -> torch.Tensor:
+    from streamloader.data.decoder import image_to_tensor
+
+    return image_to_tensor(image)
