@@ -17,11 +17,11 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import threading
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from streamloader._files import atomic_write
 from streamloader.errors import AuthenticationError, DataFormatError, RemoteError
 from streamloader.remote.urls import normalize_host
 
@@ -248,20 +248,8 @@ def _store_in_cache(value: str, host: str, token_type: str = "app-token", expiry
     existing = existing if isinstance(existing, list) else []
     entries = [e for e in existing if not (isinstance(e, dict) and e.get("access_token") == value)]
     data[key] = [{"access_token": value, "expiry": expiry, "token_type": token_type}] + entries
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # Write-then-rename so a reader never sees half a file; mkstemp makes it owner-only (it holds secrets).
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokens-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(data, f, default_flow_style=False)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    # Write-then-rename so a reader never sees half a file; created owner-only (it holds secrets).
+    atomic_write(path, yaml.safe_dump(data, default_flow_style=False).encode("utf-8"))
     return path
 
 

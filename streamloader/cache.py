@@ -38,6 +38,7 @@ try:
 except ImportError:  # Windows: every lock goes through filelock
     fcntl = None  # type: ignore[assignment]
 
+from streamloader._files import makedirs_private
 from streamloader.errors import IntegrityError
 
 log = logging.getLogger(__name__)
@@ -47,22 +48,6 @@ __all__ = ["CacheKey", "FileCache", "cache_info", "default_cache_dir", "parse_si
 _HEX = re.compile(r"^[0-9a-f]+$")
 _TOUCH_INTERVAL = 60.0  # seconds between LRU timestamp updates of one entry
 _STALE_TMP_AGE = 3600.0  # a temp file this old is swept even if its pid looks alive (pid reuse)
-
-
-def makedirs_private(path: str) -> None:
-    """Create ``path`` and any missing parents with mode 0700 (``os.makedirs`` gives ``mode`` to the leaf only)."""
-    missing = []
-    while path and not os.path.isdir(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:  # another process or thread made it first
-            pass
 
 
 def default_cache_dir() -> str:

@@ -205,3 +205,11 @@ def test_concurrent_reads_share_a_pool(srv, tree):
     elapsed = time.monotonic() - t0
     assert got == [bytes([i]) * (1000 + i) for i in range(40)]
     assert elapsed < 40 * 0.1 / 2  # clearly concurrent, not sequential
+
+
+def test_listing_entries_that_change_under_normalisation_are_refused():
+    items = [{"path": "data/.", "type": "file", "size": 1, "hash": "h"},
+             {"path": "data//x.jpg", "type": "file", "size": 1, "hash": "h"},
+             {"path": "data/./y.jpg", "type": "file", "size": 1, "hash": "h"},
+             {"path": "data/sub/", "type": "dir", "size": 0, "hash": "h"}]
+    assert [e.path for e in DagsHubClient._parse_entries(items, "data")] == ["data/sub"]

@@ -203,3 +203,16 @@ def test_fork_while_another_thread_holds_the_locks_does_not_deadlock(make_server
         child.join(30)
     assert child.exitcode == 0, "child deadlocked on a lock inherited from the parent"
     assert out.get(timeout=5) == ["data/imgs/000.bin", "data/imgs/001.bin"]
+
+
+def test_retry_policy_is_a_storage_option(make_server, tree, tmp_path):
+    from streamloader.errors import RemoteError
+
+    srv = make_server(str(tree), token=TOKEN)
+    fs = fsspec.filesystem("dagshub", host=srv.url, token=TOKEN, cache_dir=str(tmp_path / "c"),
+                           retry={"attempts": 2, "initial_backoff": 0.01}, skip_instance_cache=True)
+    fs.ls("user/repo/data")
+    srv.faults.fail_paths = {"data/table.csv": 503}
+    with pytest.raises(RemoteError, match="table.csv"):
+        fs.cat_file("user/repo/data/table.csv")
+    assert srv.request_count("data/table.csv", kind="raw") == 2

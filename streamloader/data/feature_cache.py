@@ -32,10 +32,11 @@ import logging
 import os
 import sys
 import time
-import uuid
 from typing import Any, Dict, Optional
 
 import numpy as np
+
+from streamloader._files import atomic_write, makedirs_private
 
 log = logging.getLogger(__name__)
 
@@ -234,30 +235,15 @@ class FeatureCache:
         if not self._ready:
             self._prepare()
         final = self.path(identity)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp = os.path.join(self._tmp, f"{os.path.basename(final)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(self._header(array.shape[0]))
-                handle.write(array.tobytes())
-            os.replace(tmp, final)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(final, self._header(array.shape[0]) + array.tobytes(), tmp_dir=self._tmp)
         return final
 
     def _prepare(self) -> None:
-        os.makedirs(self.dir, exist_ok=True)
-        os.makedirs(self._tmp, exist_ok=True)
+        makedirs_private(self._tmp)
         meta = os.path.join(self.dir, "extractor.json")
         if not os.path.exists(meta):
-            tmp = f"{meta}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
-            with open(tmp, "w", encoding="utf-8") as handle:
-                json.dump({"fingerprint": self.fingerprint, **self.info}, handle, indent=2, default=str)
-            os.replace(tmp, meta)
+            info = json.dumps({"fingerprint": self.fingerprint, **self.info}, indent=2, default=str)
+            atomic_write(meta, info.encode("utf-8"), tmp_dir=self._tmp)
         self._ready = True
 
     def count(self) -> int:

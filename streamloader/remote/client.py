@@ -377,7 +377,10 @@ class DagsHubClient:
                 # A hostile or broken listing must not steer us outside the repo: skip and say so.
                 log.warning("skipping malformed listing entry under %r: %s", parent or "/", exc)
                 continue
-            if not entry_path.startswith(prefix) or "/" in entry_path[len(prefix):] or entry_path == parent:
+            # An entry must name a direct child exactly: "data/." or "data//x" normalise to something else and
+            # could shadow a real entry, so anything that changes under normalisation is refused too.
+            if (entry_path != raw_path.rstrip("/") or not entry_path.startswith(prefix)
+                    or "/" in entry_path[len(prefix):] or entry_path == parent):
                 log.warning("skipping listing entry %r outside directory %r", raw_path, parent or "/")
                 continue
             yield RemoteEntry(entry_path, kind, size if kind == "file" else 0, item.get("hash") or None,

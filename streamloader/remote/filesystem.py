@@ -10,7 +10,8 @@ Usage::
     fs.ls("user/repo/data")
 
 storage_options: ``host`` (default ``$DAGSHUB_CLIENT_HOST`` or https://dagshub.com), ``token``, ``branch`` or
-``revision``, ``cache_dir``, ``max_concurrency`` (default 32), ``use_cache`` (default True), ``cache_max_size``.
+``revision``, ``cache_dir``, ``max_concurrency`` (default 32), ``use_cache`` (default True), ``cache_max_size``,
+``retry`` (a :class:`~streamloader.remote.client.RetryPolicy` or a dict of its fields, e.g. ``{"attempts": 3}``).
 The transport and the cache live in :mod:`streamloader.remote.repo`; this class only maps fsspec primitives.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from streamloader.cache import FileCache
-from streamloader.remote.client import DagsHubClient, RemoteEntry
+from streamloader.remote.client import DagsHubClient, RemoteEntry, RetryPolicy
 from streamloader.remote.repo import RemoteRepo
 from streamloader.remote.urls import RepoRef, normalize_host, split_repo_path
 
@@ -55,7 +56,8 @@ class DagsHubFileSystem(AbstractFileSystem, metaclass=_ResolveHostFirst):
     def __init__(self, host: Optional[str] = None, token: Any = None, branch: Optional[str] = None,
                  revision: Optional[str] = None, cache_dir: Optional[str] = None, max_concurrency: int = 32,
                  use_cache: bool = True, cache_max_size: Union[int, str, None] = None,
-                 whole_file_max: int = WHOLE_FILE_MAX, **kwargs: Any):
+                 whole_file_max: int = WHOLE_FILE_MAX, retry: Union[RetryPolicy, Dict[str, Any], None] = None,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         if host is None:
             from streamloader.auth import default_host
@@ -67,6 +69,7 @@ class DagsHubFileSystem(AbstractFileSystem, metaclass=_ResolveHostFirst):
         self.revision = revision
         self.max_concurrency = max_concurrency
         self.whole_file_max = whole_file_max
+        self.retry = RetryPolicy(**retry) if isinstance(retry, dict) else retry
         self.cache = FileCache(cache_dir, max_size=cache_max_size) if use_cache else None
         self._repos: Dict[Tuple[str, str], RemoteRepo] = {}
         self._repos_lock = threading.Lock()
@@ -88,7 +91,8 @@ class DagsHubFileSystem(AbstractFileSystem, metaclass=_ResolveHostFirst):
             repo = self._repos.get(key)
             if repo is None:
                 client = DagsHubClient(RepoRef(self.host, owner, name), token=self.token, branch=self.branch,
-                                       revision=self.revision, max_concurrency=self.max_concurrency)
+                                       revision=self.revision, max_concurrency=self.max_concurrency,
+                                       retry=self.retry)
                 repo = self._repos[key] = RemoteRepo(client, self.cache, use_cache=self.cache is not None)
         return repo
 

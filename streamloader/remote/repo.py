@@ -22,7 +22,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import IO, Dict, Iterable, List, Optional
 
-from streamloader.cache import CacheKey, FileCache, makedirs_private
+from streamloader._files import atomic_write
+from streamloader.cache import CacheKey, FileCache
 from streamloader.errors import RemoteError, RemoteFileNotFoundError
 from streamloader.remote.client import DagsHubClient, RemoteEntry
 from streamloader.remote.urls import safe_repo_path
@@ -122,7 +123,7 @@ class RemoteRepo:
         else:
             sha = client.resolve_revision()
             if repo_dir:
-                _atomic_write(os.path.join(repo_dir, "heads", _safe_name(wanted or "<default>")), sha.encode())
+                atomic_write(os.path.join(repo_dir, "heads", _safe_name(wanted or "<default>")), sha.encode())
         return client.revision
 
     def _listing_file(self, path: str) -> Optional[str]:
@@ -155,7 +156,7 @@ class RemoteRepo:
             return
         record = {"dir": path, "missing": entries is None,
                   "entries": [e.__dict__ for e in entries] if entries is not None else []}
-        _atomic_write(file, json.dumps(record).encode())
+        atomic_write(file, json.dumps(record).encode())
 
     def _fetch_listing(self, path: str) -> List[RemoteEntry]:
         self.revision()
@@ -328,15 +329,6 @@ class RemoteRepo:
 def _safe_name(name: str) -> str:
     """A file name for a branch/revision name (hashed: branch names may contain '/')."""
     return hashlib.sha256(name.encode()).hexdigest()[:32]
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    makedirs_private(os.path.dirname(path))
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    # created 0600 from the start: no window in which the umask decides who may read it
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _renew_locks_after_fork() -> None:
