@@ -72,7 +72,10 @@ def image_to_tensor(image: Any) -> torch.Tensor:
         image = image.convert("RGB")
     # One numpy pass does the HWC->CHW transpose and the float conversion (and gives torch a writable buffer).
     chw = np.asarray(image).transpose(2, 0, 1).astype(np.float32, order="C")
-    return torch.from_numpy(chw).div_(255.0)
+    # Scale in numpy, not with torch's div_: torch runs that op on its intra-op thread pool, and on a busy machine
+    # waking those threads costs ~3 ms per 200x200 image (10-30x the work). Same float32 result, bit for bit.
+    np.divide(chw, np.float32(255.0), out=chw)
+    return torch.from_numpy(chw)
 
 
 def _open_image(data: bytes) -> Any:
