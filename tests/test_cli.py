@@ -10,7 +10,7 @@ from streamloader.cli import main
 
 
 def test_help_for_every_command(capsys):
-    for cmd in ("ls", "prefetch", "cache", "serve", "filter", "login"):
+    for cmd in ("ls", "prefetch", "cache", "serve", "filter", "login", "demo", "bench"):
         with pytest.raises(SystemExit) as exit_info:
             main([cmd, "--help"])
         assert exit_info.value.code == 0
