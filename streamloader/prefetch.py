@@ -29,14 +29,15 @@ _URL_PREFIX = "dagshub://"
 
 
 def prefetch(paths: Iterable[Any], max_concurrency: int = 32, progress: bool = True, on_error: str = "raise",
-             storage_options: Optional[Mapping[str, Any]] = None) -> PrefetchResult:
+             storage_options: Optional[Mapping[str, Any]] = None, processes: Optional[int] = None) -> PrefetchResult:
     """Download ``paths`` into the cache concurrently (``max_concurrency`` requests in flight, a progress bar).
 
     Hooked paths that exist locally need no download and are skipped. ``on_error="raise"`` raises the first
     failure after all downloads finished; ``"skip"`` logs each failure, records it in ``result.failed`` (keyed by
     the path as given) and carries on. A path that is neither under a hooked root nor a ``dagshub://`` URL, or that
     matches the root's ``exclude_globs``, is such a failure (ValueError). ``storage_options`` go to the
-    ``dagshub://`` filesystem (``host``, ``token``, ``branch``, ...).
+    ``dagshub://`` filesystem (``host``, ``token``, ``branch``, ...). ``processes``: worker processes per
+    repository (None = automatic, see :meth:`RemoteRepo.prefetch`).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError("on_error must be 'raise' or 'skip'")
@@ -46,7 +47,8 @@ def prefetch(paths: Iterable[Any], max_concurrency: int = 32, progress: bool = T
     started = time.perf_counter()
     total = PrefetchResult(failed=dict(failed))
     for fetch, rels in groups.values():
-        part = fetch(list(rels), max_concurrency=max_concurrency, progress=progress, on_error="skip")
+        part = fetch(list(rels), max_concurrency=max_concurrency, progress=progress, on_error="skip",
+                     processes=processes)
         total.files += part.files
         total.bytes += part.bytes
         for rel, exc in part.failed.items():

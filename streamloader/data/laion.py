@@ -272,13 +272,14 @@ class LaionAestheticsDataset(Dataset):
 
     # -- warm-up ----------------------------------------------------------------------------------------------
     def prefetch(self, max_concurrency: int = 32, progress: bool = True, on_error: Optional[str] = None,
-                 skip_cached_features: bool = True) -> Any:
+                 skip_cached_features: bool = True, processes: Optional[int] = None) -> Any:
         """Download every image of the dataset concurrently into the cache, with a progress bar.
 
         ``dagshub://`` images go through the filesystem's prefetch; plain paths that are not on local disk
         through :func:`streamloader.prefetch` (hooks); local files need nothing. Images whose features are already
         cached are left out (``skip_cached_features``). ``on_error`` defaults to "raise" when the dataset's
-        policy is "raise", else "skip". Returns a PrefetchResult.
+        policy is "raise", else "skip". ``processes``: download worker processes (None = automatic, see
+        :meth:`RemoteRepo.prefetch`). Returns a PrefetchResult.
         """
         from streamloader.remote.repo import PrefetchResult
 
@@ -293,13 +294,15 @@ class LaionAestheticsDataset(Dataset):
             if not hasattr(fs, "prefetch"):
                 log.info("prefetch: %s has no cache to warm; nothing to do", type(fs).__name__)
                 return PrefetchResult()
-            return fs.prefetch(paths, max_concurrency=max_concurrency, progress=progress, on_error=on_error)
+            return fs.prefetch(paths, max_concurrency=max_concurrency, progress=progress, on_error=on_error,
+                               processes=processes)
         remote = [p for p in paths if not exists_locally(p)]
         if not remote:
             return PrefetchResult()
         from streamloader.prefetch import prefetch  # the hooks' prefetch (imported only when needed)
 
-        return prefetch(remote, max_concurrency=max_concurrency, progress=progress, on_error=on_error)
+        return prefetch(remote, max_concurrency=max_concurrency, progress=progress, on_error=on_error,
+                        processes=processes)
 
     def _features_cached(self, path: str) -> bool:
         try:

@@ -197,7 +197,7 @@ class DagsHubFileSystem(AbstractFileSystem, metaclass=_ResolveHostFirst):
         return repo.local_path(rel)
 
     def prefetch(self, paths: List[str], max_concurrency: Optional[int] = None, progress: bool = True,
-                 on_error: str = "raise") -> Any:
+                 on_error: str = "raise", processes: Optional[int] = None) -> Any:
         """Warm the cache for many ``owner/repo/path`` files of one repo concurrently (see RemoteRepo.prefetch)."""
         resolved = [self._resolve(p) for p in paths]
         repos = {id(r): r for r, _rel, _prefix in resolved}
@@ -208,7 +208,8 @@ class DagsHubFileSystem(AbstractFileSystem, metaclass=_ResolveHostFirst):
 
             return PrefetchResult()
         repo = resolved[0][0]
-        return repo.prefetch([rel for _r, rel, _p in resolved], max_concurrency, progress, on_error)
+        return repo.prefetch([rel for _r, rel, _p in resolved], max_concurrency, progress, on_error,
+                             processes=processes)
 
     def _open(self, path: str, mode: str = "rb", block_size: Any = None, autocommit: bool = True,
               cache_options: Any = None, **kwargs: Any) -> Any:
