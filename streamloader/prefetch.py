@@ -17,7 +17,7 @@ import os
 import sys
 import time
 import types
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 from streamloader.remote.repo import PrefetchResult
 
@@ -68,7 +68,6 @@ def _group(paths: Iterable[Any], storage_options: Mapping[str, Any]) -> Tuple[Di
     {path as given: error})."""
     from streamloader.hooks import router
     from streamloader.hooks.patches import exists_locally
-    from streamloader.remote.urls import split_repo_path
 
     groups: Dict[Any, Tuple[Any, Dict[str, str]]] = {}
     failed: Dict[str, BaseException] = {}
@@ -76,16 +75,16 @@ def _group(paths: Iterable[Any], storage_options: Mapping[str, Any]) -> Tuple[Di
     for given in paths:
         shown = os.fsdecode(os.fspath(given))
         if shown.startswith(_URL_PREFIX):
-            try:
-                owner, name, rel = split_repo_path(shown[len(_URL_PREFIX):])
-            except ValueError as exc:
-                failed[shown] = exc
-                continue
             if filesystem is None:
                 from streamloader.remote.filesystem import DagsHubFileSystem
 
                 filesystem = DagsHubFileSystem(**storage_options)
-            groups.setdefault(("url", owner, name), (_url_fetcher(filesystem, owner, name), {}))[1][rel] = shown
+            try:
+                repo, rel = filesystem.resolve(shown)
+            except ValueError as exc:
+                failed[shown] = exc
+                continue
+            groups.setdefault(("url", id(repo)), (repo.prefetch, {}))[1][rel] = shown
             continue
         route = router.resolve(given)
         if route is None:
@@ -98,13 +97,6 @@ def _group(paths: Iterable[Any], storage_options: Mapping[str, Any]) -> Tuple[Di
         elif not exists_locally(given):  # a local file is what open() will serve: nothing to fetch
             groups.setdefault(("hook", hook.root), (hook.repo.prefetch, {}))[1][rel] = shown
     return groups, failed
-
-
-def _url_fetcher(filesystem: Any, owner: str, name: str) -> Any:
-    def fetch(rels: List[str], **kwargs: Any) -> PrefetchResult:
-        return filesystem.prefetch([f"{owner}/{name}/{rel}" for rel in rels], **kwargs)
-
-    return fetch
 
 
 class _CallableModule(types.ModuleType):

@@ -115,13 +115,10 @@ def _url_identity(url: str, fs: Any) -> str:
         import fsspec
 
         fs, _ = fsspec.core.url_to_fs(url)
-    repo_of = getattr(fs, "repo", None)
-    if getattr(fs, "protocol", None) == "dagshub" and repo_of is not None:
-        from streamloader.remote.urls import split_repo_path
+    from streamloader.remote.filesystem import DagsHubFileSystem
 
-        owner, name, rel = split_repo_path(fs._strip_protocol(url))
-        repo = repo_of(owner, name)
-        return _repo_identity(repo, rel)
+    if isinstance(fs, DagsHubFileSystem):
+        return _repo_identity(*fs.resolve(url))
     return f"ukey:{fs.ukey(url)}"
 
 

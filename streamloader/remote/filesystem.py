@@ -100,6 +100,11 @@ class DagsHubFileSystem(AbstractFileSystem, metaclass=_ResolveHostFirst):
         owner, name, rel = split_repo_path(self._strip_protocol(path))
         return self.repo(owner, name), rel, f"{owner}/{name}"
 
+    def resolve(self, path: str) -> Tuple[RemoteRepo, str]:
+        """``"dagshub://owner/repo/data/x.jpg"`` → (the pinned RemoteRepo of owner/repo, ``"data/x.jpg"``)."""
+        repo, rel, _prefix = self._resolve(path)
+        return repo, rel
+
     @staticmethod
     def _as_info(prefix: str, entry: RemoteEntry) -> Dict[str, Any]:
         name = f"{prefix}/{entry.path}" if entry.path else prefix
