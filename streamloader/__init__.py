@@ -29,6 +29,7 @@ _EXPORTS = {
     "uninstall_hooks": "streamloader.hooks",
     "activate_from_env": "streamloader.hooks",
     "prefetch": "streamloader.prefetch",
+    "PrefetchJob": "streamloader.remote.parallel",
     "PrefetchResult": "streamloader.remote.repo",
     # auth / cache
     "login": "streamloader.auth",

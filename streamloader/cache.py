@@ -20,6 +20,7 @@ Usage::
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -367,8 +368,8 @@ class _EntryLock:
 
     Nearly every download finds its entry unlocked, and then one ``open`` + one non-blocking ``flock`` is all it
     costs (filelock's general machinery costs ~0.15 ms of CPU per lock, about 15% of a small file's download).
-    Waiting for another holder, timeouts and filesystems without ``flock`` go through filelock, which locks the
-    same file with ``flock`` and never deletes it, so the two paths exclude each other.
+    Filesystems without ``flock`` go through filelock's fallbacks; where both are used they lock the same file
+    with ``flock`` and never delete it, so the two paths exclude each other.
     """
 
     def __init__(self, path: str, timeout: float):
@@ -377,28 +378,45 @@ class _EntryLock:
         self._slow: Optional[FileLock] = None
 
     def acquire(self, timeout: Optional[float] = None) -> None:
-        """Take the lock; raise filelock.Timeout after ``timeout`` seconds (default: the cache's lock timeout)."""
-        if self._try_uncontended():
-            return
+        """Take the lock; raise filelock.Timeout after ``timeout`` seconds (default: the cache's lock timeout).
+
+        A holder elsewhere is usually downloading a small file that lands within milliseconds, so the wait polls
+        from 1 ms, doubling up to 50 ms (filelock polls every 50 ms: a reader that needs a file another process is
+        fetching right now would lose up to 50 ms on each one).
+        """
+        limit = self.timeout if timeout is None else timeout
+        deadline, delay = time.monotonic() + limit, 0.001
+        while True:
+            state = self._try_flock()
+            if state == "held":
+                return
+            if state == "unsupported":
+                break
+            remaining = deadline - time.monotonic()
+            if limit >= 0 and remaining <= 0:
+                raise Timeout(self.path)
+            time.sleep(delay if limit < 0 else min(delay, remaining))
+            delay = min(delay * 2, 0.05)
         # thread_local=False: the lock object is shared by threads of this process via FileCache._thread_lock.
         slow = FileLock(self.path, timeout=self.timeout, mode=0o600, thread_local=False)
-        slow.acquire(timeout=self.timeout if timeout is None else timeout)
+        slow.acquire(timeout=limit)
         self._slow = slow
 
-    def _try_uncontended(self) -> bool:
+    def _try_flock(self) -> str:
+        """One non-blocking attempt: "held" (now ours), "busy" (held elsewhere) or "unsupported" (use filelock)."""
         if fcntl is None:
-            return False
+            return "unsupported"
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
         except OSError:
-            return False  # let filelock report (or work around) whatever is wrong with the lock file
+            return "unsupported"  # let filelock report (or work around) whatever is wrong with the lock file
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held elsewhere (EWOULDBLOCK), or no flock on this filesystem (ENOSYS)
+        except OSError as exc:
             os.close(fd)
-            return False
+            return "busy" if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else "unsupported"
         self._fd = fd
-        return True
+        return "held"
 
     def release(self) -> None:
         """Release the lock (no-op when not held)."""

@@ -19,17 +19,19 @@ import time
 import types
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
+from streamloader.remote.parallel import PrefetchJob, settle
 from streamloader.remote.repo import PrefetchResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["prefetch", "PrefetchResult"]
+__all__ = ["prefetch", "PrefetchJob", "PrefetchResult"]
 
 _URL_PREFIX = "dagshub://"
 
 
 def prefetch(paths: Iterable[Any], max_concurrency: int = 32, progress: bool = True, on_error: str = "raise",
-             storage_options: Optional[Mapping[str, Any]] = None, processes: Optional[int] = None) -> PrefetchResult:
+             storage_options: Optional[Mapping[str, Any]] = None, processes: Optional[int] = None,
+             wait: bool = True) -> Any:
     """Download ``paths`` into the cache concurrently (``max_concurrency`` requests in flight, a progress bar).
 
     Hooked paths that exist locally need no download and are skipped. ``on_error="raise"`` raises the first
@@ -37,7 +39,8 @@ def prefetch(paths: Iterable[Any], max_concurrency: int = 32, progress: bool = T
     the path as given) and carries on. A path that is neither under a hooked root nor a ``dagshub://`` URL, or that
     matches the root's ``exclude_globs``, is such a failure (ValueError). ``storage_options`` go to the
     ``dagshub://`` filesystem (``host``, ``token``, ``branch``, ...). ``processes``: worker processes per
-    repository (None = automatic, see :meth:`RemoteRepo.prefetch`).
+    repository (None = automatic, see :meth:`RemoteRepo.prefetch`). Returns a PrefetchResult, or with
+    ``wait=False`` a :class:`PrefetchJob` at once (the downloads go on in the background; ``job.result()``).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError("on_error must be 'raise' or 'skip'")
@@ -45,21 +48,28 @@ def prefetch(paths: Iterable[Any], max_concurrency: int = 32, progress: bool = T
     if failed and on_error == "raise":
         raise next(iter(failed.values()))
     started = time.perf_counter()
-    total = PrefetchResult(failed=dict(failed))
-    for fetch, rels in groups.values():
-        part = fetch(list(rels), max_concurrency=max_concurrency, progress=progress, on_error="skip",
-                     processes=processes)
-        total.files += part.files
-        total.bytes += part.bytes
-        for rel, exc in part.failed.items():
-            total.failed[rels[rel]] = exc
-    total.seconds = time.perf_counter() - started
-    for path, exc in failed.items():
-        log.warning("prefetch skipped %s: %s", path, exc)
-    if total.failed and on_error == "raise":
-        raise next(iter(total.failed.values()))
-    log.info("prefetch: %s", total)
-    return total
+    jobs = [(fetch(list(rels), max_concurrency=max_concurrency, progress=progress, on_error="skip",
+                   processes=processes, wait=False), rels) for fetch, rels in groups.values()]
+
+    def merge(cancelled: Any) -> PrefetchResult:
+        total = PrefetchResult(failed=dict(failed))
+        for job, rels in jobs:
+            part = job.result()
+            total.files += part.files
+            total.bytes += part.bytes
+            for rel, exc in part.failed.items():
+                total.failed[rels[rel]] = exc
+        total.seconds = time.perf_counter() - started
+        for path, exc in failed.items():
+            log.warning("prefetch skipped %s: %s", path, exc)
+        log.info("prefetch: %s", total)
+        return total
+
+    def cancel() -> None:
+        for job, _rels in jobs:
+            job.cancel()
+
+    return settle(PrefetchJob(merge, on_error, on_cancel=cancel), wait)
 
 
 def _group(paths: Iterable[Any], storage_options: Mapping[str, Any]) -> Tuple[Dict[Any, Tuple[Any, Dict[str, str]]],
@@ -102,7 +112,7 @@ def _group(paths: Iterable[Any], storage_options: Mapping[str, Any]) -> Tuple[Di
 class _CallableModule(types.ModuleType):
     """Lets ``streamloader.prefetch(...)`` work even when the import system bound the module to that name."""
 
-    def __call__(self, *args: Any, **kwargs: Any) -> PrefetchResult:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return prefetch(*args, **kwargs)
 
 

@@ -165,6 +165,29 @@ def test_sigkilled_download_leaves_nothing_readable_and_does_not_block(tmp_path)
     assert os.listdir(os.path.join(root, "tmp")) == []
 
 
+def test_waiting_for_a_hung_holder_times_out_with_a_clear_error(tmp_path):
+    root = str(tmp_path / "c")
+    data = os.urandom(10_000)
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=_slow_fill_forever, args=(root, data))
+    p.start()
+    try:
+        deadline = time.time() + 30
+        while not (os.path.isdir(os.path.join(root, "tmp")) and os.listdir(os.path.join(root, "tmp"))):
+            assert time.time() < deadline, "child never started writing"
+            time.sleep(0.02)
+        cache = FileCache(root, lock_timeout=0.3)
+        filled = []
+        t0 = time.monotonic()
+        with pytest.raises(IntegrityError, match="timed out after 0.3s waiting for another process"):
+            cache.fetch(git_key(data), lambda f: filled.append(f.write(data)), len(data))
+        assert 0.3 <= time.monotonic() - t0 < 10
+        assert filled == []  # never downloaded behind the holder's back
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.join()
+
+
 def test_reader_never_sees_partial_file(tmp_path):
     cache = FileCache(str(tmp_path / "c"))
     data = os.urandom(400_000)

@@ -272,37 +272,46 @@ class LaionAestheticsDataset(Dataset):
 
     # -- warm-up ----------------------------------------------------------------------------------------------
     def prefetch(self, max_concurrency: int = 32, progress: bool = True, on_error: Optional[str] = None,
-                 skip_cached_features: bool = True, processes: Optional[int] = None) -> Any:
+                 skip_cached_features: bool = True, processes: Optional[int] = None, wait: bool = True) -> Any:
         """Download every image of the dataset concurrently into the cache, with a progress bar.
 
         ``dagshub://`` images go through the filesystem's prefetch; plain paths that are not on local disk
         through :func:`streamloader.prefetch` (hooks); local files need nothing. Images whose features are already
         cached are left out (``skip_cached_features``). ``on_error`` defaults to "raise" when the dataset's
         policy is "raise", else "skip". ``processes``: download worker processes (None = automatic, see
-        :meth:`RemoteRepo.prefetch`). Returns a PrefetchResult.
+        :meth:`RemoteRepo.prefetch`). Returns a PrefetchResult; with ``wait=False`` a PrefetchJob at once, while
+        the downloads go on in the background and the epoch can start (items not fetched yet are fetched by
+        ``__getitem__``, each file once)::
+
+            job = dataset.prefetch(wait=False)
+            for images, scores in DataLoader(dataset, batch_size=64):
+                ...
+            job.result()
         """
+        from streamloader.remote.parallel import PrefetchJob, settle
         from streamloader.remote.repo import PrefetchResult
 
         on_error = on_error or ("raise" if self.on_error == "raise" else "skip")
+        nothing = PrefetchJob.finished(PrefetchResult(), on_error)
         paths = self.paths
         if skip_cached_features and self.feature_cache is not None:
             paths = [p for p in paths if not self._features_cached(p)]
         if not paths:
-            return PrefetchResult()
+            return settle(nothing, wait)
         fs = self.filesystem
         if fs is not None:
             if not hasattr(fs, "prefetch"):
                 log.info("prefetch: %s has no cache to warm; nothing to do", type(fs).__name__)
-                return PrefetchResult()
+                return settle(nothing, wait)
             return fs.prefetch(paths, max_concurrency=max_concurrency, progress=progress, on_error=on_error,
-                               processes=processes)
+                               processes=processes, wait=wait)
         remote = [p for p in paths if not exists_locally(p)]
         if not remote:
-            return PrefetchResult()
+            return settle(nothing, wait)
         from streamloader.prefetch import prefetch  # the hooks' prefetch (imported only when needed)
 
         return prefetch(remote, max_concurrency=max_concurrency, progress=progress, on_error=on_error,
-                        processes=processes)
+                        processes=processes, wait=wait)
 
     def _features_cached(self, path: str) -> bool:
         try:

@@ -17,7 +17,6 @@ import re
 import threading
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Union
-from urllib.parse import urlsplit
 
 import requests
 import tenacity
@@ -29,6 +28,7 @@ from streamloader.errors import (
     RemoteFileNotFoundError,
     RevisionNotFoundError,
 )
+from streamloader.remote.transport import RawTransport, Session, TransportError, origin_of
 from streamloader.remote.urls import RepoRef, safe_repo_path
 
 log = logging.getLogger(__name__)
@@ -88,39 +88,11 @@ class _OriginBearerAuth(requests.auth.AuthBase):
         self._token_getter = token_getter
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        if _origin(request.url) == self.origin:
+        if origin_of(request.url) == self.origin:
             secret = self._token_getter()
             if secret:
                 request.headers["Authorization"] = f"Bearer {secret}"
         return request
-
-
-class _Session(requests.Session):
-    """A Session that reads proxy and CA-bundle settings from the environment once per origin, not per request.
-
-    requests re-scans the whole environment on every request (``merge_environment_settings``, ~0.1 ms of CPU, a
-    tenth of what downloading a 30 KB file costs us); the answer depends only on the origin and on an environment
-    that a training process does not change mid-run. Each new client (and each process) reads it afresh.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._env_settings: Dict[Any, Dict[str, Any]] = {}
-
-    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> Dict[str, Any]:
-        if proxies or not self.trust_env:  # explicit per-request proxies: requests' own logic, uncached
-            return super().merge_environment_settings(url, proxies, stream, verify, cert)
-        key = (_origin(url), stream, verify, cert)
-        settings = self._env_settings.get(key)
-        if settings is None:
-            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
-            self._env_settings[key] = settings
-        return {**settings, "proxies": dict(settings["proxies"])}
-
-
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 def _parse_retry_after(value: Optional[str]) -> Optional[float]:
@@ -166,6 +138,7 @@ class DagsHubClient:
         self._lock = threading.Lock()  # guards revision resolution
         self._session_lock = threading.Lock()
         self._session: Optional[requests.Session] = None
+        self._transport: Optional[RawTransport] = None
         self._pid = os.getpid()
 
     # -- plumbing -------------------------------------------------------------------------------------------------
@@ -175,7 +148,7 @@ class DagsHubClient:
     def __getstate__(self) -> Dict[str, Any]:
         # Sessions and locks do not cross process boundaries (spawned DataLoader workers rebuild them).
         state = self.__dict__.copy()
-        state["_session"] = None
+        state["_session"] = state["_transport"] = None
         state["_lock"] = state["_session_lock"] = None
         return state
 
@@ -196,12 +169,12 @@ class DagsHubClient:
         return self._session
 
     def _make_session(self) -> requests.Session:
-        session = _Session()
+        session = Session()
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.max_concurrency, max_retries=0)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         session.headers["User-Agent"] = "streamloader"
-        session.auth = _OriginBearerAuth(_origin(self.ref.host), self._secret)
+        session.auth = _OriginBearerAuth(origin_of(self.ref.host), self._secret)
         return session
 
     def _secret(self) -> Optional[str]:
@@ -227,7 +200,7 @@ class DagsHubClient:
             return random.uniform(ceiling / 2, ceiling)
 
         def is_transient(exc: BaseException) -> bool:
-            return isinstance(exc, (_Transient, requests.ConnectionError, requests.Timeout))
+            return isinstance(exc, _Transient)
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -247,27 +220,47 @@ class DagsHubClient:
             return self._retrying()(fn)
         except _Transient as exc:
             raise RemoteError(f"{what} failed after retries: {exc}", status=exc.status, url=url) from None
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise RemoteError(f"{what} failed after retries: {type(exc).__name__}", url=url) from None
 
-    def _get(self, url: str, *, stream: bool = False, headers: Optional[Dict[str, str]] = None,
-             params: Optional[Dict[str, Any]] = None, path: Optional[str] = None) -> requests.Response:
+    def _get(self, url: str, *, headers: Optional[Dict[str, str]] = None, params: Optional[Dict[str, Any]] = None,
+             path: Optional[str] = None) -> requests.Response:
         """One GET with status handling; raises _Transient for retryable outcomes, typed errors for the rest."""
-        resp = self.session.get(
-            url, stream=stream, headers=headers, params=params,
-            timeout=(self.retry.connect_timeout, self.retry.read_timeout),
-        )
-        status = resp.status_code
+        try:
+            resp = self.session.get(url, headers=headers, params=params,
+                                    timeout=(self.retry.connect_timeout, self.retry.read_timeout))
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise _Transient(type(exc).__name__) from None
+        if resp.status_code >= 400:
+            resp.close()
+            self._raise_for_status(resp.status_code, resp.headers, url, path)
+        return resp
+
+    def _raise_for_status(self, status: int, headers: Any, url: str, path: Optional[str]) -> None:
+        """Raise _Transient (retryable) or the typed error for an HTTP error ``status``; return if it is not one."""
         if status < 400:
-            return resp
-        resp.close()
+            return
         if status in _RETRY_STATUSES:
-            raise _Transient(f"HTTP {status}", status, _parse_retry_after(resp.headers.get("Retry-After")))
+            raise _Transient(f"HTTP {status}", status, _parse_retry_after(headers.get("Retry-After")))
         if status in (401, 403):
             raise AuthenticationError(f"{self.ref} rejected the credentials (HTTP {status})")
         if status == 404:
             raise RemoteFileNotFoundError(path if path is not None else url)
         raise RemoteError("request failed", status=status, url=url)
+
+    def _auth_headers(self, url: str) -> Dict[str, str]:
+        if origin_of(url) == origin_of(self.ref.host):
+            secret = self._secret()
+            if secret:
+                return {"Authorization": f"Bearer {secret}"}
+        return {}
+
+    @property
+    def transport(self) -> RawTransport:
+        """Streams raw file bytes (directly over the Session's connection pool where that is safe)."""
+        transport = self._transport
+        if transport is None:
+            transport = self._transport = RawTransport(
+                lambda: self.session, self._auth_headers, (self.retry.connect_timeout, self.retry.read_timeout))
+        return transport
 
     # -- revision -------------------------------------------------------------------------------------------------
     def resolve_revision(self) -> str:
@@ -418,18 +411,24 @@ class DagsHubClient:
         def attempt() -> int:
             fileobj.seek(origin)
             fileobj.truncate()
-            resp = self._get(url, stream=True, headers=headers, path=path)
-            with resp:
-                if headers and resp.status_code != 206:
-                    raise _Transient(f"server ignored Range (HTTP {resp.status_code})")
-                announced = resp.headers.get("Content-Length")
+            try:
+                body = self.transport.get(url, headers)
+            except TransportError as exc:
+                raise _Transient(str(exc)) from None
+            with body:
+                self._raise_for_status(body.status, body.headers, url, path)
+                if headers and body.status != 206:
+                    raise _Transient(f"server ignored Range (HTTP {body.status})")
+                # a compressed body's Content-Length counts compressed bytes: then only the listing size applies
+                encoded = body.headers.get("Content-Encoding", "identity").lower() not in ("identity", "")
+                announced = None if encoded else body.headers.get("Content-Length")
                 written = 0
                 try:
-                    for chunk in resp.iter_content(_CHUNK):
+                    for chunk in body.chunks(_CHUNK):
                         fileobj.write(chunk)
                         written += len(chunk)
-                except (requests.exceptions.ChunkedEncodingError, requests.ConnectionError) as exc:
-                    raise _Transient(f"connection dropped after {written} bytes: {type(exc).__name__}") from None
+                except TransportError as exc:
+                    raise _Transient(str(exc)) from None
                 if announced is not None and written != int(announced):
                     raise _Transient(f"short body: {written} of {announced} bytes")
                 if expected_size is not None and not headers and written != expected_size:

@@ -202,19 +202,21 @@ class DagsHubFileSystem(AbstractFileSystem, metaclass=_ResolveHostFirst):
         return repo.local_path(rel)
 
     def prefetch(self, paths: List[str], max_concurrency: Optional[int] = None, progress: bool = True,
-                 on_error: str = "raise", processes: Optional[int] = None) -> Any:
-        """Warm the cache for many ``owner/repo/path`` files of one repo concurrently (see RemoteRepo.prefetch)."""
+                 on_error: str = "raise", processes: Optional[int] = None, wait: bool = True) -> Any:
+        """Warm the cache for many ``owner/repo/path`` files of one repo concurrently (see RemoteRepo.prefetch;
+        ``wait=False`` returns a PrefetchJob that downloads in the background)."""
         resolved = [self._resolve(p) for p in paths]
         repos = {id(r): r for r, _rel, _prefix in resolved}
         if len(repos) > 1:
             raise ValueError("prefetch: all paths must belong to one repository")
         if not resolved:
+            from streamloader.remote.parallel import PrefetchJob, settle
             from streamloader.remote.repo import PrefetchResult
 
-            return PrefetchResult()
+            return settle(PrefetchJob.finished(PrefetchResult()), wait)
         repo = resolved[0][0]
         return repo.prefetch([rel for _r, rel, _p in resolved], max_concurrency, progress, on_error,
-                             processes=processes)
+                             processes=processes, wait=wait)
 
     def _open(self, path: str, mode: str = "rb", block_size: Any = None, autocommit: bool = True,
               cache_options: Any = None, **kwargs: Any) -> Any:

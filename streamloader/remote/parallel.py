@@ -14,17 +14,19 @@ import queue as _queue
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 from streamloader.errors import RemoteError, RemoteFileNotFoundError
 
 if TYPE_CHECKING:
-    from streamloader.remote.repo import RemoteRepo
+    from streamloader.remote.repo import PrefetchResult, RemoteRepo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PREFETCH_PROCESS_MIN_FILES", "process_count", "prefetch_in_threads", "prefetch_in_processes"]
+__all__ = ["PREFETCH_PROCESS_MIN_FILES", "PrefetchJob", "ProcessPrefetch", "process_count", "prefetch_in_threads",
+           "settle"]
 
 #: below this many files a prefetch stays in one process (starting workers costs more than it saves)
 PREFETCH_PROCESS_MIN_FILES = 200
@@ -39,13 +41,18 @@ def process_count(processes: Optional[int], n_paths: int, workers: int) -> int:
     return max(1, min(int(processes), n_paths or 1, workers))
 
 
-def prefetch_in_threads(repo: RemoteRepo, paths: List[str], workers: int, record: _Record) -> None:
+def prefetch_in_threads(repo: RemoteRepo, paths: List[str], workers: int, record: _Record,
+                        cancelled: Optional[threading.Event] = None) -> None:
+    """Fetch ``paths`` with a pool of ``workers`` threads; stops early (queued downloads dropped) once ``cancelled``."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="streamloader-prefetch") as pool:
         futures = {pool.submit(repo.local_path, p): p for p in paths}
         for fut in as_completed(futures):
             p = futures[fut]
             exc = fut.exception()
             record(p, repo.info(p).size if exc is None else 0, exc)
+            if cancelled is not None and cancelled.is_set():
+                pool.shutdown(wait=True, cancel_futures=True)
+                return
 
 
 def _start_method() -> str:
@@ -56,62 +63,151 @@ def _start_method() -> str:
     return "fork" if "fork" in methods and sys.platform != "darwin" else "spawn"
 
 
-def prefetch_in_processes(repo: RemoteRepo, paths: List[str], workers: int, n_procs: int, record: _Record) -> None:
-    """Split ``paths`` over ``n_procs`` worker processes; each reports ``(index, path, size, error)`` per file."""
-    ctx = multiprocessing.get_context(_start_method())
-    queue = ctx.Queue()
-    chunks = [paths[i::n_procs] for i in range(n_procs)]
-    threads = [workers // n_procs + (1 if i < workers % n_procs else 0) for i in range(n_procs)]
-    procs = [ctx.Process(target=_prefetch_worker, args=(repo, chunk, max(1, t), queue, i, os.getpid()),
-                         name=f"streamloader-prefetch-{i}", daemon=True)
-             for i, (chunk, t) in enumerate(zip(chunks, threads))]
-    pending = [set(chunk) for chunk in chunks]
-    finished: set = set()
+class ProcessPrefetch:
+    """``paths`` split over ``n_procs`` worker processes, started at once (in the calling thread: fork from the
+    thread that owns the process's state); :meth:`collect` then takes their reports, from any thread."""
 
-    def handle(message: Tuple[int, Optional[str], int, Any]) -> None:
+    def __init__(self, repo: RemoteRepo, paths: List[str], workers: int, n_procs: int):
+        ctx = multiprocessing.get_context(_start_method())
+        self.queue = ctx.Queue()
+        chunks = [paths[i::n_procs] for i in range(n_procs)]
+        threads = [workers // n_procs + (1 if i < workers % n_procs else 0) for i in range(n_procs)]
+        self.procs = [ctx.Process(target=_prefetch_worker, args=(repo, chunk, max(1, t), self.queue, i, os.getpid()),
+                                  name=f"streamloader-prefetch-{i}", daemon=True)
+                      for i, (chunk, t) in enumerate(zip(chunks, threads))]
+        self.pending = [set(chunk) for chunk in chunks]
+        try:
+            for proc in self.procs:
+                proc.start()
+        except BaseException:
+            self._stop()
+            raise
+
+    def collect(self, record: _Record, cancelled: Optional[threading.Event] = None) -> None:
+        """Report every file through ``record`` until all workers are done (or ``cancelled`` is set); always
+        stops the workers on the way out."""
+        finished: set = set()
+        try:
+            while len(finished) < len(self.procs):
+                if cancelled is not None and cancelled.is_set():
+                    return
+                try:
+                    self._handle(self.queue.get(timeout=0.2), record, finished)
+                    continue
+                except _queue.Empty:
+                    pass
+                for index, proc in enumerate(self.procs):
+                    if index in finished or proc.exitcode is None:
+                        continue
+                    # died without its end marker (killed, crashed): read what it sent before, fail the rest
+                    try:
+                        while True:
+                            self._handle(self.queue.get(timeout=0.05), record, finished)
+                    except _queue.Empty:
+                        pass
+                    if index not in finished:
+                        finished.add(index)
+                        for path in sorted(self.pending[index]):
+                            record(path, 0, RemoteError(f"prefetch worker process {proc.name} exited "
+                                                        f"(code {proc.exitcode}) before fetching {path!r}"))
+                        self.pending[index].clear()
+        finally:
+            self._stop()
+
+    def _handle(self, message: Tuple[int, Optional[str], int, Any], record: _Record, finished: set) -> None:
         index, path, size, error = message
         if path is None:
             finished.add(index)
-        elif path in pending[index]:
-            pending[index].discard(path)
+        elif path in self.pending[index]:
+            self.pending[index].discard(path)
             record(path, size, _rebuild_error(path, error))
 
-    try:
-        for proc in procs:
-            proc.start()
-        while len(finished) < n_procs:
-            try:
-                handle(queue.get(timeout=0.2))
-                continue
-            except _queue.Empty:
-                pass
-            for index, proc in enumerate(procs):
-                if index in finished or proc.exitcode is None:
-                    continue
-                # died without its end marker (killed, crashed): read what it sent before, fail the rest
-                try:
-                    while True:
-                        handle(queue.get(timeout=0.05))
-                except _queue.Empty:
-                    pass
-                if index not in finished:
-                    finished.add(index)
-                    for path in sorted(pending[index]):
-                        record(path, 0, RemoteError(f"prefetch worker process {proc.name} exited "
-                                                    f"(code {proc.exitcode}) before fetching {path!r}"))
-                    pending[index].clear()
-    finally:
-        for proc in procs:
-            if proc.is_alive():
+    def _stop(self) -> None:
+        for proc in self.procs:
+            if proc.pid is not None and proc.is_alive():
                 proc.terminate()
-        for proc in procs:
+        for proc in self.procs:
             if proc.pid is not None:
                 proc.join(timeout=5)
                 if proc.is_alive():
                     proc.kill()
                     proc.join()
-        queue.close()
-        queue.cancel_join_thread()
+        self.queue.close()
+        self.queue.cancel_join_thread()
+
+
+class PrefetchJob:
+    """A prefetch running in the background (``prefetch(..., wait=False)``): training can start at once.
+
+    An item the training loop reaches before the job does is downloaded by the loop itself, and one the job is
+    downloading right now is waited for: the cache downloads every file once either way. ``result()`` waits for the
+    end and returns the PrefetchResult, or raises the first failure when ``on_error="raise"`` (each failure is also
+    logged as it happens); ``cancel()`` stops the job: queued downloads are dropped, worker processes are stopped,
+    and nothing partial ever becomes visible in the cache. Example::
+
+        job = dataset.prefetch(wait=False)
+        for images, scores in loader:     # starts now, not after the last download
+            ...
+        print(job.result())
+    """
+
+    def __init__(self, run: Callable[[threading.Event], "PrefetchResult"], on_error: str = "raise",
+                 on_cancel: Optional[Callable[[], None]] = None):
+        self._cancelled = threading.Event()
+        self._on_error, self._on_cancel = on_error, on_cancel
+        self._future: "Future[PrefetchResult]" = Future()
+
+        def body() -> None:
+            try:
+                self._future.set_result(run(self._cancelled))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever calls result()
+                self._future.set_exception(exc)
+
+        threading.Thread(target=body, name="streamloader-prefetch-job", daemon=True).start()
+
+    @classmethod
+    def finished(cls, result: "PrefetchResult", on_error: str = "raise") -> "PrefetchJob":
+        """A job that has nothing to do: done, with ``result``."""
+        return cls(lambda _cancelled: result, on_error)
+
+    def done(self) -> bool:
+        """True once the job ended (finished, failed or cancelled)."""
+        return self._future.done()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def result(self, timeout: Optional[float] = None) -> "PrefetchResult":
+        """Wait (up to ``timeout`` seconds: TimeoutError) and return what the prefetch did (see class docstring).
+
+        Interrupting the wait (Ctrl-C) cancels the job.
+        """
+        try:
+            result = self._future.result(timeout)
+        except FutureTimeout:
+            raise TimeoutError(f"prefetch still running after {timeout} s") from None
+        except KeyboardInterrupt:
+            self.cancel()
+            raise
+        if result.failed and self._on_error == "raise":
+            raise next(iter(result.failed.values()))
+        return result
+
+    def cancel(self) -> None:
+        """Stop the job (returns at once; ``result()`` then reports what was fetched until then)."""
+        self._cancelled.set()
+        if self._on_cancel is not None:
+            self._on_cancel()
+
+    def __repr__(self) -> str:
+        state = "cancelled" if self.cancelled else "done" if self.done() else "running"
+        return f"<PrefetchJob {state}>"
+
+
+def settle(job: PrefetchJob, wait: bool) -> Any:
+    """``job`` itself when not waiting, else its result (what every ``prefetch(..., wait=...)`` returns)."""
+    return job.result() if wait else job
 
 
 def _prefetch_worker(repo: RemoteRepo, paths: List[str], workers: int, queue: Any, index: int, parent: int) -> None:

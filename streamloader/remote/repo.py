@@ -19,14 +19,14 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import IO, Dict, Iterable, List, Optional
+from typing import IO, Any, Dict, Iterable, List, Optional
 
 from streamloader._files import atomic_write
 from streamloader.cache import CacheKey, FileCache
 from streamloader.errors import RemoteError, RemoteFileNotFoundError
 from streamloader.remote.client import DagsHubClient, RemoteEntry
-from streamloader.remote.parallel import (  # noqa: F401 - PREFETCH_PROCESS_MIN_FILES re-exported
-    PREFETCH_PROCESS_MIN_FILES, prefetch_in_processes, prefetch_in_threads, process_count)
+from streamloader.remote.parallel import (  # noqa: F401 - PREFETCH_PROCESS_MIN_FILES, PrefetchJob re-exported
+    PREFETCH_PROCESS_MIN_FILES, PrefetchJob, ProcessPrefetch, prefetch_in_threads, process_count, settle)
 from streamloader.remote.urls import safe_repo_path
 
 log = logging.getLogger(__name__)
@@ -288,14 +288,15 @@ class RemoteRepo:
         return self.client.read_bytes(entry.path, start, end)
 
     def prefetch(self, paths: Iterable[str], max_concurrency: Optional[int] = None, progress: bool = True,
-                 on_error: str = "raise", processes: Optional[int] = None) -> PrefetchResult:
-        """Warm the cache for many files concurrently, with a progress bar.
+                 on_error: str = "raise", processes: Optional[int] = None, wait: bool = True) -> Any:
+        """Warm the cache for many files concurrently, with a progress bar; returns a PrefetchResult.
 
         ``on_error="raise"`` raises the first failure after the others finish; ``"skip"`` records failures in the
         result (and logs them) and carries on. ``processes`` spreads the downloads over that many worker processes
         (``max_concurrency`` requests in flight in all): one process spends ~1 ms of CPU per small file under the
         GIL, which caps a cold epoch well below what the network allows. None = 1 below
-        ``PREFETCH_PROCESS_MIN_FILES`` files, else ``min(cpu_count, 4)``. Example::
+        ``PREFETCH_PROCESS_MIN_FILES`` files, else ``min(cpu_count, 4)``. ``wait=False`` returns a
+        :class:`PrefetchJob` at once and downloads in the background (training starts meanwhile). Example::
 
             repo.prefetch([e.path for e in repo.ls("data")], max_concurrency=32, on_error="skip")
         """
@@ -329,19 +330,26 @@ class RemoteRepo:
             if bar is not None:
                 bar.update(1)
 
-        try:
-            if n_procs > 1:
-                prefetch_in_processes(self, paths, workers, n_procs, record)
-            else:
-                prefetch_in_threads(self, paths, workers, record)
-        finally:
+        try:  # worker processes start here, in the caller's thread; the job's thread only collects their reports
+            fanout = ProcessPrefetch(self, paths, workers, n_procs) if n_procs > 1 else None
+        except BaseException:
             if bar is not None:
                 bar.close()
-        result.seconds = time.perf_counter() - started
-        if result.failed and on_error == "raise":
-            path, exc = next(iter(result.failed.items()))
-            raise exc
-        return result
+            raise
+
+        def run(cancelled: threading.Event) -> PrefetchResult:
+            try:
+                if fanout is not None:
+                    fanout.collect(record, cancelled)
+                else:
+                    prefetch_in_threads(self, paths, workers, record, cancelled)
+            finally:
+                if bar is not None:
+                    bar.close()
+            result.seconds = time.perf_counter() - started
+            return result
+
+        return settle(PrefetchJob(run, on_error), wait)
 
 
 def _safe_name(name: str) -> str:

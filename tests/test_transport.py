@@ -1,0 +1,114 @@
+"""RawTransport: raw downloads straight over urllib3 must keep what requests gave (proxies, fork safety, Range)."""
+from __future__ import annotations
+
+import http.server
+import multiprocessing
+import os
+import threading
+import urllib.request
+
+import pytest
+
+from streamloader.errors import RemoteError
+from streamloader.remote.client import DagsHubClient, RetryPolicy
+
+TOKEN = "sl-test-token-3f9a1c"
+FAST = RetryPolicy(attempts=3, max_time=10, initial_backoff=0.01, max_backoff=0.05)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "repo"
+    (root / "data").mkdir(parents=True)
+    for i in range(12):
+        (root / "data" / f"{i:02d}.bin").write_bytes(os.urandom(20_000 + i))
+    return root
+
+
+class _ForwardingProxy(http.server.ThreadingHTTPServer):
+    """A plain HTTP proxy: takes ``GET http://host/path``, fetches it directly, relays the answer; logs the URLs."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        self.seen: list = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                outer.seen.append(self.path)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "proxy-connection")}
+                direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+                try:
+                    with direct.open(urllib.request.Request(self.path, headers=headers)) as upstream:
+                        body, status = upstream.read(), upstream.status
+                except urllib.error.HTTPError as exc:
+                    body, status = exc.read(), exc.code
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+def test_raw_downloads_go_through_a_configured_proxy(make_server, tree, monkeypatch):
+    srv = make_server(str(tree), token=TOKEN)
+    proxy = _ForwardingProxy()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        client = DagsHubClient(srv.repo_url, token=TOKEN, retry=FAST)
+        assert client.read_bytes("data/03.bin") == (tree / "data" / "03.bin").read_bytes()
+        assert client.read_bytes("data/04.bin", 10, 110) == (tree / "data" / "04.bin").read_bytes()[10:110]
+        raw = [url for url in proxy.seen if "/raw/" in url]
+        assert len(raw) == 2 and all(url.startswith(srv.url) for url in raw)
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+def test_a_proxy_that_cannot_be_reached_is_an_error_not_a_bypass(make_server, tree, monkeypatch):
+    srv = make_server(str(tree), token=TOKEN)
+    sha = DagsHubClient(srv.repo_url, token=TOKEN, retry=FAST).revision
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # discard port: nothing listens
+    client = DagsHubClient(srv.repo_url, token=TOKEN, retry=FAST)
+    client.pin(sha)  # no revision lookup: only the raw GET is in question
+    with pytest.raises(RemoteError, match="ProxyError"):
+        client.read_bytes("data/00.bin")
+    assert srv.request_count(kind="raw") == 0
+
+
+def _child_reads(client: DagsHubClient, names: list, out: "multiprocessing.Queue") -> None:
+    out.put([client.read_bytes(f"data/{name}") for name in names])
+
+
+def test_forked_child_and_parent_never_share_pooled_connections(make_server, tree):
+    srv = make_server(str(tree), token=TOKEN)
+    client = DagsHubClient(srv.repo_url, token=TOKEN, retry=FAST)
+    names = sorted(os.listdir(tree / "data"))
+    expected = {name: (tree / "data" / name).read_bytes() for name in names}
+    assert client.read_bytes(f"data/{names[0]}") == expected[names[0]]  # the parent now has a pooled socket
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    children = [ctx.Process(target=_child_reads, args=(client, names[i::3], out)) for i in range(3)]
+    for child in children:
+        child.start()
+    for _ in range(3):  # the parent keeps reading while its children do
+        for name in names:
+            assert client.read_bytes(f"data/{name}") == expected[name]
+    results = [out.get(timeout=60) for _ in children]
+    for child in children:
+        child.join(timeout=30)
+        assert child.exitcode == 0
+    got = sorted(data for batch in results for data in batch)
+    assert got == sorted(expected.values())
