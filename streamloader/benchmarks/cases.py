@@ -21,7 +21,7 @@ __all__ = ["TITLES", "GOALS", "case_p1", "case_p2", "case_p3", "case_p4", "case_
            "case_p8", "case_p9"]
 
 TITLES = {
-    "P1": "cold epoch, streamloader dataset (prefetch) vs guide loop + official hooks",
+    "P1": "cold epoch, streamloader dataset (background prefetch) vs guide loop + official hooks",
     "P2": "guide loop, cold: streamloader.install_hooks vs official hooks",
     "P3": "warm epoch (cached, read+decode) vs local disk",
     "P4": "open+stat of local files outside the repo, hooks vs none (time)",
@@ -54,26 +54,35 @@ def _ratio(baseline: float, ours: float) -> float:
 
 
 def case_p1(ctx: "BenchContext") -> List[CaseResult]:
-    """Cold epoch with our prefetching dataset vs the guide's loop under the official hooks; and the bound."""
+    """Cold epoch with our prefetching dataset vs the guide's loop under the official hooks; and the bound.
+
+    P1 starts the prefetch in the background and reads the items at once (how the README trains); P1b times the
+    fetch phase alone (prefetch to the end, then read) against the bound N x latency / concurrency.
+    """
     sizes = ctx.sizes
     official = _official(ctx)
-    ours = ctx.child("dataset_epoch", {"repo_url": ctx.repo_url, "concurrency": sizes.concurrency})
-    if ours["files"] != official["files"]:
-        raise RuntimeError(f"sides read different file counts: {ours['files']} vs {official['files']}")
+    params = {"repo_url": ctx.repo_url, "concurrency": sizes.concurrency}
+    ours = ctx.child("dataset_epoch", params)
+    phases = ctx.child("dataset_epoch", {**params, "background": False})
+    for side in (ours, phases):
+        if side["files"] != official["files"]:
+            raise RuntimeError(f"sides read different file counts: {side['files']} vs {official['files']}")
     n = ours["files"]
     bound = n * sizes.latency / sizes.concurrency
     ratio = _ratio(official["seconds"], ours["seconds"])
-    fetch_fraction = bound / ours["prefetch_s"] if ours["prefetch_s"] > 0 else float("inf")
+    fetch_fraction = bound / phases["prefetch_s"] if phases["prefetch_s"] > 0 else float("inf")
     epoch_fraction = bound / ours["seconds"] if ours["seconds"] > 0 else float("inf")
-    details = {"files": n, "official": official, "ours": ours, "bound_s": bound,
-               "epoch_fraction_of_bound": epoch_fraction}
+    details = {"files": n, "official": official, "ours": ours, "prefetch_then_read": phases, "bound_s": bound,
+               "epoch_fraction_of_bound": epoch_fraction,
+               "prefetch_then_read_ratio": _ratio(official["seconds"], phases["seconds"])}
     return [
-        CaseResult("P1", f"{TITLES['P1']} ({n} JPEGs, {sizes.latency * 1e3:.0f} ms)", ours["seconds"],
+        CaseResult("P1", f"{TITLES['P1']} ({n} JPEGs, {sizes.latency * 1e3:.0f} ms; prefetch first, then read: "
+                         f"{details['prefetch_then_read_ratio']:.1f}x)", ours["seconds"],
                    official["seconds"], "s", ratio, GOALS["P1"], ratio >= 30, details=details),
-        CaseResult("P1b", f"P1 cold fetch phase vs bound N*latency/{sizes.concurrency} = {bound:.2f} s "
-                          f"(whole epoch: {epoch_fraction:.0%} of bound)",
-                   ours["prefetch_s"], bound, "s", fetch_fraction, ">= 0.7x", fetch_fraction >= 0.7,
-                   details={"bound_s": bound, "prefetch_s": ours["prefetch_s"]}),
+        CaseResult("P1b", f"P1 cold fetch phase alone vs bound N*latency/{sizes.concurrency} = {bound:.2f} s "
+                          f"(whole P1 epoch: {epoch_fraction:.0%} of bound)",
+                   phases["prefetch_s"], bound, "s", fetch_fraction, ">= 0.7x", fetch_fraction >= 0.7,
+                   details={"bound_s": bound, "prefetch_s": phases["prefetch_s"]}),
     ]
 
 
