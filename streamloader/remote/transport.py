@@ -27,11 +27,7 @@ _REDIRECTS = {301, 302, 303, 307, 308}
 
 
 class TransportError(Exception):
-    """The connection failed or dropped (retryable); ``received`` bytes had arrived when it did."""
-
-    def __init__(self, message: str, received: int = 0):
-        super().__init__(message)
-        self.received = received
+    """The connection failed or dropped (retryable)."""
 
 
 class Body:
@@ -64,8 +60,7 @@ def _requests_body(resp: requests.Response) -> Body:
                 received += len(chunk)
                 yield chunk
         except (requests.exceptions.ChunkedEncodingError, requests.ConnectionError) as exc:
-            raise TransportError(f"connection dropped after {received} bytes: {type(exc).__name__}",
-                                 received) from None
+            raise TransportError(f"connection dropped after {received} bytes: {type(exc).__name__}") from None
 
     return Body(resp.status_code, resp.headers, chunks, resp.close)
 
@@ -81,8 +76,7 @@ def _urllib3_body(resp: Any) -> Body:
                 yield chunk
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             state["broken"] = True
-            raise TransportError(f"connection dropped after {received} bytes: {type(exc).__name__}",
-                                 received) from None
+            raise TransportError(f"connection dropped after {received} bytes: {type(exc).__name__}") from None
         state["finished"] = True
 
     def close() -> None:
@@ -195,7 +189,7 @@ class RawTransport:
     def _lookup_pool(session: requests.Session, url: str) -> Any:
         adapter = session.get_adapter(url)
         lookup = getattr(adapter, "get_connection_with_tls_context", None)  # requests >= 2.32.2
-        if lookup is None or not session.trust_env and session.proxies:
+        if lookup is None or session.proxies:  # session-level proxies are merged per request by requests
             return _NO_FAST
         settings = session.merge_environment_settings(url, {}, True, None, None)
         if select_proxy(url, settings.get("proxies") or {}) is not None:
