@@ -142,18 +142,25 @@ def _slow_fill_forever(root, data):
     cache.fetch(git_key(data), fill, len(data))
 
 
+def _start_hung_download(root, data, cache):
+    """A spawned process that starts downloading ``data`` into the cache at ``root`` and never finishes; returns
+    once its temp file exists (``cache`` must not show the entry meanwhile)."""
+    p = mp.get_context("spawn").Process(target=_slow_fill_forever, args=(root, data))
+    p.start()
+    tmp = os.path.join(root, "tmp")
+    deadline = time.time() + 30
+    while not (os.path.isdir(tmp) and os.listdir(tmp)):
+        assert cache.get(git_key(data)) is None
+        assert time.time() < deadline, "child never started writing"
+        time.sleep(0.02)
+    return p
+
+
 def test_sigkilled_download_leaves_nothing_readable_and_does_not_block(tmp_path):
     root = str(tmp_path / "c")
     data = os.urandom(10_000)
-    ctx = mp.get_context("spawn")
-    p = ctx.Process(target=_slow_fill_forever, args=(root, data))
-    p.start()
     cache = FileCache(root, lock_timeout=20)
-    deadline = time.time() + 30
-    while not os.listdir(os.path.join(root, "tmp")) and time.time() < deadline:
-        assert cache.get(git_key(data)) is None
-        time.sleep(0.05)
-    assert os.listdir(os.path.join(root, "tmp")), "child never started writing"
+    p = _start_hung_download(root, data, cache)
     os.kill(p.pid, signal.SIGKILL)
     p.join()
     assert cache.get(git_key(data)) is None  # the partial temp file is never visible as data
@@ -168,15 +175,9 @@ def test_sigkilled_download_leaves_nothing_readable_and_does_not_block(tmp_path)
 def test_waiting_for_a_hung_holder_times_out_with_a_clear_error(tmp_path):
     root = str(tmp_path / "c")
     data = os.urandom(10_000)
-    ctx = mp.get_context("spawn")
-    p = ctx.Process(target=_slow_fill_forever, args=(root, data))
-    p.start()
+    cache = FileCache(root, lock_timeout=0.3)
+    p = _start_hung_download(root, data, cache)
     try:
-        deadline = time.time() + 30
-        while not (os.path.isdir(os.path.join(root, "tmp")) and os.listdir(os.path.join(root, "tmp"))):
-            assert time.time() < deadline, "child never started writing"
-            time.sleep(0.02)
-        cache = FileCache(root, lock_timeout=0.3)
         filled = []
         t0 = time.monotonic()
         with pytest.raises(IntegrityError, match="timed out after 0.3s waiting for another process"):
