@@ -87,11 +87,16 @@ class _OriginBearerAuth(requests.auth.AuthBase):
         self.origin = origin
         self._token_getter = token_getter
 
-    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        if origin_of(request.url) == self.origin:
+    def headers_for(self, url: str) -> Dict[str, str]:
+        """The Authorization header for a request to ``url``: empty for any origin but the API's."""
+        if origin_of(url) == self.origin:
             secret = self._token_getter()
             if secret:
-                request.headers["Authorization"] = f"Bearer {secret}"
+                return {"Authorization": f"Bearer {secret}"}
+        return {}
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers.update(self.headers_for(request.url))
         return request
 
 
@@ -246,20 +251,14 @@ class DagsHubClient:
             raise RemoteFileNotFoundError(path if path is not None else url)
         raise RemoteError("request failed", status=status, url=url)
 
-    def _auth_headers(self, url: str) -> Dict[str, str]:
-        if origin_of(url) == origin_of(self.ref.host):
-            secret = self._secret()
-            if secret:
-                return {"Authorization": f"Bearer {secret}"}
-        return {}
-
     @property
     def transport(self) -> RawTransport:
         """Streams raw file bytes (directly over the Session's connection pool where that is safe)."""
         transport = self._transport
         if transport is None:
             transport = self._transport = RawTransport(
-                lambda: self.session, self._auth_headers, (self.retry.connect_timeout, self.retry.read_timeout))
+                lambda: self.session, lambda url: self.session.auth.headers_for(url),
+                (self.retry.connect_timeout, self.retry.read_timeout))
         return transport
 
     # -- revision -------------------------------------------------------------------------------------------------
