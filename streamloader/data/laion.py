@@ -292,22 +292,25 @@ class LaionAestheticsDataset(Dataset):
         from streamloader.remote.repo import PrefetchResult
 
         on_error = on_error or ("raise" if self.on_error == "raise" else "skip")
-        nothing = PrefetchJob.finished(PrefetchResult(), on_error)
+
+        def nothing() -> Any:
+            return settle(PrefetchJob.finished(PrefetchResult(), on_error), wait)
+
         paths = self.paths
         if skip_cached_features and self.feature_cache is not None:
             paths = [p for p in paths if not self._features_cached(p)]
         if not paths:
-            return settle(nothing, wait)
+            return nothing()
         fs = self.filesystem
         if fs is not None:
             if not hasattr(fs, "prefetch"):
                 log.info("prefetch: %s has no cache to warm; nothing to do", type(fs).__name__)
-                return settle(nothing, wait)
+                return nothing()
             return fs.prefetch(paths, max_concurrency=max_concurrency, progress=progress, on_error=on_error,
                                processes=processes, wait=wait)
         remote = [p for p in paths if not exists_locally(p)]
         if not remote:
-            return settle(nothing, wait)
+            return nothing()
         from streamloader.prefetch import prefetch  # the hooks' prefetch (imported only when needed)
 
         return prefetch(remote, max_concurrency=max_concurrency, progress=progress, on_error=on_error,

@@ -151,11 +151,13 @@ class PrefetchJob:
         print(job.result())
     """
 
-    def __init__(self, run: Callable[[threading.Event], "PrefetchResult"], on_error: str = "raise",
+    def __init__(self, run: Optional[Callable[[threading.Event], "PrefetchResult"]], on_error: str = "raise",
                  on_cancel: Optional[Callable[[], None]] = None):
         self._cancelled = threading.Event()
         self._on_error, self._on_cancel = on_error, on_cancel
         self._future: "Future[PrefetchResult]" = Future()
+        if run is None:  # see finished()
+            return
 
         def body() -> None:
             try:
@@ -167,8 +169,10 @@ class PrefetchJob:
 
     @classmethod
     def finished(cls, result: "PrefetchResult", on_error: str = "raise") -> "PrefetchJob":
-        """A job that has nothing to do: done, with ``result``."""
-        return cls(lambda _cancelled: result, on_error)
+        """A job that has nothing to do: done, with ``result`` (no thread is started)."""
+        job = cls(None, on_error)
+        job._future.set_result(result)
+        return job
 
     def done(self) -> bool:
         """True once the job ended (finished, failed or cancelled)."""
