@@ -40,6 +40,7 @@ except ImportError:  # Windows: every lock goes through filelock
     fcntl = None  # type: ignore[assignment]
 
 from streamloader._files import makedirs_private
+from streamloader._offpath import QUEUE, OffPathTask
 from streamloader.errors import IntegrityError
 
 log = logging.getLogger(__name__)
@@ -203,16 +204,59 @@ class FileCache:
     def __contains__(self, key: CacheKey) -> bool:
         return os.path.exists(self.path_for(key))
 
-    def open(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int] = None) -> IO[bytes]:
-        """An open binary file for ``key``, downloading it first if needed (see :meth:`fetch`)."""
+    def open(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int] = None,
+             opener: Optional[Callable[[str], IO]] = None) -> IO:
+        """An open file for ``key`` (``opener(path)``, default binary read), downloading it first if needed.
+
+        On a miss the caller reads the verified bytes at once: the new file is opened before it is made durable
+        (``fsync``) and renamed into place, which a background thread finishes off the reader's path (about half of
+        a small file's client time). Until then the entry's locks stay held, so another thread or process that
+        asks for the same key waits for the commit and never downloads it twice. See :meth:`flush`.
+        """
+        opener = opener or _open_binary
         for _ in range(3):
-            path = self.fetch(key, fill, size)
+            path = self.get(key)
+            if path is None:
+                handle = self._download_and_open(key, fill, size, opener)
+                if handle is not None:
+                    return handle
+                continue  # stored by another process while this one waited for the lock
             try:
-                return open(path, "rb")
+                return opener(path)
             except FileNotFoundError:
-                # evicted between fetch and open by another process: fetch again
-                continue
+                continue  # evicted between get() and open by another process: fetch again
         raise IntegrityError(f"cache entry {key.digest} keeps disappearing; is the cache cap too small?")
+
+    def _download_and_open(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int],
+                           opener: Callable[[str], IO]) -> Optional[IO]:
+        thread_lock = self._thread_lock(key)
+        thread_lock.acquire()
+        entry_lock: Optional[_EntryLock] = self._file_lock(key)
+        try:
+            try:
+                entry_lock.acquire()
+            except Timeout:
+                raise self._lock_timeout_error(key) from None
+            if self.get(key) is not None:
+                return None
+            tmp, raw = self._write_temp(key, fill, size)
+            commit = _PendingCommit(self, key, tmp, raw, entry_lock, thread_lock)
+            entry_lock = None  # the commit releases both locks once the entry is in place
+            try:
+                handle = opener(tmp)
+            except BaseException:
+                commit.run()
+                raise
+            QUEUE.submit(commit)
+            return handle
+        finally:
+            if entry_lock is not None:
+                entry_lock.release()
+                thread_lock.release()
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until entries this process downloaded through :meth:`open` are stored; False on timeout."""
+        return QUEUE.drain(timeout)
 
     # -- writing --------------------------------------------------------------------------------------------------
     def fetch(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int] = None) -> str:
@@ -232,35 +276,49 @@ class FileCache:
                     if path is None:
                         path = self._store(key, fill, size)
             except Timeout:
-                raise IntegrityError(f"timed out after {self.lock_timeout}s waiting for another process to download "
-                                     f"cache entry {key.digest}") from None
+                raise self._lock_timeout_error(key) from None
         if self.max_size is not None:
             self._maybe_evict(keep=path)
         return path
 
+    def _lock_timeout_error(self, key: CacheKey) -> IntegrityError:
+        return IntegrityError(f"timed out after {self.lock_timeout}s waiting for another process to download "
+                              f"cache entry {key.digest}")
+
     def _store(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int]) -> str:
-        final = self.path_for(key)
-        makedirs_private(os.path.dirname(final))
+        tmp, raw = self._write_temp(key, fill, size)
+        return self._publish(key, tmp, raw)
+
+    def _write_temp(self, key: CacheKey, fill: Callable[[BinaryIO], None],
+                    size: Optional[int]) -> Tuple[str, BinaryIO]:
+        """Download into a new temp file and verify size and hash; returns its path and still-open file."""
         tmp = os.path.join(self.root, "tmp", f"{key.digest}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
         verifier = key.hasher() if self.verify else None
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        raw = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
         try:
-            with os.fdopen(fd, "wb") as raw:
-                target: BinaryIO = _HashingWriter(raw, verifier, size) if verifier else raw  # type: ignore[assignment]
-                fill(target)
-                raw.flush()
-                got = raw.tell()
-                if size is not None and got != size:
-                    raise IntegrityError(f"downloaded {got} bytes, expected {size} (cache entry {key.digest})")
-                if verifier is not None and not verifier.ok():
-                    raise IntegrityError(f"content hash mismatch for cache entry {key.digest} ({key.kind})")
-                os.fsync(raw.fileno())
+            target: BinaryIO = _HashingWriter(raw, verifier, size) if verifier else raw  # type: ignore[assignment]
+            fill(target)
+            raw.flush()
+            got = raw.tell()
+            if size is not None and got != size:
+                raise IntegrityError(f"downloaded {got} bytes, expected {size} (cache entry {key.digest})")
+            if verifier is not None and not verifier.ok():
+                raise IntegrityError(f"content hash mismatch for cache entry {key.digest} ({key.kind})")
+        except BaseException:
+            _discard(tmp, raw)
+            raise
+        return tmp, raw
+
+    def _publish(self, key: CacheKey, tmp: str, raw: BinaryIO) -> str:
+        """Make a verified temp file durable and move it into place (readers see all of it or nothing)."""
+        final = self.path_for(key)
+        try:
+            os.fsync(raw.fileno())
+            raw.close()
+            makedirs_private(os.path.dirname(final))
             os.replace(tmp, final)
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            _discard(tmp, raw)
             raise
         return final
 
@@ -287,6 +345,7 @@ class FileCache:
 
     def info(self) -> Dict[str, object]:
         """``{"root", "files", "bytes", "max_size", "temp_files"}`` for this cache."""
+        self.flush()
         files = total = 0
         for _p, st in self._entries():
             files += 1
@@ -351,6 +410,7 @@ class FileCache:
     def prune(self, max_size: Union[int, str, None] = None) -> Dict[str, int]:
         """Evict least-recently-used entries until the cache fits ``max_size`` (default: the cache's cap)."""
         cap = parse_size(max_size) if max_size is not None else self.max_size
+        self.flush()
         swept = self.sweep_temp()
         entries = list(self._entries())
         total = sum(st.st_size for _p, st in entries)
@@ -359,6 +419,7 @@ class FileCache:
 
     def clear(self) -> int:
         """Remove every finished entry (entries being downloaded are left alone). Returns how many."""
+        self.flush()
         entries = list(self._entries())
         return self._evict(entries, sum(st.st_size for _p, st in entries), -1) + self.sweep_temp()
 
@@ -430,12 +491,68 @@ class _EntryLock:
             slow, self._slow = self._slow, None
             slow.release()
 
+    def forget(self) -> None:
+        """Close this process's copy of the lock fd without unlocking (a forked child's inherited lock)."""
+        fd, slow, self._fd, self._slow = self._fd, self._slow, None, None
+        if fd is not None:
+            os.close(fd)
+        if slow is not None:
+            _FORGOTTEN.append(slow)  # a FileLock unlocks when collected, which would free the parent's lock
+
     def __enter__(self) -> "_EntryLock":
         self.acquire()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _open_binary(path: str) -> IO[bytes]:
+    return open(path, "rb")
+
+
+def _discard(tmp: str, raw: BinaryIO) -> None:
+    try:
+        raw.close()
+    except OSError:
+        pass
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
+class _PendingCommit(OffPathTask):
+    """A verified download already handed to its reader: fsync, rename into place, then release the entry's locks."""
+
+    def __init__(self, cache: FileCache, key: CacheKey, tmp: str, raw: BinaryIO, entry_lock: "_EntryLock",
+                 thread_lock: threading.Lock):
+        self.cache, self.key, self.tmp, self.raw = cache, key, tmp, raw
+        self.entry_lock, self.thread_lock = entry_lock, thread_lock
+
+    def __repr__(self) -> str:
+        return f"<cache commit {self.key.kind}/{self.key.digest} in {self.cache.root}>"
+
+    def run(self) -> None:
+        try:
+            final = self.cache._publish(self.key, self.tmp, self.raw)
+        except Exception as exc:
+            # The reader already has the verified bytes; only the cached copy is lost (the next read downloads it).
+            log.warning("could not store cache entry %s/%s: %s", self.key.kind, self.key.digest, exc)
+            return
+        finally:
+            self.entry_lock.release()
+            self.thread_lock.release()
+        if self.cache.max_size is not None:
+            self.cache._maybe_evict(keep=final)
+
+    def abandon(self) -> None:
+        # In a forked child: close the inherited copies of the fds (never unlock: the lock is the parent's).
+        self.entry_lock.forget()
+        try:
+            self.raw.close()
+        except OSError:
+            pass
 
 
 class _HashingWriter:
@@ -466,6 +583,7 @@ class _HashingWriter:
 
 
 _LIVE_CACHES: "weakref.WeakSet[FileCache]" = weakref.WeakSet()
+_FORGOTTEN: List[FileLock] = []
 
 
 def _renew_locks_after_fork() -> None:

@@ -97,6 +97,21 @@ def test_open_reads_remote_files_in_text_and_binary_mode(hooked, repo_dir):
         assert f.read() == "nested file\n"
 
 
+def test_a_cold_remote_file_behaves_like_a_local_one(hooked, repo_dir, remote):
+    """Name as given (like open), a real fd with the right size, and the cached copy lands for the next read."""
+    want = (repo_dir / "data" / "0001.jpg").read_bytes()
+    with open(pathlib.Path("data/0001.jpg"), "rb") as f:
+        assert f.name == "data/0001.jpg"
+        assert os.fstat(f.fileno()).st_size == len(want)
+        assert np.fromfile(f, dtype=np.uint8).tobytes() == want   # numpy reads through the fd itself
+    with open("data/labels.tsv", encoding="utf-8") as f:
+        assert f.name == "data/labels.tsv" and f.readline().startswith(LABEL_ROWS[0][0])
+    hooked.repo.cache.flush(10)
+    with open("data/0001.jpg", "rb") as f:
+        assert f.read() == want
+    assert remote.request_count(kind="raw") == 2  # one per file: the second read of 0001.jpg came from the cache
+
+
 def test_a_local_file_wins_over_the_repo(hooked, project, remote):
     (project / "data").mkdir()
     (project / "data" / "labels.tsv").write_text("local\n")

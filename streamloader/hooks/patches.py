@@ -28,7 +28,6 @@ import threading
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
-from streamloader.errors import IntegrityError
 from streamloader.hooks.entries import RemoteDirEntry, ScandirIterator, remote_stat
 from streamloader.hooks.router import resolve
 
@@ -157,13 +156,18 @@ def _open_remote(route: Route, local_error: FileNotFoundError, mode: str, *rest:
     if entry.type == "dir":
         raise _errno_error(IsADirectoryError, errno.EISDIR, local_error.filename)
     with _inside():
-        for _attempt in range(3):
-            cached = hook.repo.local_path(rel)
-            try:
-                return _open(cached, mode, *rest)
-            except FileNotFoundError:
-                continue  # evicted by another process between the download and this open: fetch again
-    raise IntegrityError(f"cache entry of {rel!r} keeps disappearing; is the cache size cap too small?")
+        handle = hook.repo.open(rel, lambda cached: _open(cached, mode, *rest))
+    _rename(handle, local_error.filename)
+    return handle
+
+
+def _rename(handle: Any, name: Any) -> None:
+    """Give an opened cache file the name the caller opened it by (what ``open`` reports as ``f.name``)."""
+    raw = getattr(getattr(handle, "buffer", handle), "raw", getattr(handle, "buffer", handle))
+    try:
+        raw.name = name
+    except AttributeError:  # pragma: no cover - a file type without a settable name: keep the cache path
+        pass
 
 
 def _open_for_write(hook: "HookedRoot", rel: str, file: Any, mode: str, *rest: Any) -> Any:

@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import IO, Any, Dict, Iterable, List, Optional
+from typing import IO, Any, Callable, Dict, Iterable, List, Optional
 
 from streamloader._files import atomic_write
 from streamloader.cache import CacheKey, FileCache
@@ -256,14 +256,17 @@ class RemoteRepo:
             return None
         return self.cache.get(self.cache_key(self._file_entry(path)))
 
-    def open(self, path: str) -> IO[bytes]:
-        """An open binary file with the whole content of ``path`` (through the cache when enabled)."""
+    def open(self, path: str, opener: Optional[Callable[[str], IO]] = None) -> IO:
+        """An open file with the whole content of ``path`` through the cache (binary; ``opener(local_path)``
+        opens it otherwise). Without a cache: an in-memory binary file (``opener`` is not allowed then)."""
         entry = self._file_entry(path)
         if self.cache is None:
+            if opener is not None:
+                raise RuntimeError("this RemoteRepo has no cache (use_cache=False): it cannot open local files")
             import io
 
             return io.BytesIO(self.client.read_bytes(entry.path))
-        return self.cache.open(self.cache_key(entry), self._fill(entry), entry.size)
+        return self.cache.open(self.cache_key(entry), self._fill(entry), entry.size, opener)
 
     def read_bytes(self, path: str, start: Optional[int] = None, end: Optional[int] = None) -> bytes:
         """Bytes ``[start, end)`` (whole file by default); served from the cache when the file is there."""

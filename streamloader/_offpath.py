@@ -1,0 +1,138 @@
+"""Finish small pieces of work off the caller's path: one daemon thread per process, tasks run in order.
+
+The cache uses it to make a freshly downloaded entry durable (``fsync``) and visible (rename) while the reader
+already reads it, so a one-file-at-a-time loop does not wait ~1 ms per file for the disk. Rules that keep that safe:
+
+- the backlog is bounded: when ``max_pending`` tasks are waiting, ``submit`` runs the task in the caller instead;
+- a process never forks with work pending: a fork handler waits for the queue to drain and holds it empty across
+  the fork (a child would otherwise inherit half-finished tasks and the lock fds they hold);
+- the queue drains at interpreter exit and when a ``multiprocessing`` child (e.g. a DataLoader worker) finishes;
+- a task that fails is logged, never raised into an unrelated caller (tasks own their cleanup).
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import os
+import threading
+from typing import Deque, Optional
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OffPathTask", "OffPathQueue", "QUEUE"]
+
+_FORK_DRAIN_TIMEOUT = 60.0  # a fork waits this long for pending tasks (a hung disk must not hang the fork forever)
+
+
+class OffPathTask:
+    """One unit of work. ``run`` does it; ``abandon`` drops it in a forked child that inherited it undone."""
+
+    def run(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def abandon(self) -> None:
+        """Called in a forked child for a task the parent still owns: release inherited resources, do nothing else."""
+
+
+class OffPathQueue:
+    """A bounded FIFO of :class:`OffPathTask` run by one lazily started daemon thread (see the module docstring)."""
+
+    def __init__(self, max_pending: int = 32):
+        self.max_pending = max_pending
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._tasks: Deque[OffPathTask] = collections.deque()
+        self._unfinished = 0  # queued + running
+        self._running: Optional[OffPathTask] = None
+        self._thread: Optional[threading.Thread] = None
+        self._exit_hooks_pid: Optional[int] = None
+
+    def submit(self, task: OffPathTask) -> None:
+        """Queue ``task``; when the backlog is full (or no thread can be started) run it here and now."""
+        with self._cond:
+            if self._unfinished < self.max_pending and self._ensure_thread():
+                self._tasks.append(task)
+                self._unfinished += 1
+                self._cond.notify_all()
+                return
+        _run_logged(task)
+
+    def drain(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every submitted task has finished; False if ``timeout`` seconds passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._unfinished == 0, timeout)
+
+    @property
+    def pending(self) -> int:
+        """Tasks queued or running right now."""
+        return self._unfinished
+
+    # -- the thread -----------------------------------------------------------------------------------------------
+    def _ensure_thread(self) -> bool:
+        # called with self._cond held
+        if self._thread is not None:
+            return True
+        thread = threading.Thread(target=self._loop, name="streamloader-offpath", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # interpreter shutting down: callers run tasks themselves
+            return False
+        self._thread = thread
+        if self._exit_hooks_pid != os.getpid():
+            self._exit_hooks_pid = os.getpid()
+            atexit.register(self.drain)
+            try:  # multiprocessing children (DataLoader workers) leave through os._exit: atexit never runs there
+                from multiprocessing import util
+
+                util.Finalize(None, self.drain, exitpriority=100)
+            except Exception:  # pragma: no cover - multiprocessing unavailable
+                pass
+        return True
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._tasks:
+                    self._cond.wait()
+                task = self._running = self._tasks.popleft()
+            try:
+                _run_logged(task)
+            finally:
+                with self._cond:
+                    self._running = None
+                    self._unfinished -= 1
+                    self._cond.notify_all()
+
+    # -- fork -----------------------------------------------------------------------------------------------------
+    def _before_fork(self) -> None:
+        self._cond.acquire()
+        if not self._cond.wait_for(lambda: self._unfinished == 0, _FORK_DRAIN_TIMEOUT):
+            log.warning("forking with %d background cache commits still running (waited %.0fs); the child drops "
+                        "them, the parent finishes them", self._unfinished, _FORK_DRAIN_TIMEOUT)
+
+    def _after_fork_in_parent(self) -> None:
+        self._cond.release()
+
+    def _after_fork_in_child(self) -> None:
+        inherited = ([self._running] if self._running is not None else []) + list(self._tasks)
+        self._reset()
+        for task in inherited:
+            try:
+                task.abandon()
+            except Exception:  # pragma: no cover - best effort in a fresh child
+                log.debug("abandoning an inherited task failed", exc_info=True)
+
+
+def _run_logged(task: OffPathTask) -> None:
+    try:
+        task.run()
+    except Exception:
+        log.warning("background task %r failed", task, exc_info=True)
+
+
+QUEUE = OffPathQueue()
+os.register_at_fork(before=QUEUE._before_fork, after_in_parent=QUEUE._after_fork_in_parent,
+                    after_in_child=QUEUE._after_fork_in_child)
