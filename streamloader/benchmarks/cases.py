@@ -89,20 +89,29 @@ def case_p1(ctx: "BenchContext") -> List[CaseResult]:
 def case_p2(ctx: "BenchContext") -> List[CaseResult]:
     """The guide's loop unchanged: streamloader's hooks vs the official hooks, both cold.
 
-    The loop opens one file at a time, so no client can beat N x latency; ``official / (N x latency)`` is the
-    ratio a client with zero overhead would reach (shown in the row, and in the details).
+    The loop opens one file at a time, so no client can beat one round trip per file. Two bounds are shown:
+    ``official / (N x latency)`` (latency alone: what a client with zero cost of its own and a server that answers
+    in no time would reach) and ``official / floor`` where the floor is measured: one keep-alive GET per image
+    with ``http.client`` plus the guide's decode (the server's own time and the decode are paid by every client).
     """
     official = _official(ctx)
     ours = _guide_loop(ctx, "streamloader")
+    floor_side = ctx.child("one_get_floor", {"repo_url": ctx.repo_url, "limit": ctx.sizes.p2_floor_files})
     ratio = _ratio(official["seconds"], ours["seconds"])
     n = ours["files"]
-    floor = n * ctx.sizes.latency
-    best_possible = _ratio(official["seconds"], floor)
-    return [CaseResult("P2", f"{TITLES['P2']} ({n} JPEGs; zero-overhead client: {best_possible:.2f}x)",
-                       ours["seconds"], official["seconds"], "s", ratio, GOALS["P2"], ratio >= 2,
-                       details={"official": official, "ours": ours, "sequential_floor_s": floor,
-                                "zero_overhead_ratio": best_possible,
-                                "ours_overhead_ms_per_file": (ours["images_s"] - floor) / n * 1e3 if n else 0.0})]
+    latency_floor = n * ctx.sizes.latency
+    latency_ratio = _ratio(official["seconds"], latency_floor)
+    floor_per_image = floor_side["s_per_image"]
+    floor_ratio = _ratio(official["images_s"] / n, floor_per_image) if n else float("inf")
+    title = (f"{TITLES['P2']} ({n} JPEGs; best possible: {floor_ratio:.2f}x with one GET per file, measured; "
+             f"{latency_ratio:.2f}x at latency alone)")
+    return [CaseResult("P2", title, ours["seconds"], official["seconds"], "s", ratio, GOALS["P2"], ratio >= 2,
+                       details={"official": official, "ours": ours, "one_get_floor": floor_side,
+                                "one_get_floor_ratio": floor_ratio, "latency_floor_s": latency_floor,
+                                "latency_only_ratio": latency_ratio,
+                                "ours_fraction_of_floor_ratio": ratio / floor_ratio if floor_ratio else 0.0,
+                                "ours_overhead_ms_per_file": (ours["images_s"] / n - floor_per_image) * 1e3
+                                if n else 0.0})]
 
 
 def case_p3(ctx: "BenchContext") -> List[CaseResult]:

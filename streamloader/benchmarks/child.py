@@ -24,6 +24,7 @@ def _tasks() -> Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]:
 
     return {
         "guide_loop": sides_remote.guide_loop,
+        "one_get_floor": sides_remote.one_get_floor,
         "dataset_epoch": sides_remote.dataset_epoch,
         "warm_epoch": sides_remote.warm_epoch,
         "shared_cache_reader": sides_remote.shared_cache_reader,
@@ -35,7 +36,7 @@ def _tasks() -> Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]:
     }
 
 
-TASKS = ("guide_loop", "dataset_epoch", "warm_epoch", "shared_cache_reader", "stream_tar", "hook_overhead",
+TASKS = ("guide_loop", "one_get_floor", "dataset_epoch", "warm_epoch", "shared_cache_reader", "stream_tar", "hook_overhead",
          "feature_epoch", "tar_loaders", "labels_speed")
 
 

@@ -36,6 +36,7 @@ class BenchSizes:
     image_size: Tuple[int, int] = (200, 200)  # about 30 KB each
     latency: float = 0.02  # injected per-request server latency (seconds)
     concurrency: int = 32  # streamloader's download concurrency (the bound's divisor)
+    p2_floor_files: int = 500  # images timed for P2's one-GET floor (per-image time is what counts)
     p3_repeats: int = 3
     p3_processes: int = 3  # P3 runs in this many fresh processes; the median counts
     p4_files: int = 500
@@ -54,7 +55,7 @@ class BenchSizes:
 
 
 FULL = BenchSizes()
-QUICK = BenchSizes(n_images=24, p3_repeats=1, p3_processes=1, p4_files=50, p4_passes=2, p4_rounds=3,
+QUICK = BenchSizes(n_images=24, p2_floor_files=24, p3_repeats=1, p3_processes=1, p4_files=50, p4_passes=2, p4_rounds=3,
                    p4_helper_n=2000, p5_images=8, p6_shards=2, p6_per_shard=32, p6_repeats=1, p7_rows=20_000,
                    p8_samples=40, p8_sample_bytes=100_000, p9_files=24, p9_processes=4)
 

@@ -11,7 +11,7 @@ import resource
 import time
 from typing import Any, Callable, Dict, List, Tuple
 
-__all__ = ["guide_loop", "dataset_epoch", "warm_epoch", "shared_cache_reader", "stream_tar"]
+__all__ = ["guide_loop", "one_get_floor", "dataset_epoch", "warm_epoch", "shared_cache_reader", "stream_tar"]
 
 _now = time.perf_counter
 
@@ -63,6 +63,49 @@ def guide_loop(params: Dict[str, Any]) -> Dict[str, Any]:
     count = len(files[:limit])
     return {"seconds": done - started, "install_s": installed - started, "labels_s": labels_done - installed,
             "images_s": done - labels_done, "files": count, "pixels": pixels}
+
+
+def one_get_floor(params: Dict[str, Any]) -> Dict[str, Any]:
+    """The least any client can do for the guide's loop: one keep-alive GET per image and the guide's decode.
+
+    ``http.client`` on one connection, the bytes kept in memory (no cache, no hooks, no retries, no checks):
+    ``official / this`` is the best ratio P2 could show for a client that fetches each file when it is opened.
+    Times the first ``limit`` images listed in labels.tsv; returns seconds per image as well.
+    """
+    import http.client
+    import io
+    from urllib.parse import quote, urlsplit
+
+    Image = _import_pil()
+    from streamloader.remote.client import DagsHubClient
+
+    client = DagsHubClient(params["repo_url"], branch="main")
+    labels_url = urlsplit(client.raw_url("data/labels.tsv"))  # resolves the branch: outside the timed region
+    prefix = labels_url.path[: -len("labels.tsv")]
+    token = os.environ.get("DAGSHUB_TOKEN") or os.environ["DAGSHUB_USER_TOKEN"]
+    headers = {"Authorization": f"Bearer {token}"}
+    conn = http.client.HTTPConnection(labels_url.hostname, labels_url.port)
+
+    def get(path: str) -> bytes:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"GET {path}: HTTP {resp.status}")
+        return body
+
+    started = _now()
+    names = [row.split("\t")[0] for row in get(labels_url.path).decode("utf-8").splitlines()]
+    names = names[: params.get("limit")]
+    labels_done = _now()
+    pixels = 0
+    for name in names:
+        image = Image.open(io.BytesIO(get(prefix + quote(name)))).convert("RGB")
+        pixels += image.size[0] * image.size[1]
+    done = _now()
+    conn.close()
+    return {"seconds": done - started, "images_s": done - labels_done, "files": len(names), "pixels": pixels,
+            "s_per_image": (done - labels_done) / max(1, len(names))}
 
 
 # -- streamloader's dataset ----------------------------------------------------------------------------------------
