@@ -4,7 +4,8 @@ Layout under the root (default: ``$STREAMLOADER_CACHE`` or the platform's user c
 
     objects/<kind>/<d[:2]>/<d>     finished, verified files (read-only once renamed into place)
     tmp/<d>.<pid>.<random>.part     downloads in progress (never read; swept when their process is gone)
-    locks/<d[:2]>/<d>.lock          one lock per entry (flock: released by the kernel if the holder dies)
+    locks/entries.lock              one byte-range lock per entry (released by the kernel if the holder dies;
+                                    per-entry files locks/<d[:2]>/<kind>-<d>.lock where such locks are missing)
 
 Guarantees: a reader sees a whole verified file or nothing (download to a unique temp file, verify size and hash,
 fsync, atomic rename); concurrent processes download an entry once (per-entry lock, re-checked after locking);
@@ -20,7 +21,6 @@ Usage::
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
@@ -32,13 +32,7 @@ import weakref
 from dataclasses import dataclass
 from typing import IO, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
-from filelock import FileLock, Timeout
-
-try:
-    import fcntl
-except ImportError:  # Windows: every lock goes through filelock
-    fcntl = None  # type: ignore[assignment]
-
+from streamloader._entrylock import EntryLock, Timeout
 from streamloader._files import makedirs_private
 from streamloader._offpath import QUEUE, OffPathTask
 from streamloader.errors import IntegrityError
@@ -173,13 +167,8 @@ class FileCache:
             raise ValueError(f"invalid cache key {key!r}")
         return os.path.join(self.root, "objects", key.kind, key.digest[:2], key.digest)
 
-    def _lock_path(self, key: CacheKey) -> str:
-        return os.path.join(self.root, "locks", key.digest[:2], f"{key.kind}-{key.digest}.lock")
-
-    def _file_lock(self, key: CacheKey) -> "_EntryLock":
-        path = self._lock_path(key)
-        makedirs_private(os.path.dirname(path))
-        return _EntryLock(path, self.lock_timeout)
+    def _file_lock(self, key: CacheKey) -> EntryLock:
+        return EntryLock(os.path.join(self.root, "locks"), key.kind, key.digest, self.lock_timeout)
 
     def _thread_lock(self, key: CacheKey) -> threading.Lock:
         # flock is per open file description: serialize threads of one process before taking it.
@@ -231,7 +220,7 @@ class FileCache:
                            opener: Callable[[str], IO]) -> Optional[IO]:
         thread_lock = self._thread_lock(key)
         thread_lock.acquire()
-        entry_lock: Optional[_EntryLock] = self._file_lock(key)
+        entry_lock: Optional[EntryLock] = self._file_lock(key)
         try:
             try:
                 entry_lock.acquire()
@@ -424,89 +413,6 @@ class FileCache:
         return self._evict(entries, sum(st.st_size for _p, st in entries), -1) + self.sweep_temp()
 
 
-class _EntryLock:
-    """The cross-process lock of one cache entry: ``flock`` on its lock file (``acquire``/``release``, or ``with``).
-
-    Nearly every download finds its entry unlocked, and then one ``open`` + one non-blocking ``flock`` is all it
-    costs (filelock's general machinery costs ~0.15 ms of CPU per lock, about 15% of a small file's download).
-    Filesystems without ``flock`` go through filelock's fallbacks; where both are used they lock the same file
-    with ``flock`` and never delete it, so the two paths exclude each other.
-    """
-
-    def __init__(self, path: str, timeout: float):
-        self.path, self.timeout = path, timeout
-        self._fd: Optional[int] = None
-        self._slow: Optional[FileLock] = None
-
-    def acquire(self, timeout: Optional[float] = None) -> None:
-        """Take the lock; raise filelock.Timeout after ``timeout`` seconds (default: the cache's lock timeout).
-
-        A holder elsewhere is usually downloading a small file that lands within milliseconds, so the wait polls
-        from 1 ms, doubling up to 50 ms (filelock polls every 50 ms: a reader that needs a file another process is
-        fetching right now would lose up to 50 ms on each one).
-        """
-        limit = self.timeout if timeout is None else timeout
-        deadline, delay = time.monotonic() + limit, 0.001
-        while True:
-            state = self._try_flock()
-            if state == "held":
-                return
-            if state == "unsupported":
-                break
-            remaining = deadline - time.monotonic()
-            if limit >= 0 and remaining <= 0:
-                raise Timeout(self.path)
-            time.sleep(delay if limit < 0 else min(delay, remaining))
-            delay = min(delay * 2, 0.05)
-        # thread_local=False: the lock object is shared by threads of this process via FileCache._thread_lock.
-        slow = FileLock(self.path, timeout=self.timeout, mode=0o600, thread_local=False)
-        slow.acquire(timeout=limit)
-        self._slow = slow
-
-    def _try_flock(self) -> str:
-        """One non-blocking attempt: "held" (now ours), "busy" (held elsewhere) or "unsupported" (use filelock)."""
-        if fcntl is None:
-            return "unsupported"
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        except OSError:
-            return "unsupported"  # let filelock report (or work around) whatever is wrong with the lock file
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            return "busy" if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else "unsupported"
-        self._fd = fd
-        return "held"
-
-    def release(self) -> None:
-        """Release the lock (no-op when not held)."""
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
-        elif self._slow is not None:
-            slow, self._slow = self._slow, None
-            slow.release()
-
-    def forget(self) -> None:
-        """Close this process's copy of the lock fd without unlocking (a forked child's inherited lock)."""
-        fd, slow, self._fd, self._slow = self._fd, self._slow, None, None
-        if fd is not None:
-            os.close(fd)
-        if slow is not None:
-            _FORGOTTEN.append(slow)  # a FileLock unlocks when collected, which would free the parent's lock
-
-    def __enter__(self) -> "_EntryLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
 def _open_binary(path: str) -> IO[bytes]:
     return open(path, "rb")
 
@@ -525,7 +431,7 @@ def _discard(tmp: str, raw: BinaryIO) -> None:
 class _PendingCommit(OffPathTask):
     """A verified download already handed to its reader: fsync, rename into place, then release the entry's locks."""
 
-    def __init__(self, cache: FileCache, key: CacheKey, tmp: str, raw: BinaryIO, entry_lock: "_EntryLock",
+    def __init__(self, cache: FileCache, key: CacheKey, tmp: str, raw: BinaryIO, entry_lock: EntryLock,
                  thread_lock: threading.Lock):
         self.cache, self.key, self.tmp, self.raw = cache, key, tmp, raw
         self.entry_lock, self.thread_lock = entry_lock, thread_lock
@@ -583,7 +489,6 @@ class _HashingWriter:
 
 
 _LIVE_CACHES: "weakref.WeakSet[FileCache]" = weakref.WeakSet()
-_FORGOTTEN: List[FileLock] = []
 
 
 def _renew_locks_after_fork() -> None:
