@@ -225,6 +225,46 @@ def test_lru_eviction_under_cap_keeps_open_readers_working(tmp_path):
     first.close()
 
 
+def _cached_bytes(root):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _s, fs in os.walk(os.path.join(root, "objects")) for f in fs)
+
+
+def test_a_capped_cache_does_not_rescan_itself_for_every_stored_file(tmp_path, monkeypatch):
+    cache = FileCache(str(tmp_path / "c"), max_size=150_000)
+    scans = []
+    real_entries = FileCache._entries
+
+    def counting_entries(self):
+        scans.append(1)
+        return real_entries(self)
+
+    monkeypatch.setattr(FileCache, "_entries", counting_entries)
+    for i in range(200):
+        data = os.urandom(1000)
+        cache.fetch(git_key(data), writer(data), len(data))
+        assert _cached_bytes(cache.root) <= 150_000
+    assert 2 <= len(scans) <= 10  # the first store, then only when the running total passes the cap
+
+
+def test_a_capped_cache_sees_what_other_processes_added_after_the_rescan_interval(tmp_path, monkeypatch):
+    import streamloader.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_USAGE_RESCAN", 0.2)
+    root = str(tmp_path / "c")
+    mine, other = FileCache(root, max_size=100_000), FileCache(root)   # ``other`` stands for another process
+    first = os.urandom(1000)
+    mine.fetch(git_key(first), writer(first), len(first))             # mine's running total: 1000 bytes
+    for _ in range(120):
+        data = os.urandom(1000)
+        other.fetch(git_key(data), writer(data), len(data))
+    assert _cached_bytes(root) == 121_000
+    time.sleep(0.25)
+    data = os.urandom(1000)
+    mine.fetch(git_key(data), writer(data), len(data))
+    assert _cached_bytes(root) <= 90_000                              # rescanned, evicted down to 90% of the cap
+    assert mine.get(git_key(data)) is not None                         # never the file just stored
+
+
 def test_eviction_skips_entries_being_downloaded(tmp_path):
     root = str(tmp_path / "c")
     cache = FileCache(root)
