@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 __all__ = ["OffPathTask", "OffPathQueue", "QUEUE"]
 
 _FORK_DRAIN_TIMEOUT = 60.0  # a fork waits this long for pending tasks (a hung disk must not hang the fork forever)
+_EXIT_DRAIN_TIMEOUT = 60.0  # and so does a process exit
 
 
 class OffPathTask:
@@ -61,7 +62,10 @@ class OffPathQueue:
         _run_logged(task)
 
     def drain(self, timeout: Optional[float] = None) -> bool:
-        """Wait until every submitted task has finished; False if ``timeout`` seconds passed first."""
+        """Wait until every submitted task has finished; False if ``timeout`` seconds passed first (or when a task
+        itself asks: it cannot wait for itself)."""
+        if threading.current_thread() is self._thread:
+            return False
         with self._cond:
             return self._cond.wait_for(lambda: self._unfinished == 0, timeout)
 
@@ -83,14 +87,19 @@ class OffPathQueue:
         self._thread = thread
         if self._exit_hooks_pid != os.getpid():
             self._exit_hooks_pid = os.getpid()
-            atexit.register(self.drain)
+            atexit.register(self._drain_at_exit)
             try:  # multiprocessing children (DataLoader workers) leave through os._exit: atexit never runs there
                 from multiprocessing import util
 
-                util.Finalize(None, self.drain, exitpriority=100)
+                util.Finalize(None, self._drain_at_exit, exitpriority=100)
             except Exception:  # pragma: no cover - multiprocessing unavailable
                 pass
         return True
+
+    def _drain_at_exit(self) -> None:
+        if not self.drain(_EXIT_DRAIN_TIMEOUT):
+            log.warning("exiting with %d background cache commits unfinished after %.0fs; those entries are not "
+                        "cached (their temp files are swept later)", self._unfinished, _EXIT_DRAIN_TIMEOUT)
 
     def _loop(self) -> None:
         while True:

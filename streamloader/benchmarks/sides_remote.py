@@ -70,7 +70,9 @@ def one_get_floor(params: Dict[str, Any]) -> Dict[str, Any]:
 
     ``http.client`` on one connection, the bytes kept in memory (no cache, no hooks, no retries, no checks):
     ``official / this`` is the best ratio P2 could show for a client that fetches each file when it is opened.
-    Times the first ``limit`` images listed in labels.tsv; returns seconds per image as well.
+    Times the first ``limit`` images listed in labels.tsv; returns seconds per image as well. With ``store_dir``
+    each body is also written to a new file there and renamed into place (no hash, no lock, no fsync): the least a
+    client that keeps a copy on disk must do.
     """
     import http.client
     import io
@@ -98,9 +100,16 @@ def one_get_floor(params: Dict[str, Any]) -> Dict[str, Any]:
     names = [row.split("\t")[0] for row in get(labels_url.path).decode("utf-8").splitlines()]
     names = names[: params.get("limit")]
     labels_done = _now()
+    store_dir = params.get("store_dir")
     pixels = 0
-    for name in names:
-        image = Image.open(io.BytesIO(get(prefix + quote(name)))).convert("RGB")
+    for number, name in enumerate(names):
+        body = get(prefix + quote(name))
+        if store_dir:
+            part = os.path.join(store_dir, f"{number}.part")
+            with open(part, "wb") as f:
+                f.write(body)
+            os.replace(part, os.path.join(store_dir, str(number)))
+        image = Image.open(io.BytesIO(body)).convert("RGB")
         pixels += image.size[0] * image.size[1]
     done = _now()
     conn.close()
