@@ -174,7 +174,7 @@ class FileCache:
         return EntryLock(os.path.join(self.root, "locks"), key.kind, key.digest, self.lock_timeout)
 
     def _thread_lock(self, key: CacheKey) -> threading.Lock:
-        # flock is per open file description: serialize threads of one process before taking it.
+        # the entry lock belongs to an open file, not a thread: serialize threads of one process before taking it.
         with self._local_guard:
             return self._local_locks.setdefault(f"{key.kind}/{key.digest}", threading.Lock())
 
@@ -233,7 +233,7 @@ class FileCache:
             if self.get(key) is not None:
                 return None
             tmp, raw = self._write_temp(key, fill, size)
-            commit = _PendingCommit(self, key, tmp, raw, entry_lock, thread_lock)
+            commit = _PendingCommit(self, key, tmp, raw, size, entry_lock, thread_lock)
             entry_lock = None  # the commit releases both locks once the entry is in place
             try:
                 handle = opener(tmp)
@@ -446,11 +446,15 @@ def _open_binary(path: str) -> IO[bytes]:
     return open(path, "rb")
 
 
-def _discard(tmp: str, raw: BinaryIO) -> None:
+def _close_quietly(raw: BinaryIO) -> None:
     try:
         raw.close()
     except OSError:
         pass
+
+
+def _discard(tmp: str, raw: BinaryIO) -> None:
+    _close_quietly(raw)
     try:
         os.unlink(tmp)
     except OSError:
@@ -460,9 +464,9 @@ def _discard(tmp: str, raw: BinaryIO) -> None:
 class _PendingCommit(OffPathTask):
     """A verified download already handed to its reader: fsync, rename into place, then release the entry's locks."""
 
-    def __init__(self, cache: FileCache, key: CacheKey, tmp: str, raw: BinaryIO, entry_lock: EntryLock,
-                 thread_lock: threading.Lock):
-        self.cache, self.key, self.tmp, self.raw = cache, key, tmp, raw
+    def __init__(self, cache: FileCache, key: CacheKey, tmp: str, raw: BinaryIO, size: Optional[int],
+                 entry_lock: EntryLock, thread_lock: threading.Lock):
+        self.cache, self.key, self.tmp, self.raw, self.size = cache, key, tmp, raw, size
         self.entry_lock, self.thread_lock = entry_lock, thread_lock
 
     def __repr__(self) -> str:
@@ -479,15 +483,12 @@ class _PendingCommit(OffPathTask):
             self.entry_lock.release()
             self.thread_lock.release()
         if self.cache.max_size is not None:
-            self.cache._maybe_evict(keep=final, added=_size_of(final, None))
+            self.cache._maybe_evict(keep=final, added=_size_of(final, self.size))
 
     def abandon(self) -> None:
         # In a forked child: close the inherited copies of the fds (never unlock: the lock is the parent's).
         self.entry_lock.forget()
-        try:
-            self.raw.close()
-        except OSError:
-            pass
+        _close_quietly(self.raw)
 
 
 class _HashingWriter:
