@@ -35,6 +35,7 @@ from typing import IO, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 from streamloader._entrylock import EntryLock, Timeout
 from streamloader._files import makedirs_private
 from streamloader._offpath import QUEUE, OffPathTask
+from streamloader._verify import HashingWriter, Verifier
 from streamloader.errors import IntegrityError
 
 log = logging.getLogger(__name__)
@@ -90,38 +91,12 @@ class CacheKey:
         """A key for content known only by where it lives (e.g. host, repo, commit sha, path)."""
         return cls("path", hashlib.sha256("\x00".join(parts).encode()).hexdigest())
 
-    def hasher(self) -> Optional["_Verifier"]:
+    def hasher(self) -> Optional["Verifier"]:
         if self.kind == "git":
-            return _Verifier("sha1", self.digest, git_blob=True)
+            return Verifier("sha1", self.digest, git_blob=True)
         if self.kind == "md5":
-            return _Verifier("md5", self.digest)
+            return Verifier("md5", self.digest)
         return None
-
-
-class _Verifier:
-    """Incrementally hashes downloaded bytes; ``on_chunk(b"")`` restarts (used by retries)."""
-
-    def __init__(self, algo: str, expected: str, git_blob: bool = False):
-        self.algo, self.expected, self.git_blob = algo, expected, git_blob
-        self.reset()
-
-    def reset(self) -> None:
-        self._h = hashlib.new(self.algo)
-        self._started = False
-
-    def start(self, size: Optional[int]) -> None:
-        self.reset()
-        if self.git_blob:
-            if size is None:
-                raise ValueError("git blob verification needs the size")
-            self._h.update(b"blob %d\x00" % size)
-        self._started = True
-
-    def update(self, chunk: bytes) -> None:
-        self._h.update(chunk)
-
-    def ok(self) -> bool:
-        return self._h.hexdigest() == self.expected
 
 
 class FileCache:
@@ -290,7 +265,7 @@ class FileCache:
         verifier = key.hasher() if self.verify else None
         raw = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
         try:
-            target: BinaryIO = _HashingWriter(raw, verifier, size) if verifier else raw  # type: ignore[assignment]
+            target: BinaryIO = HashingWriter(raw, verifier, size) if verifier else raw  # type: ignore[assignment]
             fill(target)
             raw.flush()
             got = raw.tell()
@@ -489,33 +464,6 @@ class _PendingCommit(OffPathTask):
         # In a forked child: close the inherited copies of the fds (never unlock: the lock is the parent's).
         self.entry_lock.forget()
         _close_quietly(self.raw)
-
-
-class _HashingWriter:
-    """File wrapper that feeds a verifier; ``write(b"")`` at offset 0 marks a restart (see client.download)."""
-
-    def __init__(self, raw: BinaryIO, verifier: "_Verifier", size: Optional[int]):
-        self._raw, self._verifier, self._size = raw, verifier, size
-        verifier.start(size)
-
-    def write(self, data: bytes) -> int:
-        self._verifier.update(data)
-        return self._raw.write(data)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        pos = self._raw.seek(offset, whence)
-        if pos == 0:
-            self._verifier.start(self._size)
-        return pos
-
-    def tell(self) -> int:
-        return self._raw.tell()
-
-    def truncate(self, size: Optional[int] = None) -> int:
-        return self._raw.truncate(size)
-
-    def flush(self) -> None:
-        self._raw.flush()
 
 
 _LIVE_CACHES: "weakref.WeakSet[FileCache]" = weakref.WeakSet()
