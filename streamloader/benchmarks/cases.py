@@ -105,8 +105,9 @@ def case_p2(ctx: "BenchContext") -> List[CaseResult]:
     latency_floor = n * ctx.sizes.latency
     latency_ratio = _ratio(official["seconds"], latency_floor)
     floor_per_image = floor_side["s_per_image"]
-    floor_ratio = _ratio(official["images_s"] / n, floor_per_image) if n else float("inf")
-    stored_ratio = _ratio(official["images_s"] / n, stored_floor["s_per_image"]) if n else float("inf")
+    official_per_image = official["images_s"] / n if n else float("inf")
+    floor_ratio = _ratio(official_per_image, floor_per_image)
+    stored_ratio = _ratio(official_per_image, stored_floor["s_per_image"])
     title = (f"{TITLES['P2']} ({n} JPEGs; best possible, measured: {floor_ratio:.2f}x with one GET per file, "
              f"{stored_ratio:.2f}x if it is also written to disk; {latency_ratio:.2f}x at latency alone)")
     return [CaseResult("P2", title, ours["seconds"], official["seconds"], "s", ratio, GOALS["P2"], ratio >= 2,

@@ -36,8 +36,8 @@ def _tasks() -> Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]:
     }
 
 
-TASKS = ("guide_loop", "one_get_floor", "dataset_epoch", "warm_epoch", "shared_cache_reader", "stream_tar", "hook_overhead",
-         "feature_epoch", "tar_loaders", "labels_speed")
+TASKS = ("guide_loop", "one_get_floor", "dataset_epoch", "warm_epoch", "shared_cache_reader", "stream_tar",
+         "hook_overhead", "feature_epoch", "tar_loaders", "labels_speed")
 
 
 def run_child(task: str, params: Mapping[str, Any], out_path: str, *, env: Optional[Mapping[str, str]] = None,
