@@ -1,10 +1,19 @@
-"""Verifying downloaded bytes against a cache key's content hash while they are written."""
+"""Verifying downloaded bytes against a cache key's content hash while they are written (or, where that cannot
+be done as they stream, from the finished file).
+
+Two hash forms need the file rather than the stream: a git blob id covers a ``blob <size>\\0`` header, so it can
+only be computed on the fly when the size is known up front (dagshub.com lists sizes only on request), and DVC 2
+hashed text files after converting CRLF line ends to LF ("md5-dos2unix"), so the md5 of a CRLF text file's raw
+bytes is not the listed one. :meth:`Verifier.check_file` handles both.
+"""
 from __future__ import annotations
 
 import hashlib
 from typing import BinaryIO, Optional
 
 __all__ = ["Verifier", "HashingWriter"]
+
+_CHUNK = 1 << 20
 
 
 class Verifier:
@@ -31,6 +40,49 @@ class Verifier:
 
     def ok(self) -> bool:
         return self._h.hexdigest() == self.expected
+
+    def can_stream(self, size: Optional[int]) -> bool:
+        """Whether the hash can be computed while the bytes stream in (a git blob id needs the size first)."""
+        return size is not None or not self.git_blob
+
+    def check_file(self, path: str, dos2unix: bool = False) -> bool:
+        """Hash a finished file; ``dos2unix`` hashes it with CRLF read as LF (DVC 2's md5 of text files)."""
+        h = hashlib.new(self.algo)
+        if self.git_blob:
+            import os
+
+            h.update(b"blob %d\x00" % os.path.getsize(path))
+        carry = b""
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                if dos2unix:
+                    chunk = carry + chunk
+                    carry = b"\r" if chunk.endswith(b"\r") else b""
+                    chunk = (chunk[:-1] if carry else chunk).replace(b"\r\n", b"\n")
+                h.update(chunk)
+        h.update(carry)
+        return h.hexdigest() == self.expected
+
+    def verify_bytes(self, data: bytes) -> bool:
+        """The verdict on a whole file held in memory (md5 also tried as md5-dos2unix)."""
+        h = hashlib.new(self.algo)
+        if self.git_blob:
+            h.update(b"blob %d\x00" % len(data))
+        h.update(data)
+        if h.hexdigest() == self.expected:
+            return True
+        return self.algo == "md5" and hashlib.md5(data.replace(b"\r\n", b"\n")).hexdigest() == self.expected
+
+    def verify(self, path: str, streamed: bool) -> bool:
+        """The verdict on a finished download at ``path`` whose bytes were (``streamed``) or were not fed to this
+        verifier; an md5 that fails on the raw bytes is tried once more as md5-dos2unix."""
+        if self.git_blob and not streamed:
+            return self.check_file(path)
+        if streamed and self.ok():
+            return True
+        if not streamed and self.check_file(path):
+            return True
+        return self.algo == "md5" and self.check_file(path, dos2unix=True)
 
 
 class HashingWriter:

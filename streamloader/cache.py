@@ -21,6 +21,7 @@ Usage::
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -168,6 +169,29 @@ class FileCache:
                 pass
         return path
 
+    def get_settled(self, key: CacheKey) -> Optional[str]:
+        """Like :meth:`get`, but first waits for a download or commit of ``key`` under way in any thread or
+        process (it takes the entry's locks for a moment)."""
+        path = self.get(key)
+        if path is not None:
+            return path
+        with self.locked(key):
+            return self.get(key)
+
+    @contextlib.contextmanager
+    def locked(self, key: CacheKey) -> Iterator[None]:
+        """Hold ``key``'s lock against every other thread and process (what a download of ``key`` holds)."""
+        with self._thread_lock(key):
+            lock = self._file_lock(key)
+            try:
+                lock.acquire()
+            except Timeout:
+                raise self._lock_timeout_error(key) from None
+            try:
+                yield
+            finally:
+                lock.release()
+
     def __contains__(self, key: CacheKey) -> bool:
         return os.path.exists(self.path_for(key))
 
@@ -265,13 +289,14 @@ class FileCache:
         verifier = key.hasher() if self.verify else None
         raw = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
         try:
-            target: BinaryIO = HashingWriter(raw, verifier, size) if verifier else raw  # type: ignore[assignment]
+            streamed = verifier is not None and verifier.can_stream(size)
+            target: BinaryIO = HashingWriter(raw, verifier, size) if streamed else raw  # type: ignore[arg-type]
             fill(target)
             raw.flush()
             got = raw.tell()
             if size is not None and got != size:
                 raise IntegrityError(f"downloaded {got} bytes, expected {size} (cache entry {key.digest})")
-            if verifier is not None and not verifier.ok():
+            if verifier is not None and not verifier.verify(tmp, streamed):
                 raise IntegrityError(f"content hash mismatch for cache entry {key.digest} ({key.kind})")
         except BaseException:
             _discard(tmp, raw)

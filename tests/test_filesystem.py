@@ -59,7 +59,7 @@ def test_listings_are_cached(opts):
     for _ in range(3):
         fs.ls("user/repo/data/imgs")
         fs.info("user/repo/data/imgs/003.bin")
-    assert srv.request_count(kind="content") == 2  # data/imgs once, data once (for info of data/imgs itself? no: parent)
+    assert srv.request_count(kind="content") == 1  # data/imgs once: its listing answers the info too
 
 
 def test_cat_file_ranges_and_open_random_access(opts, tree):

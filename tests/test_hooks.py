@@ -129,7 +129,14 @@ def test_missing_file_raises_the_local_enoent(hooked, tmp_path, remote):
     with pytest.raises(FileNotFoundError) as stat_miss:
         os.stat(os.path.join(str(hooked.root), "nope", "x.jpg"))
     assert stat_miss.value.errno == errno.ENOENT and stat_miss.value.filename.endswith("nope/x.jpg")
-    assert remote.request_count(kind="raw") == 0  # decided from the listing, no file request
+    # open goes straight to the download (one 404, then one content lookup of that path: a folder or missing?);
+    # "nope" is a top-level name, answered by the small root listing. data/ itself is never listed.
+    assert remote.request_count("data/missing.jpg", kind="raw") == 1
+    assert remote.request_count(kind="raw") == 1
+    assert remote.request_count("data", kind="content") == 0
+    with pytest.raises(FileNotFoundError):
+        open("data/missing.jpg")
+    assert remote.request_count(kind="raw") == 1  # remembered as missing for a while
 
 
 def test_server_failures_never_yield_partial_or_empty_files(hooked, remote, repo_dir):

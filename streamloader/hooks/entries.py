@@ -26,6 +26,8 @@ def remote_stat(hook: "HookedRoot", entry: "RemoteEntry") -> os.stat_result:
     ``os.path.ismount`` behave.
     """
     is_dir = entry.type == "dir"
+    if not is_dir and entry.size is None:  # listed without sizes: ask for this one path's size
+        entry = hook.repo.stat(entry.path)
     size = 0 if is_dir else entry.size
     fields: List[Any] = [DIR_MODE if is_dir else FILE_MODE, hook.inode(entry.path), hook.st_dev, 2 if is_dir else 1,
                          _UID, _GID, size, 0, 0, 0, 0.0, 0.0, 0.0, 0, 0, 0]

@@ -34,6 +34,7 @@ from streamloader.hooks.router import resolve
 if TYPE_CHECKING:
     from streamloader.hooks.router import HookedRoot
     from streamloader.remote.client import RemoteEntry
+    from streamloader.remote.listings import DirListing
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +80,26 @@ def _may_go_remote(hook: "HookedRoot", rel: str) -> bool:
     return not getattr(_guard, "depth", 0) and not hook.excluded(rel)
 
 
-def _remote_entry(hook: "HookedRoot", rel: str) -> Optional["RemoteEntry"]:
-    """The repo's entry for ``rel``; None when it is missing, excluded, or we are inside our own I/O."""
+def _remote_entry(hook: "HookedRoot", rel: str, sized: bool = False) -> Optional["RemoteEntry"]:
+    """The repo's entry for ``rel`` (``sized``: with the file's real size); None when it is missing, excluded, or
+    we are inside our own I/O."""
     if not _may_go_remote(hook, rel):
         return None
     with _inside():
         try:
-            return hook.repo.info(rel)
+            return hook.repo.stat(rel) if sized else hook.repo.info(rel)
         except (FileNotFoundError, ValueError):  # ValueError: a local name no repo path can have (backslash)
             return None
 
 
-def _remote_listing(hook: "HookedRoot", rel: str) -> Optional[Dict[str, "RemoteEntry"]]:
+def _remote_listing(hook: "HookedRoot", rel: str) -> Optional["DirListing"]:
+    """The repo's listing of folder ``rel``; None when it is missing (or a file), excluded, or inside our I/O."""
     if not _may_go_remote(hook, rel):
         return None
     with _inside():
         try:
             return hook.repo.listing(rel)
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, NotADirectoryError, ValueError):
             return None
 
 
@@ -150,13 +153,16 @@ def open(file: Any, mode: str = "r", buffering: int = -1, encoding: Optional[str
 
 def _open_remote(route: Route, local_error: FileNotFoundError, mode: str, *rest: Any) -> Any:
     hook, rel = route
-    entry = _remote_entry(hook, rel)
-    if entry is None:
+    if not _may_go_remote(hook, rel):
         raise local_error
-    if entry.type == "dir":
-        raise _errno_error(IsADirectoryError, errno.EISDIR, local_error.filename)
+    # straight to the download (no listing, no stat): the answer says whether it is a file, a folder or missing
     with _inside():
-        handle = hook.repo.open(rel, lambda cached: _open(cached, mode, *rest))
+        try:
+            handle = hook.repo.open(rel, lambda cached: _open(cached, mode, *rest))
+        except IsADirectoryError:
+            raise _errno_error(IsADirectoryError, errno.EISDIR, local_error.filename) from None
+        except (FileNotFoundError, ValueError):
+            raise local_error from None
     _rename(handle, local_error.filename)
     return handle
 
@@ -225,7 +231,7 @@ def lstat(path: Any, *, dir_fd: Optional[int] = None) -> os.stat_result:
 
 def _stat_remote(path: Any, dir_fd: Optional[int], local_error: FileNotFoundError) -> os.stat_result:
     route = resolve(path) if dir_fd is None else None  # dir_fd-relative paths are never mapped
-    entry = _remote_entry(*route) if route is not None else None
+    entry = _remote_entry(*route, sized=True) if route is not None else None
     if entry is None:
         raise local_error
     return remote_stat(route[0], entry)
@@ -245,9 +251,20 @@ def _merged(route: Route, local: Optional[List[Any]], local_error: Optional[OSEr
             raise _errno_error(NotADirectoryError, errno.ENOTDIR, local_error.filename)
         raise local_error
     seen = {name_of(item) for item in local or ()}
-    extra = [(name, entry) for name, entry in sorted(remote.items())
+    extra = [(name, entry) for name, entry in remote.items()  # in name order already
              if name not in seen and not hook.excluded_child(rel, name)]
     return local or [], extra
+
+
+def _merged_names(route: Route, local: Optional[List[Any]], local_error: Optional[OSError],
+                  name_of: Any) -> Tuple[List[Any], List[str]]:
+    """Like :func:`_merged` with names only (``os.listdir`` of a 540k-entry folder needs no entry objects)."""
+    hook, rel = route
+    remote = _remote_listing(hook, rel)
+    if remote is None:
+        return _merged(route, local, local_error, name_of)[0], []
+    seen = {name_of(item) for item in local or ()}
+    return local or [], [name for name in remote.names() if name not in seen and not hook.excluded_child(rel, name)]
 
 
 def listdir(path: Any = None) -> List[Any]:
@@ -261,10 +278,10 @@ def listdir(path: Any = None) -> List[Any]:
     except FileNotFoundError as exc:
         local_error = exc
     want_bytes = path is not None and isinstance(os.fspath(path), bytes)
-    local_names, extra = _merged(route, local, local_error, os.fsdecode if want_bytes else str)
+    local_names, extra = _merged_names(route, local, local_error, os.fsdecode if want_bytes else str)
     if want_bytes:
-        return local_names + [os.fsencode(name) for name, _entry in extra]
-    return local_names + [name for name, _entry in extra]
+        return local_names + [os.fsencode(name) for name in extra]
+    return local_names + extra
 
 
 def scandir(path: Any = None) -> Any:

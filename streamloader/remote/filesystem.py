@@ -113,17 +113,20 @@ class DagsHubFileSystem(AbstractFileSystem, metaclass=_ResolveHostFirst):
 
     # -- fsspec primitives ----------------------------------------------------------------------------------------
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> List[Any]:
+        """A folder's entries (``size`` None where the server lists no sizes; :meth:`info` has the real one)."""
         repo, rel, prefix = self._resolve(path)
-        entry = repo.info(rel)
-        if not entry.is_dir:
-            infos = [self._as_info(prefix, entry)]
-        else:
-            infos = [self._as_info(prefix, e) for e in repo.ls(rel)]
-        return infos if detail else [i["name"] for i in infos]
+        try:
+            listing = repo.listing(rel)
+        except NotADirectoryError:
+            return [self._as_info(prefix, repo.stat(rel)) if detail else f"{prefix}/{rel}"]
+        if not detail:
+            return [f"{prefix}/{rel}/{name}" if rel else f"{prefix}/{name}" for name in listing.names()]
+        return [self._as_info(prefix, e) for e in listing.sorted_entries()]
 
     def info(self, path: str, **kwargs: Any) -> Dict[str, Any]:
+        """The entry of one path, with a file's real size (asked for that path alone when not known yet)."""
         repo, rel, prefix = self._resolve(path)
-        return self._as_info(prefix, repo.info(rel))
+        return self._as_info(prefix, repo.stat(rel))
 
     def exists(self, path: str, **kwargs: Any) -> bool:
         try:
@@ -138,7 +141,9 @@ class DagsHubFileSystem(AbstractFileSystem, metaclass=_ResolveHostFirst):
 
     def cat_file(self, path: str, start: Optional[int] = None, end: Optional[int] = None, **kwargs: Any) -> bytes:
         repo, rel, _prefix = self._resolve(path)
-        size = repo.info(rel).size
+        if start is None and end is None:
+            return repo.read_bytes(rel)  # no size needed: the download says it
+        size = repo.stat(rel).size
         start, end = _normalize_range(start, end, size)
         if start == 0 and end == size:
             return repo.read_bytes(rel)
@@ -223,11 +228,11 @@ class DagsHubFileSystem(AbstractFileSystem, metaclass=_ResolveHostFirst):
         if mode != "rb":
             raise PermissionError(f"dagshub:// is read-only (mode {mode!r})")
         repo, rel, _prefix = self._resolve(path)
-        entry = repo.info(rel)
+        entry = repo.stat(rel)
         if entry.is_dir:
             raise IsADirectoryError(21, "Is a directory", path)
-        if repo.cache is not None and (entry.size <= self.whole_file_max or repo.cached_path(rel)):
-            return repo.open(rel)
+        if entry.size <= self.whole_file_max or (repo.cache is not None and repo.cached_path(rel)):
+            return repo.open(rel)  # the whole file, verified (in the cache, or in memory without one)
         return DagsHubRangeFile(self, path, mode="rb", block_size=block_size or 8 * 1024 * 1024,
                                 cache_options=cache_options, size=entry.size, repo=repo, rel=rel)
 

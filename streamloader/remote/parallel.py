@@ -49,10 +49,17 @@ def prefetch_in_threads(repo: RemoteRepo, paths: List[str], workers: int, record
         for fut in as_completed(futures):
             p = futures[fut]
             exc = fut.exception()
-            record(p, repo.info(p).size if exc is None else 0, exc)
+            record(p, _size_of(fut.result()) if exc is None else 0, exc)
             if cancelled is not None and cancelled.is_set():
                 pool.shutdown(wait=True, cancel_futures=True)
                 return
+
+
+def _size_of(local: str) -> int:
+    try:
+        return os.stat(local).st_size
+    except OSError:  # evicted already by a tight cap: the count still holds
+        return 0
 
 
 def _start_method() -> str:

@@ -1,30 +1,37 @@
-"""One repository at one pinned commit, as the upper layers see it: cached listings, stat, cached file access.
+"""One repository at one pinned commit, as the upper layers see it: listings, stat, cached file access.
 
-Both the fsspec filesystem and the hooks stand on :class:`RemoteRepo`. Listings cannot go stale because everything
-is read at the commit sha resolved once at first use, so they are kept in memory and, when there is a cache, on disk
-under ``<cache>/listings/<repo>/<sha>/`` — a new process reading the same commit lists nothing over the network.
+Both the fsspec filesystem and the hooks stand on :class:`RemoteRepo`. Everything is read at the commit sha
+resolved once at first use, so nothing learnt can go stale: listings and single-path answers are kept in the
+commit's :class:`~streamloader.remote.listings.ListingStore` (with a cache, ``<cache>/listings/<repo>/<sha>.sqlite``,
+shared by every process and DataLoader worker on the machine: a new process lists nothing it was told before).
 
 Offline mode (``offline=True`` or ``STREAMLOADER_OFFLINE=1``): the branch resolves to the commit this machine last
-resolved it to, and only cached listings and files are used; anything missing is a clear error, never a request.
+resolved it to, and only stored listings and cached files are used; anything missing is a clear error, never a
+request.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
-import json
+import io
 import logging
 import os
 import posixpath
 import re
+import shutil
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Dict, Iterable, List, Optional
+from typing import IO, Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Tuple
 
+from streamloader._entrylock import EntryLock
 from streamloader._files import atomic_write
 from streamloader.cache import CacheKey, FileCache
-from streamloader.errors import RemoteError, RemoteFileNotFoundError
+from streamloader.errors import IntegrityError, RemoteError, RemoteFileNotFoundError
 from streamloader.remote.client import DagsHubClient, RemoteEntry
+from streamloader.remote.listings import DirListing, ListingStore
 from streamloader.remote.parallel import (  # noqa: F401 - PREFETCH_PROCESS_MIN_FILES, PrefetchJob re-exported
     PREFETCH_PROCESS_MIN_FILES, PrefetchJob, ProcessPrefetch, prefetch_in_threads, process_count, settle)
 from streamloader.remote.urls import safe_repo_path
@@ -34,6 +41,7 @@ log = logging.getLogger(__name__)
 __all__ = ["RemoteRepo", "PrefetchResult"]
 
 _LIVE_REPOS: "weakref.WeakSet[RemoteRepo]" = weakref.WeakSet()
+_MISSING_TTL = 30.0  # seconds a path found missing (404) is believed missing without asking again
 
 
 @dataclass
@@ -55,7 +63,14 @@ class PrefetchResult:
 
 
 class RemoteRepo:
-    """A pinned snapshot of a repo: ``RemoteRepo(DagsHubClient(url, branch="main"))``."""
+    """A pinned snapshot of a repo: ``RemoteRepo(DagsHubClient(url, branch="main"))``.
+
+    Opening, stat-ing or testing ONE path never lists its folder (a folder may hold 540k entries): ``open`` goes
+    straight to the raw download when nothing is known about the path yet, ``info`` asks the content API about that
+    path alone. Folders are listed only when a listing is asked for (``listing``/``ls``), without sizes; a file's
+    size is learnt when it is needed (``stat``) or downloaded. Everything learnt is kept in the commit's
+    :class:`~streamloader.remote.listings.ListingStore`, shared by processes through the cache directory.
+    """
 
     def __init__(self, client: DagsHubClient, cache: Optional[FileCache] = None, use_cache: bool = True,
                  offline: Optional[bool] = None):
@@ -66,8 +81,8 @@ class RemoteRepo:
         self.offline = offline
         if offline and self.cache is None:
             raise ValueError("offline mode needs the cache")
-        self._listings: Dict[str, Dict[str, RemoteEntry]] = {}
-        self._missing_dirs: set = set()
+        self._store: Optional[ListingStore] = None
+        self._missing: Dict[str, float] = {}  # path -> when it was found missing (forgotten after _MISSING_TTL)
         self._lock = threading.Lock()
         self._dir_locks: Dict[str, threading.Lock] = {}
         _LIVE_REPOS.add(self)
@@ -79,12 +94,8 @@ class RemoteRepo:
         state = self.__dict__.copy()
         state["_lock"] = None
         state["_dir_locks"] = {}
-        # With a cache, listings are persisted per commit: a spawned worker reloads what it needs from disk instead
-        # of unpickling every listing (540k entries pickle to ~60 MB). Without one, ship a snapshot (dict() of a
-        # dict is atomic under the GIL, so a thread adding a listing meanwhile cannot break pickling).
-        state["_listings"] = {} if self.cache is not None else dict(self._listings)
-        state["_missing_dirs"] = set() if self.cache is not None else set(self._missing_dirs)
-        return state
+        state["_missing"] = dict(self._missing)
+        return state  # the listing store pickles as its file's path: a worker opens it, loading nothing
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -96,7 +107,7 @@ class RemoteRepo:
         self._lock = threading.Lock()
         self._dir_locks = {}
 
-    # -- revision and persisted listings ---------------------------------------------------------------------------
+    # -- revision and the listing store ----------------------------------------------------------------------------
     def _repo_dir(self) -> Optional[str]:
         if self.cache is None:
             return None
@@ -111,7 +122,8 @@ class RemoteRepo:
             return client.revision
         repo_dir = self._repo_dir()
         wanted = client.requested_revision
-        if repo_dir and wanted and re.fullmatch(r"[0-9a-f]{40}", wanted) and os.path.isdir(os.path.join(repo_dir, wanted)):
+        if repo_dir and wanted and re.fullmatch(r"[0-9a-f]{40}", wanted) and os.path.exists(
+                os.path.join(repo_dir, wanted + ".sqlite")):
             client.pin(wanted)  # a commit we have listed before exists: no need to ask
         elif self.offline:
             head_file = os.path.join(repo_dir or "", "heads", _safe_name(wanted or "<default>"))
@@ -127,93 +139,147 @@ class RemoteRepo:
                 atomic_write(os.path.join(repo_dir, "heads", _safe_name(wanted or "<default>")), sha.encode())
         return client.revision
 
-    def _listing_file(self, path: str) -> Optional[str]:
-        repo_dir = self._repo_dir()
-        if repo_dir is None:
-            return None
-        return os.path.join(repo_dir, self.revision(), hashlib.sha256(path.encode()).hexdigest() + ".json")
+    @property
+    def store(self) -> ListingStore:
+        """What is known of this commit's folders and files (opened on first use; nothing is loaded)."""
+        store = self._store
+        if store is None:
+            sha = self.revision()
+            with self._lock:
+                if self._store is None:
+                    repo_dir = self._repo_dir()
+                    self._store = ListingStore(os.path.join(repo_dir, sha + ".sqlite") if repo_dir else None)
+                store = self._store
+        return store
 
-    def _load_listing(self, path: str) -> Optional[List[RemoteEntry]]:
-        file = self._listing_file(path)
-        if file is None:
-            return None
-        try:
-            with open(file, encoding="utf-8") as f:
-                record = json.load(f)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable listing cache %s: %s", file, exc)
-            return None
-        if record.get("dir") != path:
-            return None
-        if record.get("missing"):
-            raise RemoteFileNotFoundError(path)
-        return [RemoteEntry(**e) for e in record["entries"]]
+    def _note_missing(self, path: str) -> None:
+        if len(self._missing) > 100_000:
+            self._missing.clear()
+        self._missing[path] = time.monotonic()
 
-    def _save_listing(self, path: str, entries: Optional[List[RemoteEntry]]) -> None:
-        file = self._listing_file(path)
-        if file is None:
-            return
-        record = {"dir": path, "missing": entries is None,
-                  "entries": [e.__dict__ for e in entries] if entries is not None else []}
-        atomic_write(file, json.dumps(record).encode())
-
-    def _fetch_listing(self, path: str) -> List[RemoteEntry]:
-        self.revision()
-        entries = self._load_listing(path)
-        if entries is not None:
-            return entries
-        if self.offline:
-            raise RemoteError(f"offline mode: the listing of {path or '/'!r} is not cached")
-        try:
-            entries = self.client.list_dir(path)
-        except FileNotFoundError:
-            self._save_listing(path, None)
-            raise
-        self._save_listing(path, entries)
-        return entries
+    def _proven_missing(self, path: str) -> bool:
+        """Whether ``path`` is known not to exist: found missing moments ago (a 404 may be passing, so it is
+        remembered for _MISSING_TTL s only), or absent from the stored listing of one of its folders."""
+        seen = self._missing.get(path)
+        if seen is not None:
+            if time.monotonic() - seen < _MISSING_TTL:
+                return True
+            self._missing.pop(path, None)
+        store = self.store
+        parts = path.split("/")
+        for depth in range(len(parts)):
+            if store.is_listed("/".join(parts[:depth])):
+                child = store.entry("/".join(parts[:depth + 1]))
+                if child is None or (not child.is_dir and depth + 1 < len(parts)):
+                    return True
+        return False
 
     # -- listings -------------------------------------------------------------------------------------------------
-    def listing(self, path: str = "") -> Dict[str, RemoteEntry]:
-        """``{name: RemoteEntry}`` of a directory (cached). Missing or not a directory → FileNotFoundError."""
+    def listing(self, path: str = "") -> DirListing:
+        """``{name: RemoteEntry}`` of a folder, read from the store (listed once per commit, without sizes).
+        Missing → FileNotFoundError; a file → NotADirectoryError."""
         path = safe_repo_path(path)
-        cached = self._listings.get(path)
-        if cached is not None:
-            return cached
-        if path in self._missing_dirs:
+        store = self.store
+        if store.is_listed(path):
+            return DirListing(store, path)
+        known = store.entry(path) if path else None
+        if known is not None and not known.is_dir:
+            raise NotADirectoryError(20, "Not a directory", path)
+        if self._proven_missing(path):
             raise RemoteFileNotFoundError(path)
+        if self.offline:
+            raise RemoteError(f"offline mode: the listing of {path or '/'!r} is not cached")
         with self._lock:
             dir_lock = self._dir_locks.setdefault(path, threading.Lock())
-        with dir_lock:  # many threads asking for one directory make one request
-            cached = self._listings.get(path)
-            if cached is None:
-                try:
-                    entries = self._fetch_listing(path)
-                except FileNotFoundError:
-                    self._missing_dirs.add(path)
-                    raise
-                cached = {e.name: e for e in entries}
-                self._listings[path] = cached
-        return cached
+        with dir_lock:  # many threads asking for one folder make one request
+            if not store.is_listed(path):
+                with self._listing_lock(path):  # and so do many processes
+                    if not store.is_listed(path):
+                        self._fetch_listing(path)
+        return DirListing(store, path)
+
+    def _listing_lock(self, path: str) -> Any:
+        if self.cache is None:
+            return contextlib.nullcontext()
+        digest = hashlib.sha256(f"{self.store.path}\x00{path}".encode()).hexdigest()
+        return EntryLock(os.path.join(self.cache.root, "locks"), "listing", digest, self.cache.lock_timeout)
+
+    def _fetch_listing(self, path: str) -> None:
+        store = self.store
+        try:
+            entry = self.client.content(path, lambda items: store.put_listing(path, items))
+        except FileNotFoundError:
+            self._note_missing(path)
+            raise RemoteFileNotFoundError(path) from None
+        if entry is not None:
+            store.put_entry(entry)
+            raise NotADirectoryError(20, "Not a directory", path)
 
     def ls(self, path: str = "") -> List[RemoteEntry]:
-        """Entries of a directory, sorted by name."""
-        return [entry for _name, entry in sorted(self.listing(path).items())]
+        """Entries of a folder, sorted by name (sizes None where the listing did not say them)."""
+        return list(self.listing(path).sorted_entries())
 
     def info(self, path: str) -> RemoteEntry:
-        """The entry of a file or directory (real size). Missing → FileNotFoundError (errno ENOENT)."""
+        """The entry of a file or folder, asking about that path alone if it is not known yet (a file's ``size``
+        may be None = unknown; :meth:`stat` fills it). Missing → FileNotFoundError (errno ENOENT)."""
         path = safe_repo_path(path)
         if not path:
             return RemoteEntry("", "dir", 0)
-        parent, name = posixpath.split(path)
-        try:
-            entry = self.listing(parent).get(name)
-        except FileNotFoundError:
-            entry = None
+        store = self.store
+        entry = store.entry(path)
+        if entry is not None:
+            return entry
+        if self._proven_missing(path):
+            raise RemoteFileNotFoundError(path)
+        if self.offline:
+            raise RemoteError(f"offline mode: {path!r} is not in the cached listings")
+        if "/" not in path:  # a top-level name: the root listing is small and answers every such question
+            try:
+                self.listing("")
+            except FileNotFoundError:
+                pass
+            entry = store.entry(path)
+        else:
+            entry = self._probe(path)
         if entry is None:
+            self._note_missing(path)
             raise RemoteFileNotFoundError(path)
         return entry
+
+    def _probe(self, path: str) -> Optional[RemoteEntry]:
+        """Ask the content API about one path: a file's entry, or a folder (whose listing is then stored)."""
+        store = self.store
+        try:
+            entry = self.client.content(path, lambda items: store.put_listing(path, items))
+        except FileNotFoundError:
+            return None
+        if entry is None:
+            return store.entry(path) or RemoteEntry(path, "dir", 0)
+        store.put_entry(entry)
+        return entry
+
+    def stat(self, path: str) -> RemoteEntry:
+        """Like :meth:`info`, with a file's real size: from the cached copy when there is one, else asked for
+        that one path (never for its folder: sizes cost dagshub.com time per entry)."""
+        entry = self.info(path)
+        if entry.is_dir or entry.size is not None:
+            return entry
+        local = self._cached_file(entry.path, entry)
+        if local is not None:
+            try:
+                size = os.stat(local).st_size
+            except FileNotFoundError:
+                pass
+            else:
+                self.store.set_size(entry.path, size)
+                return dataclasses.replace(entry, size=size)
+        if self.offline:
+            raise RemoteError(f"offline mode: the size of {entry.path!r} is not known")
+        sized = self.client.stat(entry.path)
+        sized = dataclasses.replace(sized, size=sized.size or 0,  # asked with sizes on: None means 0
+                                    hash=sized.hash or entry.hash, versioning=sized.versioning or entry.versioning)
+        self.store.put_entry(sized)
+        return sized
 
     def exists(self, path: str) -> bool:
         try:
@@ -227,68 +293,147 @@ class RemoteRepo:
         """Content hash when the listing has one, else (host, repo, commit sha, path): never stale either way."""
         if entry.hash:
             return CacheKey.from_hash(entry.versioning, entry.hash)
-        ref = self.client.ref
-        return CacheKey.from_location(ref.host, ref.owner, ref.repo, self.revision(), entry.path)
+        return self._location_key(entry.path)
 
-    def _file_entry(self, path: str) -> RemoteEntry:
-        entry = self.info(path)
-        if entry.is_dir:
-            raise IsADirectoryError(21, "Is a directory", path)
+    def _location_key(self, path: str) -> CacheKey:
+        ref = self.client.ref
+        return CacheKey.from_location(ref.host, ref.owner, ref.repo, self.revision(), path)
+
+    def _known(self, path: str) -> Optional[RemoteEntry]:
+        """What the store knows of ``path`` without asking the server: its entry, or None when nothing is known
+        (then a download finds out). FileNotFoundError when it is known to be missing."""
+        entry = self.store.entry(path)
+        if entry is None and self._proven_missing(path):
+            raise RemoteFileNotFoundError(path)
         return entry
 
-    def _fill(self, entry: RemoteEntry):
-        def fill(f):
+    def _cached_file(self, path: str, entry: Optional[RemoteEntry]) -> Optional[str]:
+        """The cached copy of ``path``: under its content key, or under its location key (downloaded before its
+        hash was known)."""
+        if self.cache is None:
+            return None
+        if entry is not None and entry.hash:
+            found = self.cache.get(self.cache_key(entry))
+            if found is not None:
+                return found
+        return self.cache.get(self._location_key(path))
+
+    def _target(self, path: str) -> Tuple[Optional[RemoteEntry], CacheKey]:
+        path = safe_repo_path(path)
+        entry = self._known(path)
+        if entry is not None and entry.is_dir:
+            raise IsADirectoryError(21, "Is a directory", path)
+        return entry, (self.cache_key(entry) if entry is not None else self._location_key(path))
+
+    def _fill(self, path: str, entry: Optional[RemoteEntry]) -> Callable[[BinaryIO], None]:
+        def fill(f: BinaryIO) -> None:
             if self.offline:
-                raise RemoteError(f"offline mode: {entry.path!r} is not in the cache")
-            self.client.download(entry.path, f, expected_size=entry.size)
+                raise RemoteError(f"offline mode: {path!r} is not in the cache")
+            try:
+                got = self.client.download(path, f, expected_size=entry.size if entry is not None else None)
+            except FileNotFoundError:
+                if entry is None:
+                    self._explain_missing(path)
+                raise
+            if entry is None:
+                self.store.put_entry(RemoteEntry(path, "file", got))
+            elif entry.size is None:
+                self.store.set_size(path, got)
         return fill
+
+    def _through_cache(self, path: str, use: Callable[[CacheKey, Callable[[BinaryIO], None], Optional[int]], Any]) -> Any:
+        """``use(key, fill, size)`` with the cache key that holds (or will hold) ``path``.
+
+        A file is stored under its content hash when that is known, else under its location (host, repo, commit,
+        path) — so processes that know different things about one path could pick different keys. A cold read
+        therefore takes the path's own lock first (threads and processes), then looks again under both keys
+        (waiting for a commit under way): one download per path, whoever asks.
+        """
+        path = safe_repo_path(path)
+        entry, key = self._target(path)
+        found = self._cached_key(path, entry, key, settled=False)
+        if found is not None:
+            return use(found, self._fill(path, entry), entry.size if entry else None)
+        cache = self.cache
+        assert cache is not None
+        with cache.locked(CacheKey("fetch", self._location_key(path).digest)):
+            entry, key = self._target(path)  # another process may have learnt the hash meanwhile
+            found = self._cached_key(path, entry, key, settled=True) or key
+            return use(found, self._fill(path, entry), entry.size if entry else None)
+
+    def _cached_key(self, path: str, entry: Optional[RemoteEntry], key: CacheKey, settled: bool) -> Optional[CacheKey]:
+        cache = self.cache
+        assert cache is not None
+        get = cache.get_settled if settled else cache.get
+        location = self._location_key(path)
+        for candidate in (key, location) if key != location else (key,):
+            if get(candidate) is not None:
+                return candidate
+        return None
+
+    def _explain_missing(self, path: str) -> None:
+        """A raw download of an unknown path found nothing: a folder (IsADirectoryError), else missing."""
+        probed = self._probe(path)
+        if probed is not None and probed.is_dir:
+            raise IsADirectoryError(21, "Is a directory", path)
+        if probed is None:
+            self._note_missing(path)
 
     def local_path(self, path: str) -> str:
         """Download ``path`` into the cache if needed and return the cached file's local path."""
         if self.cache is None:
             raise RuntimeError("this RemoteRepo has no cache (use_cache=False)")
-        entry = self._file_entry(path)
-        return self.cache.fetch(self.cache_key(entry), self._fill(entry), entry.size)
+        return self._through_cache(path, self.cache.fetch)
 
     def cached_path(self, path: str) -> Optional[str]:
-        """The cached file's path if ``path`` is already in the cache (no download), else None."""
+        """The cached file's path if ``path`` is already in the cache (no download, no request), else None."""
         if self.cache is None:
             return None
-        return self.cache.get(self.cache_key(self._file_entry(path)))
+        path = safe_repo_path(path)
+        entry = self._known(path)
+        if entry is not None and entry.is_dir:
+            raise IsADirectoryError(21, "Is a directory", path)
+        return self._cached_file(path, entry)
 
     def open(self, path: str, opener: Optional[Callable[[str], IO]] = None) -> IO:
         """An open file with the whole content of ``path`` through the cache (binary; ``opener(local_path)``
         opens it otherwise). Without a cache: an in-memory binary file (``opener`` is not allowed then)."""
-        entry = self._file_entry(path)
         if self.cache is None:
             if opener is not None:
                 raise RuntimeError("this RemoteRepo has no cache (use_cache=False): it cannot open local files")
-            import io
+            path = safe_repo_path(path)
+            entry, key = self._target(path)
+            return io.BytesIO(self._read_verified(path, entry, key))
+        cache = self.cache
+        return self._through_cache(path, lambda key, fill, size: cache.open(key, fill, size, opener))
 
-            return io.BytesIO(self.client.read_bytes(entry.path))
-        return self.cache.open(self.cache_key(entry), self._fill(entry), entry.size, opener)
+    def _read_verified(self, path: str, entry: Optional[RemoteEntry], key: CacheKey) -> bytes:
+        """The whole file in memory, checked like a cached download (size and content hash)."""
+        buf = io.BytesIO()
+        self._fill(path, entry)(buf)
+        data = buf.getvalue()
+        verifier = key.hasher()
+        if verifier is not None and not verifier.verify_bytes(data):
+            raise IntegrityError(f"content hash mismatch for {path!r} ({key.kind})")
+        return data
 
     def read_bytes(self, path: str, start: Optional[int] = None, end: Optional[int] = None) -> bytes:
         """Bytes ``[start, end)`` (whole file by default); served from the cache when the file is there."""
-        entry = self._file_entry(path)
-        handle: Optional[IO[bytes]] = None
-        if self.cache is not None:
-            key = self.cache_key(entry)
-            if start is None and end is None:
-                # cache.open re-fetches if another process evicts the entry between download and open
-                handle = self.cache.open(key, self._fill(entry), entry.size)
-            else:
-                local = self.cache.get(key)
-                try:
-                    handle = open(local, "rb") if local is not None else None
-                except FileNotFoundError:  # evicted since get(): read the range remotely instead
-                    handle = None
-        if handle is not None:
-            with handle as f:
-                if start:
-                    f.seek(start)
-                return f.read(-1 if end is None else max(0, end - (start or 0)))
-        return self.client.read_bytes(entry.path, start, end)
+        path = safe_repo_path(path)
+        if start is None and end is None:
+            with self.open(path) as f:
+                return f.read()
+        entry, _key = self._target(path)
+        local = self._cached_file(path, entry)
+        if local is not None:
+            try:
+                with open(local, "rb") as f:
+                    if start:
+                        f.seek(start)
+                    return f.read(-1 if end is None else max(0, end - (start or 0)))
+            except FileNotFoundError:  # evicted since: read the range remotely instead
+                pass
+        return self.client.read_bytes(path, start, end)
 
     def prefetch(self, paths: Iterable[str], max_concurrency: Optional[int] = None, progress: bool = True,
                  on_error: str = "raise", processes: Optional[int] = None, wait: bool = True) -> Any:

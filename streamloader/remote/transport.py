@@ -34,8 +34,8 @@ class Body:
     """An HTTP response being streamed: ``status``, case-insensitive ``headers``, ``chunks()``, ``close()``."""
 
     def __init__(self, status: int, headers: Mapping[str, str], chunks: Callable[[int], Iterator[bytes]],
-                 close: Callable[[], None]):
-        self.status, self.headers = status, headers
+                 close: Callable[[], None], url: str = ""):
+        self.status, self.headers, self.url = status, headers, url  # url: where the answer came from (redirects)
         self._chunks, self._close = chunks, close
 
     def chunks(self, size: int) -> Iterator[bytes]:
@@ -62,10 +62,10 @@ def _requests_body(resp: requests.Response) -> Body:
         except (requests.exceptions.ChunkedEncodingError, requests.ConnectionError) as exc:
             raise TransportError(f"connection dropped after {received} bytes: {type(exc).__name__}") from None
 
-    return Body(resp.status_code, resp.headers, chunks, resp.close)
+    return Body(resp.status_code, resp.headers, chunks, resp.close, resp.url)
 
 
-def _urllib3_body(resp: Any) -> Body:
+def _urllib3_body(resp: Any, url: str) -> Body:
     state = {"finished": False, "broken": False}
 
     def chunks(size: int) -> Iterator[bytes]:
@@ -90,7 +90,7 @@ def _urllib3_body(resp: Any) -> Body:
                 resp.close()  # half-read or broken: this connection must not serve another request
         resp.release_conn()
 
-    return Body(resp.status, resp.headers, chunks, close)
+    return Body(resp.status, resp.headers, chunks, close, url)
 
 
 class Session(requests.Session):
@@ -161,7 +161,7 @@ class RawTransport:
             resp.drain_conn()
             resp.release_conn()
             return self._via_session(session, urljoin(url, location), headers)
-        return _urllib3_body(resp)
+        return _urllib3_body(resp, url)
 
     def _via_session(self, session: requests.Session, url: str, headers: Optional[Dict[str, str]]) -> Body:
         try:

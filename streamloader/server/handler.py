@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, unquote
 
 from streamloader.server import payloads
 from streamloader.server.oauth import approval_page
-from streamloader.server.repo import RepoPathError
+from streamloader.server.repo import RepoEntry, RepoPathError, split_repo_path
 from streamloader.server.routes import Route, Unsatisfiable, parse_range, parse_route
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -241,7 +241,14 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
             raise HTTPError(404, f"branch {route.key!r} not found")
 
     def _listing(self, route: Route, query: Dict[str, List[str]]) -> None:
-        entries = self.app.folder.list_dir(route.key)
+        folder = self.app.folder
+        real = folder.resolve(route.key)
+        if os.path.isfile(real):  # a file path answers with that file's own entry, as DagsHub does
+            st = os.stat(real)
+            entry = RepoEntry("/".join(split_repo_path(route.key)), "file", st.st_size, folder.blob_sha(real, st))
+            self._send_json(200, payloads.content_entry(self.app, self._base_url(), route.rev, entry))
+            return
+        entries = folder.list_dir(route.key)
         rows = [payloads.content_entry(self.app, self._base_url(), route.rev, e) for e in entries]
         paging = query.get("paging", [""])[-1].lower() in ("1", "true", "yes")
         if not paging and "limit" not in query:

@@ -1,7 +1,8 @@
 """Adversarial helpers for the traversal tests: a lying proxy in front of the real server, and a file audit.
 
-``HostileProxy(upstream_url, mutate)`` forwards every GET/HEAD to the real server and lets ``mutate(path, body)``
-rewrite JSON answers (listings, branch records); it logs the request paths it received.
+``HostileProxy(upstream_url, mutate, mutate_raw=None)`` forwards every GET/HEAD to the real server and lets
+``mutate(path, body)`` rewrite JSON answers (listings, branch records) and ``mutate_raw`` rewrite raw downloads
+(status, headers, body); it logs the request paths it received.
 
 ``FileAudit`` records, through a ``sys.addaudithook`` hook, every path this process opens, writes, renames,
 creates or deletes while it is active (Python-level file operations, which is all streamloader uses).
@@ -12,11 +13,13 @@ import os
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import requests
 
 Mutate = Callable[[str, bytes], bytes]
+# (request path, status, headers, body, the Range asked for) -> (status, headers, body) sent instead
+MutateRaw = Callable[[str, int, Dict[str, str], bytes, Optional[str]], Tuple[int, Dict[str, str], bytes]]
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
@@ -24,9 +27,10 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 class HostileProxy:
     """A man in the middle that serves the upstream repo but lies in its JSON (see module docstring)."""
 
-    def __init__(self, upstream: str, mutate: Mutate):
+    def __init__(self, upstream: str, mutate: Mutate, mutate_raw: Optional[MutateRaw] = None):
         self.upstream = upstream.rstrip("/")
         self.mutate = mutate
+        self.mutate_raw = mutate_raw
         self.paths: List[str] = []
         proxy = self
 
@@ -48,13 +52,19 @@ class HostileProxy:
                 resp = requests.request(method, proxy.upstream + self.path, headers=headers, allow_redirects=False,
                                         timeout=30)
                 body = resp.content
-                if resp.status_code == 200 and "json" in resp.headers.get("Content-Type", ""):
+                status = resp.status_code
+                out = {name: resp.headers[name] for name in ("Content-Type", "Content-Range", "Retry-After",
+                                                             "Location", "Accept-Ranges") if name in resp.headers}
+                out["Content-Length"] = str(len(body))
+                if status == 200 and "json" in resp.headers.get("Content-Type", ""):
                     body = proxy.mutate(self.path, body)
-                self.send_response(resp.status_code)
-                for name in ("Content-Type", "Content-Range", "Retry-After", "Location", "Accept-Ranges"):
-                    if name in resp.headers:
-                        self.send_header(name, resp.headers[name])
-                self.send_header("Content-Length", str(len(body)))
+                    out["Content-Length"] = str(len(body))
+                elif "/raw/" in self.path and proxy.mutate_raw is not None:
+                    status, out, body = proxy.mutate_raw(self.path, status, out, body,
+                                                         self.headers.get("Range"))
+                self.send_response(status)
+                for name, value in out.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 if method != "HEAD":
                     self.wfile.write(body)

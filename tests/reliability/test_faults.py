@@ -200,7 +200,6 @@ def test_laion_epoch_under_faults_delivers_every_item_once_and_intact(laion_repo
 
     from torch.utils.data import DataLoader
 
-    from reliability.conftest import git_blob_sha1
     from streamloader.data.laion import LaionAestheticsDataset
 
     srv = make_server(laion_repo.root, token=TOKEN, faults=unreliable(seed=11))
@@ -225,11 +224,15 @@ def test_laion_epoch_under_faults_delivers_every_item_once_and_intact(laion_repo
     cache_root = str(isolated_env / "streamloader-cache")
     objects, temps = check_cache(cache_root)
     assert objects == N_IMAGES + 1 and temps == []  # every image and labels.tsv, each verified, nothing partial
-    sources = {git_blob_sha1(p.read_bytes()): p for p in (laion_repo.root / "data").iterdir()}
+    # images are opened without a listing, so they are cached under their location (commit + path), not their
+    # blob sha: every cached object must be exactly one of the source files, and every source file is cached
+    sources = {hashlib.sha256(p.read_bytes()).digest() for p in (laion_repo.root / "data").iterdir()}
+    cached = []
     for dirpath, _dirs, files in os.walk(os.path.join(cache_root, "objects")):
         for name in files:
             with open(os.path.join(dirpath, name), "rb") as f:
-                assert hashlib.sha256(f.read()).digest() == hashlib.sha256(sources[name].read_bytes()).digest()
+                cached.append(hashlib.sha256(f.read()).digest())
+    assert sorted(cached) == sorted(sources)
     ok = Counter(e["path"] for e in srv.request_log if e["kind"] == "raw" and not e["fault"])
     assert set(ok.values()) == {1}  # two workers: one successful download per file
     figures.update(faults=dict(faults), requests=len(srv.request_log), items=items, files_sha256=objects,

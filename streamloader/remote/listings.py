@@ -1,0 +1,241 @@
+"""The per-commit listing store: what a repository's folders hold, in one SQLite file per (repository, commit).
+
+A folder of the LAION-Aesthetics repo holds ~540k entries. Kept as Python objects that is ~400 MB per process, and
+as JSON it takes seconds to reload in every new process and every spawned DataLoader worker. SQLite (standard
+library) answers a point query in a few microseconds straight from the file, needs nothing loaded up front, is safe
+for many processes at once (write-ahead log: readers never wait for a writer) and is filled from a streaming parse
+of the server's answer, so memory stays flat however big the folder is.
+
+Layout: ``entries(dir, name, type, size, hash, versioning)`` keyed by (dir, name) — ``size`` NULL when unknown
+(dagshub.com lists sizes only on request) — and ``dirs(dir, n)`` naming the folders whose complete listing is
+stored. Rows for single paths (learnt from a stat or a download) may exist in folders that were never listed.
+A listing is immutable for a commit, so nothing here ever goes stale; sizes learnt later only fill NULLs.
+
+Usage::
+
+    store = ListingStore("/cache/listings/<repo>/<sha>.sqlite")
+    store.put_listing("data", entries)        # an iterable, consumed in one transaction
+    store.entry("data/a.jpg"), store.names("data"), store.is_listed("data")
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import sqlite3
+import tempfile
+import threading
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+
+from streamloader._files import makedirs_private
+from streamloader.remote.client import RemoteEntry
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ListingStore", "DirListing"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    dir TEXT NOT NULL, name TEXT NOT NULL, type TEXT NOT NULL, size INTEGER, hash TEXT, versioning TEXT,
+    PRIMARY KEY (dir, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dirs (dir TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+"""
+_BUSY_TIMEOUT = 60.0  # seconds a connection waits for another process's write transaction
+_BATCH = 5000  # rows per executemany call while a listing streams in
+
+
+def _split(path: str) -> Tuple[str, str]:
+    parent, _, name = path.rpartition("/")
+    return parent, name
+
+
+def _row_entry(parent: str, row: Tuple[Any, ...]) -> RemoteEntry:
+    name, kind, size, digest, versioning = row
+    return RemoteEntry(f"{parent}/{name}" if parent else name, kind, size if kind != "dir" else 0, digest,
+                       versioning)
+
+
+class ListingStore:
+    """Listings of one repository at one commit (see module docstring). ``path=None``: a private temporary file
+    (for repos without a cache), removed when the creating process exits."""
+
+    def __init__(self, path: Optional[str] = None):
+        self._owner_pid = os.getpid()
+        self._tmpdir: Optional[str] = None
+        if path is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="streamloader-listings-")
+            path = os.path.join(self._tmpdir, "listings.sqlite")
+            atexit.register(_remove_tree, self._tmpdir, self._owner_pid)
+        self.path = path
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"ListingStore({self.path!r})"
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {"path": self.path}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.path = state["path"]
+        self._owner_pid = -1
+        self._tmpdir = None
+        self._local = threading.local()
+
+    # -- connections ----------------------------------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection (a forked child opens its own: SQLite connections must not cross a fork)."""
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is not None and local.pid == os.getpid():
+            return conn
+        makedirs_private(os.path.dirname(self.path))
+        conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":  # e.g. some network file systems: still correct, writers just block readers
+                log.debug("listing store %s: journal mode %s", self.path, mode)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError:
+            conn.close()
+            raise
+        try:
+            os.chmod(self.path, 0o600)
+        except OSError:
+            pass
+        local.conn, local.pid = conn, os.getpid()
+        return conn
+
+    # -- reading --------------------------------------------------------------------------------------------------
+    def entry(self, path: str) -> Optional[RemoteEntry]:
+        """The stored entry of ``path`` (a file or a folder), or None when nothing is known about it."""
+        parent, name = _split(path)
+        row = self._conn().execute("SELECT name, type, size, hash, versioning FROM entries WHERE dir=? AND name=?",
+                                   (parent, name)).fetchone()
+        return _row_entry(parent, row) if row is not None else None
+
+    def is_listed(self, path: str) -> bool:
+        """Whether the complete listing of folder ``path`` is stored."""
+        return self._conn().execute("SELECT 1 FROM dirs WHERE dir=?", (path,)).fetchone() is not None
+
+    def count(self, path: str) -> int:
+        row = self._conn().execute("SELECT n FROM dirs WHERE dir=?", (path,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def names(self, path: str) -> List[str]:
+        """Names in folder ``path``, in code-point order (SQLite compares UTF-8 bytes: the same order)."""
+        return [row[0] for row in self._conn().execute("SELECT name FROM entries WHERE dir=? ORDER BY name", (path,))]
+
+    def entries(self, path: str) -> Iterator[RemoteEntry]:
+        """Entries of folder ``path`` in name order, read lazily."""
+        cursor = self._conn().execute(
+            "SELECT name, type, size, hash, versioning FROM entries WHERE dir=? ORDER BY name", (path,))
+        for row in cursor:
+            yield _row_entry(path, row)
+
+    # -- writing --------------------------------------------------------------------------------------------------
+    def put_listing(self, path: str, entries: Iterable[RemoteEntry]) -> int:
+        """Store the complete listing of folder ``path`` from ``entries`` (consumed here, in one transaction: an
+        exception while iterating leaves the store as it was). Returns the number of entries."""
+        conn = self._conn()
+        count = 0
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("SELECT 1 FROM dirs WHERE dir=?", (path,)).fetchone() is None:
+                batch: List[Tuple[Any, ...]] = []
+                for e in entries:
+                    batch.append((path, e.name, e.type, e.size, e.hash, e.versioning))
+                    if len(batch) >= _BATCH:
+                        count += self._write_rows(conn, batch)
+                        batch = []
+                count += self._write_rows(conn, batch)
+                parent, name = _split(path)
+                if path:
+                    conn.execute("INSERT OR IGNORE INTO entries VALUES (?, ?, 'dir', 0, NULL, NULL)", (parent, name))
+                conn.execute("INSERT OR REPLACE INTO dirs VALUES (?, ?)", (path, count))
+            else:  # another process stored it meanwhile: drain nothing more, keep theirs
+                count = self.count(path)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return count
+
+    @staticmethod
+    def _write_rows(conn: sqlite3.Connection, rows: List[Tuple[Any, ...]]) -> int:
+        # A listed row replaces what single-path lookups stored before, but a size learnt earlier survives a
+        # listing that did not say it (dagshub.com lists size 0 = unknown without include_size).
+        conn.executemany(
+            "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (dir, name) DO UPDATE SET "
+            "type=excluded.type, size=COALESCE(excluded.size, entries.size), "
+            "hash=COALESCE(excluded.hash, entries.hash), versioning=COALESCE(excluded.versioning, entries.versioning)",
+            rows)
+        return len(rows)
+
+    def put_entry(self, entry: RemoteEntry) -> None:
+        """Remember one path's entry (from a stat or a download); a listed row keeps its hash."""
+        parent, name = _split(entry.path)
+        try:
+            self._write_rows(self._conn(), [(parent, name, entry.type, entry.size, entry.hash, entry.versioning)])
+        except sqlite3.OperationalError as exc:  # busy beyond the timeout: only a hint was lost
+            log.debug("could not record %s in %s: %s", entry.path, self.path, exc)
+
+    def set_size(self, path: str, size: int) -> None:
+        """Record the real size of a file learnt from a download (a NULL size becomes known)."""
+        parent, name = _split(path)
+        try:
+            self._conn().execute("UPDATE entries SET size=? WHERE dir=? AND name=? AND size IS NULL",
+                                 (int(size), parent, name))
+        except sqlite3.OperationalError as exc:
+            log.debug("could not record the size of %s in %s: %s", path, self.path, exc)
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            conn.close()
+        self._local = threading.local()
+
+
+class DirListing(Mapping[str, RemoteEntry]):
+    """A read-only ``{name: RemoteEntry}`` view of one stored folder; nothing is loaded until asked for."""
+
+    def __init__(self, store: ListingStore, path: str):
+        self._store, self.path = store, path
+        self._len: Optional[int] = None
+
+    def __getitem__(self, name: str) -> RemoteEntry:
+        entry = self._store.entry(f"{self.path}/{name}" if self.path else name) if "/" not in name else None
+        if entry is None:
+            raise KeyError(name)
+        return entry
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and "/" not in name and self.get(name) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._store.names(self.path))
+
+    def __len__(self) -> int:
+        if self._len is None:
+            self._len = self._store.count(self.path)
+        return self._len
+
+    def names(self) -> List[str]:
+        """Every name, in order (one query; what ``os.listdir`` needs)."""
+        return self._store.names(self.path)
+
+    def sorted_entries(self) -> Iterator[RemoteEntry]:
+        """Every entry, in name order, read lazily."""
+        return self._store.entries(self.path)
+
+    def items(self) -> Any:  # noqa: D102 - Mapping.items, in name order
+        return [(e.name, e) for e in self._store.entries(self.path)]
+
+    def values(self) -> Any:  # noqa: D102
+        return list(self._store.entries(self.path))
+
+
+def _remove_tree(path: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:  # a forked child exiting must not delete its parent's store
+        shutil.rmtree(path, ignore_errors=True)
