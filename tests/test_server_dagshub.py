@@ -159,6 +159,10 @@ def test_dvc_raw_redirects_to_a_presigned_origin_that_needs_no_token(like, repo_
     presigned_log = [e for e in like.request_log if e["kind"] == "presigned"]
     assert [e["status"] for e in presigned_log] == [200, 400, 403, 200]
     assert presigned_log[-1]["auth"] is None
+    # the presigned URL names the host the client used (a server bound to 0.0.0.0 stays reachable)
+    aliased = get(like, "raw/main/data/labels.tsv", allow_redirects=False,
+                  headers={**AUTH, "Host": f"localhost:{like.port}"}).headers["Location"]
+    assert aliased.startswith(f"http://localhost:{urlsplit(like.presigned_origin).port}/presigned/")
     # git files are served directly
     readme = get(like, "raw/main/README.md", allow_redirects=False)
     assert readme.status_code == 200 and readme.content == b"# test repo\n"
@@ -221,6 +225,7 @@ def test_max_in_flight_answers_429_above_the_limit(like):
         statuses = list(pool.map(lambda _: get(like, "raw/main/README.md").status_code, range(6)))
     assert 1 <= statuses.count(200) <= 4 and statuses.count(429) >= 2 and set(statuses) == {200, 429}
     like.dagshub_like.max_in_flight = 0  # off
+    like.faults.latency = 0.3
     with ThreadPoolExecutor(6) as pool:
         assert set(pool.map(lambda _: get(like, "raw/main/README.md").status_code, range(6))) == {200}
 

@@ -69,7 +69,8 @@ def register(subparsers: Any) -> None:
                       help="set one DagsHubLike knob (VALUE as JSON, else a string), e.g. max_in_flight=0, "
                            "ignore_range=false, dvc_paths='[\"data/*.jpg\"]'; repeatable; implies --dagshub-like")
     like.add_argument("--public", action="store_true",
-                      help="public repo: requests without an Authorization header may read (a wrong token still gets 401)")
+                      help="public repo: requests without an Authorization header may read "
+                           "(a wrong token still gets 401)")
     like.add_argument("--anonymous-status", type=int, choices=(401, 404), default=401,
                       help="what a private repo answers requests without credentials (default 401; dagshub.com: 404)")
     parser.set_defaults(func=run)

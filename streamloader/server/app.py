@@ -111,12 +111,13 @@ class DagsHubServer:
     def stop(self) -> None:
         """Stop serving and close every open connection (idempotent)."""
         httpd, self._httpd = self._httpd, None
-        self.presigned.stop()
         if httpd is None:
+            self.presigned.stop()
             return
         httpd.shutdown()
         httpd.server_close()
         httpd.close_connections()
+        self.presigned.stop()  # after the API origin, so no request left can start it again
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -197,10 +198,11 @@ class DagsHubServer:
         """``http://HOST:PORT`` of the presigned-download origin ("" until it started)."""
         return self.presigned.url
 
-    def presigned_url(self, repo_path: str) -> str:
-        """A presigned URL for a file (already expired while ``expire_first`` lasts); starts the origin."""
+    def presigned_url(self, repo_path: str, host: Optional[str] = None) -> str:
+        """A presigned URL for a file (already expired while ``expire_first`` lasts); starts the origin. ``host``:
+        the host name to put in it (default: the address the server binds)."""
         mode = self._dagshub_like or DagsHubLike()
-        return self.presigned.sign(repo_path, float(mode.presigned_ttl), expired=mode.take("expire_first"))
+        return self.presigned.sign(repo_path, float(mode.presigned_ttl), expired=mode.take("expire_first"), host=host)
 
     def _synthetic_signature(self) -> str:
         mode = self._dagshub_like

@@ -13,7 +13,7 @@ import os
 import time
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from streamloader.server import payloads
 from streamloader.server.blobs import Blob, send_blob
@@ -269,7 +269,7 @@ def serve_raw(handler: Any, route: Route, drop: bool) -> None:
         return
     path = found[0].repo_path(found[1]) if found is not None else "/".join(split_repo_path(route.key))
     if mode.presign_dvc_raw and mode.is_dvc(path):
-        location = app.presigned_url(path)
+        location = app.presigned_url(path, host=urlsplit(handler._base_url()).hostname)
         handler._send(int(mode.redirect_status), b"", "text/plain", {"Location": location})
         return
     if found is not None:

@@ -59,7 +59,8 @@ class DagsHubLike:
     Every request:
         ``max_in_flight``: above this many concurrent requests the server answers 429 (0 = no limit);
         ``rate_limit_first=N``: the next N requests answer 429. 429s carry ``Retry-After`` of ``retry_after``
-        seconds, written as an HTTP date (``retry_after_format="date"``) or as seconds (``"seconds"``).
+        seconds, written as an HTTP date (``retry_after_format="date"``) or as seconds (``"seconds"``). Every
+        request to the API origin counts, OAuth included; the presigned origin (the "bucket") is not limited.
     """
 
     unpaged_listings: bool = True

@@ -72,7 +72,7 @@ class PresignedOrigin:
                 self._httpd = LoopbackHTTPServer((self.host, 0), self.app, _PresignedHandler)
                 self._httpd.origin = self  # type: ignore[attr-defined]
                 self.port = int(self._httpd.server_address[1])
-                self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                                 name=f"presigned-origin-{self.port}", daemon=True)
                 self._thread.start()
         return self
@@ -92,12 +92,16 @@ class PresignedOrigin:
     def _signature(self, token: str, expires: str) -> str:
         return hmac.new(self._secret, f"{token}\n{expires}".encode("ascii"), hashlib.sha256).hexdigest()
 
-    def sign(self, repo_path: str, ttl: float, expired: bool = False) -> str:
-        """A presigned URL for ``repo_path`` valid for ``ttl`` s (already expired when ``expired``)."""
+    def sign(self, repo_path: str, ttl: float, expired: bool = False, host: Optional[str] = None) -> str:
+        """A presigned URL for ``repo_path`` valid for ``ttl`` s (already expired when ``expired``); ``host``: the
+        host name the client used for the API (so a server bound to 0.0.0.0 hands out reachable URLs)."""
         self.start()
         expires = str(int(time.time()) - 1 if expired else int(time.time() + ttl))
         token = _token(repo_path)
-        return f"{self.url}{_PREFIX}{token}?X-Expires={expires}&X-Signature={self._signature(token, expires)}"
+        origin = self.url
+        if host:
+            origin = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        return f"{origin}{_PREFIX}{token}?X-Expires={expires}&X-Signature={self._signature(token, expires)}"
 
     def check(self, token: str, expires: str, signature: str, now: Optional[float] = None) -> None:
         """Raise HTTPError 403 unless the signature matches and the URL has not expired."""
