@@ -5,16 +5,20 @@ Example::
     STREAMLOADER_SERVER_TOKEN=t0k streamloader serve ./laion-mini --port 8765
     # Serving ./laion-mini as user/repo at http://127.0.0.1:8765 (repo URL: http://127.0.0.1:8765/user/repo)
     DAGSHUB_TOKEN=t0k DAGSHUB_CLIENT_HOST=http://127.0.0.1:8765 python train.py
+
+    # answer like dagshub.com, as a public repo with 540k synthetic JPEGs in data/
+    streamloader serve ./repo --dagshub-like --synthetic data=540000 --public
 """
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Dict, Optional
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,26 @@ def register(subparsers: Any) -> None:
                         help="fraction of raw downloads cut off after half the body")
     faults.add_argument("--test-knobs", action="store_true",
                         help="enable the unauthenticated /_streamloader/ admin endpoints (counters, live faults)")
+    like = parser.add_argument_group(
+        "dagshub.com behaviour", "answer the way dagshub.com really does rather than the client-friendly default "
+        "(knobs: streamloader/server/mode.py, DagsHubLike)")
+    like.add_argument("--dagshub-like", action="store_true",
+                      help="turn the mode on: folders list as one unpaged array; sizes are 0 without include_size=true "
+                           "(which costs 20 us per entry); a file's content is one object; the root lists a connected "
+                           "bucket; files under data/ are DVC-tracked (md5 hashes) and their raw downloads redirect "
+                           "(302) to presigned URLs on a second port (403 once expired); Range is ignored; more than "
+                           "64 concurrent requests get 429 with Retry-After as an HTTP date")
+    like.add_argument("--synthetic", action="append", default=[], metavar="FOLDER=N",
+                      help="add N generated JPEGs FOLDER/000000000.jpg ... (never written to disk) to FOLDER; "
+                           "repeatable; implies --dagshub-like")
+    like.add_argument("--dagshub-knob", action="append", default=[], metavar="NAME=VALUE",
+                      help="set one DagsHubLike knob (VALUE as JSON, else a string), e.g. max_in_flight=0, "
+                           "ignore_range=false, dvc_paths='[\"data/*.jpg\"]'; repeatable; implies --dagshub-like")
+    like.add_argument("--public", action="store_true",
+                      help="public repo: requests without an Authorization header may read "
+                           "(a wrong token still gets 401)")
+    like.add_argument("--anonymous-status", type=int, choices=(401, 404), default=401,
+                      help="what a private repo answers requests without credentials (default 401; dagshub.com: 404)")
     parser.set_defaults(func=run)
 
 
@@ -61,9 +85,33 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def dagshub_like_knobs(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """The DagsHubLike knobs the flags ask for (None: mode off); ValueError on a malformed flag."""
+    knobs: Dict[str, Any] = {}
+    for item in args.dagshub_knob:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--dagshub-knob wants NAME=VALUE, got {item!r}")
+        try:
+            knobs[name.strip()] = json.loads(text)
+        except ValueError:
+            knobs[name.strip()] = text
+    synthetic: Dict[str, int] = dict(knobs.pop("synthetic", None) or {})
+    for item in args.synthetic:
+        folder, sep, count = item.rpartition("=")
+        if not sep or not count.strip().isdigit():
+            raise ValueError(f"--synthetic wants FOLDER=N, got {item!r}")
+        synthetic[folder.strip().strip("/")] = int(count)
+    if synthetic:
+        knobs["synthetic"] = synthetic
+    if not (args.dagshub_like or knobs):
+        return None
+    return knobs
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code."""
-    from streamloader.server import DagsHubServer, ServerFaults
+    from streamloader.server import DagsHubLike, DagsHubServer, ServerFaults
 
     if not os.path.isdir(args.dir):
         print(f"streamloader serve: error: not a directory: {args.dir}")
@@ -71,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         faults = ServerFaults(latency=args.latency, error_rate=args.error_rate, throttle_rate=args.throttle_rate,
                               retry_after=args.retry_after, drop_rate=args.drop_rate)
+        knobs = dagshub_like_knobs(args)
+        mode: Optional[DagsHubLike] = None
+        if knobs is not None:
+            mode = DagsHubLike()
+            mode.update(knobs)
     except ValueError as exc:
         print(f"streamloader serve: error: {exc}")
         return 2
@@ -79,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         log.warning("binding %s exposes %s to the network%s", args.host, args.dir,
                     "" if token else " WITHOUT any token")
     server = DagsHubServer(args.dir, owner=args.owner, repo=args.repo, branch=args.branch, token=token,
-                           host=args.host, port=args.port, faults=faults, test_knobs=args.test_knobs)
+                           host=args.host, port=args.port, faults=faults, test_knobs=args.test_knobs,
+                           dagshub_like=mode, anonymous_read=args.public, anonymous_status=args.anonymous_status)
     stop = threading.Event()
 
     def _request_stop(signum: int, frame: Any) -> None:
@@ -90,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         print(f"Serving {args.dir} as {args.owner}/{args.repo} at {server.url} (repo URL: {server.repo_url})",
               flush=True)
+        if mode is not None:
+            extra = "".join(f", {n} synthetic files in {f or '/'}" for f, n in sorted(mode.synthetic.items()))
+            print(f"dagshub-like mode: presigned downloads from {server.presigned_origin or '(off)'}{extra}"
+                  f"{'; public' if args.public else ''}", flush=True)
         while not stop.wait(0.5):
             pass
     finally:

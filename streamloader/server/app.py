@@ -7,6 +7,9 @@ Example::
                      headers={"Authorization": "Bearer t0k"}).content
         srv.faults.error_rate = 0.3          # knobs are live
         srv.request_count("data/labels.tsv", kind="raw")
+
+    # answer like dagshub.com (server/mode.py), as a public repo with 540k synthetic images in data/
+    DagsHubServer(root, token="t0k", anonymous_read=True, dagshub_like=DagsHubLike(synthetic={"data": 540_000}))
 """
 from __future__ import annotations
 
@@ -15,17 +18,16 @@ import binascii
 import hmac
 import logging
 import secrets
-import socket
-import socketserver
-import sys
 import threading
 from collections import Counter, deque
-from http.server import ThreadingHTTPServer
-from typing import Any, Deque, Dict, List, Mapping, Optional, Set
+from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple, Union
 
 from streamloader.server.faults import KINDS, ServerFaults
 from streamloader.server.handler import DagsHubRequestHandler
+from streamloader.server.httpd import LoopbackHTTPServer
+from streamloader.server.mode import DagsHubLike
 from streamloader.server.oauth import OAuthBroker
+from streamloader.server.presigned import PresignedOrigin
 from streamloader.server.repo import RepoFolder
 
 log = logging.getLogger(__name__)
@@ -34,61 +36,20 @@ __all__ = ["DagsHubServer"]
 
 # request_log keeps the newest entries only, so a long benchmark cannot grow memory without bound
 _MAX_LOG = 200_000
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024
-
-    def __init__(self, address: Any, app: "DagsHubServer"):
-        self.app = app
-        self._connections: Set[socket.socket] = set()
-        self._conn_lock = threading.Lock()
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, DagsHubRequestHandler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind calls socket.getfqdn(), a reverse-DNS lookup that can stall for seconds
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._conn_lock:
-            self._connections.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._conn_lock:
-            self._connections.discard(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # socketserver would print a traceback to stderr; clients hanging up mid-request are routine here
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError)):
-            log.debug("connection from %s ended: %r", client_address, exc)
-        else:
-            log.error("error while serving %s", client_address, exc_info=True)
-
-    def close_connections(self) -> None:
-        """Cut idle keep-alive connections so a stopped server really stops answering."""
-        with self._conn_lock:
-            conns = list(self._connections)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+# the request kinds that read the repository (what anonymous_read opens, what anonymous_status answers)
+_REPO_KINDS = frozenset({"repo", "branches", "commits", "content", "raw", "storage"})
 
 
 class DagsHubServer:
     """Serve ``root`` as ``{owner}/{repo}`` on branch ``branch`` (see module docstring for an example).
 
     ``token=None`` accepts any (or no) credentials; otherwise every API request needs ``Bearer <token>`` (or Basic
-    with the token as password). ``test_knobs`` enables the unauthenticated ``/_streamloader/`` admin endpoints;
-    ``oauth_wait`` bounds how long ``/login/oauth/middleman`` waits for approval.
+    with the token as password) and a wrong token always gets 401. ``anonymous_read=True`` makes the repo public:
+    reads without an Authorization header are allowed (the repo record says ``"private": false``); a private repo
+    answers them ``anonymous_status`` (401, or 404 as dagshub.com does). ``dagshub_like`` (a DagsHubLike, or True
+    for every default) makes the server answer like dagshub.com (server/mode.py). ``test_knobs`` enables the
+    unauthenticated ``/_streamloader/`` admin endpoints; ``oauth_wait`` bounds how long ``/login/oauth/middleman``
+    waits for approval.
     """
 
     def __init__(
@@ -104,19 +65,30 @@ class DagsHubServer:
         *,
         test_knobs: bool = True,
         oauth_wait: float = 30.0,
+        dagshub_like: Union[None, bool, DagsHubLike] = None,
+        anonymous_read: bool = False,
+        anonymous_status: int = 401,
     ):
         self.folder = RepoFolder(str(root))
         self.owner, self.repo, self.branch = owner, repo, branch
         self.token = token
         self.host, self.port = host, int(port)
         self.test_knobs = test_knobs
+        if anonymous_status not in (401, 404):
+            raise ValueError("anonymous_status must be 401 or 404")
+        self.anonymous_read, self.anonymous_status = bool(anonymous_read), int(anonymous_status)
         self._faults = faults if faults is not None else ServerFaults()
+        self._dagshub_like: Optional[DagsHubLike] = None
+        self.dagshub_like = dagshub_like  # type: ignore[assignment]
+        self.presigned = PresignedOrigin(self, host)
+        self._in_flight = 0
+        self.folder.extra_signature = self._synthetic_signature
         # OAuth hands out the configured token; without one, any token works, so a generated one will do
         self.oauth = OAuthBroker(token or f"sl-oauth-{secrets.token_hex(12)}", oauth_wait)
         self._stats_lock = threading.Lock()
         self._counts: Dict[str, Counter] = {kind: Counter() for kind in KINDS}
         self._log: Deque[Dict[str, Any]] = deque(maxlen=_MAX_LOG)
-        self._httpd: Optional[_HTTPServer] = None
+        self._httpd: Optional[LoopbackHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -124,8 +96,10 @@ class DagsHubServer:
         """Bind and serve in a daemon thread; returns self. Example: ``srv = DagsHubServer(d).start()``."""
         if self._httpd is not None:
             return self
-        self._httpd = _HTTPServer((self.host, self.port), self)
+        self._httpd = LoopbackHTTPServer((self.host, self.port), self, DagsHubRequestHandler)
         self.port = int(self._httpd.server_address[1])
+        if self._dagshub_like is not None and self._dagshub_like.presign_dvc_raw:
+            self.presigned.start()  # otherwise it starts on the first presigned URL handed out
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, name=f"dagshub-server-{self.port}",
             daemon=True,
@@ -138,10 +112,12 @@ class DagsHubServer:
         """Stop serving and close every open connection (idempotent)."""
         httpd, self._httpd = self._httpd, None
         if httpd is None:
+            self.presigned.stop()
             return
         httpd.shutdown()
         httpd.server_close()
         httpd.close_connections()
+        self.presigned.stop()  # after the API origin, so no request left can start it again
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -187,10 +163,81 @@ class DagsHubServer:
         else:
             self._faults.update(values)
 
+    # -- dagshub-like mode ------------------------------------------------------------------------------------
+    @property
+    def dagshub_like(self) -> Optional[DagsHubLike]:
+        """The live DagsHubLike knobs (None: the server's own answers); assign one (or True/None) at any time."""
+        return self._dagshub_like
+
+    @dagshub_like.setter
+    def dagshub_like(self, value: Union[None, bool, DagsHubLike]) -> None:
+        if value is True:
+            value = DagsHubLike()
+        elif value is False:
+            value = None
+        if value is not None and not isinstance(value, DagsHubLike):
+            raise TypeError("dagshub_like must be a DagsHubLike, True or None")
+        self._dagshub_like = value
+
+    def update_dagshub_like(self, values: Mapping[str, Any]) -> None:
+        """Set some DagsHubLike knobs by name, switching the mode on if it was off. ``{"_replace": True}`` first
+        restores every default, ``{"_off": True}`` switches the mode off; ValueError if invalid."""
+        values = dict(values)
+        if values.pop("_off", False):
+            self._dagshub_like = None
+            return
+        if values.pop("_replace", False) or self._dagshub_like is None:
+            fresh = DagsHubLike()
+            fresh.update(values)
+            self._dagshub_like = fresh
+        else:
+            self._dagshub_like.update(values)
+
+    @property
+    def presigned_origin(self) -> str:
+        """``http://HOST:PORT`` of the presigned-download origin ("" until it started)."""
+        return self.presigned.url
+
+    def presigned_url(self, repo_path: str, host: Optional[str] = None) -> str:
+        """A presigned URL for a file (already expired while ``expire_first`` lasts); starts the origin. ``host``:
+        the host name to put in it (default: the address the server binds)."""
+        mode = self._dagshub_like or DagsHubLike()
+        return self.presigned.sign(repo_path, float(mode.presigned_ttl), expired=mode.take("expire_first"), host=host)
+
+    def _synthetic_signature(self) -> str:
+        mode = self._dagshub_like
+        return repr(sorted(mode.synthetic.items())) if mode is not None and mode.synthetic else ""
+
+    def _admit(self) -> Tuple[bool, Optional[str]]:
+        """Count a request in flight (dagshub-like mode only): (counted, Retry-After if it must answer 429)."""
+        mode = self._dagshub_like
+        if mode is None:
+            return False, None
+        with self._stats_lock:
+            self._in_flight += 1
+            in_flight = self._in_flight
+        if (mode.max_in_flight and in_flight > mode.max_in_flight) or mode.take("rate_limit_first"):
+            return True, mode.retry_after_header()
+        return True, None
+
+    def _release(self) -> None:
+        with self._stats_lock:
+            self._in_flight -= 1
+
     # -- state ----------------------------------------------------------------------------------------------
     def head_sha(self) -> str:
         """Current commit sha of the branch (derived from the folder's state)."""
         return self.folder.head_sha()
+
+    def access_denied(self, kind: str, header: Optional[str]) -> Optional[int]:
+        """None if a request of ``kind`` with this Authorization header may proceed, else the status (401/404)."""
+        if self.token is None:
+            return None
+        if header is not None:
+            return None if self.authorized(header) else 401
+        if kind in _REPO_KINDS:
+            return None if self.anonymous_read else self.anonymous_status
+        return 401
 
     def authorized(self, header: Optional[str]) -> bool:
         """Whether an Authorization header value carries the server token (always True without a token)."""
@@ -243,16 +290,19 @@ class DagsHubServer:
             return {k: dict(c) for k, c in self._counts.items() if c}
 
     def reset_counts(self) -> None:
-        """Zero the counters, clear the request log and re-arm ``fail_first``."""
+        """Zero the counters, clear the request log and re-arm ``fail_first`` (and DagsHubLike's ``*_first``)."""
         with self._stats_lock:
             for counter in self._counts.values():
                 counter.clear()
             self._log.clear()
         self._faults.reset_consumed()
+        if self._dagshub_like is not None:
+            self._dagshub_like.reset_consumed()
 
     @property
     def request_log(self) -> List[Dict[str, Any]]:
         """A copy of the log, one dict per finished request: ``method, kind, path, status, range, has_auth, auth,
-        query, fault`` (``fault``: None or "fail_path"/"fail_first"/"error"/"throttle"/"drop"/"redirect")."""
+        query, fault`` (``fault``: None or "fail_path"/"fail_first"/"error"/"throttle"/"drop"/"redirect"/
+        "rate_limit"); kind "presigned" entries are requests to the presigned origin."""
         with self._stats_lock:
             return [dict(e) for e in self._log]

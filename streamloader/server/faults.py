@@ -15,8 +15,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 __all__ = ["ServerFaults", "FaultDecision", "KINDS"]
 
-# request kinds the server distinguishes (also the keys of its counters)
-KINDS = ("raw", "content", "branches", "commits", "repo", "user", "storage", "oauth", "other")
+# request kinds the server distinguishes (also the keys of its counters); "presigned" = the presigned origin
+KINDS = ("raw", "content", "branches", "commits", "repo", "user", "storage", "oauth", "other", "presigned")
 
 # the 5xx statuses a random server error is drawn from
 _ERROR_STATUSES = (500, 502, 503)

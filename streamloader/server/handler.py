@@ -9,8 +9,9 @@ Routes (see shared/reference/dagshub-api.md); ``{base}`` is ``/api/v1/repos/{own
     GET  {base}/content/{rev}/{dir}                  listing (paged with paging=true or limit=N)
     GET|HEAD {base}/raw/{rev}/{path}                 bytes, Range -> 206/416
     GET  {base}/storage                              []
+    (with a DagsHubLike, content/raw/storage answer as dagshub.com does instead: server/dagshub_like.py)
     GET  /login/oauth/authorize, POST /login/oauth/middleman, POST /login/oauth/access_token
-    /_streamloader/{counts,log,head,faults,reset}    unauthenticated admin endpoints (when enabled)
+    /_streamloader/{counts,log,head,faults,dagshub_like,reset}   unauthenticated admin endpoints (when enabled)
 """
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 from urllib.parse import parse_qs, unquote
 
-from streamloader.server import payloads
+from streamloader.server import dagshub_like, payloads
 from streamloader.server.oauth import approval_page
 from streamloader.server.repo import RepoEntry, RepoPathError, split_repo_path
-from streamloader.server.routes import Route, Unsatisfiable, parse_range, parse_route
+from streamloader.server.routes import HTTPError, Route, Unsatisfiable, parse_range, parse_route
 
 if TYPE_CHECKING:  # pragma: no cover
     from streamloader.server.app import DagsHubServer
@@ -40,14 +41,6 @@ _DEFAULT_PAGE = 100
 # Raw answers carry the blob sha as ETag. Hashing a big file on its first (maybe 1 KB Range) request would stall
 # it, so above this size the ETag is sent only once a listing has hashed the file.
 _ETAG_HASH_LIMIT = 64 * 1024 * 1024
-
-
-class HTTPError(Exception):
-    """Answer ``status`` with a JSON ``{"message": ...}`` body."""
-
-    def __init__(self, status: int, message: str, headers: Optional[Dict[str, str]] = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
 
 
 class DagsHubRequestHandler(BaseHTTPRequestHandler):
@@ -154,8 +147,12 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
         route = parse_route(path) if path is not None else Route("other")
         self._route = route
         self.app._record_arrival(route.kind, route.key)
+        entered, retry_after = self.app._admit()
         try:
             body = self._read_body()
+            if retry_after is not None:  # dagshub-like rate limit (the body was read: the connection stays usable)
+                self._fault = "rate_limit"
+                raise HTTPError(429, "rate limit exceeded; retry later", {"Retry-After": retry_after})
             latency = float(self.app.faults.latency)
             if latency > 0:
                 time.sleep(latency)  # each handler thread sleeps on its own: concurrent requests overlap
@@ -178,6 +175,8 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
                     pass
         finally:
             self._log_request()  # requests that ended without an answer (client gone) are logged too
+            if entered:
+                self.app._release()
 
     # -- routing --------------------------------------------------------------------------------------------
     def _handle(self, method: str, route: Route, query: Dict[str, List[str]], body: bytes) -> None:
@@ -185,8 +184,12 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
         if route.kind == "oauth":
             self._oauth(method, route.action, query, body)
             return
-        # everything but the OAuth pages needs the token (decided on the route, not on the raw URL text)
-        if not app.authorized(self.headers.get("Authorization")):
+        # everything but the OAuth pages needs the token (decided on the route, not on the raw URL text), except
+        # reads of a public repo (anonymous_read); private repos answer anonymous requests anonymous_status
+        denied = app.access_denied(route.kind, self.headers.get("Authorization"))
+        if denied == 404:
+            raise HTTPError(404, "repository not found")
+        if denied is not None:
             raise HTTPError(401, "unauthorized: send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
         if route.kind == "other":
             if method == "POST" and self.path.startswith("/api/internal/trackAnalyticsEvent"):
@@ -219,13 +222,19 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
         elif route.kind == "storage":
             if route.action != "list":
                 raise HTTPError(404, "no storage bucket is connected to this repository")
-            self._send_json(200, [])
+            self._send_json(200, dagshub_like.storage_records(self) if app.dagshub_like is not None else [])
         elif route.kind == "content":
             self._check_rev(route.rev)
-            self._listing(route, query)
+            if app.dagshub_like is not None:
+                dagshub_like.serve_content(self, route, query)
+            else:
+                self._listing(route, query)
         else:
             self._check_rev(route.rev)
-            self._raw(route, decision.drop)
+            if app.dagshub_like is not None:
+                dagshub_like.serve_raw(self, route, decision.drop)
+            else:
+                self._raw(route, decision.drop)
 
     def _check_rev(self, rev: str) -> None:
         if rev != self.app.branch and not self.app.folder.knows_commit(rev):
@@ -360,6 +369,16 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
             elif method == "POST" and name == "reset":
                 app.reset_counts()
                 self._send_json(200, {"ok": True})
+            elif method == "GET" and name == "dagshub_like":
+                mode = app.dagshub_like
+                self._send_json(200, mode.to_dict() if mode is not None else None)
+            elif method == "POST" and name == "dagshub_like":
+                values = json.loads(body or b"{}")
+                if not isinstance(values, dict):
+                    raise ValueError("expected a JSON object of DagsHubLike fields")
+                app.update_dagshub_like(values)
+                mode = app.dagshub_like
+                self._send_json(200, mode.to_dict() if mode is not None else None)
             elif method == "POST" and name == "faults":
                 values = json.loads(body or b"{}")
                 if not isinstance(values, dict):

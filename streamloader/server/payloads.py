@@ -45,7 +45,7 @@ def repo(app: "DagsHubServer") -> Dict[str, Any]:
         "name": app.repo,
         "full_name": full_name,
         "description": f"local folder served by streamloader: {app.folder.root}",
-        "private": app.token is not None,
+        "private": app.token is not None and not app.anonymous_read,
         "fork": False,
         "parent": None,
         "empty": False,
@@ -97,7 +97,7 @@ def content_entry(app: "DagsHubServer", base_url: str, rev: str, entry: RepoEntr
         "type": entry.type,
         "size": entry.size,
         "hash": entry.hash,
-        "versioning": "git",
+        "versioning": entry.versioning,
         "download_url": f"{api}/raw/{quote(rev, safe='')}/{path}",
         "content_url": f"{api}/content/{quote(rev, safe='')}/{path}",
     }

@@ -20,12 +20,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import IO, Any, Dict, List, Optional, Sequence
+from typing import IO, Any, Dict, List, Optional, Sequence, Union
 
 # the subprocess reads its token from TOKEN_ENV, so it never appears in the process arguments (ps, /proc/*/cmdline)
 from streamloader.commands.serve import TOKEN_ENV
 from streamloader.errors import StreamloaderError
 from streamloader.server.faults import ServerFaults
+from streamloader.server.mode import DagsHubLike
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ class ServerProcess:
         test_knobs: bool = True,
         start_timeout: float = 60.0,
         env: Optional[Dict[str, str]] = None,
+        dagshub_like: Union[None, bool, DagsHubLike] = None,
+        anonymous_read: bool = False,
+        anonymous_status: int = 401,
     ):
         self.root = str(root)
         self.owner, self.repo, self.branch, self.token = owner, repo, branch, token
@@ -64,6 +68,8 @@ class ServerProcess:
             extra = {k for k, v in faults.to_dict().items() if k not in cli_only and v != ServerFaults().to_dict()[k]}
             if extra:
                 raise ValueError(f"fault knobs {sorted(extra)} need test_knobs=True (the admin endpoints)")
+        self.dagshub_like = DagsHubLike() if dagshub_like is True else (dagshub_like or None)
+        self.anonymous_read, self.anonymous_status = anonymous_read, anonymous_status
         self.extra_args = list(extra_args)
         self.test_knobs = test_knobs
         self.start_timeout = start_timeout
@@ -84,6 +90,16 @@ class ServerProcess:
             cmd += ["--latency", str(faults.latency), "--error-rate", str(faults.error_rate),
                     "--throttle-rate", str(faults.throttle_rate), "--retry-after", str(faults.retry_after),
                     "--drop-rate", str(faults.drop_rate)]
+        if self.anonymous_read:
+            cmd.append("--public")
+        if self.anonymous_status != 401:
+            cmd += ["--anonymous-status", str(self.anonymous_status)]
+        if self.dagshub_like is not None:
+            cmd.append("--dagshub-like")
+            defaults = DagsHubLike().to_dict()
+            for name, value in self.dagshub_like.to_dict().items():
+                if value != defaults[name]:
+                    cmd += ["--dagshub-knob", f"{name}={json.dumps(value)}"]
         return cmd + self.extra_args
 
     def start(self) -> "ServerProcess":
@@ -234,3 +250,13 @@ class ServerProcess:
     def clear_faults(self) -> None:
         """Restore every fault knob to its default."""
         self._admin("POST", "faults", {"_replace": True})
+
+    def get_dagshub_like(self) -> Optional[DagsHubLike]:
+        """A copy of the subprocess's DagsHubLike knobs (None: the mode is off)."""
+        knobs = self._admin("GET", "dagshub_like")
+        return DagsHubLike(**knobs) if knobs is not None else None
+
+    def set_dagshub_like(self, **knobs: Any) -> None:
+        """Set some DagsHubLike knobs (switching the mode on); ``_off=True`` switches it off, ``_replace=True``
+        restores the defaults first. Example: ``srv.set_dagshub_like(max_in_flight=4)``."""
+        self._admin("POST", "dagshub_like", knobs)

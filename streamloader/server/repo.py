@@ -15,7 +15,9 @@ import os
 import stat
 import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
+
+from streamloader.server.dvc import dvc_md5_file
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class RepoEntry:
     type: str  # "file" | "dir"
     size: int
     hash: str
+    versioning: str = "git"  # "git" | "dvc"
 
 
 def git_blob_sha1(path: str) -> str:
@@ -105,7 +108,10 @@ class RepoFolder:
         self._lock = threading.Lock()
         # real path -> (stat signature, blob sha)
         self._hash_cache: Dict[str, Tuple[Tuple[int, int, int, int], str]] = {}
+        self._md5_cache: Dict[str, Tuple[Tuple[int, int, int, int], str]] = {}
         self._issued: Set[str] = set()
+        # mixed into the commit sha when it returns a non-empty string (state that is not on disk: synthetic files)
+        self.extra_signature: Optional[Callable[[], str]] = None
 
     # -- paths ----------------------------------------------------------------------------------------------
     def _inside(self, real: str) -> bool:
@@ -145,9 +151,26 @@ class RepoFolder:
             self._hash_cache[real_path] = (signature, sha)
         return sha
 
+    def dvc_md5(self, real_path: str, st: Optional[os.stat_result] = None) -> str:
+        """DVC 2's md5 of a file (server/dvc.py), cached like :meth:`blob_sha`."""
+        st = st or os.stat(real_path)
+        signature = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        cached = self._md5_cache.get(real_path)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        md5 = dvc_md5_file(real_path)
+        with self._lock:
+            self._md5_cache[real_path] = (signature, md5)
+        return md5
+
     # -- listings -------------------------------------------------------------------------------------------
-    def list_dir(self, repo_path: str) -> List[RepoEntry]:
-        """Entries of a directory, sorted by name; RepoPathError 404 if it is missing or not a directory."""
+    def list_dir(
+        self, repo_path: str, classify: Optional[Callable[[str, str, os.stat_result], Tuple[str, str]]] = None
+    ) -> List[RepoEntry]:
+        """Entries of a directory, sorted by name; RepoPathError 404 if it is missing or not a directory.
+
+        ``classify(repo_path, real_path, stat)`` -> ``(hash, versioning)`` of a file; default: git blob sha1, "git".
+        """
         real_dir = self.resolve(repo_path)
         if not os.path.isdir(real_dir):
             raise RepoPathError(404, "not a directory")
@@ -170,7 +193,8 @@ class RepoFolder:
                     dir_sig = f"tree\0{path}\0{st.st_mtime_ns}".encode("utf-8")
                     entries.append(RepoEntry(path, "dir", 0, hashlib.sha1(dir_sig).hexdigest()))
                 elif stat.S_ISREG(st.st_mode):
-                    entries.append(RepoEntry(path, "file", st.st_size, self.blob_sha(real, st)))
+                    digest, versioning = classify(path, real, st) if classify else (self.blob_sha(real, st), "git")
+                    entries.append(RepoEntry(path, "file", st.st_size, digest, versioning))
                 else:
                     log.debug("listing of %r leaves out %r (not a regular file)", repo_path, dirent.name)
             except OSError as exc:  # vanished or unreadable while listing: leave it out, say so
@@ -199,6 +223,9 @@ class RepoFolder:
                     newest = max(newest, st.st_mtime_ns)
         for row in sorted(rows):
             digest.update(row.encode("utf-8", "surrogateescape") + b"\n")
+        extra = self.extra_signature() if self.extra_signature is not None else ""
+        if extra:
+            digest.update(b"extra\0" + extra.encode("utf-8"))
         return digest.hexdigest(), newest
 
     def head_sha(self) -> str:

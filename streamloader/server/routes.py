@@ -1,10 +1,18 @@
-"""Request-path routing and Range parsing for the local server (pure functions, no I/O)."""
+"""Request-path routing, Range parsing and the HTTP error of the local server (pure code, no I/O)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
-__all__ = ["Route", "parse_route", "parse_range", "Unsatisfiable"]
+__all__ = ["Route", "parse_route", "parse_range", "Unsatisfiable", "HTTPError"]
+
+
+class HTTPError(Exception):
+    """Answer ``status`` with a JSON ``{"message": ...}`` body."""
+
+    def __init__(self, status: int, message: str, headers: Optional[Dict[str, str]] = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
 
 
 class Unsatisfiable(Exception):
