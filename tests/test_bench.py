@@ -19,7 +19,8 @@ from streamloader.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 # every row the full table has: one per case, plus P1's bound, P4's many-file loop, P6's 2 workers and scaling
-ROW_IDS = ["P1", "P1b", "P2", "P3", "P4", "P4b", "P5", "P6", "P6b", "P6c", "P7", "P8", "P9"]
+ROW_IDS = ["P1", "P1b", "P2", "P3", "P4", "P4b", "P5", "P6", "P6b", "P6c", "P7", "P8", "P9", "P10a", "P10b", "P10c",
+           "P10d"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, object]:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--json-out", str(out),
          "--workdir", str(tmp / "work")],
-        cwd=str(tmp), env=env, capture_output=True, text=True, timeout=240,
+        cwd=str(tmp), env=env, capture_output=True, text=True, timeout=420,
     )
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return {"table": proc.stdout, "json": json.loads(out.read_text()), "workdir": tmp / "work"}

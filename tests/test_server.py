@@ -122,7 +122,8 @@ def test_listing_shapes_sizes_and_hashes(server, repo_dir):
         "data/nested/deeper/note.txt"]
     sha = server.head_sha()
     assert [e["path"] for e in get(server, f"content/{sha}/data").json()] == sorted(data)
-    assert get(server, "content/main/data/labels.tsv").status_code == 404  # a file is not a directory
+    one = get(server, "content/main/data/labels.tsv")  # a file path answers with that file's own entry
+    assert one.status_code == 200 and one.json()["path"] == "data/labels.tsv" and one.json()["type"] == "file"
     assert get(server, "content/main/nope").status_code == 404
     assert get(server, "content/nobranch/data").status_code == 404
 

@@ -346,7 +346,7 @@ def test_knobs_are_validated_and_settable_over_the_admin_endpoint(server):
     admin = f"{server.url}/_streamloader/dagshub_like"
     assert requests.get(admin, timeout=10).json() is None and isinstance(get(server, "content/main/data/").json(),
                                                                           list)
-    assert get(server, "content/main/README.md").status_code == 404  # default mode
+    assert get(server, "content/main/README.md").json()["size"] == 12  # default mode: sizes without asking
     assert requests.post(admin, json={"bogus": 1}, timeout=10).status_code == 400
     on = requests.post(admin, json={"synthetic": {"data": 2}}, timeout=10).json()
     assert on["synthetic"] == {"data": 2} and server.dagshub_like.max_in_flight == 64

@@ -39,13 +39,17 @@ class _ForwardingProxy(http.server.ThreadingHTTPServer):
                 outer.seen.append(self.path)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "proxy-connection")}
                 direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+                content_range = None
                 try:
                     with direct.open(urllib.request.Request(self.path, headers=headers)) as upstream:
                         body, status = upstream.read(), upstream.status
+                        content_range = upstream.headers.get("Content-Range")
                 except urllib.error.HTTPError as exc:
                     body, status = exc.read(), exc.code
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
+                if content_range:  # a 206 means nothing without it
+                    self.send_header("Content-Range", content_range)
                 self.end_headers()
                 self.wfile.write(body)
 

@@ -20,7 +20,7 @@ class ChildError(RuntimeError):
 
 
 def _tasks() -> Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]:
-    from streamloader.benchmarks import sides_local, sides_remote
+    from streamloader.benchmarks import sides_local, sides_remote, sides_scale
 
     return {
         "guide_loop": sides_remote.guide_loop,
@@ -33,11 +33,15 @@ def _tasks() -> Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]:
         "feature_epoch": sides_local.feature_epoch,
         "tar_loaders": sides_local.tar_loaders,
         "labels_speed": sides_local.labels_speed,
+        "scale_first_image": sides_scale.scale_first_image,
+        "scale_listdir": sides_scale.scale_listdir,
+        "scale_loader": sides_scale.scale_loader,
     }
 
 
 TASKS = ("guide_loop", "one_get_floor", "dataset_epoch", "warm_epoch", "shared_cache_reader", "stream_tar",
-         "hook_overhead", "feature_epoch", "tar_loaders", "labels_speed")
+         "hook_overhead", "feature_epoch", "tar_loaders", "labels_speed", "scale_first_image", "scale_listdir",
+         "scale_loader")
 
 
 def run_child(task: str, params: Mapping[str, Any], out_path: str, *, env: Optional[Mapping[str, str]] = None,

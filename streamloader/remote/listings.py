@@ -90,6 +90,10 @@ class ListingStore:
         if conn is not None and local.pid == os.getpid():
             return conn
         makedirs_private(os.path.dirname(self.path))
+        try:  # created private up front: SQLite gives its -wal and -shm files the database file's mode
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        except OSError:
+            pass
         conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -100,10 +104,6 @@ class ListingStore:
         except sqlite3.DatabaseError:
             conn.close()
             raise
-        try:
-            os.chmod(self.path, 0o600)
-        except OSError:
-            pass
         local.conn, local.pid = conn, os.getpid()
         return conn
 
