@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS dirs (dir TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHO
 """
 _BUSY_TIMEOUT = 60.0  # seconds a connection waits for another process's write transaction
 _BATCH = 5000  # rows per executemany call while a listing streams in
+_MEMO_MAX = 1 << 16  # entries a process keeps in memory in front of the file (a warm epoch's lookups)
 
 
 def _split(path: str) -> Tuple[str, str]:
@@ -69,6 +70,7 @@ class ListingStore:
             atexit.register(_remove_tree, self._tmpdir, self._owner_pid)
         self.path = path
         self._local = threading.local()
+        self._memo: Dict[str, RemoteEntry] = {}
 
     def __repr__(self) -> str:
         return f"ListingStore({self.path!r})"
@@ -81,6 +83,7 @@ class ListingStore:
         self._owner_pid = -1
         self._tmpdir = None
         self._local = threading.local()
+        self._memo = {}
 
     # -- connections ----------------------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -110,10 +113,20 @@ class ListingStore:
     # -- reading --------------------------------------------------------------------------------------------------
     def entry(self, path: str) -> Optional[RemoteEntry]:
         """The stored entry of ``path`` (a file or a folder), or None when nothing is known about it."""
+        memo = self._memo
+        found = memo.get(path)
+        if found is not None:
+            return found
         parent, name = _split(path)
         row = self._conn().execute("SELECT name, type, size, hash, versioning FROM entries WHERE dir=? AND name=?",
                                    (parent, name)).fetchone()
-        return _row_entry(parent, row) if row is not None else None
+        if row is None:
+            return None
+        found = _row_entry(parent, row)
+        if len(memo) >= _MEMO_MAX:
+            memo.clear()
+        memo[path] = found  # rows only ever gain facts: a memo can be stale only by a size learnt elsewhere
+        return found
 
     def is_listed(self, path: str) -> bool:
         """Whether the complete listing of folder ``path`` is stored."""
@@ -140,6 +153,7 @@ class ListingStore:
         exception while iterating leaves the store as it was). Returns the number of entries."""
         conn = self._conn()
         count = 0
+        self._memo.clear()
         conn.execute("BEGIN IMMEDIATE")
         try:
             if conn.execute("SELECT 1 FROM dirs WHERE dir=?", (path,)).fetchone() is None:
@@ -176,6 +190,7 @@ class ListingStore:
     def put_entry(self, entry: RemoteEntry) -> None:
         """Remember one path's entry (from a stat or a download); a listed row keeps its hash."""
         parent, name = _split(entry.path)
+        self._memo.pop(entry.path, None)
         try:
             self._write_rows(self._conn(), [(parent, name, entry.type, entry.size, entry.hash, entry.versioning)])
         except sqlite3.OperationalError as exc:  # busy beyond the timeout: only a hint was lost
@@ -184,6 +199,7 @@ class ListingStore:
     def set_size(self, path: str, size: int) -> None:
         """Record the real size of a file learnt from a download (a NULL size becomes known)."""
         parent, name = _split(path)
+        self._memo.pop(path, None)
         try:
             self._conn().execute("UPDATE entries SET size=? WHERE dir=? AND name=? AND size IS NULL",
                                  (int(size), parent, name))

@@ -83,6 +83,7 @@ class RemoteRepo:
             raise ValueError("offline mode needs the cache")
         self._store: Optional[ListingStore] = None
         self._missing: Dict[str, float] = {}  # path -> when it was found missing (forgotten after _MISSING_TTL)
+        self._location_keys: Dict[str, CacheKey] = {}  # (sha256 per lookup shows in a warm epoch)
         self._lock = threading.Lock()
         self._dir_locks: Dict[str, threading.Lock] = {}
         _LIVE_REPOS.add(self)
@@ -296,8 +297,15 @@ class RemoteRepo:
         return self._location_key(entry.path)
 
     def _location_key(self, path: str) -> CacheKey:
-        ref = self.client.ref
-        return CacheKey.from_location(ref.host, ref.owner, ref.repo, self.revision(), path)
+        keys = self._location_keys
+        key = keys.get(path)
+        if key is None:
+            ref = self.client.ref
+            key = CacheKey.from_location(ref.host, ref.owner, ref.repo, self.revision(), path)
+            if len(keys) >= 1 << 16:
+                keys.clear()
+            keys[path] = key
+        return key
 
     def _known(self, path: str) -> Optional[RemoteEntry]:
         """What the store knows of ``path`` without asking the server: its entry, or None when nothing is known
