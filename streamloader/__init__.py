@@ -15,6 +15,7 @@ _EXPORTS = {
     # errors
     "StreamloaderError": "streamloader.errors",
     "AuthenticationError": "streamloader.errors",
+    "InvalidTokenError": "streamloader.errors",
     "RemoteError": "streamloader.errors",
     "RemoteFileNotFoundError": "streamloader.errors",
     "RevisionNotFoundError": "streamloader.errors",

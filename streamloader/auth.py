@@ -7,6 +7,11 @@ otherwise :class:`~streamloader.errors.AuthenticationError` at once. A headless 
     token = resolve_token("https://dagshub.com")
     requests.get(url, headers=auth_headers(token))
 
+:func:`find_token` is the same search without OAuth and without an error: the REST client reads anonymously when
+it finds nothing (public repositories need no token) and calls :func:`resolve_token` only once the server asks for
+credentials. Under ``torchrun`` only local rank 0 starts OAuth; the other ranks wait (bounded by
+``$STREAMLOADER_OAUTH_WAIT``, default 300 s) for the token it stores in the token cache.
+
 The secret lives only inside :class:`Token`; it never appears in logs, exception text, ``repr``, URLs or paths.
 The dagshub package is imported only for OAuth (it takes ~0.4-0.7 s to import).
 """
@@ -22,7 +27,7 @@ from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from streamloader._files import atomic_write
-from streamloader.errors import AuthenticationError, DataFormatError, RemoteError
+from streamloader.errors import AuthenticationError, DataFormatError, InvalidTokenError, RemoteError
 from streamloader.remote.urls import normalize_host
 
 __all__ = [
@@ -30,6 +35,7 @@ __all__ = [
     "Token",
     "auth_headers",
     "default_host",
+    "find_token",
     "is_interactive",
     "login",
     "resolve_token",
@@ -48,6 +54,7 @@ NONINTERACTIVE_ENV = "STREAMLOADER_NONINTERACTIVE"
 CACHE_SOURCE = "dagshub token cache"
 OAUTH_SOURCE = "oauth"
 ARGUMENT_SOURCE = "argument"
+URL_SOURCE = "the password in the URL"
 
 # Token types the dagshub package writes, in the order its TokenStorage hands them out (app tokens first).
 _CACHE_TYPE_PRIORITY = {"app-token": 0, "bearer": 1}
@@ -71,8 +78,13 @@ class Token:
 
     def __init__(self, value: str, source: str, user: Optional[str] = None):
         if not isinstance(value, str) or not value.strip():
-            raise ValueError("a DagsHub token must be a non-empty string")
-        self._value = value.strip()
+            raise InvalidTokenError(f"the DagsHub token from {source} is empty (a token must be a non-empty string)")
+        value = value.strip()
+        bad = next((c for c in value if not "\x21" <= c <= "\x7e"), None)
+        if bad is not None:  # it would end up in an HTTP header, where requests quotes it in its error message
+            raise InvalidTokenError(f"the DagsHub token from {source} contains {_describe(bad)}, so it cannot be "
+                                    "sent; copy the token again (it is one line of printable characters)")
+        self._value = value
         self.source = source
         self.user = user
 
@@ -92,6 +104,14 @@ class Token:
 
     def __hash__(self) -> int:
         return hash(self._value)
+
+
+def _describe(char: str) -> str:
+    if char in "\r\n":
+        return "a line break"
+    if char.isspace():
+        return "whitespace"
+    return "a non-ASCII character" if ord(char) > 0x7E else "a control character"
 
 
 def default_host() -> str:
@@ -253,38 +273,17 @@ def _store_in_cache(value: str, host: str, token_type: str = "app-token", expiry
     return path
 
 
-def _oauth_token(host: str) -> str:
-    """Run the dagshub package's browser OAuth flow for ``host``; store and return the token."""
-    log.info("no DagsHub token found for %s; starting OAuth in the browser", host)
-    from dagshub.auth import oauth
-
-    try:
-        token_obj = oauth.oauth_flow(host)
-    except Exception as exc:  # the dagshub package raises bare Exception / httpx errors
-        raise AuthenticationError(f"OAuth login with {host} failed ({type(exc).__name__}: {exc})") from exc
-    value = token_obj.token_text
-    try:
-        path = _store_in_cache(value, host, token_obj.token_type, token_obj.serialize()["expiry"])
-        log.info("stored the OAuth token for %s in the dagshub token cache %s", host, path)
-    except (OSError, DataFormatError) as exc:
-        log.warning("could not store the OAuth token in the dagshub token cache (%s); OAuth will run again", exc)
-    return value
-
-
 def _found(token: Token, host: str) -> Token:
     log.debug("using the DagsHub token from %s for %s", token.source, host)
     return token
 
 
-def resolve_token(
-    host: Optional[str] = None, token: Union[str, Token, None] = None, *, interactive: Optional[bool] = None
-) -> Token:
-    """Find the token for ``host``: argument > env > dagshub cache > OAuth (interactive only) > error.
+def find_token(host: Optional[str] = None, token: Union[str, Token, None] = None) -> Optional[Token]:
+    """The token for ``host`` from the argument, the environment or the dagshub cache; None when there is none.
 
-    ``interactive=None`` autodetects (:func:`is_interactive`). Without a token in a headless process this raises
-    :class:`AuthenticationError` at once, without network access::
+    No OAuth, no network, no error for a missing token (an empty ``token`` argument is an error)::
 
-        token = resolve_token("https://dagshub.com")   # Token(source='DAGSHUB_TOKEN', value=***)
+        find_token("https://dagshub.com")      # None -> read public repositories anonymously
     """
     host = normalize_host(host) if host else default_host()
     if isinstance(token, Token):
@@ -299,22 +298,46 @@ def resolve_token(
             return _found(Token(value, name), host)
         if value is not None:
             log.debug("%s is set but empty; ignoring it", name)
+    cached = _read_cached_token(host, token_cache_path())
+    return _found(Token(cached, CACHE_SOURCE), host) if cached else None
+
+
+def resolve_token(
+    host: Optional[str] = None, token: Union[str, Token, None] = None, *, interactive: Optional[bool] = None,
+    reason: Optional[str] = None,
+) -> Token:
+    """Find the token for ``host``: argument > env > dagshub cache > OAuth (interactive only) > error.
+
+    ``interactive=None`` autodetects (:func:`is_interactive`). Without a token in a headless process this raises
+    :class:`AuthenticationError` at once, without network access; ``reason`` (why a token is needed, e.g. "x
+    refused anonymous access (HTTP 401)") starts its message. Under torchrun only local rank 0 runs OAuth::
+
+        token = resolve_token("https://dagshub.com")   # Token(source='DAGSHUB_TOKEN', value=***)
+    """
+    host = normalize_host(host) if host else default_host()
+    found = find_token(host, token)
+    if found is not None:
+        return found
     path = token_cache_path()
-    cached = _read_cached_token(host, path)
-    if cached:
-        return _found(Token(cached, CACHE_SOURCE), host)
     if interactive is None:
         interactive = is_interactive()
+    why = f"{reason} and no DagsHub token was found" if reason else f"No DagsHub token for {host}"
     if not interactive:
         raise AuthenticationError(
-            f"No DagsHub token for {host}: {TOKEN_ENV} and {USER_TOKEN_ENV} are unset, the dagshub token cache "
-            f"({path}) has none, and this process is not interactive, so OAuth was not attempted"
+            f"{why}: {TOKEN_ENV} and {USER_TOKEN_ENV} are unset, the dagshub token cache ({path}) has none, and "
+            "this process is not interactive, so OAuth was not attempted"
         )
+    from streamloader import _oauth
+
+    local_rank = _oauth.local_rank()
+    if local_rank:  # torchrun: one login per machine, by local rank 0
+        waited = _oauth.wait_for_local_rank_0(host, path, local_rank, why, lambda: _read_cached_token(host, path))
+        return _found(Token(waited, CACHE_SOURCE), host)
     with _oauth_lock:
         cached = _read_cached_token(host, path)  # another thread may have finished OAuth while we waited
         if cached:
             return _found(Token(cached, CACHE_SOURCE), host)
-        return _found(Token(_oauth_token(host), OAUTH_SOURCE), host)
+        return _found(Token(_oauth.oauth_token(host, _store_in_cache), OAUTH_SOURCE), host)
 
 
 def auth_headers(token: Optional[Token]) -> Dict[str, str]:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import errno
 from typing import Optional
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "StreamloaderError",
     "AuthenticationError",
+    "InvalidTokenError",
     "RemoteError",
     "RemoteFileNotFoundError",
     "RevisionNotFoundError",
@@ -40,6 +42,24 @@ class AuthenticationError(StreamloaderError, PermissionError):
         super().__init__(f"{message}. {TOKEN_HINT}" if hint else message)
 
 
+class InvalidTokenError(StreamloaderError, ValueError):
+    """A token that cannot be sent (a line break, a space, a control character); raised before any request.
+
+    The message names where the token came from (``DAGSHUB_TOKEN``, "argument", ...), never its value.
+    """
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without ``user:password@`` (a last line of defence: URLs are built from clean hosts already)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.rpartition("@")[2] if "@" in url else url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 class RemoteError(StreamloaderError, OSError):
     """The remote answered with an error we cannot recover from (after retries).
 
@@ -48,7 +68,7 @@ class RemoteError(StreamloaderError, OSError):
 
     def __init__(self, message: str, *, status: Optional[int] = None, url: Optional[str] = None):
         self.status = status
-        self.url = url
+        self.url = url = _without_userinfo(url) if url else url
         details = []
         if status is not None:
             details.append(f"HTTP {status}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import pickle
@@ -352,3 +353,220 @@ def test_cli_login_empty_stdin_exits_1(capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     assert cli.main(["login", "--token", "-", "--host", CLOSED_HOST]) == 1
     assert "stdin" in capsys.readouterr().err
+
+
+# --- public repositories need no token; private ones ask for one when needed (issue 18.3) ------------------------
+
+
+@pytest.fixture
+def headless(monkeypatch):
+    """This process is not interactive, whatever the machine: OAuth is never started."""
+    monkeypatch.setenv(auth.NONINTERACTIVE_ENV, "1")
+
+
+def sent_authorization(srv) -> set:
+    """Every Authorization header value the server received (None: no header)."""
+    return {entry["auth"] for entry in srv.request_log}
+
+
+def test_public_repo_is_read_without_any_token(repo_dir, make_server, tmp_path, capsys, headless):
+    from streamloader.hooks import install_hooks
+    from streamloader.remote.filesystem import DagsHubFileSystem
+
+    srv = make_server(repo_dir, token=TOKEN, anonymous_read=True)
+    fs = DagsHubFileSystem(host=srv.url, skip_instance_cache=True)
+    assert "user/repo/data/0000.jpg" in fs.ls("user/repo/data", detail=False)
+    assert fs.cat_file("user/repo/README.md") == b"# test repo\n"
+    assert cli.main(["ls", "dagshub://user/repo/data", "--host", srv.url]) == 0
+    assert "labels.tsv" in capsys.readouterr().out
+    project = tmp_path / "project"
+    project.mkdir()
+    with install_hooks(project_root=str(project), repo_url=srv.repo_url, branch="main"):
+        with open(project / "data" / "labels.tsv", "rb") as f:
+            assert f.readline().startswith(b"0000.jpg\t")
+    assert sent_authorization(srv) == {None}  # never an empty "Bearer " header
+
+
+@pytest.mark.parametrize("anonymous_status", [401, 404])
+def test_private_repo_without_a_token_says_to_set_dagshub_token(repo_dir, make_server, tmp_path, capsys, headless,
+                                                                anonymous_status):
+    from streamloader.hooks import install_hooks
+    from streamloader.remote.client import DagsHubClient
+    from streamloader.remote.filesystem import DagsHubFileSystem
+
+    srv = make_server(repo_dir, token=TOKEN, anonymous_status=anonymous_status)
+    calls = [
+        lambda: DagsHubClient(srv.repo_url).list_dir("data"),  # the repo record is refused
+        lambda: DagsHubClient(srv.repo_url, branch="main").list_dir("data"),  # the branch lookup is refused
+        lambda: DagsHubClient(srv.repo_url, revision=srv.head_sha()).read_bytes("README.md"),  # the commit lookup
+        lambda: DagsHubFileSystem(host=srv.url, skip_instance_cache=True).cat_file("user/repo/README.md"),
+        lambda: install_hooks(project_root=str(tmp_path), repo_url=srv.repo_url, branch="main"),
+    ]
+    for call in calls:
+        with pytest.raises(AuthenticationError, match=f"refused anonymous access \\(HTTP {anonymous_status}\\)"
+                           ) as excinfo:
+            call()
+        assert "DAGSHUB_TOKEN" in str(excinfo.value) and "not interactive" in str(excinfo.value)
+    assert cli.main(["ls", "dagshub://user/repo/data", "--host", srv.url]) == 1
+    assert "DAGSHUB_TOKEN" in capsys.readouterr().err
+    assert sent_authorization(srv) == {None}
+
+
+def test_public_repo_missing_branch_or_file_is_still_not_found(repo_dir, make_server, headless):
+    from streamloader.errors import RevisionNotFoundError
+    from streamloader.remote.client import DagsHubClient
+
+    srv = make_server(repo_dir, token=TOKEN, anonymous_read=True)
+    with pytest.raises(RevisionNotFoundError):
+        DagsHubClient(srv.repo_url, branch="nope").resolve_revision()
+    client = DagsHubClient(srv.repo_url)
+    with pytest.raises(FileNotFoundError):
+        client.read_bytes("data/missing.jpg")
+    with pytest.raises(FileNotFoundError):
+        client.list_dir("nothing-here")
+
+
+def test_a_rejected_token_names_its_source_not_its_value(repo_dir, make_server, monkeypatch, headless):
+    from streamloader.remote.client import DagsHubClient
+
+    srv = make_server(repo_dir, token=TOKEN, anonymous_read=True)
+    monkeypatch.setenv("DAGSHUB_TOKEN", "wrong-token-0b3c77")
+    with pytest.raises(AuthenticationError, match=r"rejected the token from DAGSHUB_TOKEN \(HTTP 401\)") as excinfo:
+        DagsHubClient(srv.repo_url).list_dir("data")  # a public repo, but a bad token is not quietly dropped
+    assert "wrong-token-0b3c77" not in str(excinfo.value)
+
+
+def test_interactive_oauth_starts_only_once_a_private_repo_asks(repo_dir, make_server, auto_approve, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from streamloader.remote.client import DagsHubClient
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv(auth.NONINTERACTIVE_ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))  # as in Colab
+    public = make_server(repo_dir, token=TOKEN, anonymous_read=True)
+    assert DagsHubClient(public.repo_url).read_bytes("README.md") == b"# test repo\n"
+    assert auto_approve == []  # nothing asked for a token, so no login
+
+    private = make_server(repo_dir, token=TOKEN, anonymous_status=404)
+    with ThreadPoolExecutor(4) as pool:  # four clients refused at once: still one login
+        listings = list(pool.map(lambda _: DagsHubClient(private.repo_url).list_dir("data"), range(4)))
+    assert all("data/0000.jpg" in [e.path for e in listing] for listing in listings)
+    assert len(auto_approve) == 1
+    assert sent_authorization(private) == {None, f"Bearer {TOKEN}"}
+    assert auth.resolve_token(private.url, interactive=False).source == "dagshub token cache"  # kept for next runs
+
+
+# --- torchrun: one OAuth login per machine, not one per rank (issue 18.4) ----------------------------------------
+
+_RANK_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from streamloader.remote.client import DagsHubClient
+    names = [e.name for e in DagsHubClient(sys.argv[1], branch="main").list_dir("data")]
+    with open(sys.argv[2], "w") as f:
+        json.dump(names, f)
+    """
+)
+
+
+def _start_rank(script_args, rank, env, tty):
+    """Start a rank as torchrun would (RANK/LOCAL_RANK/WORLD_SIZE), on a terminal of its own when ``tty``;
+    returns (process, function giving its output once it ended)."""
+    import pty
+    import threading
+
+    env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+           "DAGSHUB_DISABLE_ANALYTICS": "1"}
+    cmd = [sys.executable, "-c", _RANK_SCRIPT, *script_args]
+    if not tty:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        return proc, lambda: proc.stdout.read().decode("utf-8", "replace")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, env=env, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    chunks = []
+
+    def pump():  # keep reading, or a chatty child blocks on a full terminal
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        os.close(master)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+
+    def output():
+        reader.join(10)
+        return b"".join(chunks).decode("utf-8", "replace")
+
+    return proc, output
+
+
+def _finish(procs, timeout=120):
+    outputs = []
+    try:
+        for proc, output in procs:
+            proc.wait(timeout=timeout)
+            outputs.append(output())
+    finally:
+        for proc, _output in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return outputs
+
+
+def _fake_browser(tmp_path):
+    """A BROWSER command (webbrowser honours $BROWSER) that "clicks Authorize" and logs each link it opened."""
+    log_file = tmp_path / "browser.log"
+    script = tmp_path / "browser.py"
+    script.write_text(textwrap.dedent(
+        f"""
+        import sys, urllib.request
+        with open({str(log_file)!r}, "a") as f:
+            f.write(sys.argv[1] + "\\n")
+        urllib.request.urlopen(sys.argv[1], timeout=30).read()
+        """
+    ))
+    return f"{sys.executable} {script} %s", log_file
+
+
+@pytest.mark.timeout(180)
+def test_torchrun_ranks_share_one_oauth_login(repo_dir, make_server, tmp_path):
+    srv = make_server(repo_dir, token=TOKEN, anonymous_status=404)
+    browser, browser_log = _fake_browser(tmp_path)
+    env = {**clean_env(), "BROWSER": browser, "STREAMLOADER_OAUTH_WAIT": "90"}
+    procs = [_start_rank([srv.repo_url, str(tmp_path / f"rank{r}.json")], r, env, tty=True) for r in (0, 1)]
+    outputs = _finish(procs)
+    for rank, ((proc, _), out) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank}: {out[-3000:]}"
+        with open(tmp_path / f"rank{rank}.json") as f:
+            assert "0000.jpg" in json.load(f)
+    assert len(browser_log.read_text().splitlines()) == 1  # one link, opened once
+    assert sum(out.count("AUTHORIZATION REQUIRED") for out in outputs) == 1, outputs
+    assert "AUTHORIZATION REQUIRED" in outputs[0] and "only local rank 0 logs in" in outputs[1]
+
+
+@pytest.mark.timeout(120)
+def test_torchrun_rank_waits_boundedly_or_fails_fast_when_headless(repo_dir, make_server, tmp_path):
+    import time
+
+    srv = make_server(repo_dir, token=TOKEN, anonymous_status=404)
+    browser, browser_log = _fake_browser(tmp_path)
+    env = {**clean_env(), "BROWSER": browser, "STREAMLOADER_OAUTH_WAIT": "1"}
+    started = time.monotonic()
+    # local rank 1 alone on a terminal: rank 0 never logs in, so it gives up after STREAMLOADER_OAUTH_WAIT
+    (waited,) = _finish([_start_rank([srv.repo_url, str(tmp_path / "r1.json")], 1, env, tty=True)])
+    # local rank 1 in a headless job: fails at once, no waiting
+    (headless,) = _finish([_start_rank([srv.repo_url, str(tmp_path / "r1b.json")], 1, env, tty=False)])
+    assert time.monotonic() - started < 60
+    assert "waited 1 s (STREAMLOADER_OAUTH_WAIT) in vain" in waited and "DAGSHUB_TOKEN" in waited
+    assert "not interactive, so OAuth was not attempted" in headless and "DAGSHUB_TOKEN" in headless
+    assert not browser_log.exists()  # nobody but local rank 0 ever opens the browser

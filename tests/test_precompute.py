@@ -161,7 +161,7 @@ _RANK_RUN = textwrap.dedent(
     from streamloader.data.laion import LaionAestheticsDataset
     from streamloader.data.precompute import precompute_features
     ds = LaionAestheticsDataset(sys.argv[1], sys.argv[2], tiny_cnn_extractor(input_size=16), cache_dir=sys.argv[3])
-    r = precompute_features(ds, batch_size=3, num_workers=0, progress=False)
+    r = precompute_features(ds, batch_size=3, num_workers=0, progress=True)
     print(json.dumps({"rank": r.rank, "world": r.world_size, "computed": r.computed, "other": r.other_ranks}))
     """
 )
@@ -175,12 +175,14 @@ def test_two_ranks_write_what_one_process_writes(laion, tmp_path):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
         procs.append(subprocess.Popen([sys.executable, "-c", _RANK_RUN, *args], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
-    reports = []
+    reports, bars = [], []
     for proc in procs:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         reports.append(json.loads(out))
+        bars.append("features:" in err)  # tqdm's bar, drawn on stderr
     assert [(r["rank"], r["world"]) for r in reports] == [(0, 2), (1, 2)]
+    assert bars == [True, False]  # one progress bar for the job (rank 0), not one per rank
     assert reports[0]["computed"] + reports[1]["computed"] == 10
     assert reports[0]["computed"] == reports[1]["other"] and reports[1]["computed"] == reports[0]["other"]
     assert 0 < reports[0]["computed"] < 10  # both ranks did a share

@@ -17,8 +17,15 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+AUTH_EPILOG = ("Public repositories need no token. For a private one set DAGSHUB_TOKEN (or run `streamloader "
+               "login`); without a token, a terminal session opens the DagsHub OAuth page when the repository asks "
+               "for one, and a headless one fails at once saying so.")
+
+
 def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
-    """The --host/--branch/--revision flags shared by commands that read dagshub:// URLs."""
+    """The --host/--branch/--revision flags shared by commands that read dagshub:// URLs (and how auth works)."""
+    if parser.epilog is None:
+        parser.epilog = AUTH_EPILOG
     parser.add_argument("--host", help="DagsHub host (default: $DAGSHUB_CLIENT_HOST or https://dagshub.com)")
     parser.add_argument("--branch", help="branch to read (default: the repo's default branch)")
     parser.add_argument("--revision", help="commit sha to read")

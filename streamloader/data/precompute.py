@@ -116,6 +116,7 @@ def precompute_features(
     ``extractor`` defaults to the dataset's; ``device`` to cuda when available; ``num_workers`` (image reading
     and decoding) to min(8, CPUs). ``on_error`` defaults to the dataset's policy: "raise" stops at a missing or
     undecodable image, "skip"/"warn" record it in ``result.failed``. The model is moved back to its device after.
+    ``progress`` draws a progress bar on rank 0 only (one bar per job, not one per rank).
 
     Usage: ``precompute_features(ds, batch_size=256)``; multi-GPU: ``torchrun --nproc_per_node 8 script.py``.
     """
@@ -137,7 +138,7 @@ def precompute_features(
     todo_paths, todo_ids = _plan(dataset, cache, rank, world_size, on_error, result)
     if todo_paths:
         _run(extractor, cache, todo_paths, todo_ids, dataset.filesystem, batch_size, device, num_workers,
-             progress, on_error, result)
+             progress and rank == 0, on_error, result)
     result.seconds = time.perf_counter() - started
     log.info("precompute_features: %s", result)
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -54,7 +54,8 @@ def install_hooks(
     ``project_root`` defaults to the nearest git checkout above the cwd, else the cwd; ``repo_url`` defaults to that
     checkout's ``origin`` remote (credentials and ``.git`` stripped; then ``branch`` defaults to the checked-out
     branch, otherwise to the repository's default branch). The token comes from ``token=``, else ``DAGSHUB_TOKEN``
-    or the dagshub token cache (``dagshub.auth.add_app_token``). ``revision`` pins a commit. ``timeout`` bounds each
+    or the dagshub token cache (``dagshub.auth.add_app_token``); a public repository needs none (without one, a
+    private repository fails with AuthenticationError, or starts OAuth when interactive). ``revision`` pins a commit. ``timeout`` bounds each
     HTTP request. Hooking a root that overlaps an already hooked one raises ``ValueError``.
 
     The commit is resolved at once, so a bad token, repository or branch fails here (AuthenticationError,
@@ -81,7 +82,9 @@ def install_hooks(
         repo_url, git_branch, url_password = remote_from_git(root)
         branch = branch or git_branch
     if token is None and url_password:
-        token = url_password  # https://user:TOKEN@host/owner/repo: the usual way a token sits in a remote URL
+        from streamloader.auth import URL_SOURCE, Token
+
+        token = Token(url_password, URL_SOURCE)  # https://user:TOKEN@host/owner/repo: how a token sits in a remote
     globs = (exclude_globs,) if isinstance(exclude_globs, str) else tuple(exclude_globs or ())
     config = HookConfig(root, repo_url, branch, revision, os.path.abspath(cache_dir) if cache_dir else None, globs,
                         max_concurrency, timeout)

@@ -1,7 +1,8 @@
 """DagsHub REST client: one pooled ``requests.Session``, tenacity retries, typed errors, a pinned revision.
 
 Only the endpoints in ``shared/reference/dagshub-api.md`` are used, so the client works against real DagsHub and
-against ``streamloader serve``. Usage::
+against ``streamloader serve``. Credentials (:mod:`.credentials`): the token that is found, else none (public repos),
+and a token after all once the server refuses an anonymous request. Usage::
 
     client = DagsHubClient("https://dagshub.com/DagsHub-Datasets/LAION-Aesthetics-V2-6.5plus", branch="main")
     client.resolve_revision()            # branch -> commit sha, once; every later call reads that snapshot
@@ -28,8 +29,9 @@ from streamloader.errors import (
     RemoteFileNotFoundError,
     RevisionNotFoundError,
 )
+from streamloader.remote.credentials import Credentials, OriginBearerAuth, TokenAcquired, take_url_token
 from streamloader.remote.jsonstream import JSONStreamError, JSONTooLarge, iter_json
-from streamloader.remote.transport import RawTransport, Session, TransportError, origin_of
+from streamloader.remote.transport import RawTransport, Session, TransportError, origin_of, request_error
 from streamloader.remote.urls import RepoRef, safe_repo_path
 
 log = logging.getLogger(__name__)
@@ -82,26 +84,6 @@ class _Transient(Exception):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
-
-
-class _OriginBearerAuth(requests.auth.AuthBase):
-    """Adds the bearer token only to requests for the API origin (never to a redirect target elsewhere)."""
-
-    def __init__(self, origin: str, token_getter: Callable[[], Optional[str]]):
-        self.origin = origin
-        self._token_getter = token_getter
-
-    def headers_for(self, url: str) -> Dict[str, str]:
-        """The Authorization header for a request to ``url``: empty for any origin but the API's."""
-        if origin_of(url) == self.origin:
-            secret = self._token_getter()
-            if secret:
-                return {"Authorization": f"Bearer {secret}"}
-        return {}
-
-    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers.update(self.headers_for(request.url))
-        return request
 
 
 def _entry_size(item: Dict[str, Any]) -> Optional[int]:
@@ -171,6 +153,7 @@ class DagsHubClient:
         max_concurrency: int = 32,
         retry: Optional[RetryPolicy] = None,
     ):
+        repo_url, host, url_token = take_url_token(repo_url, host)  # user:TOKEN@ never stays in a URL
         if isinstance(repo_url, RepoRef):
             self.ref = repo_url
         elif repo_url:
@@ -182,8 +165,7 @@ class DagsHubClient:
         self.branch = branch
         self._requested_revision = revision
         self._sha: Optional[str] = None
-        self._token_arg = token
-        self._token: Any = None  # resolved streamloader.auth.Token (or False for anonymous)
+        self._credentials = Credentials(self.ref, token, url_token)  # anonymous until a token is needed
         self.max_concurrency = max(1, int(max_concurrency))
         self.retry = retry or RetryPolicy()
         self._lock = threading.Lock()  # guards revision resolution
@@ -225,18 +207,8 @@ class DagsHubClient:
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         session.headers["User-Agent"] = "streamloader"
-        session.auth = _OriginBearerAuth(origin_of(self.ref.host), self._secret)
+        session.auth = OriginBearerAuth(origin_of(self.ref.host), self._credentials.secret)
         return session
-
-    def _secret(self) -> Optional[str]:
-        if self._token is None:
-            from streamloader.auth import resolve_token
-
-            if self._token_arg is False:
-                self._token = False
-            else:
-                self._token = resolve_token(self.ref.host, self._token_arg)
-        return self._token.reveal() if self._token else None
 
     def _retrying(self) -> tenacity.Retrying:
         policy = self.retry
@@ -268,18 +240,28 @@ class DagsHubClient:
     def _call(self, fn: Callable[[], Any], what: str, url: str) -> Any:
         """Run ``fn`` under the retry policy; translate what is left into typed errors."""
         try:
-            return self._retrying()(fn)
+            try:
+                return self._retrying()(fn)
+            except TokenAcquired:  # refused anonymously, and now there is a token: once more, with it
+                return self._retrying()(fn)
+        except TokenAcquired:
+            raise AuthenticationError(f"{self.ref} refused the request again without a token") from None
         except _Transient as exc:
             raise RemoteError(f"{what} failed after retries: {exc}", status=exc.status, url=url) from None
 
     def _get(self, url: str, *, headers: Optional[Dict[str, str]] = None, params: Optional[Dict[str, Any]] = None,
              path: Optional[str] = None, stream: bool = False) -> requests.Response:
         """One GET with status handling; raises _Transient for retryable outcomes, typed errors for the rest."""
+        failure = None
         try:
             resp = self.session.get(url, headers=headers, params=params, stream=stream,
                                     timeout=(self.retry.connect_timeout, self.retry.read_timeout))
-        except (requests.ConnectionError, requests.Timeout) as exc:
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
             raise _Transient(type(exc).__name__) from None
+        except requests.RequestException as exc:  # redirect loops, redirects to file:// ...: typed, never str(exc)
+            failure = request_error(exc, url)
+        if failure is not None:
+            raise failure  # out of the except block, so requests' text is not even the __context__
         if resp.status_code >= 400:
             resp.close()
             self._raise_for_status(resp.status_code, resp.headers, url, path)
@@ -291,8 +273,9 @@ class DagsHubClient:
             return
         if status in _RETRY_STATUSES:
             raise _Transient(f"HTTP {status}", status, _parse_retry_after(headers.get("Retry-After")))
-        if status in (401, 403):
-            raise AuthenticationError(f"{self.ref} rejected the credentials (HTTP {status})")
+        if status in (401, 403) or (status == 404 and self._credentials.may_hide_private_repo(
+                url, self.session, (self.retry.connect_timeout, self.retry.read_timeout))):
+            self._credentials.refused(status, self.session.auth)  # raises
         if status == 404:
             raise RemoteFileNotFoundError(path if path is not None else url)
         raise RemoteError("request failed", status=status, url=url)

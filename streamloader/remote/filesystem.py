@@ -9,7 +9,8 @@ Usage::
     fs = fsspec.filesystem("dagshub", host="http://127.0.0.1:8080")
     fs.ls("user/repo/data")
 
-storage_options: ``host`` (default ``$DAGSHUB_CLIENT_HOST`` or https://dagshub.com), ``token``, ``branch`` or
+storage_options: ``host`` (default ``$DAGSHUB_CLIENT_HOST`` or https://dagshub.com), ``token`` (default: the
+usual lookup, see :mod:`streamloader.auth`; none found -> anonymous, which public repos allow), ``branch`` or
 ``revision``, ``cache_dir``, ``max_concurrency`` (default 32), ``use_cache`` (default True), ``cache_max_size``,
 ``retry`` (a :class:`~streamloader.remote.client.RetryPolicy` or a dict of its fields, e.g. ``{"attempts": 3}``).
 The transport and the cache live in :mod:`streamloader.remote.repo`; this class only maps fsspec primitives.
@@ -26,7 +27,7 @@ from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from streamloader.cache import FileCache
 from streamloader.remote.client import DagsHubClient, RemoteEntry, RetryPolicy
 from streamloader.remote.repo import RemoteRepo
-from streamloader.remote.urls import RepoRef, normalize_host, split_repo_path
+from streamloader.remote.urls import RepoRef, normalize_host, split_credentials, split_repo_path
 
 __all__ = ["DagsHubFileSystem"]
 
@@ -37,13 +38,23 @@ WHOLE_FILE_MAX = 256 * 1024 * 1024
 
 class _ResolveHostFirst(type(AbstractFileSystem)):  # type: ignore[misc]
     """fsspec caches instances by constructor arguments: resolve the default host *before* that lookup, so that
-    ``host=None`` with a changed ``$DAGSHUB_CLIENT_HOST`` never returns an instance talking to the old host."""
+    ``host=None`` with a changed ``$DAGSHUB_CLIENT_HOST`` never returns an instance talking to the old host.
+    A ``user:TOKEN@`` in the host becomes ``token=TOKEN`` here, so it never sits in ``storage_options``' host."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         if not args and kwargs.get("host") is None:
             from streamloader.auth import default_host
 
             kwargs["host"] = default_host()
+        host = args[0] if args else kwargs.get("host")
+        if isinstance(host, str) and "@" in host:
+            host, url_token = split_credentials(host)
+            if args:
+                args = (host,) + args[1:]
+            else:
+                kwargs["host"] = host
+            if url_token and len(args) < 2 and kwargs.get("token") is None:
+                kwargs["token"] = url_token
         return super().__call__(*args, **kwargs)
 
 

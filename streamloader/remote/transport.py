@@ -18,9 +18,11 @@ import requests
 import urllib3
 from requests.utils import select_proxy
 
+from streamloader.errors import RemoteError
+
 log = logging.getLogger(__name__)
 
-__all__ = ["Body", "RawTransport", "Session", "TransportError", "origin_of"]
+__all__ = ["Body", "RawTransport", "Session", "TransportError", "origin_of", "request_error"]
 
 _NO_FAST = object()  # cache marker: this origin goes through the Session
 _REDIRECTS = {301, 302, 303, 307, 308}
@@ -59,7 +61,7 @@ def _requests_body(resp: requests.Response) -> Body:
             for chunk in resp.iter_content(size):
                 received += len(chunk)
                 yield chunk
-        except (requests.exceptions.ChunkedEncodingError, requests.ConnectionError) as exc:
+        except requests.RequestException as exc:  # a dropped or garbled body (ChunkedEncoding, ContentDecoding...)
             raise TransportError(f"connection dropped after {received} bytes: {type(exc).__name__}") from None
 
     return Body(resp.status_code, resp.headers, chunks, resp.close, resp.url)
@@ -160,14 +162,21 @@ class RawTransport:
             # redirects follow requests' rules (credentials never leave the API origin, further hops, limits)
             resp.drain_conn()
             resp.release_conn()
-            return self._via_session(session, urljoin(url, location), headers)
+            return self._via_session(session, urljoin(url, location), headers, shown=url)
         return _urllib3_body(resp, url)
 
-    def _via_session(self, session: requests.Session, url: str, headers: Optional[Dict[str, str]]) -> Body:
+    def _via_session(self, session: requests.Session, url: str, headers: Optional[Dict[str, str]],
+                     shown: Optional[str] = None) -> Body:
+        """GET through requests (redirects followed there); errors name ``shown`` (ours), not a server's target."""
+        failure = None
         try:
             resp = session.get(url, stream=True, headers=headers, timeout=self._requests_timeout)
-        except (requests.ConnectionError, requests.Timeout) as exc:
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
             raise TransportError(type(exc).__name__) from None
+        except requests.RequestException as exc:  # not worth a retry: a redirect loop, a redirect to file://
+            failure = request_error(exc, shown or url)
+        if failure is not None:
+            raise failure  # out of the except block: requests' message is not even kept as __context__
         return _requests_body(resp)
 
     def _pool_for(self, session: requests.Session, origin: str, url: str) -> Any:
@@ -200,6 +209,20 @@ class RawTransport:
         except Exception as exc:  # noqa: BLE001 - an adapter we do not understand: let requests do its job
             log.debug("no direct connection pool for %s (%s); using requests", url, exc)
             return _NO_FAST
+
+
+def request_error(exc: BaseException, url: str) -> RemoteError:
+    """The :class:`RemoteError` for a requests failure that no retry fixes. Never built from ``str(exc)``: requests
+    quotes header values (a token) and redirect targets (their credentials) in its messages."""
+    if isinstance(exc, requests.TooManyRedirects):
+        what = "too many redirects (a redirect loop?)"
+    elif isinstance(exc, (requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema)):
+        what = "redirected to a URL that is not http(s)"
+    elif isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.InvalidHeader)):
+        what = f"invalid redirect or header ({type(exc).__name__})"
+    else:
+        what = f"request failed ({type(exc).__name__})"
+    return RemoteError(what, url=url)
 
 
 def origin_of(url: str) -> str:

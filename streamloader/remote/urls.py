@@ -4,14 +4,30 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 from typing import Optional, Tuple
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
-__all__ = ["RepoRef", "normalize_host", "safe_repo_path", "split_repo_path"]
+__all__ = ["RepoRef", "normalize_host", "safe_repo_path", "split_credentials", "split_repo_path"]
+
+
+def split_credentials(url: str) -> Tuple[str, Optional[str]]:
+    """``"https://user:TOKEN@host/x"`` → (``"https://host/x"``, ``"TOKEN"``): the URL without its userinfo, and the
+    password part (percent-decoded; None without one). A user name alone is dropped, it is no credential."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    authority, slash, tail = rest.partition("/")
+    if "@" not in authority:
+        return url, None
+    userinfo, _, hostport = authority.rpartition("@")
+    _user, colon, password = userinfo.partition(":")
+    clean = f"{scheme}{sep}{hostport}{slash}{tail}"
+    return clean, (unquote(password) or None) if colon else None
 
 
 def normalize_host(host: str) -> str:
-    """``"dagshub.com/"`` → ``"https://dagshub.com"``; keeps an explicit scheme and port."""
-    host = host.strip()
+    """``"dagshub.com/"`` → ``"https://dagshub.com"``; keeps an explicit scheme and port, drops ``user:password@``
+    (credentials never become part of a host, so no URL, ``repr`` or message built from one can show them)."""
+    host = split_credentials(host.strip())[0]
     if "://" not in host:
         host = "https://" + host
     return host.rstrip("/")
@@ -49,6 +65,10 @@ class RepoRef:
     host: str
     owner: str
     repo: str
+
+    def __post_init__(self) -> None:
+        if "@" in self.host.partition("://")[2].partition("/")[0]:
+            object.__setattr__(self, "host", normalize_host(self.host))  # never keep credentials in a host
 
     @classmethod
     def parse(cls, repo_url: str, host: Optional[str] = None) -> "RepoRef":

@@ -186,7 +186,9 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
             return
         # everything but the OAuth pages needs the token (decided on the route, not on the raw URL text), except
         # reads of a public repo (anonymous_read); private repos answer anonymous requests anonymous_status
-        denied = app.access_denied(route.kind, self.headers.get("Authorization"))
+        # (an endpoint of a repo that this server lacks, e.g. tags, is a repo request too: 404 for a public repo)
+        kind = "repo" if route.kind == "other" and route.owner else route.kind
+        denied = app.access_denied(kind, self.headers.get("Authorization"))
         if denied == 404:
             raise HTTPError(404, "repository not found")
         if denied is not None:

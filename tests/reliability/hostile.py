@@ -2,7 +2,9 @@
 
 ``HostileProxy(upstream_url, mutate, mutate_raw=None)`` forwards every GET/HEAD to the real server and lets
 ``mutate(path, body)`` rewrite JSON answers (listings, branch records) and ``mutate_raw`` rewrite raw downloads
-(status, headers, body); it logs the request paths it received.
+(status, headers, body); it logs the request paths it received. ``intercept(path)`` may answer a request itself
+instead: it returns ``(status, headers, body)`` (sent verbatim, no Content-Length added, connection closed after)
+or None to forward it.
 
 ``FileAudit`` records, through a ``sys.addaudithook`` hook, every path this process opens, writes, renames,
 creates or deletes while it is active (Python-level file operations, which is all streamloader uses).
@@ -20,6 +22,8 @@ import requests
 Mutate = Callable[[str, bytes], bytes]
 # (request path, status, headers, body, the Range asked for) -> (status, headers, body) sent instead
 MutateRaw = Callable[[str, int, Dict[str, str], bytes, Optional[str]], Tuple[int, Dict[str, str], bytes]]
+# request path -> (status, headers, body) to answer without asking upstream, or None
+Intercept = Callable[[str], Optional[Tuple[int, Dict[str, str], bytes]]]
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
@@ -27,10 +31,12 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 class HostileProxy:
     """A man in the middle that serves the upstream repo but lies in its JSON (see module docstring)."""
 
-    def __init__(self, upstream: str, mutate: Mutate, mutate_raw: Optional[MutateRaw] = None):
+    def __init__(self, upstream: str, mutate: Mutate = lambda path, body: body, mutate_raw: Optional[MutateRaw] = None,
+                 intercept: Optional[Intercept] = None):
         self.upstream = upstream.rstrip("/")
         self.mutate = mutate
         self.mutate_raw = mutate_raw
+        self.intercept = intercept
         self.paths: List[str] = []
         proxy = self
 
@@ -48,6 +54,10 @@ class HostileProxy:
 
             def _forward(self, method: str) -> None:
                 proxy.paths.append(self.path)
+                canned = proxy.intercept(self.path) if proxy.intercept else None
+                if canned is not None:
+                    self._answer(method, *canned)
+                    return
                 headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "range")}
                 resp = requests.request(method, proxy.upstream + self.path, headers=headers, allow_redirects=False,
                                         timeout=30)
@@ -68,6 +78,16 @@ class HostileProxy:
                 self.end_headers()
                 if method != "HEAD":
                     self.wfile.write(body)
+
+            def _answer(self, method: str, status: int, headers: Dict[str, str], body: bytes) -> None:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Connection", "close")
+                self.end_headers()
+                if method != "HEAD":
+                    self.wfile.write(body)
+                self.close_connection = True
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True

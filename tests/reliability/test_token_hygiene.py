@@ -218,3 +218,119 @@ def test_feature_cache_under_the_cache_root_is_private_too(tmp_path, make_server
         assert stat.S_IMODE(os.stat(dirpath).st_mode) == 0o700, dirpath
         for name in files:
             assert stat.S_IMODE(os.stat(os.path.join(dirpath, name)).st_mode) == 0o600, name
+
+
+# --- issue 15.9: what requests/urllib3 raise on hostile answers becomes our typed errors -------------------------
+
+
+def _hostile_answers(path: str):
+    """Canned answers of a hostile server, by the file (or record) a request is for."""
+    if "/raw/" in path and path.endswith("/data/0000.jpg"):
+        return 200, {"Content-Length": "12abc", "Content-Type": "application/octet-stream"}, b"\xff\xd8" * 6
+    if "/raw/" in path and path.endswith("/data/0001.jpg") or path.endswith("/branches/loop"):
+        return 302, {"Location": path, "Content-Length": "0"}, b""  # to itself, for ever
+    if "/raw/" in path and path.endswith("/data/0002.jpg") or path.endswith("/branches/to-file"):
+        return 302, {"Location": "file:///etc/passwd", "Content-Length": "0"}, b""
+    if "/raw/" in path and path.endswith("/data/0003.jpg"):
+        return 302, {"Location": f"ftp://127.0.0.1:9/{SECRET}/x", "Content-Length": "0"}, b""
+    return None
+
+
+def test_hostile_answers_raise_typed_errors_without_the_token(repo, make_server, caplog, figures):
+    from streamloader.errors import RemoteError
+    from reliability.hostile import HostileProxy
+
+    srv = make_server(repo, token=SECRET)
+    caplog.set_level(logging.DEBUG)
+    errors = []
+    with HostileProxy(srv.url, intercept=_hostile_answers) as proxy:
+        client = DagsHubClient(f"{proxy.url}/user/repo", token=SECRET, branch="main", retry=FAST)
+        for name in ("0000.jpg", "0001.jpg", "0002.jpg", "0003.jpg"):  # bad length, loop, file://, ftp://
+            with pytest.raises(RemoteError) as excinfo:
+                client.read_bytes(f"data/{name}")
+            errors.append(excinfo.value)
+        for branch in ("loop", "to-file"):  # the same on a JSON lookup (followed by requests itself)
+            with pytest.raises(RemoteError) as excinfo:
+                DagsHubClient(f"{proxy.url}/user/repo", token=SECRET, branch=branch, retry=FAST).resolve_revision()
+            errors.append(excinfo.value)
+    assert "Content-Length" in str(errors[0]) and "redirect" in str(errors[1])
+    assert all("/etc/passwd" not in str(e) and "ftp:" not in str(e) for e in errors)
+    for exc in errors:
+        _assert_clean(_messages(exc), type(exc).__name__)
+    _assert_clean([caplog.text], "log output")
+    figures.update(hostile_answers=len(errors))
+
+
+@pytest.mark.parametrize("source", ["argument", "DAGSHUB_TOKEN", "dagshub token cache"])
+def test_token_with_a_line_break_fails_before_any_request(repo, make_server, monkeypatch, caplog, source):
+    from streamloader.auth import login
+    from streamloader.errors import InvalidTokenError
+
+    srv = make_server(repo, token=SECRET)
+    broken = SECRET[:8] + "\n" + SECRET[8:]
+    if source == "DAGSHUB_TOKEN":
+        monkeypatch.setenv("DAGSHUB_TOKEN", broken)
+    elif source == "dagshub token cache":
+        import yaml
+
+        path = os.environ["DAGSHUB_CLIENT_TOKENS_CACHE"]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            yaml.safe_dump({"version": "1", srv.url: [{"access_token": broken, "expiry": "never",
+                                                       "token_type": "app-token"}]}, f)
+    caplog.set_level(logging.DEBUG)
+    token = broken if source == "argument" else None
+    for call in (lambda: DagsHubClient(srv.repo_url, token=token, retry=FAST).list_dir("data"),
+                 lambda: DagsHubFileSystem(host=srv.url, token=token, skip_instance_cache=True).ls("user/repo"),
+                 lambda: login(token, srv.url)):
+        with pytest.raises(InvalidTokenError, match=f"token from {source} contains a line break") as excinfo:
+            call()
+        assert isinstance(excinfo.value, ValueError)
+        for text in _messages(excinfo.value):
+            assert SECRET[:8] not in text and SECRET[8:] not in text
+    assert srv.request_count() == 0  # refused before anything was sent
+    assert SECRET[8:] not in caplog.text
+
+
+# --- issue 15.10: a token inside a URL is used as the token, and shown nowhere -----------------------------------
+
+
+def test_token_in_the_url_is_the_credential_and_never_shown(repo, make_server, caplog, figures):
+    from streamloader.errors import AuthenticationError, RemoteError, RevisionNotFoundError
+
+    srv = make_server(repo, token=SECRET)
+    caplog.set_level(logging.DEBUG)
+    with_secret = srv.url.replace("://", f"://user:{SECRET}@")
+    with_wrong = srv.url.replace("://", f"://user:{WRONG}@")
+    objects: list = []
+    errors: List[BaseException] = []
+
+    client = DagsHubClient(f"{with_secret}/user/repo", retry=FAST)  # no DAGSHUB_TOKEN: the URL's password is it
+    assert [e.name for e in client.list_dir("data")][:1] == ["0000.jpg"]
+    assert client.ref.host == srv.url
+    fs = DagsHubFileSystem(host=with_secret, skip_instance_cache=True)
+    assert fs.cat_file("user/repo/README.md") == b"# test repo\n"
+    assert SECRET not in str(fs.storage_options.get("host")) and fs.host == srv.url
+    by_host = DagsHubClient("user/repo", host=with_secret, retry=FAST)
+    assert by_host.read_bytes("README.md") == b"# test repo\n"
+    objects += [client, RemoteRepo(client), fs, fs.repo("user", "repo"), by_host, by_host.ref]
+
+    def expect(error_type, call):
+        with pytest.raises(error_type) as excinfo:
+            call()
+        errors.append(excinfo.value)
+
+    expect(AuthenticationError, lambda: DagsHubClient(f"{with_wrong}/user/repo", retry=FAST).list_dir("data"))
+    expect(AuthenticationError,
+           lambda: DagsHubFileSystem(host=with_wrong, skip_instance_cache=True).ls("user/repo/data"))
+    expect(RevisionNotFoundError,
+           lambda: DagsHubClient(f"{with_secret}/user/repo", branch="nope", retry=FAST).resolve_revision())
+    srv.faults.fail_paths = {"README.md": 503}
+    expect(RemoteError, lambda: DagsHubClient(f"{with_secret}/user/repo", retry=FAST).read_bytes("README.md"))
+    assert "rejected the token from the password in the URL" in str(errors[0])
+
+    for exc in errors:
+        _assert_clean(_messages(exc), type(exc).__name__)
+    _assert_clean([repr(o) for o in objects] + [str(o) for o in objects], "reprs")
+    _assert_clean([caplog.text], "log output")
+    figures.update(url_token_errors=len(errors))
