@@ -1,4 +1,4 @@
-"""The streamloader CLI: ls, filter, prefetch, cache, serve, exit codes and one-line errors (against the real server)."""
+"""The streamloader CLI: ls, filter, prefetch, cache, serve, exit codes, one-line errors (against the real server)."""
 from __future__ import annotations
 
 import io
@@ -254,7 +254,8 @@ def test_serve_prints_what_to_export_and_makes_demo_data(tmp_path):
         url = lines[0].split(" at ", 1)[1].split(" ")[0]
         assert lines[0] == (f"Serving {repo} as DagsHub-Datasets/LAION-Aesthetics-V2-6.5plus at {url} "
                             f"(repo URL: {url}/DagsHub-Datasets/LAION-Aesthetics-V2-6.5plus)")
-        assert lines[2:] == [f"  export DAGSHUB_CLIENT_HOST={url}", '  export DAGSHUB_TOKEN="$STREAMLOADER_SERVER_TOKEN"']
+        assert lines[2:] == [f"  export DAGSHUB_CLIENT_HOST={url}",
+                             '  export DAGSHUB_TOKEN="$STREAMLOADER_SERVER_TOKEN"']
         assert len(list((repo / "data").glob("*.jpg"))) == 12
         # the export lines work: a fresh process with them lists the guide's repo by OWNER/REPO alone
         listed = subprocess.run([sys.executable, "-m", "streamloader", "ls",

@@ -49,7 +49,8 @@ def test_every_block_compiles_and_names_real_apis():
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "streamloader":
                 module = importlib.import_module(node.module)
                 names += [(node.module, alias.name, hasattr(module, alias.name)) for alias in node.names]
-            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "streamloader":
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id == "streamloader"):
                 names.append(("streamloader", node.attr, hasattr(streamloader, node.attr)))
     assert len(names) >= 12
     assert [f"{module}.{name}" for module, name, found in names if not found] == []

@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         from streamloader.cache import FileCache
 
         result = FileCache(root).prune(args.max_size)
-        print(f"removed {plural(result['removed'], 'cached file')} and {plural(result['temp_removed'], 'stale temp file')}")
+        print(f"removed {plural(result['removed'], 'cached file')} and "
+              f"{plural(result['temp_removed'], 'stale temp file')}")
     else:
         removed = clear_cache(root)
         parts = ", ".join(f"{n:,} {part}" for part, n in removed.items())

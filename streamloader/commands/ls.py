@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-# re-exported: other command modules and older code import them from here
-from streamloader.commands._remote import add_remote_arguments, is_remote, remote_argument, storage_options  # noqa: F401
+# add_remote_arguments and storage_options are re-exported: older code imports them from here
+from streamloader.commands._remote import (  # noqa: F401
+    add_remote_arguments, is_remote, remote_argument, storage_options)
 
 
 def register(subparsers: Any) -> None:
