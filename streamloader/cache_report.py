@@ -7,8 +7,8 @@ The cache root (see :mod:`streamloader.cache`) has these parts::
     locks/      entry locks (never removed: other processes may hold them)
 
 ``cache_report`` only reads (a missing root is reported as empty, not created); it knows the on-disk layout of
-listings (:mod:`streamloader.remote.repo`) and features (:mod:`streamloader.data.feature_cache`) without importing
-those layers. Usage::
+listings (:mod:`streamloader.remote.listings`: one SQLite file per commit, opened read-only) and features
+(:mod:`streamloader.data.feature_cache`) without importing those layers. Usage::
 
     report = cache_report()                 # default cache dir
     print(report.format())                  # per part, per repository, per feature extractor
@@ -175,8 +175,6 @@ def cache_report(cache_dir: Optional[str] = None, by_repo: bool = True) -> Cache
 
 
 def _repo_usage(root: str, sizes: Dict[str, int], named: Set[str]) -> List[RepoUsage]:
-    from streamloader.cache import CacheKey
-
     usages = []
     listings = os.path.join(root, "listings")
     for digest in sorted(_listdir(listings)):
@@ -184,34 +182,62 @@ def _repo_usage(root: str, sizes: Dict[str, int], named: Set[str]) -> List[RepoU
         if not os.path.isdir(repo_dir):
             continue
         ident = _read_json(os.path.join(repo_dir, REPO_RECORD)) or {}
-        name = (f"{ident['host']}/{ident['owner']}/{ident['repo']}"
-                if {"host", "owner", "repo"} <= set(ident) else f"repository {digest} (name not recorded)")
+        known = {"host", "owner", "repo"} <= set(ident)
+        name = (f"{ident['host']}/{ident['owner']}/{ident['repo']}" if known
+                else f"repository {digest} (name not recorded)")
         usage = RepoUsage(name, listing_bytes=_measure(repo_dir).bytes)
         mine: Set[str] = set()
-        for sha in _listdir(repo_dir):
-            commit_dir = os.path.join(repo_dir, sha)
-            if sha == "heads" or not os.path.isdir(commit_dir):
+        for file in sorted(_listdir(repo_dir)):
+            if not file.endswith(_STORE_SUFFIX):
                 continue
+            sha = file[:-len(_STORE_SUFFIX)]
             usage.commits += 1
-            for file in _listdir(commit_dir):
-                record = _read_json(os.path.join(commit_dir, file)) if file.endswith(".json") else None
-                for entry in (record or {}).get("entries") or ():
-                    if not isinstance(entry, dict) or entry.get("type") == "dir":
-                        continue
-                    if entry.get("hash"):
-                        key = CacheKey.from_hash(entry.get("versioning"), str(entry["hash"]))
-                    elif {"host", "owner", "repo"} <= set(ident):
-                        key = CacheKey.from_location(ident["host"], ident["owner"], ident["repo"], sha,
-                                                     str(entry.get("path")))
-                    else:
-                        continue
-                    path = os.path.join(root, "objects", key.kind, key.digest[:2], key.digest)
+            for parent, entry_name, digest_text, versioning in _stored_files(os.path.join(repo_dir, file)):
+                for path in _object_paths(root, ident if known else None, sha, parent, entry_name, digest_text,
+                                           versioning):
                     if path in sizes:
                         mine.add(path)
         usage.objects, usage.object_bytes = len(mine), sum(sizes[p] for p in mine)
         named |= mine
         usages.append(usage)
     return usages
+
+
+_STORE_SUFFIX = ".sqlite"  # listings/<repo>/<commit sha>.sqlite: streamloader.remote.listings.ListingStore
+
+
+def _stored_files(store: str) -> Iterator[Tuple[str, str, Optional[str], Optional[str]]]:
+    """(folder, name, hash, versioning) of every file a listing store knows; nothing when it cannot be read.
+    Opened read-only: a report never creates or changes a store."""
+    import sqlite3
+    from urllib.parse import quote
+
+    for options in ("mode=ro", "immutable=1"):  # immutable: no -shm to open (a store nobody writes any more)
+        try:
+            conn = sqlite3.connect(f"file:{quote(store)}?{options}", uri=True, timeout=5)
+        except sqlite3.Error:
+            continue
+        try:
+            rows = conn.execute("SELECT dir, name, hash, versioning FROM entries WHERE type != 'dir'").fetchall()
+        except sqlite3.Error:
+            continue
+        finally:
+            conn.close()
+        yield from rows
+        return
+
+
+def _object_paths(root: str, ident: Optional[dict], sha: str, parent: str, name: str, digest: Optional[str],
+                  versioning: Optional[str]) -> List[str]:
+    """Where the cache may keep that file (RemoteRepo: under its content hash, or under its location when it was
+    downloaded before the hash was known)."""
+    from streamloader.cache import CacheKey
+
+    keys = [CacheKey.from_hash(versioning, str(digest))] if digest else []
+    if ident is not None:
+        keys.append(CacheKey.from_location(ident["host"], ident["owner"], ident["repo"], sha,
+                                           f"{parent}/{name}" if parent else name))
+    return [os.path.join(root, "objects", key.kind, key.digest[:2], key.digest) for key in keys]
 
 
 def _extractor_usage(features: str) -> Dict[str, CachePart]:

@@ -11,6 +11,7 @@ steps run against DagsHub.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shutil
@@ -67,25 +68,63 @@ def _start_embedded(args: argparse.Namespace, workdir: str, stack: ExitStack) ->
     from streamloader.synthetic import make_laion_repo
 
     t0 = time.perf_counter()
-    repo = make_laion_repo(os.path.join(workdir, "repo"), n_images=args.images, n_squirrel=args.squirrels,
-                           image_size=(128, 128), scores="brightness")
-    size = sum(os.path.getsize(repo.image_path(f)) for f in repo.files) + os.path.getsize(repo.labels_path)
-    _say("1 data", f"built a synthetic LAION-style repo: {len(repo.files)} JPEGs + data/labels.tsv, "
-                   f"{size / 1e6:.1f} MB, in {time.perf_counter() - t0:.1f} s ({repo.root})")
+    root = os.path.join(workdir, "repo")
+    recipe = json.dumps({"images": args.images, "squirrels": args.squirrels, "size": 128, "scores": "brightness"})
+    recipe_file, port_file = os.path.join(workdir, "repo-recipe.json"), os.path.join(workdir, "server-port")
+    port = 0
+    if _read_text(recipe_file) == recipe and os.path.isfile(os.path.join(root, "data", "labels.tsv")):
+        # the same files (same commit) at the same address: every file and feature of the last run is a cache hit
+        verb = "reused the synthetic LAION-style repo of the last run"
+        port = _free_port(_read_text(port_file))
+    else:  # a rebuilt repo is a new commit, so nothing of an earlier run's cache would apply
+        shutil.rmtree(root, ignore_errors=True)
+        make_laion_repo(root, n_images=args.images, n_squirrel=args.squirrels, image_size=(128, 128),
+                        scores="brightness")
+        with open(recipe_file, "w", encoding="utf-8") as f:
+            f.write(recipe)
+        verb = "built a synthetic LAION-style repo"
+    data = os.path.join(root, "data")
+    size = sum(os.path.getsize(os.path.join(data, name)) for name in os.listdir(data))
+    _say("1 data", f"{verb}: {args.images} JPEGs + data/labels.tsv, {size / 1e6:.1f} MB, in "
+                   f"{time.perf_counter() - t0:.1f} s ({root})")
     _say("1 data", f"the images are random noise; {args.squirrels} captions mention squirrels; each score is "
                    "6.5 + 2 x the image's brightness, so features can predict it (real LAION scores come from "
                    "people; run with --repo-url for the real dataset)")
     token = "demo-" + secrets.token_hex(8)
-    server = ServerProcess(str(repo.root), owner=GUIDE_REPO[0], repo=GUIDE_REPO[1], branch=args.branch, token=token,
-                           faults=ServerFaults(latency=args.latency))
+    server = ServerProcess(root, owner=GUIDE_REPO[0], repo=GUIDE_REPO[1], branch=args.branch, token=token,
+                           port=port, faults=ServerFaults(latency=args.latency))
     stack.callback(server.stop)
     server.start()
+    with open(port_file, "w", encoding="utf-8") as f:
+        f.write(str(server.port))
     _say("2 serve", f"`streamloader serve` is serving it as {GUIDE_REPO[0]}/{GUIDE_REPO[1]} at {server.url} "
                     f"(+{args.latency * 1000:.0f} ms per request)")
     # Exactly what a headless training job does: the token comes from DAGSHUB_TOKEN.
     os.environ["DAGSHUB_TOKEN"] = token
     os.environ["DAGSHUB_CLIENT_HOST"] = server.url
     return server.repo_url
+
+
+def _free_port(text: str) -> int:
+    """``text`` as a port when 127.0.0.1 can bind it now, else 0 (any free port)."""
+    import socket
+
+    try:
+        port = int(text)
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is fine
+            probe.bind(("127.0.0.1", port))
+        return port
+    except (ValueError, OSError, OverflowError):
+        return 0
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def _run_guide(args: argparse.Namespace, repo_url: str, workdir: str, stack: ExitStack) -> None:
