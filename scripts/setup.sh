@@ -2,8 +2,18 @@
 # Install streamloader and its test dependencies into the current Python environment.
 # torch is pinned FIRST: an unpinned torch requirement would otherwise pull the newest CUDA build (gigabytes);
 # with 2.13.0 present, setup.cfg's torch>=2.1 is already satisfied and nothing more is downloaded.
+# Which build of torch==2.13.0 arrives is the package index's choice: this project's machines serve the CPU build,
+# while the public PyPI index serves Linux x86_64 the CUDA build (~2.5 GB of nvidia-* wheels). To choose:
+#   STREAMLOADER_TORCH_CPU=1 bash scripts/setup.sh        CPU build from PyTorch's index (download.pytorch.org/whl/cpu)
+#   TORCH_INDEX_URL=<index URL> bash scripts/setup.sh      torch from that index (e.g. .../whl/cu124 for CUDA 12.4)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-"$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+TORCH_INDEX=()
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    TORCH_INDEX=(--index-url "$TORCH_INDEX_URL")
+elif [ "${STREAMLOADER_TORCH_CPU:-0}" = "1" ]; then
+    TORCH_INDEX=(--index-url "https://download.pytorch.org/whl/cpu")
+fi
+"$PY" -m pip install --quiet --disable-pip-version-check ${TORCH_INDEX[@]+"${TORCH_INDEX[@]}"} "torch==2.13.0"
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"

@@ -19,6 +19,7 @@ _EXPORTS = {
     "RemoteError": "streamloader.errors",
     "RemoteFileNotFoundError": "streamloader.errors",
     "RevisionNotFoundError": "streamloader.errors",
+    "RepositoryNotFoundError": "streamloader.errors",
     "IntegrityError": "streamloader.errors",
     "DataFormatError": "streamloader.errors",
     # transport / filesystem

@@ -338,14 +338,12 @@ class FileCache:
                     continue
 
     def info(self) -> Dict[str, object]:
-        """``{"root", "files", "bytes", "max_size", "temp_files"}`` for this cache."""
+        """``{"root", "files", "bytes", "max_size", "temp_files", "total_files", "total_bytes", "parts", ...}``:
+        ``files``/``bytes`` count finished entries, the rest every part (:mod:`streamloader.cache_report`)."""
+        from streamloader.cache_report import cache_report
+
         self.flush()
-        files = total = 0
-        for _p, st in self._entries():
-            files += 1
-            total += st.st_size
-        tmp = len(os.listdir(os.path.join(self.root, "tmp")))
-        return {"root": self.root, "files": files, "bytes": total, "max_size": self.max_size, "temp_files": tmp}
+        return dict(cache_report(self.root, by_repo=False).as_dict(), max_size=self.max_size)
 
     def _maybe_evict(self, keep: Optional[str] = None, added: int = 0) -> None:
         """Enforce ``max_size`` after storing ``added`` bytes (at ``keep``, which is never evicted).
@@ -427,10 +425,10 @@ class FileCache:
         return {"removed": removed, "temp_removed": swept}
 
     def clear(self) -> int:
-        """Remove every finished entry (entries being downloaded are left alone). Returns how many."""
-        self.flush()
-        entries = list(self._entries())
-        return self._evict(entries, sum(st.st_size for _p, st in entries), -1)[0] + self.sweep_temp()
+        """Remove every cached file, listing, feature vector and dead temp file (not downloads in progress)."""
+        from streamloader.cache_report import clear_parts
+
+        return sum(clear_parts(self).values())
 
 
 def _size_of(path: str, known: Optional[int]) -> int:
@@ -515,8 +513,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def cache_info(cache_dir: Optional[str] = None) -> Dict[str, object]:
-    """Summary of the cache at ``cache_dir`` (default cache dir): files, bytes, root."""
-    return FileCache(cache_dir).info()
+    """Summary of the cache at ``cache_dir`` (default cache dir), as :meth:`FileCache.info`; creates nothing."""
+    from streamloader.cache_report import cache_report
+
+    QUEUE.drain()
+    return dict(cache_report(cache_dir, by_repo=False).as_dict(), max_size=None)
 
 
 def prune(max_size: Union[int, str, None] = None, cache_dir: Optional[str] = None) -> Dict[str, int]:

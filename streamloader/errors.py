@@ -20,6 +20,7 @@ __all__ = [
     "RemoteError",
     "RemoteFileNotFoundError",
     "RevisionNotFoundError",
+    "RepositoryNotFoundError",
     "IntegrityError",
     "DataFormatError",
 ]
@@ -91,6 +92,13 @@ class RemoteFileNotFoundError(StreamloaderError, FileNotFoundError):
 
 class RevisionNotFoundError(StreamloaderError, LookupError):
     """The branch or commit does not exist in the repository."""
+
+
+class RepositoryNotFoundError(RevisionNotFoundError):
+    """The repository itself does not exist (or is not visible with this token): wrong owner, name or host.
+
+    A subclass of RevisionNotFoundError, which is what a missing repository raised before it had its own class.
+    """
 
 
 class IntegrityError(StreamloaderError, OSError):

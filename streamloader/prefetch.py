@@ -57,11 +57,13 @@ def prefetch(paths: Iterable[Any], max_concurrency: int = 32, progress: bool = T
             part = job.result()
             total.files += part.files
             total.bytes += part.bytes
+            total.cached += part.cached
+            total.cached_bytes += part.cached_bytes
             for rel, exc in part.failed.items():
                 total.failed[rels[rel]] = exc
         total.seconds = time.perf_counter() - started
         for path, exc in failed.items():
-            log.warning("prefetch skipped %s: %s", path, exc)
+            log.warning("prefetch skipped %s: %s", path, exc, extra={"prefetch_failure": path})
         log.info("prefetch: %s", total)
         return total
 

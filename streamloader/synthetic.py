@@ -10,6 +10,12 @@
 Image size knob: images are uniform RGB noise (incompressible, so sizes are realistic for the bytes moved):
 at JPEG quality 85, ``image_size=(64, 64)`` is about 4 KB, ``(160, 160)`` about 20 KB and ``(200, 200)`` about
 30 KB — the bench uses (200, 200) for LAION-like ~30 KB images.
+
+Scores are random by default: nothing in an image predicts them. ``scores="brightness"`` (the demo's and
+``streamloader serve --demo-data``'s choice) makes each score follow its image's brightness, which any feature
+extractor sees, so a regressor trained on them really learns (the validation loss falls)::
+
+    make_laion_repo("/tmp/laion", n_images=400, n_squirrel=40, image_size=(128, 128), scores="brightness")
 """
 from __future__ import annotations
 
@@ -66,12 +72,16 @@ def make_laion_repo(
     tab_captions: bool = True,
     jpeg_quality: int = 85,
     progress: bool = False,
+    scores: str = "random",
 ) -> SyntheticRepo:
     """Write ``root/data/labels.tsv`` and ``root/data/<8 digits>.jpg`` (deterministic for a seed); return the manifest.
 
     ``n_squirrel`` captions mention squirrels in mixed forms ("Squirrels", "SQUIRREL", ...). With ``tab_captions``
     about one caption in five contains a tab, and the first squirrel caption has "squirrel" only AFTER its tab,
-    which the guide's ``row.split('\\t')[:2]`` misses. Scores are in [6.5, 8.5]. ``image_size`` is (width, height).
+    which the guide's ``row.split('\\t')[:2]`` misses. Scores are in [6.5, 8.5]: uniform and unrelated to the image
+    with ``scores="random"``; with ``scores="brightness"`` 6.5 + 2 x the image's brightness (0..1) plus a little
+    noise (sd 0.05), the image being noise of half the full range around that brightness. ``image_size`` is
+    (width, height).
 
     Usage: ``make_laion_repo("/tmp/laion", n_images=2000, image_size=(200, 200))`` (~30 KB JPEGs, ~1 s).
     """
@@ -84,6 +94,10 @@ def make_laion_repo(
     width, height = image_size
     if width <= 0 or height <= 0:
         raise ValueError(f"image_size must be positive; got {image_size!r}")
+    if scores not in ("random", "brightness"):
+        raise ValueError(f"scores must be 'random' or 'brightness'; got {scores!r}")
+    # brightness in its own stream: the default data (squirrel rows, captions, pixels) stays the same for a seed
+    brightness = np.random.default_rng([seed, 1]).uniform(0.0, 1.0, n_images) if scores == "brightness" else None
     rng = random.Random(seed)
     pixels = np.random.default_rng(seed)
     data_dir = Path(root) / "data"
@@ -103,12 +117,16 @@ def make_laion_repo(
         elif tab_captions and rng.random() < 0.2:
             caption = caption.replace(" ", "\t", 1)
         score = round(rng.uniform(6.5, 8.5), 4)
+        if brightness is not None:
+            score = round(min(8.5, max(6.5, 6.5 + 2.0 * brightness[index] + (score - 7.5) * 0.05 * 3 ** 0.5)), 4)
         rows.append(LabelRow(f"{index:08d}.jpg", caption, score, f"https://example.com/laion/{index:08d}.jpg"))
     labels_path = data_dir / "labels.tsv"
     write_labels(rows, labels_path)
 
-    for row in tqdm(rows, desc="synthetic images", unit="img", disable=not progress):
+    for index, row in enumerate(tqdm(rows, desc="synthetic images", unit="img", disable=not progress)):
         noise = pixels.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        if brightness is not None:  # half-range noise centred on the brightness: 0 -> [0, 128), 1 -> [128, 256)
+            noise = (noise // 2 + int(round(brightness[index] * 128))).clip(0, 255).astype(np.uint8)
         Image.fromarray(noise).save(data_dir / row.file, "JPEG", quality=jpeg_quality)
 
     return SyntheticRepo(

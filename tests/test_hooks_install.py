@@ -18,7 +18,7 @@ import tokenize
 import pytest
 
 from conftest import TOKEN
-from streamloader.errors import AuthenticationError
+from streamloader.errors import AuthenticationError, RepositoryNotFoundError, RevisionNotFoundError
 from streamloader.hooks import ENV_VAR, hooked_roots, install_hooks, uninstall_hooks
 from test_hooks import _no_hooks_leak, hooked, on_disk, project, remote  # noqa: F401 - shared fixtures
 
@@ -170,6 +170,29 @@ def test_a_bad_token_fails_at_install(remote, project):
     with pytest.raises(AuthenticationError):
         install_hooks(project_root=project, repo_url=remote.repo_url, token="wrong")
     assert hooked_roots() == {} and builtins.open is ORIGINALS[(builtins, "open")]
+
+
+def test_repo_url_may_be_owner_repo_or_dagshub_url(remote, project, monkeypatch):
+    monkeypatch.setenv("DAGSHUB_CLIENT_HOST", remote.url)  # the host of the short forms
+    for form in ("user/repo", "dagshub://user/repo", "dagshub://user/repo/", f"{remote.repo_url}.git"):
+        with install_hooks(project_root=project, repo_url=form, branch="main") as handle:
+            assert handle.config.repo_url == remote.repo_url, form  # the owner keeps its case, never a host
+            assert open("README.md").read() == "# test repo\n"
+    for bad in ("just-a-name", "dagshub://user", "dagshub://user/repo/data", "https://host-only"):
+        with pytest.raises(ValueError, match="OWNER/REPO"):
+            install_hooks(project_root=project, repo_url=bad)
+    assert hooked_roots() == {}
+
+
+def test_a_missing_repository_is_not_called_a_missing_branch(remote, project):
+    remote.reset_counts()
+    with pytest.raises(RepositoryNotFoundError, match="repository .*/user/nope not found"):
+        install_hooks(project_root=project, repo_url=f"{remote.url}/user/nope", branch="main")
+    assert remote.request_count(kind="repo") == 1  # one look at the repo record, after the branch 404
+    with pytest.raises(RevisionNotFoundError, match="no branch or tag named 'dev'") as caught:
+        install_hooks(project_root=project, repo_url=remote.repo_url, branch="dev")
+    assert not isinstance(caught.value, RepositoryNotFoundError)
+    assert hooked_roots() == {}
 
 
 def test_unsupported_official_arguments_are_refused(remote, project):

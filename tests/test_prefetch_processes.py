@@ -57,6 +57,9 @@ def test_every_file_fetched_exactly_once_and_byte_identical(served: Any, tmp_pat
     srv.reset_counts()
     again = repo.prefetch(sorted(files), progress=False, processes=2)  # warm: no request at all
     assert again.files == len(files) and srv.get_counts("raw") == {}
+    assert (again.cached, again.downloaded, again.downloaded_bytes) == (len(files), 0, 0)
+    assert str(again).startswith(f"0 downloaded (0 B), {len(files)} already cached, 0 failed in ")
+    assert result.cached == 0 and str(result).startswith(f"{len(files)} downloaded (")
 
 
 def test_with_progress_bar(served: Any, tmp_path: Path) -> None:
@@ -109,6 +112,34 @@ def test_killed_worker_process_fails_its_files_without_hanging(tmp_path: Path,
     assert result.files + len(result.failed) == len(files)
     assert all("exited" in str(e) for e in result.failed.values())
     assert set(_children(own_pid)) <= before  # no worker left behind
+
+
+def test_workers_leave_ctrl_c_to_the_parent(tmp_path: Path, make_server_process: Callable[..., Any]) -> None:
+    """Ctrl-C reaches the whole process group; a worker must not die of it (nor print anything): the parent
+    decides (KeyboardInterrupt there cancels the job, which stops the workers)."""
+    files = make_files(tmp_path / "repo")
+    srv = make_server_process(tmp_path / "repo", faults=ServerFaults(latency=0.1))
+    repo = open_repo(srv, tmp_path)
+    repo.listing("data")
+    own_pid = os.getpid()
+    before = set(_children(own_pid))
+    interrupted: list = []
+
+    def interrupt_the_workers() -> None:
+        deadline = time.monotonic() + 20
+        while len(interrupted) < 2 and time.monotonic() < deadline:
+            for pid in set(_children(own_pid)) - before - set(interrupted):
+                time.sleep(0.2)  # past the worker's start-up: into its downloads
+                os.kill(pid, signal.SIGINT)
+                interrupted.append(pid)
+            time.sleep(0.02)
+
+    sender = threading.Thread(target=interrupt_the_workers)
+    sender.start()
+    result = repo.prefetch(sorted(files), max_concurrency=4, progress=False, on_error="skip", processes=2)
+    sender.join()
+    assert interrupted, "no worker process was seen"
+    assert (result.files, result.failed) == (len(files), {})
 
 
 def _children(pid: int) -> list:

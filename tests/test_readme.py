@@ -6,6 +6,8 @@ Blocks marked ```python notest (they need Colab, torchvision or real credentials
 """
 from __future__ import annotations
 
+import ast
+import importlib
 import os
 import re
 import subprocess
@@ -32,10 +34,35 @@ def test_readme_opens_with_the_two_commands():
     assert commands[1] in ci  # CI runs exactly the README's test command
 
 
-def test_notest_blocks_compile():
-    for info, code in _blocks():
-        if info != "python":
-            compile(code, f"README {info}", "exec")
+def test_every_block_compiles_and_names_real_apis():
+    """Blocks marked notest cannot run here (Colab, torchvision, credentials) but must compile, and every streamloader
+    name any block imports or uses must exist: the README cannot advertise an API that is not there."""
+    import streamloader
+
+    blocks = _blocks()
+    assert len([info for info, _code in blocks if info != "python"]) >= 3
+    names = []
+    for info, code in blocks:
+        tree = ast.parse(code, f"README {info}")
+        compile(tree, f"README {info}", "exec")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "streamloader":
+                module = importlib.import_module(node.module)
+                names += [(node.module, alias.name, hasattr(module, alias.name)) for alias in node.names]
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id == "streamloader"):
+                names.append(("streamloader", node.attr, hasattr(streamloader, node.attr)))
+    assert len(names) >= 12
+    assert [f"{module}.{name}" for module, name, found in names if not found] == []
+
+
+def test_local_server_section_quotes_what_serve_prints():
+    from streamloader.commands import serve
+
+    text = README.read_text(encoding="utf-8")
+    assert f"#   export DAGSHUB_TOKEN={serve.ANY_TOKEN}  # this server accepts any token" in text
+    assert "#   export DAGSHUB_CLIENT_HOST=http://127.0.0.1:8765" in text
+    assert "streamloader serve ./laion-mini --demo-data" in text
 
 
 def test_python_blocks_run_against_local_server(tmp_path, make_server):
@@ -59,3 +86,15 @@ def test_python_blocks_run_against_local_server(tmp_path, make_server):
     assert "torch.Size([32, 3, 64, 64]) torch.Size([32, 512])" in result.stdout
     assert "7 of 60 rows matched" in result.stdout
     assert "['file', 'caption', 'score', 'url'] 60" in result.stdout
+
+
+def test_help_of_the_dataset_documents_its_arguments():
+    """The README sends users to help(LaionAestheticsDataset): it must explain the arguments itself."""
+    from streamloader import LaionAestheticsDataset
+
+    doc = LaionAestheticsDataset.__doc__
+    for argument in ("annotations_file", "img_dir", "feature_extractor", "limit", "keywords", "on_error",
+                     "storage_options"):
+        assert f"{argument}" in doc, argument
+    assert "see module docstring" not in doc.lower()
+    assert "help(LaionAestheticsDataset)" in README.read_text(encoding="utf-8")

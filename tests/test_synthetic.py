@@ -74,6 +74,25 @@ def test_make_laion_repo_rejects_bad_arguments(tmp_path, kwargs):
         make_laion_repo(tmp_path / "repo", **kwargs)
 
 
+def test_brightness_scores_follow_the_images_and_keep_the_rows(tmp_path):
+    import numpy as np
+
+    plain = make_laion_repo(tmp_path / "plain", n_images=40, n_squirrel=6, image_size=(32, 32), seed=2)
+    lit = make_laion_repo(tmp_path / "lit", n_images=40, n_squirrel=6, image_size=(32, 32), seed=2,
+                          scores="brightness")
+    assert (lit.files, lit.squirrel_files, lit.captions) == (plain.files, plain.squirrel_files, plain.captions)
+    brightness = []
+    for name in lit.files:
+        with Image.open(lit.image_path(name)) as image:
+            brightness.append(np.asarray(image.convert("L"), dtype=np.float64).mean())
+    scores = [lit.scores[name] for name in lit.files]
+    assert all(6.5 <= score <= 8.5 for score in scores)
+    assert np.corrcoef(brightness, scores)[0, 1] > 0.95  # an image shows its score
+    assert abs(np.corrcoef(brightness, [plain.scores[n] for n in plain.files])[0, 1]) < 0.5
+    with pytest.raises(ValueError, match="scores"):
+        make_laion_repo(tmp_path / "bad", n_images=2, n_squirrel=0, scores="sharpness")
+
+
 def test_make_labels_file_counts_and_parses(tmp_path):
     info = make_labels_file(tmp_path / "labels.tsv", 10_000, squirrel_every=1000, tab_every=7)
     assert info.n_rows == 10_000 and info.n_squirrel == 10

@@ -2,35 +2,61 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import os
+from typing import Any, Optional
+
+
+def _size(text: str) -> int:
+    from streamloader.cache import parse_size
+
+    try:
+        return int(parse_size(text) or 0)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(subparsers: Any) -> None:
     """Add the ``cache`` sub-command."""
     parser = subparsers.add_parser(
         "cache", help="show, prune or clear the local cache",
-        description="Manage the streamloader cache ($STREAMLOADER_CACHE or the user cache dir). 'prune' evicts the "
-                    "least recently used files until the cache fits --max-size and removes temp files left by "
-                    "killed processes; 'clear' removes every cached file. Files being downloaded are never removed.")
+        description="Manage the streamloader cache ($STREAMLOADER_CACHE or the user cache dir). 'info' shows each "
+                    "part (downloaded files, listings, features, temp files, locks) and each repository; 'prune' "
+                    "evicts the least recently used files until the cache fits --max-size and removes temp files "
+                    "left by killed processes; 'clear' removes every cached file, listing and feature vector. Files "
+                    "being downloaded are never removed; neither command creates a missing cache directory.")
     parser.add_argument("action", choices=["info", "prune", "clear"])
     parser.add_argument("--cache-dir", help="cache directory (default: $STREAMLOADER_CACHE or the user cache dir)")
-    parser.add_argument("--max-size", help="for prune: target size, e.g. 10GB or 500MiB")
+    parser.add_argument("--max-size", type=_size, help="for prune: target size, e.g. 10GB or 500MiB")
     parser.set_defaults(func=run, parser=parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    from streamloader.cache import FileCache
+def _root(cache_dir: Optional[str]) -> str:
+    from streamloader.cache import default_cache_dir
 
-    cache = FileCache(args.cache_dir)
+    return os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else default_cache_dir()
+
+
+def run(args: argparse.Namespace) -> int:
+    from streamloader._units import plural
+    from streamloader.cache_report import cache_report, clear_cache
+
+    root = _root(args.cache_dir)
+    if args.action == "prune" and args.max_size is None:
+        args.parser.error("prune needs --max-size (e.g. --max-size 10GB)")
     if args.action == "info":
-        info = cache.info()
-        print(f"cache: {info['root']}\nfiles: {info['files']:,}\nsize:  {info['bytes'] / 1e6:,.1f} MB"
-              f"\ntemp files: {info['temp_files']}")
-    elif args.action == "prune":
-        if not args.max_size:
-            args.parser.error("prune needs --max-size (e.g. --max-size 10GB)")
-        result = cache.prune(args.max_size)
-        print(f"removed {result['removed']} cached files and {result['temp_removed']} stale temp files")
+        print(cache_report(root).format())
+        return 0
+    if not os.path.isdir(root):
+        print(f"nothing to {args.action}: {root} does not exist")
+        return 0
+    if args.action == "prune":
+        from streamloader.cache import FileCache
+
+        result = FileCache(root).prune(args.max_size)
+        print(f"removed {plural(result['removed'], 'cached file')} and "
+              f"{plural(result['temp_removed'], 'stale temp file')}")
     else:
-        print(f"removed {cache.clear()} files from {cache.root}")
+        removed = clear_cache(root)
+        parts = ", ".join(f"{n:,} {part}" for part, n in removed.items())
+        print(f"removed {plural(sum(removed.values()), 'file')} from {root} ({parts})")
     return 0

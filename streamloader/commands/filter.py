@@ -5,19 +5,24 @@ import argparse
 import math
 import re
 import sys
-from typing import Any
+from typing import Any, Dict, Optional
+
+from streamloader.commands._remote import add_remote_arguments, is_remote, remote_argument
 
 EPILOG = """\
 output:
   with --out FILE  the matching rows are written to FILE in the same 4-column TSV format (caption tabs kept)
                    and the summary line is printed to stdout;
   without --out    the matching file names are printed to stdout, one per line, and the summary line goes to
-                   stderr (so `streamloader filter labels.tsv -k squirrel > files.txt` gives a clean list).
+                   stderr (so `streamloader filter labels.tsv -k squirrel > files.txt` gives a clean list,
+                   which `streamloader prefetch --base dagshub://owner/repo/data files.txt` downloads).
 
 examples:
   streamloader filter data/labels.tsv --keyword squirrel
       115 of 540,000 rows matched (0 malformed skipped)
   streamloader filter dagshub://owner/repo/data/labels.tsv -k squirrel -k cat --all --min-score 7 -o subset.tsv
+  streamloader filter https://dagshub.com/owner/repo/data/labels.tsv -k squirrel \
+      | streamloader prefetch --base https://dagshub.com/owner/repo/data -
   streamloader filter labels.tsv --regex 'red (fox|squirrel)' --sample 0.1 --seed 1 --on-error warn
 
 Keywords match like the DagsHub guide's `'squirrel' in caption.lower()` (so "squirrel" also matches
@@ -74,13 +79,14 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "filter",
         help="select rows of a labels.tsv by caption keywords, regex or score",
-        description="Select rows of a LAION-Aesthetics style labels.tsv (a local path, a path under installed "
-        "hooks, or any fsspec URL such as dagshub://owner/repo/data/labels.tsv) by caption keywords, regex and "
-        "aesthetic score. All given conditions must hold.",
+        description="Select rows of a LAION-Aesthetics style labels.tsv (a local path, a repo URL "
+        "dagshub://owner/repo/data/labels.tsv or https://HOST/owner/repo/data/labels.tsv, or any fsspec URL) by "
+        "caption keywords, regex and aesthetic score. All given conditions must hold.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("labels", metavar="LABELS", help="labels.tsv path or URL")
+    add_remote_arguments(parser)
     parser.add_argument(
         "-k", "--keyword", action="append", default=[], type=_keyword,
         help="caption must contain this (case-insensitive substring); repeat for several (any of them matches)",
@@ -119,8 +125,10 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    labels, opts = remote_argument(args.labels, args) if is_remote(args.labels) else (args.labels, None)
+    _refuse_binary(labels, opts)
     result = filter_labels(
-        args.labels,
+        labels,
         args.keyword or None,
         match="all" if args.match_all else "any",
         exclude=args.exclude or None,
@@ -132,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         sample=args.sample,
         seed=args.seed,
         on_error=args.on_error,
+        storage_options=opts,
     )
     summary = result.summary()
     if args.sample is not None:
@@ -147,3 +156,29 @@ def run(args: argparse.Namespace) -> int:
             print(row.file)
         print(summary, file=sys.stderr)
     return 0
+
+
+def _refuse_binary(labels: str, opts: Optional[Dict[str, Any]]) -> None:
+    """DataFormatError (one short line) when the file starts with bytes no labels.tsv has (NUL, not UTF-8)."""
+    from streamloader.errors import DataFormatError
+
+    if "://" in labels:
+        import fsspec
+
+        with fsspec.open(labels, "rb", **(opts or {})) as f:
+            head = f.read(8192)
+    else:
+        with open(labels, "rb") as f:
+            head = f.read(8192)
+    problem = None
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        problem = f"a NUL byte at offset {nul}"
+    else:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start < len(head) - 3:  # not merely a character cut in two by the 8 KB read
+                problem = f"bytes that are not UTF-8 at offset {exc.start}"
+    if problem:
+        raise DataFormatError(f"{labels} is not a labels.tsv: binary data ({problem})")

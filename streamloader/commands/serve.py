@@ -4,10 +4,15 @@ Example::
 
     STREAMLOADER_SERVER_TOKEN=t0k streamloader serve ./laion-mini --port 8765
     # Serving ./laion-mini as user/repo at http://127.0.0.1:8765 (repo URL: http://127.0.0.1:8765/user/repo)
-    DAGSHUB_TOKEN=t0k DAGSHUB_CLIENT_HOST=http://127.0.0.1:8765 python train.py
+    # ... then the two lines to paste into the shell that runs the training code:
+    export DAGSHUB_CLIENT_HOST=http://127.0.0.1:8765
+    export DAGSHUB_TOKEN="$STREAMLOADER_SERVER_TOKEN"
 
     # answer like dagshub.com, as a public repo with 540k synthetic JPEGs in data/
     streamloader serve ./repo --dagshub-like --synthetic data=540000 --public
+
+``--demo-data`` first writes a synthetic LAION-Aesthetics-style repo into DIR (when DIR is empty or missing) and
+serves it as DagsHub-Datasets/LAION-Aesthetics-V2-6.5plus, the DagsHub guide's repository.
 """
 from __future__ import annotations
 
@@ -17,12 +22,15 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 from typing import Any, Dict, Optional
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "STREAMLOADER_SERVER_TOKEN"
+DEMO_OWNER, DEMO_REPO = "DagsHub-Datasets", "LAION-Aesthetics-V2-6.5plus"
+ANY_TOKEN = "any-token"  # what the export line suggests when the server accepts every token
 
 
 def register(subparsers: Any) -> None:
@@ -38,10 +46,14 @@ def register(subparsers: Any) -> None:
         ),
     )
     parser.add_argument("dir", metavar="DIR", help="folder to serve")
+    parser.add_argument("--demo-data", nargs="?", type=int, const=400, default=None, metavar="N",
+                        help="first write a synthetic LAION-style repo of N images (default 400) into DIR if it is "
+                             "empty or missing, and serve it as the guide's repo "
+                             f"{DEMO_OWNER}/{DEMO_REPO} (unless --owner/--repo say otherwise)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port (default 0: pick a free one)")
-    parser.add_argument("--owner", default="user", help="repository owner in URLs (default: user)")
-    parser.add_argument("--repo", default="repo", help="repository name in URLs (default: repo)")
+    parser.add_argument("--owner", help="repository owner in URLs (default: user)")
+    parser.add_argument("--repo", help="repository name in URLs (default: repo)")
     parser.add_argument("--branch", default="main", help="branch name (default: main)")
     parser.add_argument("--token", default=None, help=f"required access token (prefer the {TOKEN_ENV} env var)")
     faults = parser.add_argument_group("fault injection (for robustness tests)")
@@ -113,6 +125,13 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code."""
     from streamloader.server import DagsHubLike, DagsHubServer, ServerFaults
 
+    if args.demo_data is not None:
+        if args.demo_data < 1:
+            print("streamloader serve: error: --demo-data needs at least 1 image")
+            return 2
+        _write_demo_data(args.dir, args.demo_data)
+        args.owner, args.repo = args.owner or DEMO_OWNER, args.repo or DEMO_REPO
+    args.owner, args.repo = args.owner or "user", args.repo or "repo"
     if not os.path.isdir(args.dir):
         print(f"streamloader serve: error: not a directory: {args.dir}")
         return 2
@@ -148,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
             extra = "".join(f", {n} synthetic files in {f or '/'}" for f, n in sorted(mode.synthetic.items()))
             print(f"dagshub-like mode: presigned downloads from {server.presigned_origin or '(off)'}{extra}"
                   f"{'; public' if args.public else ''}", flush=True)
+        print(_client_setup(server.url, server.repo_url, args.branch, args.token, token), flush=True)
         while not stop.wait(0.5):
             pass
     finally:
@@ -155,3 +175,34 @@ def run(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _write_demo_data(directory: str, n_images: int) -> None:
+    """Fill an empty or missing ``directory`` with a synthetic LAION-style repo; leave a non-empty one alone."""
+    if os.path.isdir(directory) and os.listdir(directory):
+        log.info("--demo-data: %s is not empty, serving it as it is", directory)
+        return
+    import time
+
+    from streamloader.synthetic import make_laion_repo
+
+    started = time.perf_counter()
+    repo = make_laion_repo(directory, n_images=n_images, n_squirrel=max(1, n_images // 10), image_size=(128, 128),
+                           scores="brightness")
+    print(f"wrote a synthetic LAION-style repo into {directory}: {len(repo.files)} JPEGs + data/labels.tsv, "
+          f"{len(repo.squirrel_files)} squirrel captions, scores follow image brightness "
+          f"({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
+
+
+def _client_setup(url: str, repo_url: str, branch: str, token_option: Any, token: Any) -> str:
+    """The lines that point streamloader and the dagshub client at this server (never the token itself)."""
+    if not token:
+        value, note = ANY_TOKEN, "  # this server accepts any token"
+    elif token_option:
+        value, note = "<the --token value>", ""
+    else:
+        value, note = f'"${TOKEN_ENV}"', ""
+    return ("Point streamloader and the dagshub client at it (in the shell that runs your code):\n"
+            f"  export DAGSHUB_CLIENT_HOST={url}\n"
+            f"  export DAGSHUB_TOKEN={value}{note}\n"
+            f"then: install_hooks(project_root='.', repo_url='{repo_url}', branch='{branch}'). Ctrl-C stops it.")

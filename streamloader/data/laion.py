@@ -56,7 +56,34 @@ _BAD_ITEM = (FileNotFoundError, IsADirectoryError, NotADirectoryError, DataForma
 
 
 class LaionAestheticsDataset(Dataset):
-    """Map-style dataset of (image or features, score) for a labels.tsv and an image folder; see module docstring."""
+    """Map-style dataset of ``(image or features, score)`` for a LAION-style labels.tsv and its image folder.
+
+    The DagsHub guide's ``LAIONAestheticsDataset(annotations_file, img_dir, feature_extractor, limit)``, with
+    filters, a feature cache and safe DataLoader workers::
+
+        ds = LaionAestheticsDataset("data/labels.tsv", "data", tiny_cnn_extractor(), keywords="squirrel")
+        features, score = ds[0]          # score: float32 tensor of shape [1]
+
+    Args:
+        annotations_file: labels.tsv as a path (hooked paths stream), a URL (``dagshub://owner/repo/...``), an
+            iterable of LabelRow, or a FilterResult.
+        img_dir: folder (path or URL) the rows' file names are relative to.
+        feature_extractor: None → items are ``(image [3, H, W] float in [0, 1], score)``; a FeatureExtractor
+            (or the guide's class with ``.extract(path)``) → ``(features, score)``, cached on disk by content and
+            extractor fingerprint.
+        limit: keep the first N selected rows (without filters: the first N rows, as in the guide).
+        keywords, match ("any"/"all"), exclude, whole_word, regex, min_score, max_score: row filters, all of
+            which must hold (see LabelFilter); sample, seed: keep a deterministic fraction of the matches.
+        transform: ``transform(pil_image)`` instead of the default tensor conversion (images only).
+        on_error: malformed rows follow the label reader's policy; a missing or undecodable image raises with
+            "raise", or is replaced by the next readable item (and counted in ``stats``) with "skip"/"warn".
+        cache_dir: cache root for images fetched by URL and for features (default: the streamloader cache).
+        storage_options: fsspec options for URLs (``branch``, ``host``, ``token``, ...).
+        cache_features: False computes features every time.
+
+    Also: ``prefetch()`` warms every image (``wait=False``: in the background), ``files``/``scores``, ``stats``.
+    Network and authentication errors always raise. The module docstring has the details.
+    """
 
     def __init__(
         self,

@@ -53,13 +53,15 @@ def install_hooks(
 
     ``project_root`` defaults to the nearest git checkout above the cwd, else the cwd; ``repo_url`` defaults to that
     checkout's ``origin`` remote (credentials and ``.git`` stripped; then ``branch`` defaults to the checked-out
-    branch, otherwise to the repository's default branch). The token comes from ``token=``, else ``DAGSHUB_TOKEN``
-    or the dagshub token cache (``dagshub.auth.add_app_token``); a public repository needs none (without one, a
-    private repository fails with AuthenticationError, or starts OAuth when interactive). ``revision`` pins a commit. ``timeout`` bounds each
+    branch, otherwise to the repository's default branch). ``repo_url`` may also be ``OWNER/REPO`` or
+    ``dagshub://OWNER/REPO`` (host: ``$DAGSHUB_CLIENT_HOST``, else https://dagshub.com). The token comes from
+    ``token=``, else ``DAGSHUB_TOKEN`` or the dagshub token cache (``dagshub.auth.add_app_token``); a public
+    repository needs none (without one, a private repository fails with AuthenticationError, or starts OAuth when
+    interactive). ``revision`` pins a commit. ``timeout`` bounds each
     HTTP request. Hooking a root that overlaps an already hooked one raises ``ValueError``.
 
     The commit is resolved at once, so a bad token, repository or branch fails here (AuthenticationError,
-    RevisionNotFoundError). Returns a handle, also a context manager::
+    RepositoryNotFoundError, RevisionNotFoundError). Returns a handle, also a context manager::
 
         with install_hooks(project_root=".", repo_url=url, branch="main"):
             image = PIL.Image.open("data/0001.jpg")
@@ -69,7 +71,7 @@ def install_hooks(
     if frameworks:
         raise ValueError(f"frameworks={frameworks!r} is not supported: the hooks already cover libraries that open "
                          "files with Python's open()")
-    from streamloader.hooks.gitconfig import clean_repo_url, find_git_root, remote_from_git
+    from streamloader.hooks.gitconfig import find_git_root, normalize_repo_url, remote_from_git
 
     if project_root is None:
         cwd = os.getcwd()
@@ -77,7 +79,7 @@ def install_hooks(
     else:
         root = os.path.abspath(os.fspath(project_root))
     if repo_url:
-        repo_url, url_password = clean_repo_url(repo_url)
+        repo_url, url_password = normalize_repo_url(repo_url)
     else:
         repo_url, git_branch, url_password = remote_from_git(root)
         branch = branch or git_branch

@@ -12,11 +12,15 @@ import re
 from typing import List, Optional, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["find_git_root", "git_dir", "remote_from_git", "clean_repo_url"]
+__all__ = ["find_git_root", "git_dir", "remote_from_git", "clean_repo_url", "normalize_repo_url"]
+
+#: the forms install_hooks(repo_url=...) accepts (for error messages)
+REPO_URL_ARGUMENT_FORMS = "https://HOST/OWNER/REPO, OWNER/REPO or dagshub://OWNER/REPO"
 
 _SECTION = re.compile(r'^\s*\[\s*remote\s+"(?P<name>[^"]+)"\s*\]')
 _ANY_SECTION = re.compile(r"^\s*\[")
 _URL = re.compile(r"^\s*url\s*=\s*(?P<url>\S+)\s*$", re.IGNORECASE)
+_OWNER_REPO = re.compile(r"\w[\w.-]*/\w[\w.-]*/?")  # DagsHub-Datasets/LAION-Aesthetics-V2-6.5plus
 _SCP_LIKE = re.compile(r"^(?:[^@/]+@)?(?P<host>[^:/]+):(?P<path>[^/].*)$")  # git@dagshub.com:owner/repo.git
 
 
@@ -92,6 +96,29 @@ def clean_repo_url(url: str) -> Tuple[str, Optional[str]]:
     if path.endswith(".git"):
         path = path[:-4]
     return urlunsplit((parts.scheme if web else "https", host, path, "", "")), parts.password
+
+
+def normalize_repo_url(url: str) -> Tuple[str, Optional[str]]:
+    """``install_hooks(repo_url=...)`` → (``https://host/owner/repo``, password from the URL or None).
+
+    Accepts a repo URL (credentials and ``.git`` stripped), an ssh remote (``git@host:owner/repo.git``),
+    ``dagshub://OWNER/REPO`` and ``OWNER/REPO``; the last two take ``$DAGSHUB_CLIENT_HOST`` or https://dagshub.com
+    as host. Anything else raises ``ValueError`` naming the accepted forms (never echoing a password).
+    """
+    from streamloader.remote.urls import RepoRef
+
+    text = url.strip()
+    if text.startswith("dagshub://") or _OWNER_REPO.fullmatch(text):
+        segments = [s for s in text[len("dagshub://"):].split("/") if s] if text.startswith("dagshub://") else []
+        if text.startswith("dagshub://") and len(segments) != 2:
+            raise ValueError(f"invalid repo_url {text!r}: use {REPO_URL_ARGUMENT_FORMS}")
+        return RepoRef.parse(text).url, None
+    clean, password = clean_repo_url(text)
+    parts = urlsplit(clean)
+    if not parts.hostname or len([s for s in parts.path.split("/") if s]) < 2:
+        shown = clean if "@" in text else text  # never echo credentials
+        raise ValueError(f"invalid repo_url {shown!r}: use {REPO_URL_ARGUMENT_FORMS}")
+    return clean, password
 
 
 def remote_from_git(root: str) -> Tuple[str, Optional[str], Optional[str]]:

@@ -27,6 +27,7 @@ from streamloader.errors import (
     AuthenticationError,
     RemoteError,
     RemoteFileNotFoundError,
+    RepositoryNotFoundError,
     RevisionNotFoundError,
 )
 from streamloader.remote.credentials import Credentials, OriginBearerAuth, TokenAcquired, take_url_token
@@ -343,7 +344,7 @@ class DagsHubClient:
             try:
                 repo = self._get_json(self.ref.api_base, "repository lookup")
             except RemoteFileNotFoundError:
-                raise RevisionNotFoundError(f"repository {self.ref.url} not found") from None
+                raise RepositoryNotFoundError(f"repository {self.ref.url} not found") from None
             name = self.branch = (repo.get("default_branch") if isinstance(repo, dict) else None) or "main"
         return self._resolve_name(name)
 
@@ -369,7 +370,7 @@ class DagsHubClient:
             return sha
         kinds = " or ".join(kind for _endpoint, kind, _parse in lookups)
         if self._repo_missing():
-            raise RevisionNotFoundError(f"repository {self.ref.url} not found")
+            raise RepositoryNotFoundError(f"repository {self.ref.url} not found (check the owner and the name)")
         raise RevisionNotFoundError(f"no {kinds} named {name!r} in {self.ref.url}")
 
     def _repo_missing(self) -> bool:

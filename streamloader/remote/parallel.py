@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import pickle
 import queue as _queue
+import signal
 import sys
 import threading
 import time
@@ -30,7 +31,7 @@ __all__ = ["PREFETCH_PROCESS_MIN_FILES", "PrefetchJob", "ProcessPrefetch", "proc
 
 #: below this many files a prefetch stays in one process (starting workers costs more than it saves)
 PREFETCH_PROCESS_MIN_FILES = 200
-_Record = Callable[[str, int, Optional[BaseException]], None]
+_Record = Callable[[str, int, Optional[BaseException], bool], None]  # (path, size, error, was already cached)
 
 
 def process_count(processes: Optional[int], n_paths: int, workers: int) -> int:
@@ -45,14 +46,23 @@ def prefetch_in_threads(repo: RemoteRepo, paths: List[str], workers: int, record
                         cancelled: Optional[threading.Event] = None) -> None:
     """Fetch ``paths`` with a pool of ``workers`` threads; stops early (queued downloads dropped) once ``cancelled``."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="streamloader-prefetch") as pool:
-        futures = {pool.submit(repo.local_path, p): p for p in paths}
+        futures = {pool.submit(_fetch, repo, p): p for p in paths}
         for fut in as_completed(futures):
             p = futures[fut]
             exc = fut.exception()
-            record(p, _size_of(fut.result()) if exc is None else 0, exc)
+            local, cached = fut.result() if exc is None else ("", False)
+            record(p, _size_of(local) if exc is None else 0, exc, cached)
             if cancelled is not None and cancelled.is_set():
                 pool.shutdown(wait=True, cancel_futures=True)
                 return
+
+
+def _fetch(repo: RemoteRepo, path: str) -> Tuple[str, bool]:
+    """Bring ``path`` into the cache: (its local path, whether it was there already, so nothing was downloaded)."""
+    local = repo.cached_path(path)
+    if local is not None:
+        return local, True
+    return repo.local_path(path), False
 
 
 def _size_of(local: str) -> int:
@@ -116,18 +126,18 @@ class ProcessPrefetch:
                         finished.add(index)
                         for path in sorted(self.pending[index]):
                             record(path, 0, RemoteError(f"prefetch worker process {proc.name} exited "
-                                                        f"(code {proc.exitcode}) before fetching {path!r}"))
+                                                        f"(code {proc.exitcode}) before fetching {path!r}"), False)
                         self.pending[index].clear()
         finally:
             self._stop()
 
-    def _handle(self, message: Tuple[int, Optional[str], int, Any], record: _Record, finished: set) -> None:
-        index, path, size, error = message
+    def _handle(self, message: Tuple[int, Optional[str], int, Any, bool], record: _Record, finished: set) -> None:
+        index, path, size, error, cached = message
         if path is None:
             finished.add(index)
         elif path in self.pending[index]:
             self.pending[index].discard(path)
-            record(path, size, _rebuild_error(path, error))
+            record(path, size, _rebuild_error(path, error), cached)
 
     def _stop(self) -> None:
         for proc in self.procs:
@@ -228,10 +238,12 @@ def _prefetch_worker(repo: RemoteRepo, paths: List[str], workers: int, queue: An
             time.sleep(0.5)
         os._exit(1)
 
+    # Ctrl-C reaches the whole process group: the parent stops the workers, which must not die noisily on their own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=watch_parent, name="streamloader-prefetch-watch", daemon=True).start()
     prefetch_in_threads(repo, paths, workers,
-                         lambda path, size, exc: queue.put((index, path, size, _portable_error(exc))))
-    queue.put((index, None, 0, None))
+                         lambda path, size, exc, cached: queue.put((index, path, size, _portable_error(exc), cached)))
+    queue.put((index, None, 0, None, False))
     queue.close()
     queue.join_thread()
 

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import json
 import logging
 import os
 import posixpath
@@ -46,20 +47,35 @@ _MISSING_TTL = 30.0  # seconds a path found missing (404) is believed missing wi
 
 @dataclass
 class PrefetchResult:
-    """What a prefetch did: counts, bytes, wall time and the paths that failed (with their errors)."""
+    """What a prefetch did: ``files`` now in the cache (``bytes`` in all), of which ``cached`` (``cached_bytes``)
+    were there already, wall time and the paths that failed (with their errors)."""
 
     files: int = 0
     bytes: int = 0
     seconds: float = 0.0
     failed: Dict[str, BaseException] = field(default_factory=dict)
+    cached: int = 0
+    cached_bytes: int = 0
+
+    @property
+    def downloaded(self) -> int:
+        """Files downloaded by this prefetch."""
+        return self.files - self.cached
+
+    @property
+    def downloaded_bytes(self) -> int:
+        return self.bytes - self.cached_bytes
 
     @property
     def files_per_s(self) -> float:
-        return self.files / self.seconds if self.seconds > 0 else float("inf")
+        """Files downloaded per second (files already cached cost nothing and are not counted)."""
+        return self.downloaded / self.seconds if self.seconds > 0 else float("inf")
 
     def __str__(self) -> str:
-        return (f"{self.files} files, {self.bytes / 1e6:.1f} MB in {self.seconds:.2f} s "
-                f"({self.files_per_s:.0f} files/s), {len(self.failed)} failed")
+        from streamloader._units import human_size
+
+        return (f"{self.downloaded:,} downloaded ({human_size(self.downloaded_bytes)}), {self.cached:,} already "
+                f"cached, {len(self.failed):,} failed in {self.seconds:.2f} s")
 
 
 class RemoteRepo:
@@ -138,6 +154,7 @@ class RemoteRepo:
             sha = client.resolve_revision()
             if repo_dir:
                 atomic_write(os.path.join(repo_dir, "heads", _safe_name(wanted or "<default>")), sha.encode())
+                _record_repo(repo_dir, client)
         return client.revision
 
     @property
@@ -476,13 +493,15 @@ class RemoteRepo:
 
             bar = tqdm(total=len(paths), unit="file", desc="prefetch", leave=False)
 
-        def record(path: str, size: int, exc: Optional[BaseException]) -> None:
+        def record(path: str, size: int, exc: Optional[BaseException], cached: bool) -> None:
             if exc is None:
                 result.files += 1
                 result.bytes += size
+                result.cached += cached
+                result.cached_bytes += size if cached else 0
             else:
                 result.failed[path] = exc
-                log.warning("prefetch of %s failed: %s", path, exc)
+                log.warning("prefetch of %s failed: %s", path, exc, extra={"prefetch_failure": path})
             if bar is not None:
                 bar.update(1)
 
@@ -506,6 +525,14 @@ class RemoteRepo:
             return result
 
         return settle(PrefetchJob(run, on_error), wait)
+
+
+def _record_repo(repo_dir: str, client: DagsHubClient) -> None:
+    """Name the repository in its listings folder, once (``streamloader cache info`` reports per repository)."""
+    record = os.path.join(repo_dir, "repo.json")
+    if not os.path.exists(record):
+        ref = client.ref
+        atomic_write(record, json.dumps({"host": ref.host, "owner": ref.owner, "repo": ref.repo}).encode())
 
 
 def _safe_name(name: str) -> str:

@@ -4,9 +4,14 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 from typing import Optional, Tuple
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit
 
-__all__ = ["RepoRef", "normalize_host", "safe_repo_path", "split_credentials", "split_repo_path"]
+__all__ = ["REPO_URL_FORMS", "RepoLocation", "RepoRef", "normalize_host", "parse_repo_location", "safe_repo_path",
+           "split_credentials", "split_repo_path"]
+
+#: how a place in a repository may be written (for error messages)
+REPO_URL_FORMS = "dagshub://OWNER/REPO[/PATH] or https://HOST/OWNER/REPO[/PATH]"
+_WEB_VIEWS = ("src", "raw")  # https://HOST/OWNER/REPO/src/BRANCH/PATH: DagsHub's file browser and raw addresses
 
 
 def split_credentials(url: str) -> Tuple[str, Optional[str]]:
@@ -106,6 +111,62 @@ class RepoRef:
 
     def __str__(self) -> str:
         return f"{self.owner}/{self.repo}@{self.host}"
+
+
+@dataclass(frozen=True)
+class RepoLocation:
+    """A place in a repository named by a URL: the repository, a repo-relative ``path`` and, when the URL named
+    one (a web-UI address), a ``revision`` (branch name or commit)."""
+
+    ref: RepoRef
+    path: str = ""
+    revision: Optional[str] = None
+
+    @property
+    def dagshub_url(self) -> str:
+        """``dagshub://OWNER/REPO[/PATH]`` (the host is not part of a dagshub:// URL)."""
+        return f"dagshub://{self.ref.owner}/{self.ref.repo}" + (f"/{self.path}" if self.path else "")
+
+
+def parse_repo_location(url: str, host: Optional[str] = None) -> RepoLocation:
+    """Read a place in a repository from any form a user pastes; ``ValueError`` (naming the forms) otherwise.
+
+    ``https://HOST/OWNER/REPO[.git][/PATH]`` takes its host from the URL (credentials, query and fragment are
+    dropped); a DagsHub web-UI address ``https://HOST/OWNER/REPO/src/BRANCH/PATH`` (or ``/raw/``) also gives the
+    revision BRANCH. ``dagshub://OWNER/REPO[/PATH]`` uses ``host`` (default ``$DAGSHUB_CLIENT_HOST`` or
+    https://dagshub.com)::
+
+        parse_repo_location("https://dagshub.com/o/r/data").dagshub_url     # "dagshub://o/r/data"
+    """
+    text = url.strip()
+    if text.startswith(("http://", "https://")):
+        parts = urlsplit(text)
+        if not parts.hostname:
+            raise ValueError(f"invalid repository URL {_shown(parts)!r}: no host; use {REPO_URL_FORMS}")
+        hostname = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        base = f"{parts.scheme}://{hostname}" + (f":{parts.port}" if parts.port else "")
+        segments = [s for s in parts.path.split("/") if s]
+    elif text.startswith("dagshub://"):
+        if host is None:
+            from streamloader.auth import default_host
+
+            host = default_host()
+        base, segments = host, [s for s in text[len("dagshub://"):].split("/") if s]
+    else:
+        raise ValueError(f"not a repository URL: {text!r}; use {REPO_URL_FORMS}")
+    if len(segments) < 2:
+        raise ValueError(f"{_shown(urlsplit(text))!r} names no repository: use {REPO_URL_FORMS}")
+    owner, repo = segments[0], segments[1][:-4] if segments[1].endswith(".git") else segments[1]
+    rest, revision = segments[2:], None
+    if text.startswith("http") and len(rest) >= 2 and rest[0] in _WEB_VIEWS:
+        revision, rest = rest[1], rest[2:]
+    return RepoLocation(RepoRef(normalize_host(base), owner, repo), safe_repo_path("/".join(rest)), revision)
+
+
+def _shown(parts: "SplitResult") -> str:
+    """A URL without its credentials, query and fragment (safe to print)."""
+    netloc = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else parts.path
 
 
 def parent_dir(path: str) -> str:
