@@ -24,6 +24,7 @@ __all__ = ["iter_json", "JSONStreamError", "JSONTooLarge"]
 
 _WS = " \t\r\n"
 _skip_ws = re.compile(r"[ \t\r\n]*").match
+_number_tail = re.compile(r"[0-9.eE+\-]*").match
 
 
 class JSONStreamError(ValueError):
@@ -130,8 +131,8 @@ def _array_items(buf: str, more: Any, max_value: int) -> Iterator[Any]:
             buf, pos = buf[pos:] + text, 0
             eof = not text
             continue
-        if end == len(buf) and not eof and isinstance(value, (int, float)):
-            # a number may continue in the next chunk ("12" + "34"): read on before trusting it
+        if not eof and isinstance(value, (int, float)) and _number_tail(buf, end).end() == len(buf):
+            # a number may continue in the next chunk ("12" + "34", "-1." + "5"): read on before trusting it
             text = more()
             buf, pos = buf[pos:] + text, 0
             eof = not text

@@ -26,6 +26,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
+import weakref
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from streamloader._files import makedirs_private
@@ -69,8 +70,20 @@ class ListingStore:
             path = os.path.join(self._tmpdir, "listings.sqlite")
             atexit.register(_remove_tree, self._tmpdir, self._owner_pid)
         self.path = path
-        self._local = threading.local()
         self._memo: Dict[str, RemoteEntry] = {}
+        self._renew()
+
+    def _renew(self) -> None:
+        """Fresh per-process state (at creation, unpickling, and in a forked child)."""
+        old = getattr(self, "_connection", None)
+        if old is not None:
+            # A connection inherited through fork must never be closed (nor garbage-collected, which closes it):
+            # closing it here could roll back or checkpoint the parent's work. It is kept, unused, for good.
+            _INHERITED.append(old)
+        self._connection: Optional[sqlite3.Connection] = None
+        self._pid = os.getpid()
+        self._write_lock = threading.RLock()  # one connection per process: writers of its threads take turns
+        _LIVE_STORES.add(self)
 
     def __repr__(self) -> str:
         return f"ListingStore({self.path!r})"
@@ -82,16 +95,24 @@ class ListingStore:
         self.path = state["path"]
         self._owner_pid = -1
         self._tmpdir = None
-        self._local = threading.local()
         self._memo = {}
+        self._connection = None
+        self._renew()
 
     # -- connections ----------------------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
-        """This thread's connection (a forked child opens its own: SQLite connections must not cross a fork)."""
-        local = self._local
-        conn = getattr(local, "conn", None)
-        if conn is not None and local.pid == os.getpid():
+        """The process's connection, shared by its threads (SQLite's serialized mode makes that safe)."""
+        conn = self._connection
+        if conn is not None and self._pid == os.getpid():
             return conn
+        with self._write_lock:
+            if self._connection is None or self._pid != os.getpid():
+                if self._pid != os.getpid():
+                    self._renew()
+                self._connection = self._open()
+            return self._connection
+
+    def _open(self) -> sqlite3.Connection:
         makedirs_private(os.path.dirname(self.path))
         try:  # created private up front: SQLite gives its -wal and -shm files the database file's mode
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -107,7 +128,6 @@ class ListingStore:
         except sqlite3.DatabaseError:
             conn.close()
             raise
-        local.conn, local.pid = conn, os.getpid()
         return conn
 
     # -- reading --------------------------------------------------------------------------------------------------
@@ -151,6 +171,10 @@ class ListingStore:
     def put_listing(self, path: str, entries: Iterable[RemoteEntry]) -> int:
         """Store the complete listing of folder ``path`` from ``entries`` (consumed here, in one transaction: an
         exception while iterating leaves the store as it was). Returns the number of entries."""
+        with self._write_lock:
+            return self._put_listing(path, entries)
+
+    def _put_listing(self, path: str, entries: Iterable[RemoteEntry]) -> int:
         conn = self._conn()
         count = 0
         self._memo.clear()
@@ -192,7 +216,9 @@ class ListingStore:
         parent, name = _split(entry.path)
         self._memo.pop(entry.path, None)
         try:
-            self._write_rows(self._conn(), [(parent, name, entry.type, entry.size, entry.hash, entry.versioning)])
+            with self._write_lock:
+                self._write_rows(self._conn(), [(parent, name, entry.type, entry.size, entry.hash,
+                                                 entry.versioning)])
         except sqlite3.OperationalError as exc:  # busy beyond the timeout: only a hint was lost
             log.debug("could not record %s in %s: %s", entry.path, self.path, exc)
 
@@ -201,16 +227,18 @@ class ListingStore:
         parent, name = _split(path)
         self._memo.pop(path, None)
         try:
-            self._conn().execute("UPDATE entries SET size=? WHERE dir=? AND name=? AND size IS NULL",
-                                 (int(size), parent, name))
+            with self._write_lock:
+                self._conn().execute("UPDATE entries SET size=? WHERE dir=? AND name=? AND size IS NULL",
+                                     (int(size), parent, name))
         except sqlite3.OperationalError as exc:
             log.debug("could not record the size of %s in %s: %s", path, self.path, exc)
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            conn.close()
-        self._local = threading.local()
+        """Close this process's connection (the next use opens a new one)."""
+        with self._write_lock:
+            if self._connection is not None and self._pid == os.getpid():
+                self._connection.close()
+            self._connection = None
 
 
 class DirListing(Mapping[str, RemoteEntry]):
@@ -250,6 +278,19 @@ class DirListing(Mapping[str, RemoteEntry]):
 
     def values(self) -> Any:  # noqa: D102
         return list(self._store.entries(self.path))
+
+
+_LIVE_STORES: "weakref.WeakSet[ListingStore]" = weakref.WeakSet()
+_INHERITED: List[sqlite3.Connection] = []  # connections a forked child got from its parent: kept, never closed
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_LIVE_STORES):
+        store._renew()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _remove_tree(path: str, owner_pid: int) -> None:

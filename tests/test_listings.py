@@ -1,0 +1,157 @@
+"""The per-commit listing store (streamloader/remote/listings.py) and the streaming JSON parser that fills it."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import resource
+import threading
+
+import pytest
+
+from streamloader.remote.client import RemoteEntry
+from streamloader.remote.jsonstream import JSONStreamError, JSONTooLarge, iter_json
+from streamloader.remote.listings import DirListing, ListingStore
+
+
+def _entries(n, parent="data", size=None):
+    return [RemoteEntry(f"{parent}/{i:06d}.jpg", "file", size, f"{i:032x}", "dvc") for i in range(n)]
+
+
+def _chunks(data: bytes, n: int):
+    for i in range(0, len(data), n):
+        yield data[i:i + n]
+
+
+def test_a_listing_is_stored_and_read_back_without_loading(tmp_path):
+    store = ListingStore(str(tmp_path / "s.sqlite"))
+    assert store.put_listing("data", iter(_entries(1000))) == 1000
+    assert store.is_listed("data") and not store.is_listed("other")
+    other = ListingStore(str(tmp_path / "s.sqlite"))  # another process would open the same file
+    assert other.entry("data/000123.jpg") == RemoteEntry("data/000123.jpg", "file", None, f"{123:032x}", "dvc")
+    assert other.entry("data/nope.jpg") is None
+    assert other.entry("data").type == "dir"  # the folder itself is known once listed
+    listing = DirListing(other, "data")
+    assert len(listing) == 1000 and "000999.jpg" in listing and "x" not in listing
+    assert listing.names()[:2] == ["000000.jpg", "000001.jpg"]
+
+
+def test_sizes_learnt_later_fill_in_and_a_relisting_keeps_them(tmp_path):
+    store = ListingStore(str(tmp_path / "s.sqlite"))
+    store.put_entry(RemoteEntry("data/000001.jpg", "file", 77))  # learnt from a download before any listing
+    store.put_listing("data", iter(_entries(3)))
+    assert store.entry("data/000001.jpg").size == 77 and store.entry("data/000001.jpg").hash == f"{1:032x}"
+    store.set_size("data/000002.jpg", 12)
+    assert ListingStore(store.path).entry("data/000002.jpg").size == 12
+
+
+def test_a_stream_that_breaks_midway_leaves_nothing_behind(tmp_path):
+    store = ListingStore(str(tmp_path / "s.sqlite"))
+
+    def broken():
+        yield from _entries(10)
+        raise ConnectionError("dropped")
+
+    with pytest.raises(ConnectionError):
+        store.put_listing("data", broken())
+    assert not store.is_listed("data") and store.entry("data/000001.jpg") is None
+    store.put_listing("data", iter(_entries(10)))  # the retry
+    assert len(DirListing(store, "data")) == 10
+
+
+def _child_reads_and_writes(path: str, i: int, out) -> None:
+    try:
+        store = _INHERITED_STORE  # the parent's object, connection included, inherited through fork
+        assert store.entry("data/000005.jpg").hash == f"{5:032x}"
+        store.put_entry(RemoteEntry(f"data/child{i}.bin", "file", i + 1))
+        out.put(("ok", i))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        out.put(("error", repr(exc)))
+
+
+_INHERITED_STORE = None
+
+
+def test_forked_children_share_the_store_and_never_break_the_parents_connection(tmp_path):
+    global _INHERITED_STORE
+    store = _INHERITED_STORE = ListingStore(str(tmp_path / "s.sqlite"))
+    store.put_listing("data", iter(_entries(50)))
+    assert store.entry("data/000001.jpg") is not None  # the parent's connection is open at fork time
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_child_reads_and_writes, args=(store.path, i, out)) for i in range(4)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert sorted(results) == [("ok", i) for i in range(4)], results
+    # the parent goes on reading and writing through the connection it had before the forks
+    store._memo.clear()
+    assert [store.entry(f"data/child{i}.bin").size for i in range(4)] == [1, 2, 3, 4]
+    store.put_listing("more", iter(_entries(5, "more")))
+    assert store.is_listed("more")
+
+
+def test_threads_share_one_connection_and_writers_take_turns(tmp_path):
+    store = ListingStore(str(tmp_path / "s.sqlite"))
+    errors = []
+
+    def work(k):
+        try:
+            store.put_listing(f"d{k}", iter(_entries(200, f"d{k}")))
+            for i in range(200):
+                assert store.entry(f"d{k}/{i:06d}.jpg") is not None
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert all(store.is_listed(f"d{k}") for k in range(8))
+
+
+def test_the_store_files_are_private(tmp_path):
+    old = os.umask(0)
+    try:
+        store = ListingStore(str(tmp_path / "s.sqlite"))
+        store.put_listing("data", iter(_entries(3)))
+    finally:
+        os.umask(old)
+    for name in os.listdir(tmp_path):
+        assert os.stat(tmp_path / name).st_mode & 0o077 == 0, name
+
+
+# -- the streaming JSON parser --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("doc", [[], [1, 2, 3], [{"a": 1}, {"b": [1, {"c": "d,]"}]}, "x"], [12345678, -1.5e3],
+                                 {"entries": [1], "next_token": None}, {"path": "a", "size": 3}])
+@pytest.mark.parametrize("chunk", [1, 2, 7, 1 << 16])
+def test_streamed_json_equals_json_loads(doc, chunk):
+    first, values = iter_json(_chunks(json.dumps(doc).encode(), chunk))
+    got = list(values) if first == "[" else next(values)
+    assert got == doc
+
+
+@pytest.mark.parametrize("bad", [b"[1,", b"[1 2]", b"[1,]", b"", b"   ", b"[1]x", b'[{"a":', b"[tru]"])
+def test_broken_json_is_an_error_not_a_partial_answer(bad):
+    with pytest.raises(JSONStreamError):
+        first, values = iter_json(_chunks(bad, 3))
+        list(values)
+
+
+def test_an_oversized_item_is_refused_with_bounded_memory():
+    huge = b'[{"path": "' + b"a" * (64 << 20) + b'"}]'
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(JSONTooLarge):
+        first, values = iter_json(_chunks(huge, 1 << 18), max_value=1 << 20)
+        list(values)
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 150 + 64  # the input itself
+
+
+def test_a_big_array_streams_item_by_item():
+    data = json.dumps([{"path": f"data/{i:09d}.jpg", "type": "file"} for i in range(50_000)]).encode()
+    first, values = iter_json(_chunks(data, 1 << 18))
+    assert first == "[" and sum(1 for _ in values) == 50_000
