@@ -12,8 +12,9 @@ in between (so ``row.split('\\t')[:2]``, as in the DagsHub guide, is wrong for s
 Malformed rows (too few fields, an empty or unsafe file name, a non-numeric / ``nan`` / infinite score, bytes that
 do not decode) follow ``on_error``: ``raise`` a DataFormatError naming the 1-based line, ``skip`` and count, or
 ``warn`` (count and log the first few). Blank lines are not rows and not errors; a line over 16 MiB always
-raises. CRLF line ends, a UTF-8 BOM and a missing final newline are accepted. Only ``\\n`` ends a line (other
-Unicode line breaks may appear in captions).
+raises. Line ends are Python's universal newlines: ``\\r\\n``, a lone ``\\r`` and ``\\n`` each end a line (other
+Unicode line breaks may appear in captions); a missing final newline is accepted. A UTF-8 BOM is stripped at the
+start of the file only: a BOM starting a later line (two files concatenated) is a malformed row.
 
 Speed: the file is read in blocks of whole lines; each block is decoded and validated by one compiled regex (C
 speed) and only the lines the regex rejects go through the per-line parser that names the reason. The regex
@@ -89,9 +90,12 @@ _BLOCK_RE = re.compile(rb"(?>" + _FAST_LINE + rb")*+") if sys.version_info >= (3
 
 
 def file_name_problem(name: str) -> Optional[str]:
-    """Why ``name`` is not a safe relative file name, or None when it is (absolute, ``..`` or control chars are not)."""
+    """Why ``name`` is not a safe relative file name, or None when it is (absolute, ``..``, control chars or a
+    leading BOM are not)."""
     if not name.strip():
         return "empty file name"
+    if name[0] == "\ufeff":  # a BOM left at the start of a later line, e.g. by concatenating two labels files
+        return "BOM at start of file name"
     if _CONTROL_RE.search(name):
         return "control character in file name"
     if name[0] in "/\\" or (len(name) >= 2 and name[1] == ":" and name[0].isascii() and name[0].isalpha()):
@@ -120,12 +124,14 @@ def _parse_checked(line: str) -> Union[LabelRow, str]:
 
 
 def parse_label_line(line: str) -> LabelRow:
-    """Parse one labels.tsv line (a trailing ``\\n``/``\\r\\n`` is ignored); raise DataFormatError if malformed.
+    """Parse one labels.tsv line (a trailing ``\\n``, ``\\r\\n`` or ``\\r`` is ignored); raise DataFormatError if
+    malformed, or if the text holds a line end before that (it is more than one line).
 
     >>> parse_label_line("a.jpg\\tA cat\\twith tabs\\t7.5\\thttp://x/a.jpg")
     LabelRow(file='a.jpg', caption='A cat\\twith tabs', score=7.5, url='http://x/a.jpg')
     """
-    result = _parse_checked(line.removesuffix("\n").removesuffix("\r"))
+    text = line.removesuffix("\n").removesuffix("\r")
+    result = "line end inside the line" if "\r" in text or "\n" in text else _parse_checked(text)
     if isinstance(result, str):
         raise DataFormatError(f"{result}: {_preview(line)}")
     return result
@@ -213,7 +219,7 @@ def _check_encoding(encoding: str) -> str:
         raise ValueError(f"unknown encoding {encoding!r}") from None
     if name in ("utf-8", "utf-8-sig"):
         return "utf-8"  # the BOM is stripped once at the start of the file, never mid-file
-    if "\n\t".encode(name) != b"\n\t":
+    if "\r\n\t".encode(name) != b"\r\n\t":
         raise ValueError(f"encoding {encoding!r} is not ASCII-compatible; labels files must be")
     return name
 
@@ -306,7 +312,9 @@ class LabelReader:
             if not chunk:
                 break
             buffer = carry + chunk
-            cut = buffer.rfind(b"\n") + 1
+            # Cut after the last line end; a final "\r" may be the first half of a "\r\n": it waits for more.
+            end = len(buffer) - 1 if buffer.endswith(b"\r") else len(buffer)
+            cut = max(buffer.rfind(b"\n", 0, end), buffer.rfind(b"\r", 0, end)) + 1
             if cut == 0:
                 if len(buffer) > MAX_LINE_BYTES:  # not a labels file (or a corrupt one): don't buffer it all
                     raise DataFormatError(
@@ -319,7 +327,7 @@ class LabelReader:
             first = False
             yield data, line_base, undecodable
             line_base += data.count(b"\n")
-        if carry:  # the last line has no "\n"
+        if carry:  # the last line has no line end (or a lone "\r")
             data, undecodable = self._prepare(carry + b"\n", first)
             yield data, line_base, undecodable
 
@@ -328,8 +336,8 @@ class LabelReader:
         block regex rejects them, and returned by start offset with their raw bytes."""
         if first and self.encoding == "utf-8" and block.startswith(codecs.BOM_UTF8):
             block = block[len(codecs.BOM_UTF8) :]
-        if b"\r\n" in block:
-            block = block.replace(b"\r\n", b"\n")
+        if b"\r" in block:  # universal newlines: "\r\n" and a lone "\r" end a line like "\n" does
+            block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         try:
             text = block.decode(self.encoding)  # C-speed validation; the text itself is only kept to transcode
         except UnicodeDecodeError:
@@ -433,13 +441,13 @@ def read_labels(
 def _row_problem(row: LabelRow) -> Optional[str]:
     """Why ``row`` cannot be written so that it reads back identically (None when it can)."""
     file, caption, score, url = row
-    problem = file_name_problem(file) or ("BOM at start of file name" if file.startswith("\ufeff") else None)
+    problem = file_name_problem(file)
     if problem:
         return problem
-    if "\n" in caption:
-        return "newline in caption"
-    if "\t" in url or "\n" in url or url.endswith("\r"):
-        return "tab, newline or trailing CR in url"
+    if "\n" in caption or "\r" in caption:
+        return "line end (LF or CR) in caption"
+    if "\t" in url or "\n" in url or "\r" in url:
+        return "tab or line end (LF or CR) in url"
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
         return f"score must be a finite number, got {score!r}"
     return None
@@ -448,8 +456,8 @@ def _row_problem(row: LabelRow) -> Optional[str]:
 def write_labels(rows: Iterable[LabelRow], path_or_fileobj: Union[str, "os.PathLike[str]", IO[str]]) -> int:
     """Write rows as a 4-column labels.tsv (captions keep their tabs; reads back identically); return the count.
 
-    A row that could not round-trip (unsafe file name, newline in the caption, tab in the url, non-finite score)
-    raises DataFormatError before anything is written for it. Paths with "://" are opened with fsspec.
+    A row that could not round-trip (unsafe file name, a line end in the caption, a tab or line end in the url,
+    non-finite score) raises DataFormatError before anything is written for it. Paths with "://" are opened with fsspec.
 
     Usage: ``write_labels(filter_labels("data/labels.tsv", "squirrel").rows, "squirrels.tsv")`` → 115.
     """
