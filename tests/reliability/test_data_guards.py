@@ -100,3 +100,45 @@ def test_served_labels_with_lone_crs_give_the_laion_dataset_the_right_rows(tmp_p
     assert ds.stats["malformed_rows"] == 1 and ds.stats["scanned"] == 5
     with pytest.raises(DataFormatError, match="line 6: BOM"):
         LaionAestheticsDataset(url, "dagshub://user/repo/data")
+
+
+# --- item 16: on_error="skip" counts each bad item once per epoch, not once per substitution step -------------------
+@pytest.fixture
+def mostly_bad_laion(tmp_path, make_server, served_env):
+    """8 served images of which 6 are bad (4 cut-off JPEGs, 2 missing): only items 0 and 5 can be read."""
+    from streamloader.synthetic import make_laion_repo
+
+    laion = make_laion_repo(tmp_path / "laion", n_images=8, n_squirrel=1, image_size=(16, 16), seed=5)
+    for index in (1, 2, 6, 7):
+        path = laion.image_path(laion.files[index])
+        path.write_bytes(path.read_bytes()[:150])  # served whole, undecodable: bad data, not a network error
+    for index in (3, 4):
+        laion.image_path(laion.files[index]).unlink()
+    served_env(make_server(laion.root, token=TOKEN), TOKEN)
+    return laion
+
+
+@pytest.mark.timeout(120)
+def test_skip_counts_each_bad_image_once_per_epoch_across_workers(mostly_bad_laion, figures):
+    from torch.utils.data import DataLoader
+
+    from streamloader.data.laion import LaionAestheticsDataset
+
+    urls = ("dagshub://user/repo/data/labels.tsv", "dagshub://user/repo/data")
+    ds = LaionAestheticsDataset(*urls, on_error="skip")
+    assert len(ds) == 8
+    # in this process: every index once is one epoch; substitutes are the next readable items, in index order
+    first = [ds[i][1].item() for i in range(8)]
+    scores = ds.scores
+    assert first == pytest.approx([scores[i] for i in (0, 5, 5, 5, 5, 5, 0, 0)], rel=1e-6)
+    assert (ds.stats["decode_error"], ds.stats["missing_image"], ds.stats["skipped"]) == (4, 2, 6)
+    [ds[i] for i in range(8)]  # a second epoch counts each bad item once more
+    assert ds.stats["skipped"] == 12
+    # two DataLoader workers, each with its own copy: still once per bad item per epoch, summed over the workers
+    ds.reset_stats()
+    for epoch in (1, 2):
+        batches = list(DataLoader(ds, batch_size=4, num_workers=2))
+        assert [len(scores_) for _images, scores_ in batches] == [4, 4]  # full batches of readable neighbours
+        assert (ds.stats["decode_error"], ds.stats["missing_image"]) == (4 * epoch, 2 * epoch)
+        assert ds.stats["skipped"] == 6 * epoch
+    figures.update(items=8, bad=6, skipped_per_epoch=6, processes=3)
