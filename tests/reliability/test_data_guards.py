@@ -5,8 +5,16 @@ remote data, and each test failed before its fix.
 from __future__ import annotations
 
 import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import tarfile
+import zlib
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from conftest import TOKEN
@@ -142,3 +150,100 @@ def test_skip_counts_each_bad_image_once_per_epoch_across_workers(mostly_bad_lai
         assert (ds.stats["decode_error"], ds.stats["missing_image"]) == (4 * epoch, 2 * epoch)
         assert ds.stats["skipped"] == 6 * epoch
     figures.update(items=8, bad=6, skipped_per_epoch=6, processes=3)
+
+
+# --- item 17: a tar member over max_member_bytes is a typed error or a counted skip, never read into memory -------
+HUGE = 128 << 20  # a 128 MiB member that gzip shrinks to ~130 KB (the review's case: 300 MB, +600 MB of memory)
+
+
+def _tar_member(name: str, data: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info.tobuf(tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512)
+
+
+def _write_gzip_bomb(path, before: bytes, huge_name: str, after: bytes) -> None:
+    """A .tar.gz of ``before`` members, a member of HUGE zero bytes, then ``after`` and the end of the archive.
+
+    Written in well under a second: each piece is deflated on its own and full-flushed (byte-aligned, no reference
+    back past its start), so one deflated MiB of zeros can simply be repeated."""
+    header = tarfile.TarInfo(huge_name)
+    header.size = HUGE
+    head = before + header.tobuf(tarfile.USTAR_FORMAT)
+    tail = after + b"\0" * 1024
+
+    def deflated(data: bytes, final: bool = False) -> bytes:
+        packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+        return packer.compress(data) + packer.flush(zlib.Z_FINISH if final else zlib.Z_FULL_FLUSH)
+
+    mib = bytes(1 << 20)
+    crc = zlib.crc32(head)
+    for _ in range(HUGE >> 20):
+        crc = zlib.crc32(mib, crc)
+    crc = zlib.crc32(tail, crc)
+    size = len(head) + HUGE + len(tail)
+    body = deflated(head) + deflated(mib) * (HUGE >> 20) + deflated(tail, final=True)
+    path.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + body + struct.pack("<II", crc, size & 0xFFFFFFFF))
+
+
+@pytest.fixture
+def bomb_repo(tmp_path, make_server, served_env):
+    from conftest import make_jpeg
+
+    jpeg = make_jpeg(tmp_path / "x.jpg", seed=2)
+    npy = io.BytesIO()
+    np.save(npy, np.ones(4, np.float32))
+    shards = tmp_path / "repo" / "shards"
+    shards.mkdir(parents=True)
+
+    def sample(key: str) -> bytes:
+        return _tar_member(f"{key}.jpg", jpeg) + _tar_member(f"{key}.npy", npy.getvalue())
+
+    _write_gzip_bomb(shards / "bomb.tar.gz", sample("00000000"), "00000001.jpg",
+                     _tar_member("00000001.npy", npy.getvalue()) + sample("00000002"))
+    (shards / "good.tar").write_bytes(sample("00000000") + b"\0" * 1024)
+    assert (shards / "bomb.tar.gz").stat().st_size < 1 << 20
+    served_env(make_server(tmp_path / "repo", token=TOKEN), TOKEN)
+    return "dagshub://user/repo/shards/bomb.tar.gz"
+
+
+_MEASURE_RSS = """
+import json, resource, sys
+from streamloader.data.tars import SKIP_REASONS, SharedCounters, iter_samples, skip_and_count
+list(iter_samples(sys.argv[2]))  # warm up: imports, the HTTP session, the cache
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+counters = SharedCounters(SKIP_REASONS)
+keys = [s["__key__"] for s in iter_samples(sys.argv[1], handler=skip_and_count, counters=counters)]
+growth_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+print(json.dumps({"growth_mb": growth_kib / 1024, "keys": keys, "stats": counters.as_dict()}))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_huge_tar_member_is_refused_or_skipped_with_bounded_memory(bomb_repo, figures):
+    from streamloader.data.decoder import ImageEmbeddingDataset
+    from streamloader.data.tars import DEFAULT_MAX_MEMBER_BYTES, iter_samples, skip_and_count
+
+    assert DEFAULT_MAX_MEMBER_BYTES < HUGE
+    # the default policy: a typed error naming the member, its size and the limit, before reading any of it
+    with pytest.raises(DataFormatError, match=r"00000001\.jpg.* 134,217,728 bytes.*max_member_bytes"):
+        list(iter_samples(bomb_repo))
+    # skipping, in a fresh process: the sample goes (counted once), its neighbours stay, and memory stays flat
+    good = bomb_repo.replace("bomb.tar.gz", "good.tar")
+    proc = subprocess.run([sys.executable, "-c", _MEASURE_RSS, bomb_repo, good], capture_output=True, text=True,
+                          timeout=100, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["keys"] == ["00000000", "00000002"]
+    assert result["stats"]["oversized_member"] == 1 and sum(result["stats"].values()) == 1
+    assert result["growth_mb"] < 100, result
+    # the loader: the same skip through the handler, counted once (no second "incomplete sample" count)
+    ds = ImageEmbeddingDataset(bomb_repo, handler=skip_and_count, extra_keys=("__key__",))
+    assert [key for _image, _emb, key in ds] == ["00000000", "00000002"]
+    assert ds.stats["oversized_member"] == 1 and sum(ds.stats.values()) == 1
+    # and the limit is the caller's to set
+    with pytest.raises(DataFormatError, match=r"00000000\.jpg.*over the 100-byte limit"):
+        list(ImageEmbeddingDataset(good, max_member_bytes=100))
+    with pytest.raises(ValueError, match="max_member_bytes"):
+        ImageEmbeddingDataset(good, max_member_bytes=0)
+    figures.update(member_mb=HUGE >> 20, rss_growth_mb=round(result["growth_mb"], 1), processes=2)
