@@ -186,7 +186,7 @@ def make_labels_file(
 def benchmark_labels(n_rows: int = 540_000, keyword: str = "squirrel", repeat: int = 3) -> Dict[str, float]:
     """Time parse + keyword filter of a synthetic labels.tsv (best of ``repeat``); returns rows_per_s and details.
 
-    Usage: ``benchmark_labels()["rows_per_s"]`` (about 0.9–1.1 million on a 2-core machine).
+    Usage: ``benchmark_labels()["rows_per_s"]`` (about 1.8–2 million per CPU-second on a 2-core machine).
     """
     from streamloader.data.filters import filter_labels
 

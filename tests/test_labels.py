@@ -230,8 +230,7 @@ def test_reader_argument_validation():
 # --- an independent oracle: the spec's rules, written the slow obvious way -------------------------------------------
 def oracle(data: str):
     rows, reasons = [], Counter()
-    for line in data.split("\n"):
-        line = line.removesuffix("\r")
+    for line in re.split(r"\r\n|\r|\n", data.removeprefix("\ufeff")):  # universal newlines, like text mode
         if not line.strip():
             continue
         fields = line.split("\t")
@@ -242,6 +241,8 @@ def oracle(data: str):
         parts = re.split(r"[/\\]", file)
         if not file.strip():
             reasons["empty file name"] += 1
+        elif file[0] == "\ufeff":
+            reasons["BOM at start of file name"] += 1
         elif any(ord(c) < 32 or ord(c) == 127 for c in file):
             reasons["control character in file name"] += 1
         elif file[0] in "/\\" or re.match(r"[A-Za-z]:", file):
@@ -259,7 +260,7 @@ def oracle(data: str):
     return rows, reasons
 
 
-TOKENS = list("ab.\\/: 09-+eE\t\r\u212aİ\x00\xa0é") + ["nan", "..", "1e999", "7.5", "C:", "1" * 25, "squirrel"]
+TOKENS = list("ab.\\/: 09-+eE\t\r\u212aİ\x00\xa0é\ufeff") + ["nan", "..", "1e999", "7.5", "C:", "1" * 25, "squirrel"]
 FIELD_TEXT = st.lists(st.sampled_from(TOKENS), max_size=6).map("".join)
 
 
@@ -427,6 +428,8 @@ def test_write_labels_round_trips_and_rejects_what_cannot(tmp_path):
     assert path.read_text(encoding="utf-8") == TEXT
     for bad in [
         LabelRow("a.jpg", "two\nlines", 7.0, "u"),
+        LabelRow("a.jpg", "old\rmac", 7.0, "u"),
+        LabelRow("\ufeffa.jpg", "c", 7.0, "u"),
         LabelRow("../a.jpg", "c", 7.0, "u"),
         LabelRow("a.jpg", "c", float("nan"), "u"),
         LabelRow("a.jpg", "c", 7.0, "tab\tin url"),
@@ -436,7 +439,7 @@ def test_write_labels_round_trips_and_rejects_what_cannot(tmp_path):
 
 
 SAFE_NAME = st.text(alphabet="abcXYZ019_-./", min_size=1, max_size=12).filter(lambda n: file_name_problem(n) is None)
-CAPTION = st.text(alphabet=st.characters(blacklist_characters="\n", blacklist_categories=("Cs",)), max_size=40)
+CAPTION = st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=40)
 URL = st.text(alphabet=st.characters(blacklist_characters="\t\n\r", blacklist_categories=("Cs",)), max_size=20)
 SCORE = st.floats(allow_nan=False, allow_infinity=False)
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from streamloader.data.embeddings import EmbeddingFolder, ShardEmbeddings, npy_from_bytes, parse_key
 from streamloader.data.tars import (
+    DEFAULT_MAX_MEMBER_BYTES,
     SKIP_REASONS,
     ErrorPolicy,
     Handler,
@@ -129,7 +130,9 @@ class ImageEmbeddingDataset(IterableDataset):
     Keyword-only extras: ``shuffle_num`` (sample shuffle buffer), ``seed`` (with :meth:`set_epoch`, fixes every
     order), ``epoch_length`` (samples per epoch on this rank; required to end a ``resample=True`` epoch),
     ``embedding_dim`` (checked on every embedding), ``cache_dir`` (disk cache for remote shards), and
-    ``rank``/``world_size`` (else from torch.distributed, else ``RANK``/``WORLD_SIZE``, else 0/1).
+    ``rank``/``world_size`` (else from torch.distributed, else ``RANK``/``WORLD_SIZE``, else 0/1), and
+    ``max_member_bytes`` (the largest tar member read into memory, default 64 MiB, None for no limit: a larger one
+    goes to ``handler``, which raises or skips its sample, counted as ``oversized_member``).
     Example::
 
         ds = ImageEmbeddingDataset("/data/{0000..0009}.tar", embedding_folder_url="/data/img_emb", shard_width=4)
@@ -157,8 +160,14 @@ class ImageEmbeddingDataset(IterableDataset):
         cache_dir: Optional[str] = None,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
+        max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES,
     ):
         super().__init__()
+        if max_member_bytes is not None and (
+            isinstance(max_member_bytes, bool) or not isinstance(max_member_bytes, int) or max_member_bytes <= 0
+        ):
+            raise ValueError(f"max_member_bytes must be a positive integer or None; got {max_member_bytes!r}")
+        self.max_member_bytes = max_member_bytes
         if embedding_folder_url is not None and img_embedding_folder_url is not None:
             raise ValueError("pass embedding_folder_url or img_embedding_folder_url, not both")
         self.urls = expand_urls(urls)
@@ -308,7 +317,7 @@ class ImageEmbeddingDataset(IterableDataset):
         try:
             for url in shard_urls:
                 produced = 0
-                with closing(iter_shard_samples(url, policy, self.cache_dir)) as samples:
+                with closing(iter_shard_samples(url, policy, self.cache_dir, self.max_member_bytes)) as samples:
                     for sample in samples:
                         found = self._embedding(sample, lookups, policy)
                         if found is _SKIP_SHARD or policy.stopped:
@@ -394,6 +403,7 @@ def create_image_embedding_dataloader(
     epoch_length: Optional[int] = None,
     embedding_dim: Optional[int] = None,
     cache_dir: Optional[str] = None,
+    max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES,
     **dataloader_kwargs: Any,
 ) -> DataLoader:
     """Build an :class:`ImageEmbeddingDataset` and wrap it in a ``DataLoader`` (the seed's one-call helper).
@@ -426,6 +436,7 @@ def create_image_embedding_dataloader(
         epoch_length=epoch_length,
         embedding_dim=embedding_dim,
         cache_dir=cache_dir,
+        max_member_bytes=max_member_bytes,
     )
     rank, world = distributed_context()
     readers = max(1, num_workers) * world

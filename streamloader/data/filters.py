@@ -155,8 +155,9 @@ class FilterResult:
 
 
 # The only non-ASCII characters whose str.lower() contains ASCII (U+0130 -> "i\u0307", KELVIN SIGN -> "k"): where
-# they occur, bytes.lower() could miss a keyword that caption.lower() contains.
-_LOWERS_TO_ASCII = ("\u0130".encode(), "\u212a".encode())
+# they occur, bytes.lower() could miss a keyword that caption.lower() contains. An ASCII needle can only be hit
+# through them if it holds a "k", or ends with the "i" (in the lowered text, U+0307 follows that "i").
+_LOWERS_TO_ASCII = {"\u0130".encode(): lambda needle: needle.endswith("i"), "\u212a".encode(): lambda n: "k" in n}
 
 
 def keyword_line_starts(needles: Sequence[str], require_all: bool = False) -> Callable[[bytes], List[int]]:
@@ -168,11 +169,13 @@ def keyword_line_starts(needles: Sequence[str], require_all: bool = False) -> Ca
         raise ValueError("needles must be non-empty strings without newlines")
     test = all if require_all else any
     ascii_needles = all(needle.isascii() for needle in needles)
+    # the characters to look for before trusting bytes.lower() (scanning a block for each costs more than lower())
+    hazards = [seq for seq, affects in _LOWERS_TO_ASCII.items() if any(affects(needle) for needle in needles)]
     # For require_all every needle must appear: the lines holding the longest one are enough candidates.
     search = [max(needles, key=len).encode()] if require_all else [needle.encode() for needle in needles]
 
     def select(block: bytes) -> List[int]:
-        if not ascii_needles or any(seq in block for seq in _LOWERS_TO_ASCII):
+        if not ascii_needles or any(seq in block for seq in hazards):
             starts, pos = [], 0  # exact Unicode lower-casing, line by line (slower, rarely needed)
             for raw in block.split(b"\n")[:-1]:
                 low = raw.decode("utf-8").lower()

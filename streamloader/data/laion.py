@@ -22,8 +22,10 @@ Rows: ``labels.tsv`` (path, URL, or an iterable of LabelRow such as ``filter_lab
 Errors (``on_error``): malformed rows, including NaN scores, follow the label reader's policy. A missing or
 undecodable image: ``"raise"`` raises (FileNotFoundError / DataFormatError naming the file); ``"skip"`` (and
 ``"warn"``, which also logs) serves the next readable item in index order instead, so default batches stay full
-and valid, and counts the skip in ``stats`` (summed over DataLoader workers). A bad item is counted each time it
-is passed over (once per epoch) and re-read only by a new process. Network and authentication errors always raise.
+and valid, and counts the skip in ``stats`` (summed over DataLoader workers). A bad item is counted when its own
+index is requested, not each time it is passed over for another one: once per epoch for any sampler that visits
+every index once, whatever the number of workers. It is re-read only by a new process. Network and authentication
+errors always raise.
 """
 from __future__ import annotations
 
@@ -210,7 +212,10 @@ class LaionAestheticsDataset(Dataset):
                     reason = "missing_image" if isinstance(exc, OSError) else "decode_error"
                     self._bad[j] = reason
                     self._log_skip(j, exc)
-            self._counters.add(reason)
+            if step == 0:
+                # Only the requested item is counted: the sampler requests each index once per epoch, in whichever
+                # worker, so a bad item passed over here is counted when its own turn comes.
+                self._counters.add(reason)
         raise DataFormatError(f"none of the {n} images of {self!r} could be read (see dataset.stats)")
 
     @staticmethod

@@ -11,6 +11,11 @@ webdataset does (the key is the member path up to the first ``.`` of its basenam
 Error policy: every problem is either raised as a typed error or skipped *and counted* under a named reason
 (see :data:`SKIP_REASONS`), as the handler decides. Handlers never sleep. Members that could escape a directory
 (``../x``, absolute names, links, devices) are never read: they are always skipped and counted.
+
+Member size: a member is read whole into memory, so one larger than ``max_member_bytes`` (default
+:data:`DEFAULT_MAX_MEMBER_BYTES`, 64 MiB; None for no limit) is refused before any of it is read: a DataFormatError
+naming it, or, as the handler decides, a skip counted once as ``oversized_member`` that drops its whole sample (its
+data is passed over in bounded pieces, so a 300 KB .tar.gz holding 300 MB of zeros costs no 300 MB of memory).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "SKIP_REASONS",
+    "DEFAULT_MAX_MEMBER_BYTES",
     "Handler",
     "raise_on_error",
     "skip_and_count",
@@ -51,6 +57,7 @@ SKIP_REASONS: Tuple[str, ...] = (
     "missing_shard",  # the tar does not exist (handler decides)
     "unreadable_shard",  # truncated / corrupt / unreadable tar; the rest of that shard is dropped (handler)
     "unsafe_member",  # link, device, absolute or ``..`` member name: never read (always skipped)
+    "oversized_member",  # a member over max_member_bytes: never read; its sample is dropped (handler)
     "ignored_member",  # member name without ``key.ext`` (always skipped)
     "malformed_sample",  # the same extension twice in one sample (handler)
     "bad_key",  # key not of the form <shard><index>, or naming another shard (handler)
@@ -60,6 +67,10 @@ SKIP_REASONS: Tuple[str, ...] = (
     "incomplete_sample",  # no image, no embedding or a requested extra key absent (handler)
     "decode_error",  # the image could not be decoded or img_preproc failed (handler)
 )
+
+#: Largest tar member read into memory (bytes); larger ones are refused or skipped (see the module docstring).
+DEFAULT_MAX_MEMBER_BYTES = 64 << 20
+_DRAIN_PIECE = 1 << 20  # an oversized member's data is passed over this much at a time
 
 # A handler gets the exception and returns True to skip and go on, False to stop this stream; or it raises.
 Handler = Callable[[BaseException], bool]
@@ -256,12 +267,29 @@ def _unsafe_reason(info: tarfile.TarInfo) -> Optional[str]:
     return None
 
 
+def _oversized(info: tarfile.TarInfo, url: str, limit: int) -> DataFormatError:
+    return DataFormatError(
+        f"{url}: member {info.name!r} is {info.size:,} bytes, over the {limit:,}-byte limit on one member "
+        "(max_member_bytes)"
+    )
+
+
+def _drain(member: IO[bytes]) -> None:
+    # tarfile's own skip in stream mode reads 10 KiB at a time and re-copies its whole decompressed buffer each
+    # time: quadratic on a gzip of zeros. Bounded pieces keep it linear and the memory small.
+    while member.read(_DRAIN_PIECE):
+        pass
+
+
 def iter_tar_members(
-    fileobj: IO[bytes], url: str, policy: Optional[ErrorPolicy] = None
-) -> Iterator[Tuple[str, bytes]]:
+    fileobj: IO[bytes], url: str, policy: Optional[ErrorPolicy] = None,
+    max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES,
+) -> Iterator[Tuple[str, Optional[bytes]]]:
     """Yield ``(member name, bytes)`` for the regular, safe members of a tar stream, in order.
 
-    Raises :class:`DataFormatError` for a truncated or corrupt archive (after yielding what came before).
+    A member over ``max_member_bytes`` goes to the policy's handler (reason ``oversized_member``); when it is
+    skipped, it is yielded as ``(name, None)`` so that :func:`group_members` drops its sample. Raises
+    :class:`DataFormatError` for a truncated or corrupt archive (after yielding what came before).
     """
     policy = policy or ErrorPolicy()
     try:
@@ -277,6 +305,12 @@ def iter_tar_members(
                 continue
             member = tar.extractfile(info)
             if member is None:  # pragma: no cover - isreg() members always have data
+                continue
+            if max_member_bytes is not None and info.size > max_member_bytes:
+                if not policy.skip("oversized_member", _oversized(info, url, max_member_bytes)):
+                    return
+                _drain(member)
+                yield info.name, None
                 continue
             yield info.name, member.read()
         bad_end = getattr(tar, "_streamloader_bad_end", None)
@@ -295,9 +329,11 @@ def split_key(name: str) -> Tuple[Optional[str], Optional[str]]:
 
 
 def group_members(
-    members: Iterable[Tuple[str, bytes]], url: str, policy: Optional[ErrorPolicy] = None
+    members: Iterable[Tuple[str, Optional[bytes]]], url: str, policy: Optional[ErrorPolicy] = None
 ) -> Iterator[Dict[str, Any]]:
-    """Group consecutive members sharing a key into sample dicts ``{"__key__", "__url__", ext: bytes, ...}``."""
+    """Group consecutive members sharing a key into sample dicts ``{"__key__", "__url__", ext: bytes, ...}``.
+
+    A member whose data is None (skipped and counted by :func:`iter_tar_members`) drops its whole sample."""
     policy = policy or ErrorPolicy()
     current: Optional[Dict[str, Any]] = None
     bad_key: Optional[str] = None  # a sample already rejected: swallow its remaining members
@@ -310,6 +346,11 @@ def group_members(
             continue
         ext = ext.lower()
         if key == bad_key:
+            continue
+        if data is None:  # already counted: the sample goes without a second count (e.g. as incomplete)
+            if current is not None and key != current["__key__"]:
+                yield current
+            current, bad_key = None, key
             continue
         if current is None or key != current["__key__"]:
             if current is not None:
@@ -327,7 +368,8 @@ def group_members(
 
 
 def iter_shard_samples(
-    url: str, policy: Optional[ErrorPolicy] = None, cache_dir: Optional[str] = None
+    url: str, policy: Optional[ErrorPolicy] = None, cache_dir: Optional[str] = None,
+    max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES,
 ) -> Iterator[Dict[str, Any]]:
     """Yield the samples of one shard; a missing or corrupt shard raises or is skipped and counted per policy.
 
@@ -336,7 +378,7 @@ def iter_shard_samples(
     policy = policy or ErrorPolicy()
     try:
         with open_url(url, cache_dir) as f:
-            yield from group_members(iter_tar_members(f, url, policy), url, policy)
+            yield from group_members(iter_tar_members(f, url, policy, max_member_bytes), url, policy)
     except FileNotFoundError as exc:
         policy.skip("missing_shard", exc)
     except PermissionError:  # a bad token is not bad data: no handler may hide it
@@ -350,8 +392,11 @@ def iter_samples(
     handler: Optional[Handler] = None,
     counters: Optional[SharedCounters] = None,
     cache_dir: Optional[str] = None,
+    max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES,
 ) -> Iterator[Dict[str, Any]]:
     """Yield the raw samples (bytes per extension) of every shard in order; no decoding, no splitting.
+
+    ``max_member_bytes``: the largest member read (see the module docstring); None for no limit.
 
     Example::
 
@@ -359,7 +404,7 @@ def iter_samples(
     """
     policy = ErrorPolicy(handler, counters)
     for url in expand_urls(urls):
-        yield from iter_shard_samples(url, policy, cache_dir)
+        yield from iter_shard_samples(url, policy, cache_dir, max_member_bytes)
         if policy.stopped:
             return
 

@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from streamloader.cache import FileCache
-from streamloader.data.labels import LabelReader, file_name_problem
+from streamloader.data.labels import LabelReader, LabelRow, _fast_rows, _parse_checked, file_name_problem
+from streamloader.data.labelscan import scan_block
 from streamloader.data.tars import ErrorPolicy, group_members, iter_tar_members, skip_and_count, split_key
 from streamloader.errors import DataFormatError
 from streamloader.remote.client import DagsHubClient, RemoteEntry
@@ -36,24 +37,26 @@ ROOT = "/srv/cache-root"
 # --- labels.tsv ---------------------------------------------------------------------------------------------------
 TSV_PIECES = [b"a.jpg", b"x/y.jpg", b"\t", b"\t", b"\n", b"\r\n", b"\r", b" ", b"7.5", b"-1e3", b"nan", b"inf",
               b"1e999", b"..", b"/", b"\\", b"C:", b"\xef\xbb\xbf", b"\xff", b"\xc3", b"\xc3\xa9", b"\x00", b"caption",
-              b"\xe2\x80\xa8", b"http://u:p@h/x", b"../../etc/passwd"]
+              b"\xe2\x80\xa8", b"http://u:p@h/x", b"../../etc/passwd", b"\x7f", b"\x01", b"\xe6\x9d\xb1"]
 FIELD_PIECES = [p for p in TSV_PIECES if p not in (b"\t", b"\n")]
 TSV_FIELD = st.lists(st.sampled_from(FIELD_PIECES), max_size=4).map(b"".join)
 TSV_FILE = st.one_of(TSV_FIELD, st.sampled_from([b"a.jpg", b"x/y.jpg", b"../../etc/passwd", b"/etc/passwd",
                                                  b"a/../../b", b"C:\\x", b"..\\x", b"", b" ", b"a\xffb.jpg",
                                                  b"a..b.jpg", b"\\\\h\\x"]))
-TSV_SCORE = st.sampled_from([b"7.5", b"-1e3", b" 6 ", b"nan", b"inf", b"1e999", b"x", b""])
+TSV_SCORE = st.sampled_from([b"7.5", b"-1e3", b" 6 ", b"nan", b"inf", b"1e999", b"x", b"", b"7", b"7.", b".5",
+                             b"0.25", b"1..2", b"7.5.1", b"9" * 64, b"9" * 400, b"7\x7f", b"\xef\xbc\x97"])
 TSV_ROW = st.builds(lambda f, caption, score, url: b"\t".join([f, *caption, score, url]),
                     TSV_FILE, st.lists(TSV_FIELD, min_size=1, max_size=3), TSV_SCORE, TSV_FIELD)
 TSV_LINE = st.one_of(TSV_ROW, st.lists(TSV_FIELD, min_size=1, max_size=5).map(b"\t".join))
 TSV_LINES = st.builds(lambda lines, end: end.join(lines), st.lists(TSV_LINE, max_size=8),
-                      st.sampled_from([b"\n", b"\r\n"]))
+                      st.sampled_from([b"\n", b"\r\n", b"\r"]))
 TSV_BYTES = st.one_of(TSV_LINES, st.lists(st.sampled_from(TSV_PIECES), max_size=40).map(b"".join),
                       st.binary(max_size=200))
 
 
 def _line_count(data: bytes) -> int:
-    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+    """Lines as Python's universal newlines split them ("\\r\\n", a lone "\\r" and "\\n" each end one)."""
+    return len(io.TextIOWrapper(io.BytesIO(data), encoding="latin-1", newline=None).readlines())
 
 
 @SETTINGS
@@ -68,7 +71,8 @@ def test_tsv_reader_on_arbitrary_bytes_yields_only_safe_rows_and_accounts_for_ev
         assert file_name_problem(row.file) is None and math.isfinite(row.score)
         joined = posixpath.normpath(posixpath.join(ROOT, row.file.replace("\\", "/")))
         assert joined.startswith(ROOT + "/")  # a row can never name a file outside the image folder
-        assert "\n" not in row.caption + row.url
+        assert "\n" not in row.caption + row.url and "\r" not in row.caption + row.url
+        assert not row.file.startswith("\ufeff")
     # chunk boundaries anywhere (inside a CRLF, a UTF-8 sequence, the BOM) change nothing
     small = LabelReader(io.BytesIO(data), on_error="skip", chunk_size=chunk)
     assert list(small) == rows and small.stats == stats
@@ -79,6 +83,70 @@ def test_tsv_reader_on_arbitrary_bytes_yields_only_safe_rows_and_accounts_for_ev
         assert stats["skipped"] > 0
     else:
         assert strict == rows and stats["skipped"] == 0
+
+
+UTF8_PIECES = [b"a", b"\t", b"\n", b"\x7f", b"\xc2\x80", b"\xdf\xbf", b"\xc0\xaf", b"\xc1\xbf", b"\x80", b"\xbf",
+               b"\xe0\xa0\x80", b"\xe0\x9f\xbf", b"\xed\x9f\xbf", b"\xed\xa0\x80", b"\xef\xbf\xbf", b"\xe3\x81",
+               b"\xf0\x90\x80\x80", b"\xf0\x8f\xbf\xbf", b"\xf4\x8f\xbf\xbf", b"\xf4\x90\x80\x80", b"\xf5\x80\x80\x80",
+               b"\xf0\x9f\x98", b"\xff", b"\xe6\x9d\xb1\xe4\xba\xac"]
+
+# near-valid rows: a valid row with at most one field swapped for a variant, so every fast rule meets rows that
+# break only it
+NEAR_FILE = st.sampled_from([b"a.jpg", b"x/y.jpg", b"a..b.jpg", b"../a.jpg", b"a/../b", b"..\\x", b"C:x", b"c:\\x",
+                             b"/a", b"\\a", b" a", b"a b", b"\xef\xbb\xbfa.jpg", b"a\x7f", b"a\x01b", b"\x01a",
+                             b"\xc3\xa9.jpg", b"a:b", b"1:", b".a", b"a.", b"a\xef\xbb\xbf", b"", b"\x00"])
+NEAR_FIELD = st.sampled_from([b"", b"cap", b"a\x00b", b"x\x7f", b"..", b"\xe6\x9d\xb1", b"7.5", b" ", b"a\tb", b"\x1f"])
+NEAR_ROW = st.one_of(
+    st.builds(lambda f: b"%s\tcap\t7.5\tu" % f, NEAR_FILE),
+    st.builds(lambda score: b"a.jpg\tcap\t%s\tu" % score, TSV_SCORE),
+    st.builds(lambda caption: b"a.jpg\t%s\t6\tu" % caption, NEAR_FIELD),
+    st.builds(lambda url: b"a.jpg\tcap\t6.5\t%s" % url, NEAR_FIELD),
+)
+NEAR_ROWS = st.lists(NEAR_ROW, min_size=1, max_size=6).map(b"\n".join)
+
+
+def _block(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + b"\n"  # a block as the reader hands it over
+
+
+@settings(SETTINGS, max_examples=300)
+@given(data=st.one_of(st.lists(st.sampled_from(UTF8_PIECES), max_size=30).map(b"".join),
+                      st.text(max_size=30).map(lambda t: t.encode("utf-8", "surrogatepass")), st.binary(max_size=40)))
+def test_vectorised_utf8_check_is_exactly_strict_decoding(data):
+    block = _block(data)
+    try:
+        block.decode("utf-8")
+    except UnicodeDecodeError:
+        assert scan_block(block) is None
+    else:
+        assert scan_block(block) is not None
+
+
+@settings(SETTINGS, max_examples=300)
+@given(data=st.one_of(NEAR_ROWS, TSV_BYTES))
+def test_vectorised_scan_vouches_only_for_what_the_parser_accepts(data):
+    block = _block(data)
+    scanned = scan_block(block)
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError:
+        assert scanned is None
+        return
+    ends, suspects = scanned
+    assert ends.tolist() == [i for i, byte in enumerate(block) if byte == 10]
+    assert suspects.tolist() == sorted(set(suspects.tolist()))
+    start = 0
+    for index, line in enumerate(text.split("\n")[:-1]):
+        end = start + len(line.encode("utf-8")) + 1
+        if index not in suspects:  # vouched for: a valid row, and the fast split gives the parser's row
+            expected = _parse_checked(line)
+            assert isinstance(expected, LabelRow), (line, expected)
+            assert _fast_rows(block, start, end) == [expected]
+        start = end
+    # and the rows a reader yields for it are the per-line parser's
+    lines = text.removeprefix("\ufeff").split("\n")[:-1]  # the reader strips a BOM starting the block
+    rows = [row for row in map(_parse_checked, lines) if isinstance(row, LabelRow)]
+    assert list(LabelReader(io.BytesIO(block), on_error="skip")) == rows
 
 
 # --- tar sample grouping -----------------------------------------------------------------------------------------
