@@ -172,7 +172,10 @@ def _refuse_binary(labels: str, opts: Optional[Dict[str, Any]]) -> None:
             head = f.read(8192)
     problem = None
     nul = head.find(b"\x00")
-    if nul >= 0:
+    first_line_end = head.find(b"\n")
+    controls = sum(head.count(bytes([c])) for c in range(32) if c not in (9, 10, 13))
+    # one odd row is a malformed row (the --on-error policy's business); a file that is not text is refused
+    if nul >= 0 and (first_line_end < 0 or nul < first_line_end or controls > len(head) // 10):
         problem = f"a NUL byte at offset {nul}"
     else:
         try:
