@@ -423,6 +423,7 @@ def test_counts_and_request_log(server):
     assert server.get_counts("content") == {"data": 2}
     server.request_log.clear()  # a copy: the server's own log is untouched
     entry = server.request_log[0]
+    assert entry.pop("in_flight") == 1 and entry.pop("started") > 0
     assert entry == {"method": "GET", "kind": "raw", "path": "data/0000.jpg", "status": 206, "range": "bytes=0-3",
                      "has_auth": True, "auth": f"Bearer {TOKEN}", "query": "", "fault": None}
     server.reset_counts()

@@ -87,6 +87,7 @@ class DagsHubServer:
         self.oauth = OAuthBroker(token or f"sl-oauth-{secrets.token_hex(12)}", oauth_wait)
         self._stats_lock = threading.Lock()
         self._counts: Dict[str, Counter] = {kind: Counter() for kind in KINDS}
+        self._kind_in_flight: Counter = Counter()  # requests being handled, per kind (the request log's in_flight)
         self._log: Deque[Dict[str, Any]] = deque(maxlen=_MAX_LOG)
         self._httpd: Optional[LoopbackHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
@@ -261,6 +262,16 @@ class DagsHubServer:
         with self._stats_lock:
             self._counts[kind][key] += 1
 
+    def _enter(self, kind: str) -> int:
+        """A request of ``kind`` arrived: the number in flight now, itself included (see ``_leave``)."""
+        with self._stats_lock:
+            self._kind_in_flight[kind] += 1
+            return self._kind_in_flight[kind]
+
+    def _leave(self, kind: str) -> None:
+        with self._stats_lock:
+            self._kind_in_flight[kind] -= 1
+
     def _record_done(self, entry: Dict[str, Any]) -> None:
         with self._stats_lock:
             self._log.append(entry)
@@ -302,7 +313,9 @@ class DagsHubServer:
     @property
     def request_log(self) -> List[Dict[str, Any]]:
         """A copy of the log, one dict per finished request: ``method, kind, path, status, range, has_auth, auth,
-        query, fault`` (``fault``: None or "fail_path"/"fail_first"/"error"/"throttle"/"drop"/"redirect"/
-        "rate_limit"); kind "presigned" entries are requests to the presigned origin."""
+        query, fault, in_flight, started`` (``fault``: None or "fail_path"/"fail_first"/"error"/"throttle"/"drop"/
+        "drip"/"redirect"/"rate_limit"; ``in_flight``: requests of its kind in flight when it arrived, itself
+        included; ``started``: its time.monotonic() at arrival); kind "presigned" entries are requests to the
+        presigned origin."""
         with self._stats_lock:
             return [dict(e) for e in self._log]

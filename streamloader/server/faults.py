@@ -5,11 +5,15 @@ what to do for each request (:meth:`ServerFaults.decide`)::
 
     srv.faults.throttle_rate = 0.5        # half of the raw downloads now answer 429
     srv.faults.fail_first = {"data/a.jpg": 2}   # the next two raw requests for it answer 503
+    srv.faults.concurrency_limit = 8      # a raw request arriving while 8 others are in flight answers 429
+    srv.faults.drip_rate = 1.0            # raw bodies trickle out one byte every drip_interval seconds
 """
 from __future__ import annotations
 
+import email.utils
 import random
 import threading
+import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -29,7 +33,8 @@ class FaultDecision:
     status: Optional[int] = None  # answer this status instead of the normal answer
     retry_after: Optional[str] = None  # Retry-After header value for a 429
     drop: bool = False  # send half the body, then close the connection
-    reason: Optional[str] = None  # "fail_path" | "fail_first" | "error" | "throttle" | "drop" (for the request log)
+    drip: bool = False  # send the body one byte per ServerFaults.drip_interval
+    reason: Optional[str] = None  # "fail_path" | "fail_first" | "error" | "throttle" | "drop" | "drip" (request log)
 
 
 @dataclass
@@ -39,7 +44,10 @@ class ServerFaults:
     Example: ``ServerFaults(latency=0.05, error_rate=0.2, seed=1)``. Rates are fractions in [0, 1]; ``apply_to``
     says which request kinds the error/throttle rates hit (``"raw"`` by default); ``drop_rate`` always means raw
     GETs. ``latency`` delays every request except the admin endpoints. ``fail_first`` counts consumed
-    failures itself: assigning a new ``fail_first`` dict (or a new ``seed``) re-arms it.
+    failures itself: assigning a new ``fail_first`` dict (or a new ``seed``) re-arms it. ``retry_after_date``
+    sends Retry-After as an HTTP date instead of seconds; ``concurrency_limit`` (0 = none) answers 429 to a request
+    of the ``apply_to`` kinds that arrives while that many are already in flight; ``drip_rate`` is the fraction of
+    raw GETs whose body is sent one byte every ``drip_interval`` seconds.
     """
 
     latency: float = 0.0
@@ -52,6 +60,10 @@ class ServerFaults:
     apply_to: Tuple[str, ...] = ("raw",)
     redirect_raw_to: Optional[str] = None
     seed: Optional[int] = None
+    retry_after_date: bool = False
+    concurrency_limit: int = 0
+    drip_rate: float = 0.0
+    drip_interval: float = 0.5
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "apply_to" and not isinstance(value, tuple):
@@ -80,13 +92,13 @@ class ServerFaults:
 
     def validate(self) -> None:
         """Raise ValueError if a knob is out of range (rates outside [0, 1], negative times, unknown kinds)."""
-        for name in ("error_rate", "throttle_rate", "drop_rate"):
+        for name in ("error_rate", "throttle_rate", "drop_rate", "drip_rate"):
             rate = getattr(self, name)
             if not 0.0 <= float(rate) <= 1.0:
                 raise ValueError(f"ServerFaults.{name} must be in [0, 1], got {rate!r}")
         if self.error_rate + self.throttle_rate > 1.0:
             raise ValueError("ServerFaults.error_rate + throttle_rate must not exceed 1")
-        for name in ("latency", "retry_after"):
+        for name in ("latency", "retry_after", "drip_interval", "concurrency_limit"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"ServerFaults.{name} must be >= 0")
         unknown = set(self.apply_to) - set(KINDS)
@@ -122,8 +134,11 @@ class ServerFaults:
 
     # -- decisions ------------------------------------------------------------------------------------------
     def retry_after_header(self) -> str:
-        """The Retry-After value: an int when integral ("2"), else a float string ("0.5")."""
+        """The Retry-After value: an int when integral ("2"), else a float string ("0.5"); with
+        ``retry_after_date``, the HTTP date that far ahead (whole seconds: "Wed, 02 Dec 2026 10:00:01 GMT")."""
         value = float(self.retry_after)
+        if self.retry_after_date:
+            return email.utils.formatdate(time.time() + value, usegmt=True)
         return str(int(value)) if value.is_integer() else repr(value)
 
     def _random(self) -> float:
@@ -132,8 +147,9 @@ class ServerFaults:
             object.__setattr__(self, "_rng", random.Random(self.seed))
         return self._rng.random()
 
-    def decide(self, kind: str, repo_path: Optional[str], method: str) -> FaultDecision:
-        """Roll the dice for one request (thread-safe); the permanent/deterministic knobs win over the random ones."""
+    def decide(self, kind: str, repo_path: Optional[str], method: str, in_flight: int = 0) -> FaultDecision:
+        """Roll the dice for one request (thread-safe); the permanent/deterministic knobs win over the random ones.
+        ``in_flight``: requests of this kind in flight when it arrived, itself included."""
         with self._lock:
             if kind == "raw" and repo_path is not None:
                 status = self.fail_paths.get(repo_path)
@@ -144,6 +160,8 @@ class ServerFaults:
                 if used < wanted:
                     self._fail_first_used[repo_path] = used + 1
                     return FaultDecision(status=503, reason="fail_first")
+            if kind in self.apply_to and 0 < int(self.concurrency_limit) < in_flight:
+                return FaultDecision(status=429, retry_after=self.retry_after_header(), reason="throttle")
             if kind in self.apply_to and (self.error_rate or self.throttle_rate):
                 roll = self._random()
                 if roll < self.error_rate:
@@ -153,6 +171,8 @@ class ServerFaults:
                     return FaultDecision(status=429, retry_after=self.retry_after_header(), reason="throttle")
             if kind == "raw" and method == "GET" and self.drop_rate and self._random() < self.drop_rate:
                 return FaultDecision(drop=True, reason="drop")
+            if kind == "raw" and method == "GET" and self.drip_rate and self._random() < self.drip_rate:
+                return FaultDecision(drip=True, reason="drip")
         return FaultDecision()
 
     def reset_consumed(self) -> None:

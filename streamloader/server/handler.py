@@ -113,6 +113,8 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
                 "auth": auth,
                 "query": self.path.partition("?")[2],
                 "fault": self._fault,
+                "in_flight": self._in_flight,
+                "started": self._started,
             }
         )
 
@@ -132,6 +134,8 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         self._status = 0
         self._fault: Optional[str] = None
+        self._drip: Optional[float] = None
+        self._in_flight, self._started = 0, time.monotonic()
         self._logged = False
         self._route: Optional[Route] = None  # admin requests stay out of the log
         raw_path, _, query_string = self.path.partition("?")
@@ -148,6 +152,7 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
         self._route = route
         self.app._record_arrival(route.kind, route.key)
         entered, retry_after = self.app._admit()
+        self._in_flight = self.app._enter(route.kind)
         try:
             body = self._read_body()
             if retry_after is not None:  # dagshub-like rate limit (the body was read: the connection stays usable)
@@ -177,6 +182,7 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
             self._log_request()  # requests that ended without an answer (client gone) are logged too
             if entered:
                 self.app._release()
+            self.app._leave(route.kind)
 
     # -- routing --------------------------------------------------------------------------------------------
     def _handle(self, method: str, route: Route, query: Dict[str, List[str]], body: bytes) -> None:
@@ -201,8 +207,10 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
             raise HTTPError(404, "not found")
         if method not in ("GET", "HEAD"):
             raise HTTPError(405, f"{method} is not allowed here", {"Allow": "GET, HEAD"})
-        decision = app.faults.decide(route.kind, route.key if route.kind == "raw" else None, method)
+        faults = app.faults
+        decision = faults.decide(route.kind, route.key if route.kind == "raw" else None, method, self._in_flight)
         self._fault = decision.reason
+        self._drip = float(faults.drip_interval) if decision.drip else None
         if decision.status is not None:
             headers = {"Retry-After": decision.retry_after} if decision.retry_after is not None else None
             raise HTTPError(decision.status, f"injected fault (HTTP {decision.status})", headers)
@@ -321,11 +329,13 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
             remaining = length // 2 if drop else length
             fh.seek(start)
             while remaining > 0:
-                chunk = fh.read(min(_CHUNK, remaining))
+                chunk = fh.read(min(_CHUNK if self._drip is None else 1, remaining))
                 if not chunk:
                     break
                 self.wfile.write(chunk)
                 remaining -= len(chunk)
+                if self._drip is not None:  # a slow drip: the connection lives on, the body barely moves
+                    time.sleep(self._drip)
         if drop:
             log.debug("drop fault: closed %s after half of the body", route.key)
             self.close_connection = True
