@@ -17,6 +17,7 @@ _EXPORTS = {
     "AuthenticationError": "streamloader.errors",
     "InvalidTokenError": "streamloader.errors",
     "RemoteError": "streamloader.errors",
+    "HostUnreachableError": "streamloader.errors",
     "RemoteFileNotFoundError": "streamloader.errors",
     "RevisionNotFoundError": "streamloader.errors",
     "RepositoryNotFoundError": "streamloader.errors",

@@ -18,6 +18,7 @@ __all__ = [
     "AuthenticationError",
     "InvalidTokenError",
     "RemoteError",
+    "HostUnreachableError",
     "RemoteFileNotFoundError",
     "RevisionNotFoundError",
     "RepositoryNotFoundError",
@@ -81,6 +82,22 @@ class RemoteError(StreamloaderError, OSError):
 
     def __str__(self) -> str:  # OSError.__str__ would prefix "[Errno ...]"
         return str(self.args[0]) if self.args else ""
+
+
+class HostUnreachableError(RemoteError):
+    """A host failed several requests in a row at the connection level (refused, reset, timed out): requests to it
+    fail fast, without retries, until a probe request gets through again. ``host`` is its ``scheme://host:port``."""
+
+    def __init__(self, message: str, *, host: Optional[str] = None):
+        super().__init__(message)
+        self.host = host
+
+    def __reduce__(self):  # survives pickling (prefetch worker processes send it to their parent)
+        return (_rebuild_unreachable, (str(self), self.host))
+
+
+def _rebuild_unreachable(message: str, host: Optional[str]) -> "HostUnreachableError":
+    return HostUnreachableError(message, host=host)
 
 
 class RemoteFileNotFoundError(StreamloaderError, FileNotFoundError):

@@ -16,6 +16,7 @@ import os
 import random
 import re
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Union
 
@@ -32,7 +33,9 @@ from streamloader.errors import (
 )
 from streamloader.remote.credentials import Credentials, OriginBearerAuth, TokenAcquired, take_url_token
 from streamloader.remote.jsonstream import JSONStreamError, JSONTooLarge, iter_json
-from streamloader.remote.transport import RawTransport, Session, TransportError, origin_of, request_error
+from streamloader.remote.limits import HostLimiter, host_limiter, parse_retry_after
+from streamloader.remote.transport import (MIN_RATE, RawTransport, Session, TransportError, origin_of, pace,
+                                           request_error)
 from streamloader.remote.urls import RepoRef, safe_repo_path
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,12 @@ _RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How hard to retry transient failures (connection errors, timeouts, 5xx, 429, short bodies)."""
+    """How hard to retry transient failures (connection errors, timeouts, 5xx, 429, short bodies).
+
+    Failures count against ``attempts`` and ``max_time`` (from the first failure); pushbacks (429, 503 with
+    Retry-After) only against ``max_throttled_time`` (from the start of the call), so that a rate-limited job slows
+    down instead of failing. A body must average ``min_rate`` bytes/s once ``read_timeout`` has passed.
+    """
 
     attempts: int = 8
     max_time: float = 120.0
@@ -56,6 +64,8 @@ class RetryPolicy:
     max_retry_after: float = 60.0
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    max_throttled_time: float = 900.0
+    min_rate: float = MIN_RATE
 
 
 @dataclass(frozen=True)
@@ -79,12 +89,15 @@ class RemoteEntry:
 
 
 class _Transient(Exception):
-    """A retryable failure; ``retry_after`` is the server's hint in seconds."""
+    """A retryable failure; ``retry_after`` is the server's hint in seconds; ``outcome`` what it tells the host's
+    limiter: "throttled" (a pushback), "unreachable" (no usable answer) or "answered" (an error answer)."""
 
-    def __init__(self, message: str, status: Optional[int] = None, retry_after: Optional[float] = None):
+    def __init__(self, message: str, status: Optional[int] = None, retry_after: Optional[float] = None,
+                 outcome: str = "answered"):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        self.outcome = outcome
 
 
 def _entry_size(item: Dict[str, Any]) -> Optional[int]:
@@ -107,6 +120,8 @@ def _response_chunks(resp: requests.Response) -> Iterator[bytes]:
         yield from resp.iter_content(_CHUNK)
     except (requests.exceptions.ChunkedEncodingError, requests.ConnectionError, requests.Timeout) as exc:
         raise _Transient(f"connection dropped: {type(exc).__name__}") from None
+    except TransportError as exc:  # dropped or too slow (the deadline, see DagsHubClient._get)
+        raise _Transient(str(exc), outcome=exc.outcome) from None
 
 
 def _stream_json(resp: requests.Response) -> Any:
@@ -129,13 +144,7 @@ def _json_values(values: Iterator[Any]) -> Iterator[Any]:
         raise _Transient(f"invalid JSON answer: {exc}") from None
 
 
-def _parse_retry_after(value: Optional[str]) -> Optional[float]:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None  # HTTP-date form: fall back to our own backoff
+_parse_retry_after = parse_retry_after  # seconds or an HTTP date
 
 
 class DagsHubClient:
@@ -173,6 +182,7 @@ class DagsHubClient:
         self._session_lock = threading.Lock()
         self._session: Optional[requests.Session] = None
         self._transport: Optional[RawTransport] = None
+        self._limiter: Optional[HostLimiter] = None
         self._pid = os.getpid()
 
     # -- plumbing -------------------------------------------------------------------------------------------------
@@ -182,7 +192,7 @@ class DagsHubClient:
     def __getstate__(self) -> Dict[str, Any]:
         # Sessions and locks do not cross process boundaries (spawned DataLoader workers rebuild them).
         state = self.__dict__.copy()
-        state["_session"] = state["_transport"] = None
+        state["_session"] = state["_transport"] = state["_limiter"] = None
         state["_lock"] = state["_session_lock"] = None
         return state
 
@@ -211,13 +221,31 @@ class DagsHubClient:
         session.auth = OriginBearerAuth(origin_of(self.ref.host), self._credentials.secret)
         return session
 
+    @property
+    def limiter(self) -> HostLimiter:
+        """The API host's request limiter (slots, pushback, circuit breaker), shared by the machine's processes."""
+        limiter = getattr(self, "_limiter", None)
+        if limiter is None:
+            limiter = self._limiter = host_limiter(origin_of(self.ref.host))
+        return limiter
+
     def _retrying(self) -> tenacity.Retrying:
         policy = self.retry
+        failures: List[float] = []  # when each failure that was no pushback happened (time.monotonic())
+
+        def stop(state: tenacity.RetryCallState) -> bool:
+            exc = state.outcome.exception() if state.outcome else None
+            if getattr(exc, "outcome", None) == "throttled":
+                return state.seconds_since_start >= policy.max_throttled_time
+            failures.append(time.monotonic())
+            return len(failures) >= policy.attempts or failures[-1] - failures[0] >= policy.max_time
 
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             hint = getattr(exc, "retry_after", None)
             if hint is not None:
+                if getattr(exc, "outcome", None) == "throttled":
+                    return random.uniform(0, 0.01)  # the limiter holds back every request to the host until then
                 return min(hint, policy.max_retry_after)
             # exponential backoff with full jitter (no tenacity helper: its signature changed across versions)
             ceiling = min(policy.max_backoff, policy.initial_backoff * 2 ** (state.attempt_number - 1))
@@ -230,21 +258,34 @@ class DagsHubClient:
             exc = state.outcome.exception() if state.outcome else None
             log.debug("retrying after %s (attempt %d)", type(exc).__name__, state.attempt_number)
 
-        return tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(policy.attempts) | tenacity.stop_after_delay(policy.max_time),
-            wait=wait,
-            retry=tenacity.retry_if_exception(is_transient),
-            before_sleep=before_sleep,
-            reraise=True,
-        )
+        return tenacity.Retrying(stop=stop, wait=wait, retry=tenacity.retry_if_exception(is_transient),
+                                 before_sleep=before_sleep, reraise=True)
 
     def _call(self, fn: Callable[[], Any], what: str, url: str) -> Any:
-        """Run ``fn`` under the retry policy; translate what is left into typed errors."""
+        """Run ``fn`` under the retry policy, each attempt in a slot of the host's limiter (told how the attempt
+        went); translate what is left into typed errors. HostUnreachableError is never retried."""
+        limiter, policy = self.limiter, self.retry
+        deadline = time.time() + policy.max_throttled_time
+
+        def attempt() -> Any:
+            with limiter.slot(deadline) as slot:
+                try:
+                    return fn()
+                except _Transient as exc:
+                    if exc.outcome == "throttled":
+                        hint = exc.retry_after
+                        slot.throttled(None if hint is None else min(hint, policy.max_retry_after))
+                    elif exc.outcome == "unreachable":
+                        slot.unreachable(str(exc))
+                    else:
+                        slot.answered()
+                    raise
+
         try:
             try:
-                return self._retrying()(fn)
+                return self._retrying()(attempt)
             except TokenAcquired:  # refused anonymously, and now there is a token: once more, with it
-                return self._retrying()(fn)
+                return self._retrying()(attempt)
         except TokenAcquired:
             raise AuthenticationError(f"{self.ref} refused the request again without a token") from None
         except _Transient as exc:
@@ -252,13 +293,21 @@ class DagsHubClient:
 
     def _get(self, url: str, *, headers: Optional[Dict[str, str]] = None, params: Optional[Dict[str, Any]] = None,
              path: Optional[str] = None, stream: bool = False) -> requests.Response:
-        """One GET with status handling; raises _Transient for retryable outcomes, typed errors for the rest."""
-        failure = None
+        """One GET with status handling; raises _Transient for retryable outcomes, typed errors for the rest. Its body
+        is read under the deadline (see transport): here, or with ``stream`` as the caller reads it."""
+        failure, started, resp = None, time.monotonic(), None
         try:
-            resp = self.session.get(url, headers=headers, params=params, stream=stream,
+            resp = self.session.get(url, headers=headers, params=params, stream=True,
                                     timeout=(self.retry.connect_timeout, self.retry.read_timeout))
+            pace(resp, self.retry.read_timeout, self.retry.min_rate, started)
+            if not stream and resp.status_code < 400:
+                resp.content  # noqa: B018 - read now, under the deadline
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-            raise _Transient(type(exc).__name__) from None
+            raise _Transient(type(exc).__name__, outcome="unreachable") from None
+        except TransportError as exc:
+            if resp is not None:
+                resp.close()
+            raise _Transient(str(exc), outcome=exc.outcome) from None
         except requests.RequestException as exc:  # redirect loops, redirects to file:// ...: typed, never str(exc)
             failure = request_error(exc, url)
         if failure is not None:
@@ -273,7 +322,9 @@ class DagsHubClient:
         if status < 400:
             return
         if status in _RETRY_STATUSES:
-            raise _Transient(f"HTTP {status}", status, _parse_retry_after(headers.get("Retry-After")))
+            hint = _parse_retry_after(headers.get("Retry-After"))
+            pushback = status == 429 or (status == 503 and hint is not None)  # a bare 503 is a server error
+            raise _Transient(f"HTTP {status}", status, hint, "throttled" if pushback else "answered")
         if status in (401, 403) or (status == 404 and self._credentials.may_hide_private_repo(
                 url, self.session, (self.retry.connect_timeout, self.retry.read_timeout))):
             self._credentials.refused(status, self.session.auth)  # raises
@@ -288,7 +339,7 @@ class DagsHubClient:
         if transport is None:
             transport = self._transport = RawTransport(
                 lambda: self.session, lambda url: self.session.auth.headers_for(url),
-                (self.retry.connect_timeout, self.retry.read_timeout))
+                (self.retry.connect_timeout, self.retry.read_timeout), self.retry.min_rate)
         return transport
 
     # -- revision -------------------------------------------------------------------------------------------------
@@ -558,7 +609,7 @@ class DagsHubClient:
             try:
                 body = self.transport.get(url, headers)
             except TransportError as exc:
-                raise _Transient(str(exc)) from None
+                raise _Transient(str(exc), outcome=exc.outcome) from None
             with body:
                 if body.status == 403 and body.url and origin_of(body.url) != api_origin:
                     # a presigned storage URL that expired (or was refused): ask the raw URL again for a new one
@@ -646,7 +697,7 @@ class DagsHubClient:
                 if slicing and written == limit:
                     return written
         except TransportError as exc:
-            raise _Transient(str(exc)) from None
+            raise _Transient(str(exc), outcome=exc.outcome) from None
         return written
 
     def close(self) -> None:

@@ -6,11 +6,16 @@ bytes from the API origin none of that does anything, so :class:`RawTransport` s
 connection pool the Session's adapter would use (same TLS settings, same pooled sockets), and falls back to the
 Session whenever something needs requests' logic: a proxy applies to the origin, or the installed requests lacks
 the adapter API used here; a redirect is followed through the Session. Either way callers get a :class:`Body`.
+
+Every body is read under a deadline: the read timeout bounds each wait for bytes, and the whole request must keep
+up a throughput floor after a grace period (``timeout + received / min_rate`` seconds in all), so a server that
+drips a byte now and then cannot hold a request for hours; breaking it is a :class:`TransportError`.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 from urllib.parse import urljoin, urlsplit
 
@@ -22,14 +27,21 @@ from streamloader.errors import RemoteError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Body", "RawTransport", "Session", "TransportError", "origin_of", "request_error"]
+__all__ = ["Body", "RawTransport", "Session", "TransportError", "origin_of", "pace", "request_error", "MIN_RATE"]
 
 _NO_FAST = object()  # cache marker: this origin goes through the Session
 _REDIRECTS = {301, 302, 303, 307, 308}
+#: bytes/s a body must average once the grace period (the read timeout) is over
+MIN_RATE = 32 * 1024
 
 
 class TransportError(Exception):
-    """The connection failed or dropped (retryable)."""
+    """The connection failed, dropped or was too slow (retryable). ``outcome`` is "unreachable" when the host gave
+    no usable answer (refused, reset before an answer, timed out, too slow), "answered" when it dropped mid-body."""
+
+    def __init__(self, message: str, outcome: str = "unreachable"):
+        super().__init__(message)
+        self.outcome = outcome
 
 
 class Body:
@@ -54,31 +66,75 @@ class Body:
         self.close()
 
 
-def _requests_body(resp: requests.Response) -> Body:
-    def chunks(size: int) -> Iterator[bytes]:
-        received = 0
-        try:
-            for chunk in resp.iter_content(size):
+def _stream(raw: Any, size: int, started: float, grace: float, min_rate: float) -> Iterator[bytes]:
+    """The decoded body of a urllib3 response in pieces of at most ``size`` bytes, each one as soon as it arrives
+    (``read1``: one receive), failing once the body falls behind ``grace + received / min_rate`` seconds."""
+    received = 0
+    read1 = getattr(raw, "read1", None)
+    try:
+        if read1 is None:  # urllib3 < 2: whole pieces, the deadline checked between them
+            for chunk in raw.stream(size, decode_content=True):
                 received += len(chunk)
+                _check_pace(received, started, grace, min_rate)
                 yield chunk
-        except requests.RequestException as exc:  # a dropped or garbled body (ChunkedEncoding, ContentDecoding...)
-            raise TransportError(f"connection dropped after {received} bytes: {type(exc).__name__}") from None
+            return
+        while True:
+            chunk = read1(size, decode_content=True)
+            if not chunk:
+                return
+            received += len(chunk)
+            _check_pace(received, started, grace, min_rate)
+            yield chunk
+    except urllib3.exceptions.ReadTimeoutError:
+        raise TransportError(f"read timed out after {received} bytes") from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:  # a dropped or garbled body (protocol, decoding...)
+        raise TransportError(f"connection dropped after {received} bytes: {type(exc).__name__}", "answered") from None
+
+
+def _check_pace(received: int, started: float, grace: float, min_rate: float) -> None:
+    elapsed = time.monotonic() - started
+    if elapsed > grace + received / min_rate:
+        raise TransportError(f"too slow: {received} bytes in {elapsed:.1f} s (the floor is {min_rate / 1024:g} KB/s "
+                             f"after {grace:g} s)")
+
+
+class _PacedRaw:
+    """A requests response's urllib3 body whose ``stream()`` (what ``iter_content``, ``content`` and ``json()``
+    read through) keeps the deadline; anything else is the wrapped response's."""
+
+    def __init__(self, raw: Any, started: float, grace: float, min_rate: float):
+        self._raw, self._pace = raw, (started, grace, min_rate)
+
+    def stream(self, amt: int = 1 << 16, decode_content: Optional[bool] = None) -> Iterator[bytes]:
+        return _stream(self._raw, amt, *self._pace)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
+def pace(resp: requests.Response, timeout: float, min_rate: float = MIN_RATE, started: Optional[float] = None) -> None:
+    """Make every later read of ``resp``'s body (``stream=True``) keep the deadline of the module docstring, counted
+    from ``started`` (default now): :class:`TransportError` when it drops or falls behind."""
+    if not isinstance(resp.raw, _PacedRaw) and hasattr(resp.raw, "stream"):
+        resp.raw = _PacedRaw(resp.raw, time.monotonic() if started is None else started, timeout, min_rate)
+
+
+def _requests_body(resp: requests.Response, started: float, grace: float, min_rate: float) -> Body:
+    def chunks(size: int) -> Iterator[bytes]:
+        return _stream(resp.raw, size, started, grace, min_rate)
 
     return Body(resp.status_code, resp.headers, chunks, resp.close, resp.url)
 
 
-def _urllib3_body(resp: Any, url: str) -> Body:
+def _urllib3_body(resp: Any, url: str, started: float, grace: float, min_rate: float) -> Body:
     state = {"finished": False, "broken": False}
 
     def chunks(size: int) -> Iterator[bytes]:
-        received = 0
         try:
-            for chunk in resp.stream(size, decode_content=True):
-                received += len(chunk)
-                yield chunk
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            yield from _stream(resp, size, started, grace, min_rate)
+        except TransportError:
             state["broken"] = True
-            raise TransportError(f"connection dropped after {received} bytes: {type(exc).__name__}") from None
+            raise
         state["finished"] = True
 
     def close() -> None:
@@ -125,18 +181,21 @@ class RawTransport:
     """GETs for one client: ``get(url, headers)`` -> :class:`Body` (see module docstring).
 
     ``session`` returns the client's current Session (rebuilt per process); ``auth_headers(url)`` the headers that
-    authenticate a request to ``url`` (empty for any origin but the API's).
+    authenticate a request to ``url`` (empty for any origin but the API's); ``timeout`` is (connect, read) and
+    ``min_rate`` the throughput floor of a body (module docstring).
     """
 
     def __init__(self, session: Callable[[], requests.Session], auth_headers: Callable[[str], Dict[str, str]],
-                 timeout: Tuple[float, float]):
+                 timeout: Tuple[float, float], min_rate: float = MIN_RATE):
         self._session = session
         self._auth_headers = auth_headers
         self._timeout = urllib3.Timeout(connect=timeout[0], read=timeout[1])
         self._requests_timeout = timeout
+        self._grace, self._min_rate = float(timeout[1]), float(min_rate)
         self._lock = threading.Lock()
 
     def get(self, url: str, headers: Optional[Dict[str, str]] = None) -> Body:
+        started = time.monotonic()
         session = self._session()
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}".lower()  # origin_of(url), without parsing twice
@@ -145,7 +204,7 @@ class RawTransport:
         if pool is None:
             pool = self._pool_for(session, origin, url)
         if pool is _NO_FAST:
-            return self._via_session(session, url, headers)
+            return self._via_session(session, url, headers, started)
         target = parts.path + ("?" + parts.query if parts.query else "")
         sent = {"User-Agent": str(session.headers.get("User-Agent", "streamloader")), "Accept": "*/*",
                 "Accept-Encoding": "identity", **self._auth_headers(url), **(headers or {})}
@@ -162,10 +221,10 @@ class RawTransport:
             # redirects follow requests' rules (credentials never leave the API origin, further hops, limits)
             resp.drain_conn()
             resp.release_conn()
-            return self._via_session(session, urljoin(url, location), headers, shown=url)
-        return _urllib3_body(resp, url)
+            return self._via_session(session, urljoin(url, location), headers, started, shown=url)
+        return _urllib3_body(resp, url, started, self._grace, self._min_rate)
 
-    def _via_session(self, session: requests.Session, url: str, headers: Optional[Dict[str, str]],
+    def _via_session(self, session: requests.Session, url: str, headers: Optional[Dict[str, str]], started: float,
                      shown: Optional[str] = None) -> Body:
         """GET through requests (redirects followed there); errors name ``shown`` (ours), not a server's target."""
         failure = None
@@ -177,7 +236,7 @@ class RawTransport:
             failure = request_error(exc, shown or url)
         if failure is not None:
             raise failure  # out of the except block: requests' message is not even kept as __context__
-        return _requests_body(resp)
+        return _requests_body(resp, started, self._grace, self._min_rate)
 
     def _pool_for(self, session: requests.Session, origin: str, url: str) -> Any:
         with self._lock:
