@@ -100,6 +100,7 @@ class _FailuresReportedHere(logging.Filter):
 
 
 def run(args: argparse.Namespace) -> int:
+    from streamloader.errors import HostUnreachableError
     from streamloader.prefetch import prefetch
 
     urls, opts = _targets(args)
@@ -116,8 +117,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for handler in handlers:
             handler.removeFilter(quiet)
+    unreachable = [exc for exc in result.failed.values() if isinstance(exc, HostUnreachableError)]
     for url, exc in result.failed.items():
-        print(f"failed: {url}: {_reason(exc)}", file=sys.stderr)
+        if not isinstance(exc, HostUnreachableError):
+            print(f"failed: {url}: {_reason(exc)}", file=sys.stderr)
+    if unreachable:  # the job stopped: one line for the host, not one per file
+        print(f"failed: {len(unreachable)} files: {unreachable[0]}", file=sys.stderr)
     print(result)
     return 1 if result.failed and not args.skip_errors else 0
 

@@ -17,17 +17,17 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-from streamloader.errors import RemoteError, RemoteFileNotFoundError
+from streamloader.errors import HostUnreachableError, RemoteError, RemoteFileNotFoundError
 
 if TYPE_CHECKING:
     from streamloader.remote.repo import PrefetchResult, RemoteRepo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PREFETCH_PROCESS_MIN_FILES", "PrefetchJob", "ProcessPrefetch", "process_count", "prefetch_in_threads",
-           "settle"]
+__all__ = ["PREFETCH_PROCESS_MIN_FILES", "Halt", "PrefetchJob", "ProcessPrefetch", "process_count",
+           "prefetch_in_threads", "settle"]
 
 #: below this many files a prefetch stays in one process (starting workers costs more than it saves)
 PREFETCH_PROCESS_MIN_FILES = 200
@@ -70,6 +70,40 @@ def _size_of(local: str) -> int:
         return os.stat(local).st_size
     except OSError:  # evicted already by a tight cap: the count still holds
         return 0
+
+
+class Halt:
+    """Ends a prefetch at the first HostUnreachableError (every other file of that host would fail alike, after the
+    same wait) or when ``event`` is set (cancel); :meth:`finish` then fails the files never tried with that error."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.error: Optional[HostUnreachableError] = None
+        self._reported: set = set()
+
+    def note(self, path: str, exc: Optional[BaseException]) -> bool:
+        """Count ``path`` as reported; True when ``exc`` stops the prefetch (then it is not worth a log line)."""
+        self._reported.add(path)
+        if not isinstance(exc, HostUnreachableError):
+            return False
+        if self.error is None:
+            self.error = exc
+            self.event.set()
+        return True
+
+    def finish(self, paths: Iterable[str], failed: Dict[str, BaseException], log_it: bool) -> None:
+        if self.error is None:
+            return
+        missing = [path for path in paths if path not in self._reported]
+        for path in missing:
+            failed[path] = self.error
+        ordered = sorted(failed.items(), key=lambda item: not isinstance(item[1], HostUnreachableError))
+        failed.clear()
+        failed.update(ordered)  # the host's error first: it is what result() raises
+        if log_it:  # (the CLI prints its own line: it drops records marked prefetch_failure)
+            log.warning("prefetch stopped: %s (%d files not fetched)", self.error,
+                        sum(isinstance(exc, HostUnreachableError) for exc in failed.values()),
+                        extra={"prefetch_failure": "*"})
 
 
 def _start_method() -> str:

@@ -34,7 +34,7 @@ from streamloader.errors import IntegrityError, RemoteError, RemoteFileNotFoundE
 from streamloader.remote.client import DagsHubClient, RemoteEntry
 from streamloader.remote.listings import DirListing, ListingStore
 from streamloader.remote.parallel import (  # noqa: F401 - PREFETCH_PROCESS_MIN_FILES, PrefetchJob re-exported
-    PREFETCH_PROCESS_MIN_FILES, PrefetchJob, ProcessPrefetch, prefetch_in_threads, process_count, settle)
+    PREFETCH_PROCESS_MIN_FILES, Halt, PrefetchJob, ProcessPrefetch, prefetch_in_threads, process_count, settle)
 from streamloader.remote.urls import safe_repo_path
 
 log = logging.getLogger(__name__)
@@ -493,7 +493,10 @@ class RemoteRepo:
 
             bar = tqdm(total=len(paths), unit="file", desc="prefetch", leave=False)
 
+        halt = Halt()  # an unreachable host ends the prefetch at once, with one message
+
         def record(path: str, size: int, exc: Optional[BaseException], cached: bool) -> None:
+            stops = halt.note(path, exc)
             if exc is None:
                 result.files += 1
                 result.bytes += size
@@ -501,7 +504,8 @@ class RemoteRepo:
                 result.cached_bytes += size if cached else 0
             else:
                 result.failed[path] = exc
-                log.warning("prefetch of %s failed: %s", path, exc, extra={"prefetch_failure": path})
+                if not stops:
+                    log.warning("prefetch of %s failed: %s", path, exc, extra={"prefetch_failure": path})
             if bar is not None:
                 bar.update(1)
 
@@ -515,16 +519,17 @@ class RemoteRepo:
         def run(cancelled: threading.Event) -> PrefetchResult:
             try:
                 if fanout is not None:
-                    fanout.collect(record, cancelled)
+                    fanout.collect(record, halt.event)
                 else:
-                    prefetch_in_threads(self, paths, workers, record, cancelled)
+                    prefetch_in_threads(self, paths, workers, record, halt.event)
             finally:
                 if bar is not None:
                     bar.close()
+            halt.finish(paths, result.failed, log_it=on_error == "skip")
             result.seconds = time.perf_counter() - started
             return result
 
-        return settle(PrefetchJob(run, on_error), wait)
+        return settle(PrefetchJob(run, on_error, on_cancel=halt.event.set), wait)
 
 
 def _record_repo(repo_dir: str, client: DagsHubClient) -> None:
