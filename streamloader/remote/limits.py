@@ -20,20 +20,18 @@ From those reports the limiter keeps, per host:
   ``breaker_cooldown`` seconds; then one probe request may try, and any answer from the host closes the breaker.
 
 Sharing: one small file per host in :func:`limits_dir` holds a header (limit, pause, breaker; mmapped, changed
-under a one-byte lock) and the slots: slot ``i`` is a one-byte open-file-description lock (``F_OFD_SETLK``) at
-offset ``4096 + i``, ``i < limit``. The kernel drops the locks of a process that exits or is killed, so a dead
-process never keeps a slot. A free slot costs two ``fcntl`` calls: ~3-4 µs per request in all (tests/test_limits.py
-measures it). Where such locks are missing (not Linux, some network file systems) the limits are per process.
+under a one-byte lock) and the slots, one-byte open-file-description locks (streamloader/remote/_slots.py): the
+kernel drops the locks of a process that exits or is killed, so a dead process never keeps a slot. A free slot
+costs two ``fcntl`` calls, ~4-6 µs per request in all on a loaded 2-core VM (tests/test_limits.py measures it).
+Where such locks are missing (not Linux, some network file systems) the limits are per process.
 Knobs: ``STREAMLOADER_HOST_LIMITS="ceiling=256,initial=32,breaker_cooldown=10"`` (fields of :class:`HostLimits`).
 """
 from __future__ import annotations
 
 import email.utils
-import errno
 import hashlib
 import logging
 import math
-import mmap
 import os
 import random
 import struct
@@ -45,11 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from streamloader._files import makedirs_private
 from streamloader.errors import HostUnreachableError, RemoteError
-
-try:
-    import fcntl
-except ImportError:  # Windows: per-process limits
-    fcntl = None  # type: ignore[assignment]
+from streamloader.remote._slots import HEADER_SIZE, OFD_LOCKS, FileSlots, LocalSlots
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +53,11 @@ __all__ = ["HostLimits", "HostLimiter", "Slot", "host_limiter", "limits_dir", "p
 ENV_VAR = "STREAMLOADER_HOST_LIMITS"
 DIR_ENV_VAR = "STREAMLOADER_LIMITS_DIR"
 
-_SETLK = getattr(fcntl, "F_OFD_SETLK", None)
-_GETLK = getattr(fcntl, "F_OFD_GETLK", None)
-_BUSY = (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
-_FLOCK = struct.Struct("@hhqqi")
 _MAGIC = 0x534C4C4D00000001  # "SLLM", header layout 1
 _HEADER = struct.Struct("@Q8d")
 # header fields, as indices into the unpacked tuple (index 0 is the magic number); times are time.time() values
 _LIMIT, _SSTHRESH, _PAUSE, _DECREASED, _FAILURES, _FIRST_FAILURE, _OPEN_UNTIL = range(1, 8)
-_HEADER_LOCK, _PROBE_LOCK, _SLOT0, _FILE_SIZE, _MAX_SLOTS = 0, 1, 4096, 4096, 4096
+_MAX_SLOTS = 4096
 _WAIT_POLL = 0.02  # a process sees slots freed by other processes within this long
 
 
@@ -133,169 +123,6 @@ def limits_dir() -> str:
     from streamloader.cache import default_cache_dir
 
     return os.path.join(default_cache_dir(), "limits")
-
-
-def _flock(kind: int, offset: int, length: int = 1) -> bytes:
-    # struct flock with the C compiler's alignment; l_pid must be 0 for OFD locks; zero tail for trailing padding
-    return _FLOCK.pack(kind, os.SEEK_SET, offset, length, 0) + bytes(16)
-
-
-class _FileBackend:
-    """Header and slots in a shared file (see module docstring); raises OSError where OFD locks do not work."""
-
-    shared = True
-
-    def __init__(self, path: str):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o600)
-        try:
-            if os.fstat(fd).st_size < _FILE_SIZE:
-                os.ftruncate(fd, _FILE_SIZE)
-            try:
-                fcntl.fcntl(fd, _GETLK, _flock(fcntl.F_WRLCK, _HEADER_LOCK))  # EINVAL where OFD locks are missing
-            except OSError as exc:
-                if exc.errno not in _BUSY:
-                    raise
-            self.header: Any = mmap.mmap(fd, _FILE_SIZE)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.path, self._hfd, self.closed = path, fd, False
-        self._fds, self._free = [fd], []  # every fd we opened; fds holding no lock, ready for a slot
-        self._lock_slot = [_flock(fcntl.F_WRLCK, _SLOT0 + i) for i in range(_MAX_SLOTS)]
-        self._unlock_slot = [_flock(fcntl.F_UNLCK, _SLOT0 + i) for i in range(_MAX_SLOTS)]
-        self._thread_lock = threading.Lock()  # OFD locks of one fd do not exclude our own threads
-        self._header_locked = False
-
-    def _fd(self) -> int:
-        try:
-            return self._free.pop()
-        except IndexError:
-            fd = os.open(self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-            self._fds.append(fd)
-            return fd
-
-    def take(self, start: int, limit: int) -> Optional[Tuple[int, int]]:
-        """Lock a free slot below ``limit``, trying ``start`` first: ``(fd, index)``, or None when all are busy."""
-        fd = self._fd()
-        locks = self._lock_slot
-        for k in range(limit):
-            index = (start + k) % limit
-            try:
-                fcntl.fcntl(fd, _SETLK, locks[index])
-                return fd, index
-            except OSError as exc:
-                if exc.errno not in _BUSY:
-                    self._free.append(fd)
-                    raise
-        self._free.append(fd)
-        return None
-
-    def give(self, fd: int, index: int) -> None:
-        fcntl.fcntl(fd, _SETLK, self._unlock_slot[index])
-        self._free.append(fd)
-
-    def take_probe(self) -> Optional[int]:
-        fd = self._fd()
-        try:
-            fcntl.fcntl(fd, _SETLK, _flock(fcntl.F_WRLCK, _PROBE_LOCK))
-            return fd
-        except OSError:
-            self._free.append(fd)
-            return None
-
-    def give_probe(self, fd: int) -> None:
-        fcntl.fcntl(fd, _SETLK, _flock(fcntl.F_UNLCK, _PROBE_LOCK))
-        self._free.append(fd)
-
-    def count(self, limit: int) -> int:
-        """Slots below ``limit`` held by anyone (one F_OFD_GETLK per held slot)."""
-        held, start, end = 0, _SLOT0, _SLOT0 + limit
-        while start < end:
-            found = _FLOCK.unpack_from(fcntl.fcntl(self._hfd, _GETLK, _flock(fcntl.F_WRLCK, start, end - start)))
-            if found[0] == fcntl.F_UNLCK:
-                break
-            held += 1
-            start = found[2] + max(1, found[3])
-        return held
-
-    def lock_header(self) -> None:
-        self._thread_lock.acquire()
-        deadline, delay = time.monotonic() + 0.5, 0.0002
-        while True:
-            try:
-                fcntl.fcntl(self._hfd, _SETLK, _flock(fcntl.F_WRLCK, _HEADER_LOCK))
-                self._header_locked = True
-                return
-            except OSError:
-                if time.monotonic() > deadline:  # a holder stopped mid-update must not stop us: go on unlocked
-                    self._header_locked = False
-                    return
-                time.sleep(delay)
-                delay = min(delay * 2, 0.005)
-
-    def unlock_header(self) -> None:
-        if self._header_locked:
-            self._header_locked = False
-            fcntl.fcntl(self._hfd, _SETLK, _flock(fcntl.F_UNLCK, _HEADER_LOCK))
-        self._thread_lock.release()
-
-    def abandon(self) -> None:
-        """In a forked child: close our copies of the fds without unlocking (the parent's locks stay the parent's)."""
-        self.closed = True
-        for fd in self._fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.header.close()
-
-
-class _LocalBackend:
-    """The same interface within one process (where OFD locks are missing)."""
-
-    shared = False
-
-    def __init__(self) -> None:
-        self.header: Any = bytearray(_HEADER.size)
-        self.closed = False
-        self._held: set = set()
-        self._probe = False
-        self._lock = threading.Lock()
-
-    def take(self, start: int, limit: int) -> Optional[Tuple[int, int]]:
-        with self._lock:
-            for k in range(limit):
-                index = (start + k) % limit
-                if index not in self._held:
-                    self._held.add(index)
-                    return 0, index
-        return None
-
-    def give(self, fd: int, index: int) -> None:
-        with self._lock:
-            self._held.discard(index)
-
-    def take_probe(self) -> Optional[int]:
-        with self._lock:
-            if self._probe:
-                return None
-            self._probe = True
-            return 0
-
-    def give_probe(self, fd: int) -> None:
-        self._probe = False
-
-    def count(self, limit: int) -> int:
-        return sum(1 for index in list(self._held) if index < limit)
-
-    def lock_header(self) -> None:
-        self._lock.acquire()
-
-    def unlock_header(self) -> None:
-        self._lock.release()
-
-    def abandon(self) -> None:
-        self.closed = True
 
 
 class Slot:
@@ -370,13 +197,13 @@ class HostLimiter:
 
     def _open(self) -> Any:
         backend: Any = None
-        if _SETLK is not None and self.path:
+        if OFD_LOCKS and self.path:
             try:
                 makedirs_private(os.path.dirname(self.path))
-                backend = _FileBackend(self.path)
+                backend = FileSlots(self.path, _MAX_SLOTS)
             except OSError as exc:
                 log.debug("request limits of %s are per process (%s)", self.origin, exc)
-        backend = backend or _LocalBackend()
+        backend = backend or LocalSlots(HEADER_SIZE)
         if _HEADER.unpack_from(backend.header)[0] != _MAGIC:
             backend.lock_header()
             try:

@@ -1,0 +1,232 @@
+"""streamloader.remote.limits: Retry-After parsing, AIMD, the circuit breaker, slots shared by processes (a killed
+one leaks none), and what a slot costs. End-to-end scenarios live in tests/reliability/test_limits.py."""
+from __future__ import annotations
+
+import email.utils
+import logging
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import timeit
+import uuid
+
+import pytest
+
+from conftest import TOKEN
+from streamloader.errors import HostUnreachableError, RemoteError
+from streamloader.remote.client import DagsHubClient, RetryPolicy
+from streamloader.remote.limits import ENV_VAR, HostLimits, host_limiter, parse_retry_after
+
+
+@pytest.fixture
+def limits_env(tmp_path, monkeypatch):
+    """``make(knobs) -> a fresh limiter`` (its own host name), with its state under ``tmp_path``."""
+    monkeypatch.setenv("STREAMLOADER_LIMITS_DIR", str(tmp_path / "limits"))
+
+    def make(knobs: str = ""):
+        monkeypatch.setenv(ENV_VAR, knobs)
+        return host_limiter(f"http://host-{uuid.uuid4().hex[:8]}:1")
+
+    return make
+
+
+def _python(code: str, **env: str) -> subprocess.Popen:
+    full = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **env}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=full, stdout=subprocess.PIPE,
+                            text=True)
+
+
+def test_retry_after_seconds_and_http_dates():
+    now = 1_800_000_000.0
+    assert parse_retry_after("120") == 120.0 and parse_retry_after(" 0.5 ") == 0.5
+    assert parse_retry_after(email.utils.formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
+    assert parse_retry_after("Fri, 15 Jan 2027 08:00:00", now=now) is not None  # no zone: GMT
+    assert parse_retry_after(email.utils.formatdate(now - 30, usegmt=True), now=now) == 0.0  # in the past
+    for bad in (None, "", "soon", "inf", "nan", "Mon, 99 Foo 2027 99:99:99 GMT"):
+        assert parse_retry_after(bad) is None, bad
+    assert parse_retry_after("-5") == 0.0
+
+
+def test_knobs_come_from_the_environment_and_bad_ones_are_ignored(monkeypatch, caplog):
+    monkeypatch.setenv(ENV_VAR, "ceiling=256, initial=64,breaker_cooldown=2.5,bogus=1,floor=x")
+    with caplog.at_level(logging.WARNING):
+        limits = HostLimits.from_env()
+    assert (limits.ceiling, limits.initial, limits.breaker_cooldown, limits.floor) == (256, 64, 2.5, 1)
+    assert sum("ignoring" in r.getMessage() for r in caplog.records) == 2
+    monkeypatch.setenv(ENV_VAR, "ceiling=8,initial=100")
+    assert HostLimits.from_env().initial == 8  # clamped into [floor, ceiling]
+
+
+def test_a_pushback_halves_what_is_in_flight_once_per_round(limits_env):
+    limiter = limits_env("initial=8,ceiling=16")
+    assert limiter.shared  # OFD locks work here: the limits are machine-wide
+    slots = [limiter.slot() for _ in range(6)]
+    assert limiter.state()["in_flight"] == 6
+    slots[0].throttled(None)
+    slots[0].__exit__(None, None, None)
+    assert limiter.state()["limit"] == 3  # half of the 6 in flight
+    slots[1].throttled(None)  # sent before the cut: no second cut for the same round
+    slots[1].__exit__(None, None, None)
+    assert limiter.state()["limit"] == 3
+    for slot in slots[2:]:
+        slot.__exit__(None, None, None)
+    with limiter.slot() as late:  # sent after the cut: a new round, a new cut
+        late.throttled(None)
+    assert limiter.state()["limit"] == 1  # half of the 1 in flight, but never below floor=1
+
+
+def test_the_limit_grows_while_it_binds_slow_start_then_additive(limits_env):
+    limiter = limits_env("initial=2,ceiling=8")
+    held = [limiter.slot(), limiter.slot()]
+    with pytest.raises(RemoteError, match="slots stayed busy"):
+        limiter.slot(deadline=time.time() + 0.05)  # both slots busy: this caller had to wait
+    held.pop().__exit__(None, None, None)
+    assert limiter.state()["limit"] == 3  # slow start: +1 per success
+    held.pop().__exit__(None, None, None)
+    assert limiter.state()["limit"] == 4
+    with limiter.slot() as slot:
+        slot.throttled(None)
+    limit = limiter.state()["limit"]
+    limiter.slot(deadline=time.time() + 1).__exit__(None, None, None)
+    assert limiter.state()["limit"] == pytest.approx(limit + 1 / limit)  # after a pushback: +1 per window
+
+
+def test_the_breaker_opens_fails_fast_lets_one_probe_through_and_closes(limits_env):
+    limiter = limits_env("breaker_failures=3,breaker_outage=0,breaker_cooldown=0.3")
+    for _ in range(3):
+        with limiter.slot() as slot:
+            slot.unreachable("ConnectionRefusedError")
+    started = time.monotonic()
+    with pytest.raises(HostUnreachableError, match="ConnectionRefusedError") as info:
+        limiter.slot()
+    assert time.monotonic() - started < 0.05 and info.value.host == limiter.origin
+    assert limiter.origin in str(info.value)
+    time.sleep(0.35)
+    probe = limiter.slot()  # the cool-down is over: one probe...
+    with pytest.raises(HostUnreachableError):
+        limiter.slot()  # ...at a time
+    probe.unreachable("ConnectionRefusedError")
+    probe.__exit__(None, None, None)
+    with pytest.raises(HostUnreachableError):
+        limiter.slot()  # the probe failed: open again
+    time.sleep(0.35)
+    with limiter.slot():
+        pass  # the probe got an answer
+    assert limiter.state()["failures"] == 0
+    with limiter.slot(), limiter.slot():
+        pass  # closed: no more probes
+
+
+def test_an_answer_resets_the_count_of_failures(limits_env):
+    limiter = limits_env("breaker_failures=3,breaker_outage=0")
+    for _ in range(5):
+        for outcome in ("unreachable", "unreachable", "answered"):
+            with limiter.slot() as slot:
+                getattr(slot, outcome)(*(("reset",) if outcome == "unreachable" else ()))
+    with limiter.slot():
+        pass
+
+
+def test_a_killed_process_leaks_no_slot(limits_env):
+    limiter = limits_env("initial=4,ceiling=4")
+    holder = _python(f"""
+        import time
+        from streamloader.remote.limits import host_limiter
+        slots = [host_limiter({limiter.origin!r}).slot() for _ in range(4)]
+        print("held", flush=True)
+        time.sleep(60)
+        """, STREAMLOADER_HOST_LIMITS="initial=4,ceiling=4")
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert limiter.state()["in_flight"] == 4
+        with pytest.raises(RemoteError, match="all 4 request slots stayed busy"):
+            limiter.slot(deadline=time.time() + 0.2)
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    started = time.monotonic()
+    slots = [limiter.slot(deadline=time.time() + 5) for _ in range(4)]  # the kernel dropped the dead one's locks
+    assert time.monotonic() - started < 1
+    for slot in slots:
+        slot.__exit__(None, None, None)
+
+
+def test_a_retry_after_holds_back_another_process(limits_env):
+    limiter = limits_env()
+    with limiter.slot() as slot:
+        slot.throttled(1.0)
+    waiter = _python(f"""
+        import time
+        from streamloader.remote.limits import host_limiter
+        started = time.monotonic()
+        with host_limiter({limiter.origin!r}).slot():
+            print(time.monotonic() - started)
+        """)
+    out, _ = waiter.communicate(timeout=30)
+    assert 0.5 < float(out) < 3  # it waited out the pause that this process was told about
+
+
+def _fork_child(origin: str, queue) -> None:
+    limiter = host_limiter(origin)
+    before = limiter.state()["in_flight"]
+    with limiter.slot():
+        during = limiter.state()["in_flight"]
+    queue.put((before, during))
+
+
+def test_a_forked_child_neither_shares_nor_frees_the_parents_slots(limits_env):
+    limiter = limits_env()
+    held = limiter.slot()
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_fork_child, args=(limiter.origin, queue))
+    child.start()
+    assert queue.get(timeout=30) == (1, 2)  # the parent's slot counts, the child took one of its own
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    assert limiter.state()["in_flight"] == 1  # the child's exit did not free the parent's slot
+    held.__exit__(None, None, None)
+    assert limiter.state()["in_flight"] == 0
+
+
+def test_a_slot_costs_a_few_microseconds(limits_env, capsys):
+    limiter = limits_env()
+
+    def one() -> None:
+        with limiter.slot():
+            pass
+
+    one()
+    per_slot = min(timeit.repeat(one, number=2000, repeat=5)) / 2000
+    with capsys.disabled():
+        print(f"\n  limiter fast path: {per_slot * 1e6:.1f} us per request (slot taken and given back)")
+    assert per_slot < 100e-6  # ~4-6 us on a loaded 2-core VM; the budget for a whole small file is 500 us
+
+
+def test_pushbacks_do_not_spend_the_attempts(make_server, tmp_path, limits_env):
+    root = tmp_path / "repo"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "x.bin").write_bytes(b"x" * 5000)
+    srv = make_server(root, token=TOKEN)
+    client = DagsHubClient(srv.repo_url, token=TOKEN, retry=RetryPolicy(attempts=2, initial_backoff=0.001,
+                                                                        max_backoff=0.002))
+    client.resolve_revision()
+    srv.faults.update({"throttle_rate": 1.0, "retry_after": 0})
+
+    def lift() -> None:
+        while srv.request_count("data/x.bin", kind="raw") < 10:
+            time.sleep(0.005)
+        srv.faults.throttle_rate = 0.0
+
+    lifter = threading.Thread(target=lift)
+    lifter.start()
+    assert client.read_bytes("data/x.bin") == b"x" * 5000  # 10+ pushbacks, 2 attempts: still fetched
+    lifter.join()
+    assert srv.request_count("data/x.bin", kind="raw") >= 10
+    srv.faults.update({"throttle_rate": 0.0, "fail_paths": {"data/x.bin": 500}})
+    with pytest.raises(RemoteError, match="HTTP 500"):
+        client.read_bytes("data/x.bin")  # real errors still stop after the attempts
