@@ -5,6 +5,7 @@ import http.server
 import multiprocessing
 import os
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -116,3 +117,45 @@ def test_forked_child_and_parent_never_share_pooled_connections(make_server, tre
         assert child.exitcode == 0
     got = sorted(data for batch in results for data in batch)
     assert got == sorted(expected.values())
+
+
+class _DrippingServer(http.server.ThreadingHTTPServer):
+    """Answers every GET with a 200 whose 2000-byte body comes one byte every 0.2 s (each recv well within any
+    read timeout)."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2000")
+                self.end_headers()
+                try:
+                    for _ in range(2000):
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                except OSError:
+                    pass
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_a_dripping_api_answer_is_cut_by_the_deadline_not_left_to_the_read_timeout():
+    drip = _DrippingServer()
+    try:
+        client = DagsHubClient(f"http://127.0.0.1:{drip.server_address[1]}/o/r", token=TOKEN,
+                               retry=RetryPolicy(attempts=2, initial_backoff=0.01, connect_timeout=1, read_timeout=1))
+        started = time.monotonic()
+        with pytest.raises(RemoteError, match="too slow"):
+            client.resolve_revision()  # JSON through requests (not the raw fast path): the same deadline
+        assert time.monotonic() - started < 6  # 2 attempts of ~1 s; the body alone would take 400 s
+    finally:
+        drip.shutdown()
+        drip.server_close()

@@ -222,6 +222,7 @@ class HostLimiter:
         breaker is open."""
         backend = self._backend or self._state()
         limits, local = self.limits, self._local
+        deadline = time.time() + 900 if deadline is None else deadline
         delay = 0.001
         while True:
             header = _HEADER.unpack_from(backend.header)
@@ -257,16 +258,17 @@ class HostLimiter:
                     self._waiters -= 1
             delay = min(delay * 2, _WAIT_POLL)
 
-    def _check_deadline(self, deadline: Optional[float], until: float, why: str) -> None:
-        if until > (deadline if deadline is not None else time.time() + 900):
+    def _check_deadline(self, deadline: float, until: float, why: str) -> None:
+        if until > deadline:
             raise RemoteError(f"{self.origin} is rate limiting us and {why}: giving up (the retry budget for "
                               "throttled requests is spent)", status=429)
 
     def _unreachable(self, header: Tuple[float, ...], now: float) -> HostUnreachableError:
         last = f", the last: {self._last_reason}" if self._last_reason else ""
-        return HostUnreachableError(
-            f"{self.origin} is unreachable ({int(header[_FAILURES])} connection failures in a row{last}); failing "
-            f"fast, the next try in {max(0.0, header[_OPEN_UNTIL] - now):.1f} s", host=self.origin)
+        remaining = header[_OPEN_UNTIL] - now
+        retry = f"the next try in {remaining:.1f} s" if remaining > 0 else "a probe request is trying it now"
+        return HostUnreachableError(f"{self.origin} is unreachable ({int(header[_FAILURES])} connection failures in "
+                                    f"a row{last}); failing fast, {retry}", host=self.origin)
 
     # -- giving it back -------------------------------------------------------------------------------------------
     def _release(self, slot: Slot, outcome: str) -> None:
