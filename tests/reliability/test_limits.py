@@ -53,7 +53,7 @@ def test_a_rate_limited_prefetch_in_two_processes_completes_and_backs_off(files_
     threads). Without the limiter each 429 costs one of 8 attempts and files fail; with it the machine-wide
     concurrency drops to what the server takes, and every file arrives intact."""
     root, files = files_300
-    srv = make_server(root, token=TOKEN, faults=ServerFaults(latency=0.05, concurrency_limit=8, retry_after=0.05))
+    srv = make_server(root, token=TOKEN, faults=ServerFaults(latency=0.1, concurrency_limit=8, retry_after=0.05))
     repo = RemoteRepo(DagsHubClient(srv.repo_url, token=TOKEN, retry=FAST), FileCache())
     started = time.monotonic()
     result = repo.prefetch(sorted(files), max_concurrency=32, processes=2, progress=False, on_error="skip")
@@ -64,10 +64,10 @@ def test_a_rate_limited_prefetch_in_two_processes_completes_and_backs_off(files_
             assert f.read() == data, path
     raw = sorted((e for e in srv.request_log if e["kind"] == "raw"), key=lambda e: e["started"])
     throttled = sum(e["fault"] == "throttle" for e in raw)
-    early = max(e["in_flight"] for e in raw[:40])
+    early = max(e["in_flight"] for e in raw[:64])
     late = statistics.median(e["in_flight"] for e in raw[len(raw) // 2:])
-    assert throttled > 0 and early > 16, (throttled, early)  # it did push back, against a real burst
-    assert late <= 10, late  # ...and the two processes together came down to what it admits
+    assert throttled > 0 and early > 12, (throttled, early)  # it did push back, against a real burst
+    assert late <= 8, late  # ...and the two processes together came down to what it admits (32 without backoff)
     figures.update(files=len(files), requests=len(raw), throttled=throttled, in_flight_first=early,
                    in_flight_median_2nd_half=late, seconds=round(elapsed, 1), processes=3)
 
