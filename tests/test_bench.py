@@ -19,7 +19,7 @@ from streamloader.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 # every row the full table has: one per case, plus P1's bound, P4's many-file loop, P6's 2 workers and scaling
-ROW_IDS = ["P1", "P1b", "P2", "P3", "P4", "P4b", "P5", "P6", "P6b", "P6c", "P7", "P8", "P9", "P10a", "P10b", "P10c",
+ROW_IDS = ["P1", "P1b", "P2", "P2n", "P3", "P4", "P4b", "P5", "P6", "P6b", "P6c", "P7", "P8", "P9", "P10a", "P10b", "P10c",
            "P10d"]
 
 

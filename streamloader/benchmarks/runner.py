@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["BenchSizes", "FULL", "QUICK", "BenchContext", "run_benchmarks", "CASE_IDS", "parse_only"]
 
-CASE_IDS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10")
+CASE_IDS = ("P1", "P2", "P2n", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class BenchSizes:
     latency: float = 0.02  # injected per-request server latency (seconds)
     concurrency: int = 32  # streamloader's download concurrency (the bound's divisor)
     p2_floor_files: int = 500  # images timed for P2's one-GET floor (per-image time is what counts)
+    p2n_files: int = 300  # P2n: images of the guide loop against a Nagle server (per-image time is what counts)
     p3_repeats: int = 3
     p3_processes: int = 3  # P3 runs in this many fresh processes; the median counts
     p4_files: int = 500
@@ -60,7 +61,7 @@ FULL = BenchSizes()
 QUICK = BenchSizes(n_images=24, p2_floor_files=24, p3_repeats=1, p3_processes=1, p4_files=50, p4_passes=2, p4_rounds=3,
                    p4_helper_n=2000, p5_images=8, p6_shards=2, p6_per_shard=32, p6_repeats=1, p7_rows=20_000,
                    p8_samples=40, p8_sample_bytes=100_000, p9_files=24, p9_processes=4,
-                   p10_files=3000, p10_images=8)
+                   p10_files=3000, p10_images=8, p2n_files=24)
 
 
 def parse_only(text: Optional[str]) -> List[str]:

@@ -22,7 +22,6 @@ from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Opti
 
 import requests
 import tenacity
-from requests.adapters import HTTPAdapter
 
 from streamloader.errors import (
     AuthenticationError,
@@ -34,8 +33,8 @@ from streamloader.errors import (
 from streamloader.remote.credentials import Credentials, OriginBearerAuth, TokenAcquired, take_url_token
 from streamloader.remote.jsonstream import JSONStreamError, JSONTooLarge, iter_json
 from streamloader.remote.limits import HostLimiter, host_limiter, parse_retry_after
-from streamloader.remote.transport import (MIN_RATE, RawTransport, Session, TransportError, origin_of, pace,
-                                           request_error)
+from streamloader.remote.transport import (MIN_RATE, QuickAckAdapter, RawTransport, Session, TransportError,
+                                           origin_of, pace, request_error)
 from streamloader.remote.urls import RepoRef, safe_repo_path
 
 log = logging.getLogger(__name__)
@@ -214,7 +213,7 @@ class DagsHubClient:
 
     def _make_session(self) -> requests.Session:
         session = Session()
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.max_concurrency, max_retries=0)
+        adapter = QuickAckAdapter(pool_connections=4, pool_maxsize=self.max_concurrency, max_retries=0)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         session.headers["User-Agent"] = "streamloader"

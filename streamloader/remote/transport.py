@@ -14,6 +14,7 @@ drips a byte now and then cannot hold a request for hours; breaking it is a :cla
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
@@ -21,6 +22,8 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
+import urllib3.connection
+from requests.adapters import HTTPAdapter
 from requests.utils import select_proxy
 
 from streamloader.errors import RemoteError
@@ -175,6 +178,55 @@ class Session(requests.Session):
             settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
             self._env_settings[key] = settings
         return {**settings, "proxies": dict(settings["proxies"])}
+
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
+def _quickack(sock: Any) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+class _QuickAckHTTPConnection(urllib3.connection.HTTPConnection):
+    """Acknowledges the answer's first segment at once (see :class:`QuickAckAdapter`)."""
+
+    def getresponse(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102 - urllib3's
+        if self.sock is not None:
+            _quickack(self.sock)
+        return super().getresponse(*args, **kwargs)
+
+
+class _QuickAckHTTPSConnection(urllib3.connection.HTTPSConnection):
+    def getresponse(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102 - urllib3's
+        if self.sock is not None:
+            _quickack(self.sock)
+        return super().getresponse(*args, **kwargs)
+
+
+class _QuickAckHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _QuickAckHTTPConnection
+
+
+class _QuickAckHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _QuickAckHTTPSConnection
+
+
+class QuickAckAdapter(HTTPAdapter):
+    """requests' adapter whose connections turn on ``TCP_QUICKACK`` each time they wait for an answer (Linux).
+
+    A server that leaves Nagle's algorithm on (common for simple servers) sends a small answer's headers, then holds
+    its body until the headers are acknowledged; the client's kernel delays that ACK by up to ~40 ms, and on a reused
+    keep-alive connection it does so on every request (measured at 20 ms latency: 63 ms per GET instead of 23 ms).
+    Quick-ACK mode lapses by itself, so it is switched on again right after each request is sent.
+    """
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102 - requests'
+        super().init_poolmanager(*args, **kwargs)
+        if _QUICKACK is not None:
+            self.poolmanager.pool_classes_by_scheme = {"http": _QuickAckHTTPPool, "https": _QuickAckHTTPSPool}
 
 
 class RawTransport:

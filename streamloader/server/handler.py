@@ -49,7 +49,10 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "streamloader-test-server"
     # small JSON answers are written right after the headers: without NODELAY, Nagle + delayed ACK add ~40 ms
-    disable_nagle_algorithm = True
+    @property
+    def disable_nagle_algorithm(self) -> bool:  # read by StreamRequestHandler.setup() for each new connection
+        return not self.server.app.faults.nagle  # type: ignore[attr-defined]
+
     # idle keep-alive connections are closed after this long, so abandoned pools do not pin threads forever
     timeout = 120
 
