@@ -69,10 +69,10 @@ def parse_only(text: Optional[str]) -> List[str]:
     if not text:
         return list(CASE_IDS)
     wanted = [part.strip().upper() for part in text.split(",") if part.strip()]
-    unknown = [w for w in wanted if w not in CASE_IDS]
+    unknown = [w for w in wanted if w not in {case.upper() for case in CASE_IDS}]
     if unknown:
         raise ValueError(f"unknown benchmark id(s) {', '.join(unknown)}; known: {', '.join(CASE_IDS)}")
-    return [case for case in CASE_IDS if case in wanted]
+    return [case for case in CASE_IDS if case.upper() in wanted]
 
 
 @dataclass
