@@ -125,8 +125,9 @@ def test_dagshub_identity_is_the_listing_hash_without_downloading(server, tmp_pa
 
 
 def test_hooked_path_has_the_same_identity_as_its_url(server, tmp_path, monkeypatch):
-    hooks = pytest.importorskip("streamloader.hooks")
     import fsspec
+
+    from streamloader import hooks
 
     fs = fsspec.filesystem("dagshub", host=server.url, cache_dir=str(tmp_path / "c"), skip_instance_cache=True)
     project = tmp_path / "project"

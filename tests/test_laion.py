@@ -276,10 +276,8 @@ def test_remote_auth_failure_is_raised_not_skipped(server, tmp_path):
 
 # -- hooks ---------------------------------------------------------------------------------------------------------
 def test_plain_paths_stream_through_hooks(server, tmp_path, monkeypatch):
-    hooks = pytest.importorskip("streamloader.hooks")
-    install = getattr(hooks, "install_hooks", None)
-    if install is None:
-        pytest.skip("streamloader.hooks.install_hooks is not available yet")
+    from streamloader.hooks import install_hooks as install
+
     project = tmp_path / "project"
     project.mkdir()
     monkeypatch.chdir(project)
