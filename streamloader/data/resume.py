@@ -26,13 +26,14 @@ import json
 import logging
 import random
 from contextlib import closing
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from streamloader.data.tars import ErrorPolicy, iter_shard_samples, read_samples_at
+from streamloader.data.tars import ErrorPolicy, is_compressed, iter_shard_samples, iter_tar_entries, open_url
+from streamloader.errors import DataFormatError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STATE_VERSION", "ReaderPass", "check_state"]
+__all__ = ["STATE_VERSION", "ReaderPass", "check_state", "read_samples_at"]
 
 STATE_VERSION = 1
 # the constructor arguments that decide which samples a reader gets and in what order
@@ -170,8 +171,6 @@ class ReaderPass:
             empty_streak = 0 if produced else empty_streak + 1
             # Resampling never runs out of shards: if none of them yields anything, say so instead of spinning.
             if ds.resample and empty_streak >= 2 * len(ds.urls) + 10:
-                from streamloader.errors import DataFormatError
-
                 raise DataFormatError(
                     f"no usable sample in {empty_streak} shards drawn in a row; skips so far: {ds.stats}"
                 )
@@ -227,3 +226,32 @@ class ReaderPass:
             log.warning("resume: %d of %d buffered samples could not be read again", len(refs) - len(rebuilt),
                         len(refs))
 
+
+def read_samples_at(
+    url: str, spans: Sequence[Sequence[Tuple[str, int, int]]], cache_dir: Optional[str] = None
+) -> List[Dict[str, bytes]]:
+    """Read samples of one shard again from their ``"__spans__"``: one ``{ext: bytes}`` per entry of ``spans``.
+
+    A plain tar is read by seeking to each member (one ranged read each on a remote file); a compressed one is
+    read through once. Raises FileNotFoundError / DataFormatError when the shard no longer has those members.
+    """
+    out: List[Dict[str, bytes]] = [{} for _ in spans]
+    with open_url(url, cache_dir) as f:
+        if not is_compressed(url, f):
+            for sample, members in zip(out, spans):
+                for ext, offset, size in members:
+                    f.seek(offset)
+                    sample[ext] = f.read(size)
+                    if len(sample[ext]) != size:
+                        raise DataFormatError(f"{url}: member at offset {offset} is cut short (shard changed?)")
+            return out
+        wanted = {offset: (i, ext, size) for i, members in enumerate(spans) for ext, offset, size in members}
+        for _name, data, offset in iter_tar_entries(f, url):
+            found = wanted.pop(offset, None)
+            if found is not None:
+                out[found[0]][found[1]] = data
+            if not wanted:
+                break
+    if wanted:
+        raise DataFormatError(f"{url}: {len(wanted)} member(s) to read again are gone (shard changed?)")
+    return out

@@ -48,7 +48,7 @@ __all__ = [
     "iter_tar_entries",
     "group_members",
     "iter_shard_samples",
-    "read_samples_at",
+    "is_compressed",
     "iter_samples",
     "split_key",
     "make_synthetic_shards",
@@ -413,7 +413,7 @@ def iter_shard_samples(
         with open_url(url, cache_dir) as f:
             base, compression = 0, "*"
             if start > 0:
-                if _compressed(url, f):
+                if is_compressed(url, f):
                     f.seek(0)
                 else:
                     f.seek(start)
@@ -435,43 +435,13 @@ def iter_shard_samples(
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x5d\x00\x00", b"\x28\xb5\x2f\xfd")
 
 
-def _compressed(url: str, f: IO[bytes]) -> bool:
+def is_compressed(url: str, f: IO[bytes]) -> bool:
     """Whether a shard is compressed: by its name when it ends in ``.tar`` (no read), else by its first bytes."""
     if url.split("?", 1)[0].endswith(".tar"):
         return False
     head = f.read(6)
     f.seek(0)
     return head.startswith(_COMPRESSED_MAGIC)
-
-
-def read_samples_at(
-    url: str, spans: Sequence[Sequence[Tuple[str, int, int]]], cache_dir: Optional[str] = None
-) -> List[Dict[str, bytes]]:
-    """Read samples of one shard again from their ``"__spans__"``: one ``{ext: bytes}`` per entry of ``spans``.
-
-    A plain tar is read by seeking to each member (one ranged read each on a remote file); a compressed one is
-    read through once. Raises FileNotFoundError / DataFormatError when the shard no longer has those members.
-    """
-    out: List[Dict[str, bytes]] = [{} for _ in spans]
-    with open_url(url, cache_dir) as f:
-        if not _compressed(url, f):
-            for sample, members in zip(out, spans):
-                for ext, offset, size in members:
-                    f.seek(offset)
-                    sample[ext] = f.read(size)
-                    if len(sample[ext]) != size:
-                        raise DataFormatError(f"{url}: member at offset {offset} is cut short (shard changed?)")
-            return out
-        wanted = {offset: (i, ext, size) for i, members in enumerate(spans) for ext, offset, size in members}
-        for _name, data, offset in iter_tar_entries(f, url):
-            found = wanted.pop(offset, None)
-            if found is not None:
-                out[found[0]][found[1]] = data
-            if not wanted:
-                break
-    if wanted:
-        raise DataFormatError(f"{url}: {len(wanted)} member(s) to read again are gone (shard changed?)")
-    return out
 
 
 def iter_samples(
