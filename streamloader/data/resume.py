@@ -79,6 +79,7 @@ class ReaderPass:
         self.pending: List[List[Any]] = []  # buffered samples of a restored state, not read back yet
         self.policy = ErrorPolicy(dataset.handler, dataset._counters)
         self.index = {url: i for i, url in enumerate(dataset.urls)}
+        self.config = _config(dataset)  # once: state() runs after every batch
         if resume is not None:
             self._restore(resume)
 
@@ -90,7 +91,7 @@ class ReaderPass:
             version, internal, gauss = self.rng.getstate()
             rng = [version, list(internal), gauss]
         return {
-            "reader": list(self.reader), "config": _config(self.ds), "epoch": self.epoch,
+            "reader": list(self.reader), "config": self.config, "epoch": self.epoch,
             "shard": self.shard, "offset": self.offset, "draining": self.draining, "done": self.done,
             "buffer": self.pending + [list(item[-1]) for item in self.buffer], "rng": rng,
             "yielded": self.yielded, "skips": dict(self.policy.local),
