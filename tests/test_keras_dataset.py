@@ -98,14 +98,15 @@ def test_features_cached_by_the_torch_dataset_serve_keras(laion_server, tmp_path
 
 
 class GuideFeatureExtractor:
-    """The guide's EfficientNetFeatureExtractor.extract, with Keras 3 names for tf.* and a tiny frozen model."""
+    """The guide's EfficientNetFeatureExtractor.extract, with Keras 3 names for tf.* and a one-layer frozen model
+    (at the guide's 480x480: big enough for torch to run its ops on several threads)."""
 
     feature_dims = 4
 
     def __init__(self, record=None):
         self.record = record  # a file that gets the pid of every process that extracts
         keras.utils.set_random_seed(0)
-        self.model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(4, 3, activation="relu"),
+        self.model = keras.Sequential([keras.Input((480, 480, 3)), keras.layers.Conv2D(4, 3, activation="relu"),
                                        keras.layers.GlobalAveragePooling2D()])
         self.model.trainable = False
         self.preprocess = keras.applications.efficientnet.preprocess_input
@@ -115,7 +116,7 @@ class GuideFeatureExtractor:
             with open(self.record, "a") as f:
                 f.write(f"{os.getpid()}\n")
         image = Image.open(image_path).convert('RGB')
-        image = image.resize((16, 16))  # Resize the image to match the model's input size
+        image = image.resize((480, 480))  # Resize the image to match EfficientNet's input size
         image = keras.utils.img_to_array(image)
         image = self.preprocess(image)
         image = keras.ops.expand_dims(image, axis=0)
@@ -152,6 +153,32 @@ def test_guide_extractor_under_hooks_with_workers(hooked_project, tmp_path, use_
     assert len(images) == 24 and max(images.values()) == 1  # streamed through the hooks, each image once
     pids = set(record.read_text().split())
     assert (str(os.getpid()) not in pids) if use_multiprocessing else (pids == {str(os.getpid())})
+
+
+_FORKED = {}
+
+
+def _batch_in_child(index):
+    return _FORKED["dataset"][index]
+
+
+@pytest.mark.timeout(120)
+def test_a_forked_worker_after_threaded_torch_ops_does_not_hang(hooked_project):
+    import multiprocessing
+
+    import torch
+
+    dataset = LaionAestheticsPyDataset("data/labels.tsv", "data", GuideFeatureExtractor(), batch_size=4, limit=4)
+    # this thread ran torch's OpenMP pool (as a training step does): a child forked from it inherits a pool whose
+    # threads do not exist, and hangs in its first parallel op unless it runs torch single-threaded
+    torch.nn.functional.conv2d(torch.randn(8, 16, 64, 64), torch.randn(16, 16, 3, 3))
+    _FORKED["dataset"] = dataset  # handed over by fork, as Keras hands its PyDataset to its pool
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            embeddings, scores = pool.apply_async(_batch_in_child, (0,)).get(timeout=60)
+    finally:
+        _FORKED.clear()
+    assert embeddings.shape == (4, 4) and scores.shape == (4,)
 
 
 class GuideDataGenerator(keras.utils.Sequence):

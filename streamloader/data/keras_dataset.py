@@ -18,7 +18,10 @@ extractor, batch_size=32, keywords="squirrel")``. The extractor may be a :class:
 to the disk cache) or the guide's own class with only ``extract(image_path)`` (kept in memory per process).
 
 ``workers`` / ``use_multiprocessing`` / ``max_queue_size`` are Keras's: threads, or a process pool that Keras
-forks per epoch; installed hooks and the dataset's counters follow into those processes. If ``KERAS_BACKEND`` is
+forks per epoch; installed hooks and the dataset's counters follow into those processes. In those processes torch
+runs single-threaded, as in DataLoader workers (a child forked from a thread that used torch's OpenMP threads
+would hang in its first parallel op), and fresh downloads are stored in the cache before a batch is returned (the
+pool's workers are terminated at the end of each epoch). If ``KERAS_BACKEND`` is
 unset and TensorFlow is not installed, importing this module selects the torch backend (streamloader already
 depends on torch) instead of letting ``import keras`` fail.
 """
@@ -28,6 +31,7 @@ import importlib.util
 import json
 import logging
 import math
+import multiprocessing
 import os
 import sys
 from typing import Any, Optional, Sequence, Tuple
@@ -115,12 +119,17 @@ class LaionAestheticsPyDataset(keras.utils.PyDataset):
     def __getitem__(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range for {len(self)} batches")
+        in_child = multiprocessing.parent_process() is not None
+        if in_child:
+            _worker_setup()
         chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
         embeddings, scores = [], np.empty(len(chosen), dtype=np.float32)
         for i, j in enumerate(chosen.tolist()):
             embedding, score = self.dataset[j]
             embeddings.append(_to_numpy(embedding))
             scores[i] = float(score.reshape(-1)[0])
+        if in_child:
+            _store_downloads()
         return np.stack(embeddings).astype(np.float32, copy=False), scores
 
     def on_epoch_end(self) -> None:
@@ -164,6 +173,36 @@ def _resolve(source: Any, img_dir: Optional[str], extractor: Any, limit: Optiona
         raise ValueError("img_dir is required when source is a labels file")
     dataset = LaionAestheticsDataset(source, img_dir, extractor, limit, **options)
     return dataset, range(len(dataset))
+
+
+_SET_UP_PID: Optional[int] = None
+
+
+def _worker_setup() -> None:
+    """Once per worker process: torch single-threaded, as in DataLoader workers.
+
+    A child forked from a thread that ran torch's OpenMP thread pool hangs in its first parallel op (libgomp's pool
+    does not survive fork); with one thread no parallel region starts. Also spares the cores from oversubscription.
+    """
+    global _SET_UP_PID
+    if _SET_UP_PID == os.getpid():
+        return
+    _SET_UP_PID = os.getpid()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
+def _store_downloads(timeout: float = 60.0) -> None:
+    """Finish storing this process's fresh downloads in the cache before handing the batch back.
+
+    The cache renames a download into place off the reader's path; Keras's process pool is dropped at the end of
+    each epoch and terminates its workers, which would lose those pending renames (and download again next epoch).
+    """
+    from streamloader._offpath import QUEUE
+
+    if not QUEUE.drain(timeout):
+        log.warning("cache writes still pending after %.0f s in a Keras worker process", timeout)
 
 
 def _to_numpy(value: Any) -> np.ndarray:
