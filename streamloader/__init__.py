@@ -60,6 +60,9 @@ _EXPORTS = {
     "train_valid_split": "streamloader.data.split",
     "train_regressor": "streamloader.data.train",
     "run_aesthetic_demo": "streamloader.data.train",
+    # Keras (optional extra streamloader[keras]): the guide's data generator as a keras.utils.PyDataset
+    "LaionAestheticsPyDataset": "streamloader.data.keras_dataset",
+    "LAIONAestheticsDataGenerator": "streamloader.data.keras_dataset",
     # DALLE2-compatible loaders (also under streamloader.dataloaders)
     "ImageEmbeddingDataset": "streamloader.data.decoder",
     "create_image_embedding_dataloader": "streamloader.data.decoder",

@@ -28,6 +28,8 @@ TOKEN = "sl-test-token-3f9a1c"
 # The dagshub package reads its settings when first imported: keep its analytics off for the whole session,
 # even for a module that imports it before any fixture runs.
 os.environ["DAGSHUB_DISABLE_ANALYTICS"] = "1"
+# Keras runs on the torch backend in the tests (TensorFlow is not a dependency), whatever ~/.keras says.
+os.environ.setdefault("KERAS_BACKEND", "torch")
 
 # (file name, caption, score, url) of data/labels.tsv in make_repo; row 1's caption holds a tab
 LABEL_ROWS: List[Tuple[str, str, str, str]] = [

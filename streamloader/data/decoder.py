@@ -15,13 +15,11 @@ skips are counted in ``dataset.stats``.
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import logging
 import os
 import random
 import warnings
-from contextlib import closing
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -36,7 +34,6 @@ from streamloader.data.tars import (
     Handler,
     SharedCounters,
     expand_urls,
-    iter_shard_samples,
     raise_on_error,
 )
 from streamloader.errors import DataFormatError
@@ -197,6 +194,9 @@ class ImageEmbeddingDataset(IterableDataset):
         self._parent_dist: Optional[Tuple[int, int]] = None
         self._counters = SharedCounters(SKIP_REASONS)
         self._epoch = SharedCounters(("epoch",))
+        self._io = SharedCounters(("shards_opened", "members_read"))
+        self._pass: Any = None  # this process's current pass (ReaderPass), whose position state_dict() reports
+        self._resume: Optional[Dict[str, Any]] = None  # a loaded state the next pass starts from
         if resample and shuffle_shards:
             log.debug("resample=True draws shards at random; shuffle_shards is ignored")
 
@@ -233,6 +233,7 @@ class ImageEmbeddingDataset(IterableDataset):
         state = self.__dict__.copy()
         # Pickled here = being sent to spawned workers, where torch.distributed is not initialized: carry ours.
         state["_parent_dist"] = self._explicit_dist or distributed_context()
+        state["_pass"] = None
         return state
 
     # --- iteration -----------------------------------------------------------------------------------------------
@@ -306,49 +307,36 @@ class ImageEmbeddingDataset(IterableDataset):
                 return None
         return found
 
-    def _raw_samples(self, shard_urls: Iterator[str], policy: ErrorPolicy) -> Iterator[Tuple[Any, ...]]:
-        """Undecoded ``(key, url, image bytes, embeddings, extras)`` per good sample, shard by shard."""
+    def _lookups(self) -> Dict[str, ShardEmbeddings]:
+        """Per-pass readers of the external embedding folders (close them when done)."""
         lookups: Dict[str, ShardEmbeddings] = {}
         if self.img_folder is not None:
             lookups["img"] = ShardEmbeddings(self.img_folder, self.embedding_dim)
         if self.text_folder is not None:
             lookups["text"] = ShardEmbeddings(self.text_folder)
-        empty_streak = 0
-        try:
-            for url in shard_urls:
-                produced = 0
-                with closing(iter_shard_samples(url, policy, self.cache_dir, self.max_member_bytes)) as samples:
-                    for sample in samples:
-                        found = self._embedding(sample, lookups, policy)
-                        if found is _SKIP_SHARD or policy.stopped:
-                            break
-                        image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
-                        missing = [k for k in self.extra_keys if k not in sample]
-                        if found is not None and (image_ext is None or missing):
-                            what = "an image" if image_ext is None else f"extra key(s) {missing}"
-                            exc = DataFormatError(f"{url}: sample {sample['__key__']!r} has no {what}")
-                            found = None
-                            if not policy.skip("incomplete_sample", exc):
-                                break
-                        if found is None:
-                            continue
-                        extras = {k: sample[k] for k in self.extra_keys}
-                        produced += 1
-                        yield sample["__key__"], url, sample[image_ext], found, extras
-                if policy.stopped:
-                    return
-                empty_streak = 0 if produced else empty_streak + 1
-                # Resampling never runs out of shards: if none of them yields anything, say so instead of spinning.
-                if self.resample and empty_streak >= 2 * len(self.urls) + 10:
-                    raise DataFormatError(
-                        f"no usable sample in {empty_streak} shards drawn in a row; skips so far: {self.stats}"
-                    )
-        finally:
-            for lookup in lookups.values():
-                lookup.close()
+        return lookups
+
+    def _check_sample(
+        self, sample: Dict[str, Any], lookups: Dict[str, ShardEmbeddings], policy: ErrorPolicy
+    ) -> Any:
+        """``(key, url, image bytes, embeddings, extras)`` for a good raw sample, None to skip it, or _SKIP_SHARD
+        to drop the rest of its shard (also when a handler said "stop")."""
+        found = self._embedding(sample, lookups, policy)
+        if found is _SKIP_SHARD or policy.stopped:
+            return _SKIP_SHARD
+        image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        missing = [k for k in self.extra_keys if k not in sample]
+        if found is not None and (image_ext is None or missing):
+            what = "an image" if image_ext is None else f"extra key(s) {missing}"
+            exc = DataFormatError(f"{sample['__url__']}: sample {sample['__key__']!r} has no {what}")
+            return None if policy.skip("incomplete_sample", exc) else _SKIP_SHARD
+        if found is None:
+            return None
+        extras = {k: sample[k] for k in self.extra_keys}
+        return sample["__key__"], sample["__url__"], sample[image_ext], found, extras
 
     def _decoded(self, raw: Iterator[Tuple[Any, ...]], policy: ErrorPolicy) -> Iterator[Tuple[Any, ...]]:
-        for key, url, image_bytes, found, extras in raw:
+        for key, url, image_bytes, found, extras, *_ref in raw:
             try:
                 image = _open_image(image_bytes)
                 if self.img_preproc is not None:
@@ -367,20 +355,37 @@ class ImageEmbeddingDataset(IterableDataset):
             yield (image, emb, *extra_values)
 
     def __iter__(self) -> Iterator[Tuple[Any, ...]]:
+        from streamloader.data.resume import ReaderPass
+
         rank, world, worker, workers = self._slot()
-        epoch = self.epoch
-        slot, slots = rank * workers + worker, world * workers
-        policy = ErrorPolicy(self.handler, self._counters)
-        raw: Iterator[Tuple[Any, ...]] = self._raw_samples(self._shard_order(slot, slots, epoch), policy)
-        if self.shuffle_num > 1:
-            raw = shuffle_buffer(raw, self.shuffle_num, random.Random(f"{self.seed}:{epoch}:{slot}:samples"))
-        items: Iterator[Tuple[Any, ...]] = self._decoded(raw, policy)
-        if self.epoch_length is not None:
-            share = self.epoch_length // workers + (1 if worker < self.epoch_length % workers else 0)
-            items = itertools.islice(items, share)
-        yield from items
-        if policy.local:
-            log.info("rank %d worker %d epoch %d: skipped %s", rank, worker, epoch, dict(policy.local))
+        resume, self._resume = self._resume, None
+        self._pass = ReaderPass(self, rank, world, worker, workers, self.epoch, resume)
+        return iter(self._pass)
+
+    # --- mid-epoch resume (torchdata's Stateful protocol; see streamloader.data.resume) ----------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Where this reader (this process or DataLoader worker) stands in its epoch; JSON-serializable.
+
+        ``StatefulDataLoader`` (torchdata) calls it in every worker after each batch and hands it back through
+        :meth:`load_state_dict`, so a restarted job finishes the interrupted epoch: it starts at the right shard
+        and member and reads nothing it delivered before. Works without torchdata at ``num_workers=0``.
+        """
+        from streamloader.data.resume import STATE_VERSION
+
+        live = self._pass.state() if self._pass is not None else self._resume
+        return {"version": STATE_VERSION, "epoch": self.epoch if live is None else live["epoch"], "pass": live}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Make the next iteration resume from ``state`` (from :meth:`state_dict`; checked against this reader)."""
+        from streamloader.data.resume import check_state
+
+        self._resume = check_state(self, state)
+        self._pass = None
+
+    @property
+    def io_stats(self) -> Dict[str, int]:
+        """Shards opened and tar members of samples read, summed over all DataLoader workers."""
+        return self._io.as_dict()
 
 
 def create_image_embedding_dataloader(

@@ -355,6 +355,25 @@ class LaionAestheticsDataset(Dataset):
             return False
         return identity is not None and identity in self.feature_cache  # type: ignore[operator]
 
+    # -- mid-epoch resume (torchdata's Stateful protocol) ------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """What this process (or DataLoader worker) learned that a resumed run should not pay for again.
+
+        The position in the epoch is the sampler's: torchdata's ``StatefulDataLoader`` saves its (stateful)
+        ``RandomSampler`` / ``StatefulDistributedSampler``, so a resumed epoch fetches only the items not yet
+        delivered. This state adds the items found unreadable (``on_error="skip"``/``"warn"``), so they are neither
+        requested nor reported again. JSON-serializable.
+        """
+        return {"version": 1, "rows": len(self.rows), "bad": {str(j): reason for j, reason in self._bad.items()}}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a state of the same rows; another selection raises ValueError)."""
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ValueError(f"not a LaionAestheticsDataset state: {str(state)[:80]!r}")
+        if state["rows"] != len(self.rows):
+            raise ValueError(f"cannot resume: the state is for {state['rows']} rows, this dataset has {len(self)}")
+        self._bad.update({int(j): reason for j, reason in state["bad"].items()})
+
 
 #: the guide's spelling
 LAIONAestheticsDataset = LaionAestheticsDataset

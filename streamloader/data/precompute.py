@@ -8,7 +8,9 @@ Resumable: entries are written one by one, atomically, and what is already cache
 run picks up where it stopped. Multi-GPU: under ``torchrun`` (or with RANK/WORLD_SIZE set) each rank takes the
 items whose cache key hashes to it — a disjoint share whatever each rank has already seen — and the cache ends up
 exactly as one process would have written it. With ``torch.distributed`` initialized, ranks meet at a barrier at
-the end so every rank can read every feature afterwards.
+the end so every rank can read every feature afterwards. Several machines: with one shared cache directory the
+default (global rank) split computes each image once in the cluster; with a cache per machine pass
+``rank=LOCAL_RANK, world_size=LOCAL_WORLD_SIZE`` so that each machine fills its own cache completely.
 """
 from __future__ import annotations
 
@@ -92,8 +94,11 @@ def _collate(items: List[Tuple[int, Optional[torch.Tensor], str]]) -> Tuple[torc
 def _rank_world(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int]:
     from streamloader.data.decoder import distributed_context
 
-    fallback = (rank, world_size) if rank is not None and world_size is not None else None
-    rank, world_size = distributed_context(fallback)
+    if (rank is None) != (world_size is None):
+        raise ValueError("pass both rank and world_size, or neither")
+    # Explicit arguments win over torch.distributed: a node-local cache is filled by its node's ranks alone
+    # (rank=LOCAL_RANK, world_size=LOCAL_WORLD_SIZE) while the process group spans every node.
+    rank, world_size = (rank, world_size) if rank is not None else distributed_context()  # type: ignore[assignment]
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"invalid rank {rank} for world size {world_size}")
     return rank, world_size

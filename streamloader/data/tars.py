@@ -45,8 +45,10 @@ __all__ = [
     "expand_urls",
     "open_url",
     "iter_tar_members",
+    "iter_tar_entries",
     "group_members",
     "iter_shard_samples",
+    "is_compressed",
     "iter_samples",
     "split_key",
     "make_synthetic_shards",
@@ -291,13 +293,32 @@ def iter_tar_members(
     skipped, it is yielded as ``(name, None)`` so that :func:`group_members` drops its sample. Raises
     :class:`DataFormatError` for a truncated or corrupt archive (after yielding what came before).
     """
+    for name, data, _offset in iter_tar_entries(fileobj, url, policy, max_member_bytes):
+        yield name, data
+
+
+def iter_tar_entries(
+    fileobj: IO[bytes], url: str, policy: Optional[ErrorPolicy] = None,
+    max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES, *, base: int = 0, start: int = 0,
+    compression: str = "*",
+) -> Iterator[Tuple[str, Optional[bytes], int]]:
+    """Like :func:`iter_tar_members`, with each member's data offset: ``(name, bytes, offset)``.
+
+    ``base`` is where ``fileobj`` stands in the tar stream (a caller that seeked into the archive); members whose
+    header lies before ``start`` are passed over without reading their data (a compressed stream, which cannot
+    seek, resumes this way). ``compression``: tarfile's stream suffix ("*" detects it, "" for a plain tar).
+    """
     policy = policy or ErrorPolicy()
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_StrictTarInfo)
+        tar = tarfile.open(fileobj=fileobj, mode=f"r|{compression}", tarinfo=_StrictTarInfo)
         for info in tar:
             # Stream mode still appends every TarInfo to .members; forget them to keep memory flat.
             tar.members = []
             if info.isdir():
+                continue
+            if base + info.offset < start:  # before the resume point: passed over, in bounded pieces
+                if info.isreg():
+                    _drain(tar.extractfile(info))  # type: ignore[arg-type]
                 continue
             unsafe = _unsafe_reason(info)
             if unsafe is not None:
@@ -310,9 +331,9 @@ def iter_tar_members(
                 if not policy.skip("oversized_member", _oversized(info, url, max_member_bytes)):
                     return
                 _drain(member)
-                yield info.name, None
+                yield info.name, None, base + info.offset_data
                 continue
-            yield info.name, member.read()
+            yield info.name, member.read(), base + info.offset_data
         bad_end = getattr(tar, "_streamloader_bad_end", None)
     except (tarfile.TarError, EOFError) as exc:
         raise DataFormatError(f"{url}: truncated or corrupt tar ({exc})") from exc
@@ -329,15 +350,20 @@ def split_key(name: str) -> Tuple[Optional[str], Optional[str]]:
 
 
 def group_members(
-    members: Iterable[Tuple[str, Optional[bytes]]], url: str, policy: Optional[ErrorPolicy] = None
+    members: Iterable[Tuple[Any, ...]], url: str, policy: Optional[ErrorPolicy] = None
 ) -> Iterator[Dict[str, Any]]:
     """Group consecutive members sharing a key into sample dicts ``{"__key__", "__url__", ext: bytes, ...}``.
 
-    A member whose data is None (skipped and counted by :func:`iter_tar_members`) drops its whole sample."""
+    A member whose data is None (skipped and counted by :func:`iter_tar_members`) drops its whole sample. Members
+    are ``(name, bytes)``, or ``(name, bytes, offset)`` as :func:`iter_tar_entries` gives them: then each sample
+    also carries ``"__spans__"`` (``[(ext, offset, size), ...]``, enough to read it again) and ``"__end__"`` (the
+    tar offset right after its last member, where the next one's header starts).
+    """
     policy = policy or ErrorPolicy()
     current: Optional[Dict[str, Any]] = None
     bad_key: Optional[str] = None  # a sample already rejected: swallow its remaining members
-    for name, data in members:
+    for item in members:
+        name, data = item[0], item[1]
         if _META.match(name):  # webdataset's __meta__ members are not samples
             continue
         key, ext = split_key(name)
@@ -363,28 +389,59 @@ def group_members(
                 return
             continue
         current[ext] = data
+        if len(item) > 2:
+            offset = item[2]
+            current.setdefault("__spans__", []).append((ext, offset, len(data)))
+            current["__end__"] = offset + -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     if current is not None:
         yield current
 
 
 def iter_shard_samples(
     url: str, policy: Optional[ErrorPolicy] = None, cache_dir: Optional[str] = None,
-    max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES,
+    max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES, *, start: int = 0, positions: bool = False,
 ) -> Iterator[Dict[str, Any]]:
     """Yield the samples of one shard; a missing or corrupt shard raises or is skipped and counted per policy.
 
-    Returns normally after a skipped shard error; when a handler says "stop", ``policy.stopped`` is set.
+    ``start``: the tar offset to begin at (a sample boundary, e.g. a previous sample's ``"__end__"``): a plain tar
+    is seeked there, a compressed one is read through without extracting the members before it. ``positions``:
+    samples carry ``"__spans__"``/``"__end__"`` (see :func:`group_members`). Returns normally after a skipped
+    shard error; when a handler says "stop", ``policy.stopped`` is set.
     """
     policy = policy or ErrorPolicy()
     try:
         with open_url(url, cache_dir) as f:
-            yield from group_members(iter_tar_members(f, url, policy, max_member_bytes), url, policy)
+            base, compression = 0, "*"
+            if start > 0:
+                if is_compressed(url, f):
+                    f.seek(0)
+                else:
+                    f.seek(start)
+                    base, compression = start, ""
+            entries = iter_tar_entries(f, url, policy, max_member_bytes, base=base, start=start,
+                                       compression=compression)
+            if not positions:
+                entries = ((name, data) for name, data, _offset in entries)  # type: ignore[misc]
+            yield from group_members(entries, url, policy)
     except FileNotFoundError as exc:
         policy.skip("missing_shard", exc)
     except PermissionError:  # a bad token is not bad data: no handler may hide it
         raise
     except (DataFormatError, OSError) as exc:
         policy.skip("unreadable_shard", exc)
+
+
+# magic numbers of the compressions tarfile's stream mode detects (gzip, bzip2, xz, lzma, zstd)
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x5d\x00\x00", b"\x28\xb5\x2f\xfd")
+
+
+def is_compressed(url: str, f: IO[bytes]) -> bool:
+    """Whether a shard is compressed: by its name when it ends in ``.tar`` (no read), else by its first bytes."""
+    if url.split("?", 1)[0].endswith(".tar"):
+        return False
+    head = f.read(6)
+    f.seek(0)
+    return head.startswith(_COMPRESSED_MAGIC)
 
 
 def iter_samples(
