@@ -102,6 +102,27 @@ def test_a_folder_of_250_objects_lists_in_three_pages_once_per_run(hooked, srv):
     assert "s3" not in os.listdir(".")  # the root listing's bucket entries are not files
 
 
+def test_workers_share_the_runs_listings_and_offline_mode_refuses_buckets(srv, tmp_path):
+    import pickle
+
+    repo = _repo(srv, tmp_path / "cache")
+    assert len(repo.listing(f"{BUCKET}/images")) == N_IMAGES
+    before = srv.request_count(kind="storage")
+    worker = pickle.loads(pickle.dumps(repo))  # what a spawned DataLoader / prefetch worker receives
+    assert worker.buckets.run_id == repo.buckets.run_id and worker.buckets.store.path == repo.buckets.store.path
+    assert len(worker.listing(f"{BUCKET}/images")) == N_IMAGES and worker.info(f"{BUCKET}/images/0001.jpg").size
+    assert srv.request_count(kind="storage") == before  # no listing asked again
+    later = _repo(srv, tmp_path / "cache")  # a new run asks again
+    assert later.buckets.store.path != repo.buckets.store.path
+    assert len(later.listing(f"{BUCKET}/images")) == N_IMAGES and srv.request_count(kind="storage") > before
+    offline = RemoteRepo(DagsHubClient(srv.repo_url, token=TOKEN, branch="main"), FileCache(str(tmp_path / "cache")),
+                         offline=True)
+    with pytest.raises(RemoteError, match="offline"):
+        offline.listing(f"{BUCKET}/images")
+    with pytest.raises(RemoteError, match="offline"):
+        offline.read_bytes(f"{BUCKET}/labels.tsv")
+
+
 # -- open / stat / PIL / dagshub:// / prefetch ------------------------------------------------------------------
 def test_open_stat_and_pil_through_the_hooks(hooked, srv, bucket_dir):
     srv.reset_counts()

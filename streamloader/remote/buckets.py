@@ -105,15 +105,16 @@ class Buckets:
     def __init__(self, repo: "RemoteRepo"):
         self._repo = repo
         self.run_id = uuid.uuid4().hex
-        self._store: Optional[ListingStore] = None
+        # made now (an empty folder; the file comes with the first listing), so that forked workers share it too:
+        # a store made in a worker would outlive it (multiprocessing workers end without running atexit)
+        self._store: Optional[ListingStore] = ListingStore(None)
         self._missing: Dict[str, float] = {}
         self._lock = threading.Lock()
         self._dir_locks: Dict[str, threading.Lock] = {}
         _LIVE.add(self)
 
     def __getstate__(self) -> Dict[str, Any]:
-        self.store  # noqa: B018 - made now, so that worker processes share this run's listings
-        state = self.__dict__.copy()
+        state = self.__dict__.copy()  # the store pickles as its path: spawned workers share this run's listings
         state["_lock"] = None
         state["_dir_locks"] = {}
         state["_missing"] = dict(self._missing)
@@ -130,7 +131,7 @@ class Buckets:
 
     @property
     def store(self) -> ListingStore:
-        """This run's bucket listings (a temporary file, made on first use)."""
+        """This run's bucket listings (a temporary file, removed when the process that made it exits)."""
         store = self._store
         if store is None:
             with self._lock:
