@@ -162,7 +162,7 @@ def test_dagshub_urls_pandas_and_the_laion_dataset(srv, bucket_dir, tmp_path):
     assert fs.cat_file(f"{base}/notes/a.txt", start=6, end=13) == b"version"
     with fs.open(f"{base}/images/0004.jpg") as f:
         assert f.read() == (bucket_dir / "images" / "0004.jpg").read_bytes()
-    assert fs.isdir(f"user/repo/.dagshub/storage/s3") and fs.ls("user/repo/.dagshub/storage", detail=False) == [
+    assert fs.isdir("user/repo/.dagshub/storage/s3") and fs.ls("user/repo/.dagshub/storage", detail=False) == [
         "user/repo/.dagshub/storage/s3"]
     ds = streamloader.LaionAestheticsDataset(f"{base}/labels.tsv", f"{base}/images", storage_options=options)
     image, score = ds[2]

@@ -1,25 +1,22 @@
-"""Connected storage buckets (S3, GCS, Azure) at ``.dagshub/storage/<protocol>/<bucket>/<key>``: the official client's
-path convention, so code written for it runs unchanged. :class:`~streamloader.remote.repo.RemoteRepo` hands every
-path below ``.dagshub/storage`` (and ``.dagshub`` itself, while buckets are connected) to :class:`Buckets`.
+"""Connected storage buckets (S3, GCS, Azure) at ``.dagshub/storage/<protocol>/<bucket>/<key>``, the official client's
+path convention (code written for it runs unchanged). RemoteRepo hands every path below ``.dagshub/storage``, and
+``.dagshub`` itself while buckets are connected, to :class:`Buckets`. Buckets have no commit, so nothing learnt
+about them outlives one run (a RemoteRepo and the workers it is forked or pickled to; :meth:`Buckets.refresh`
+starts a new one):
 
-Buckets have no commit, so nothing learnt about them outlives one run (one RemoteRepo, with the worker processes it
-is pickled to):
-
-- the connected buckets (``GET .../storage``) are asked once per run; they make the folders ``.dagshub``,
-  ``.dagshub/storage`` and ``.dagshub/storage/<protocol>``;
-- a bucket folder is listed through ``storage/content/...`` (every page, bounded; a repeating ``next_token`` is a
-  :class:`~streamloader.errors.PagingError`) into a :class:`ListingStore` private to the run: a temporary file that
-  travels to fork and spawn workers (it pickles as its path) and is removed when the process that made it exits;
-- an object is cached under (host, repo, protocol/bucket/key, version), the version being what this run's listing
-  says of it (its hash / ETag, else its last-modified time), and verified by the listed size. A changed object
-  therefore gets a new key: a later run re-downloads it once its listing says it changed, and a run is never
-  served a version other than the one its own listing names (a copy downloaded before the listing, under the run
-  key below, is not reused then);
-- ``open`` of an object whose folder was not listed in this run never lists the folder (it may hold millions of
-  objects): one raw GET, cached under a key of this run only, so never served to a later run. List the folder
-  first (``os.listdir``, ``fs.ls``) to let later runs reuse what did not change;
-- ``stat`` / ``info`` of an object whose folder was not listed yet lists that folder (as the official client does:
-  the storage API answers no single-object question).
+- the connected buckets (``GET .../storage``, once per run) make the folders ``.dagshub``, ``.dagshub/storage`` and
+  ``.dagshub/storage/<protocol>``; the root listing does not show ``.dagshub`` (a walk of the project never crawls
+  buckets);
+- a bucket folder is listed through ``storage/content/...``, every page (bounded; a repeating ``next_token`` is a
+  PagingError), into this run's ListingStore: a temporary file shared with the run's workers;
+- an object is cached under (host, repo, protocol/bucket/key, version): the version is what this run's listing says
+  (hash / ETag, else modification time), checked against the listed size (a size that changed since is a
+  RemoteError). A changed object gets a new key: a later run fetches it again once its listing says so, and no run
+  is served another version than the one its listing names;
+- ``open`` of an object whose folder this run has not listed lists nothing (a bucket folder may hold millions): one
+  raw GET, cached under a key of this run only, never served to another run nor once a listing names a version.
+  List the folder first (``os.listdir``, ``fs.ls``) so that later runs reuse what did not change;
+- ``stat`` / ``info`` of such an object lists its folder (as the official client does: no single-object API).
 
 Offline mode has nothing to go on (no listing survives a run): bucket paths raise RemoteError.
 """
@@ -105,16 +102,15 @@ class Buckets:
     def __init__(self, repo: "RemoteRepo"):
         self._repo = repo
         self.run_id = uuid.uuid4().hex
-        # made now (an empty folder; the file comes with the first listing), so that forked workers share it too:
-        # a store made in a worker would outlive it (multiprocessing workers end without running atexit)
-        self._store: Optional[ListingStore] = ListingStore(None)
+        self._store: Optional[ListingStore] = None  # made on first use, or before a fork / pickling (below)
         self._missing: Dict[str, float] = {}
         self._lock = threading.Lock()
         self._dir_locks: Dict[str, threading.Lock] = {}
         _LIVE.add(self)
 
     def __getstate__(self) -> Dict[str, Any]:
-        state = self.__dict__.copy()  # the store pickles as its path: spawned workers share this run's listings
+        self.store  # noqa: B018 - made now: it pickles as its path, so spawned workers share this run's listings
+        state = self.__dict__.copy()
         state["_lock"] = None
         state["_dir_locks"] = {}
         state["_missing"] = dict(self._missing)
@@ -125,13 +121,23 @@ class Buckets:
         self._lock = threading.Lock()
         _LIVE.add(self)
 
+    def _before_fork(self) -> None:
+        # Made in the parent, so forked workers share it, and removed by the parent at exit (a store made in a
+        # multiprocessing worker would outlive it: those end without running atexit). Only an empty folder.
+        if self._store is None and self._lock.acquire(blocking=False):
+            try:
+                if self._store is None:
+                    self._store = ListingStore(None)
+            finally:
+                self._lock.release()
+
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
         self._dir_locks = {}
 
     @property
     def store(self) -> ListingStore:
-        """This run's bucket listings (a temporary file, removed when the process that made it exits)."""
+        """This run's bucket listings (a temporary file made on first use, removed when its process exits)."""
         store = self._store
         if store is None:
             with self._lock:
@@ -418,9 +424,14 @@ class Buckets:
         return client.read_bytes(path, start, end, url=client.storage_raw_url(_api_path(path)))
 
 
+def _prepare_fork() -> None:
+    for buckets in list(_LIVE):
+        buckets._before_fork()
+
+
 def _renew_locks_after_fork() -> None:
     for buckets in list(_LIVE):
         buckets._after_fork()
 
 
-os.register_at_fork(after_in_child=_renew_locks_after_fork)
+os.register_at_fork(before=_prepare_fork, after_in_child=_renew_locks_after_fork)
