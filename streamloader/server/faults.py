@@ -50,7 +50,6 @@ class ServerFaults:
     raw GETs whose body is sent one byte every ``drip_interval`` seconds. ``nagle`` leaves Nagle's algorithm on for
     new connections (no TCP_NODELAY), as many simple servers do: a keep-alive client that delays its ACKs then
     waits ~40 ms for every answer whose headers and body leave in two writes.
-    failures itself: assigning a new ``fail_first`` dict (or a new ``seed``) re-arms it.
     ``storage_token_repeats``: every page of a bucket listing answers the same ``next_token`` (server/storage.py).
     """
 
