@@ -21,6 +21,7 @@ _EXPORTS = {
     "RemoteFileNotFoundError": "streamloader.errors",
     "RevisionNotFoundError": "streamloader.errors",
     "RepositoryNotFoundError": "streamloader.errors",
+    "PagingError": "streamloader.errors",
     "IntegrityError": "streamloader.errors",
     "DataFormatError": "streamloader.errors",
     # transport / filesystem

@@ -22,6 +22,7 @@ __all__ = [
     "RemoteFileNotFoundError",
     "RevisionNotFoundError",
     "RepositoryNotFoundError",
+    "PagingError",
     "IntegrityError",
     "DataFormatError",
 ]
@@ -105,6 +106,10 @@ class RemoteFileNotFoundError(StreamloaderError, FileNotFoundError):
 
     def __init__(self, path: str):
         FileNotFoundError.__init__(self, errno.ENOENT, "No such file or directory in the remote repository", path)
+
+
+class PagingError(RemoteError):
+    """A paged listing that would never end: its ``next_token`` repeats, or it runs past the page bound."""
 
 
 class RevisionNotFoundError(StreamloaderError, LookupError):

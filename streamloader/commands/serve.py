@@ -11,6 +11,9 @@ Example::
     # answer like dagshub.com, as a public repo with 540k synthetic JPEGs in data/
     streamloader serve ./repo --dagshub-like --synthetic data=540000 --public
 
+    # with ./images served as the connected S3 bucket my-bucket (.dagshub/storage/s3/my-bucket/... in clients)
+    streamloader serve ./repo --storage s3/my-bucket=./images
+
 ``--demo-data`` first writes a synthetic LAION-Aesthetics-style repo into DIR (when DIR is empty or missing) and
 serves it as DagsHub-Datasets/LAION-Aesthetics-V2-6.5plus, the DagsHub guide's repository.
 """
@@ -56,6 +59,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--repo", help="repository name in URLs (default: repo)")
     parser.add_argument("--branch", default="main", help="branch name (default: main)")
     parser.add_argument("--token", default=None, help=f"required access token (prefer the {TOKEN_ENV} env var)")
+    parser.add_argument("--storage", action="append", default=[], metavar="PROTOCOL/BUCKET=DIR",
+                        help="serve DIR as a connected storage bucket (e.g. s3/my-bucket=./images: listed by "
+                             "GET .../storage, read through storage/content and storage/raw); repeatable")
     faults = parser.add_argument_group("fault injection (for robustness tests)")
     faults.add_argument("--latency", type=float, default=0.0, metavar="S", help="delay every answer by S seconds")
     faults.add_argument("--error-rate", type=float, default=0.0, metavar="F", help="fraction of raw answers 5xx")
@@ -121,6 +127,21 @@ def dagshub_like_knobs(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     return knobs
 
 
+def storage_folders(items: Any) -> Dict[str, str]:
+    """``["s3/b=DIR", ...]`` → ``{"s3/b": DIR}``; ValueError on a malformed item or a missing folder."""
+    from streamloader.server.storage import bucket_name_ok
+
+    out: Dict[str, str] = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not bucket_name_ok(name.strip()):
+            raise ValueError(f"--storage wants PROTOCOL/BUCKET=DIR, got {item!r}")
+        if not os.path.isdir(folder):
+            raise ValueError(f"--storage {name.strip()}: not a directory: {folder}")
+        out[name.strip()] = folder
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code."""
     from streamloader.server import DagsHubLike, DagsHubServer, ServerFaults
@@ -136,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"streamloader serve: error: not a directory: {args.dir}")
         return 2
     try:
+        storage = storage_folders(args.storage)
         faults = ServerFaults(latency=args.latency, error_rate=args.error_rate, throttle_rate=args.throttle_rate,
                               retry_after=args.retry_after, drop_rate=args.drop_rate)
         knobs = dagshub_like_knobs(args)
@@ -152,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
                     "" if token else " WITHOUT any token")
     server = DagsHubServer(args.dir, owner=args.owner, repo=args.repo, branch=args.branch, token=token,
                            host=args.host, port=args.port, faults=faults, test_knobs=args.test_knobs,
-                           dagshub_like=mode, anonymous_read=args.public, anonymous_status=args.anonymous_status)
+                           dagshub_like=mode, anonymous_read=args.public, anonymous_status=args.anonymous_status,
+                           storage=storage)
     stop = threading.Event()
 
     def _request_stop(signum: int, frame: Any) -> None:

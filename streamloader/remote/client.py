@@ -25,6 +25,7 @@ import tenacity
 
 from streamloader.errors import (
     AuthenticationError,
+    PagingError,
     RemoteError,
     RemoteFileNotFoundError,
     RepositoryNotFoundError,
@@ -486,9 +487,11 @@ class DagsHubClient:
 
         return self._call(attempt, "content lookup", url)
 
-    def _pages(self, url: str, path: str, first: Dict[str, Any]) -> Iterator[Any]:
+    def _pages(self, url: str, path: str, first: Dict[str, Any],
+               params: Optional[Dict[str, Any]] = None) -> Iterator[Any]:
         """Items of a paged listing, following ``next_token`` (an empty or missing token ends it; a repeated
-        token or more than _MAX_PAGES pages is an error, not an endless loop)."""
+        token or more than _MAX_PAGES pages is a PagingError, not an endless loop). ``params``: what every page
+        request sends besides ``from_token`` (default ``paging=true``)."""
         seen: set = set()
         page = first
         for _ in range(_MAX_PAGES):
@@ -501,14 +504,52 @@ class DagsHubClient:
                 return
             token = str(token)
             if token in seen:
-                raise RemoteError(f"the listing of {path or '/'!r} repeats its paging token {token[:40]!r}",
+                raise PagingError(f"the listing of {path or '/'!r} repeats its paging token {token[:40]!r}",
                                   url=url)
             seen.add(token)
             page = self._get_json(url, "directory listing page", path=path,
-                                  params={"paging": "true", "from_token": token})
+                                  params={**(params or {"paging": "true"}), "from_token": token})
             if not isinstance(page, dict):
                 raise RemoteError("unexpected listing page format", url=url)
-        raise RemoteError(f"the listing of {path or '/'!r} has more than {_MAX_PAGES} pages", url=url)
+        raise PagingError(f"the listing of {path or '/'!r} has more than {_MAX_PAGES} pages", url=url)
+
+    def storage_content(self, path: str, on_items: Callable[[Iterator[Any]], Any], *,
+                        limit: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """List the folder ``path`` (``"s3/bucket/prefix"``) of a connected storage bucket, every page of it.
+
+        The raw entry objects (``{"path", "type", "size", "hash", ...}``) of all pages are handed to ``on_items``
+        as one iterator, to be consumed there (each page request is retried on its own; a page that fails for
+        good fails the whole listing); None is returned. A server that answers a file path with that file's own object
+        gets it returned instead. Missing: FileNotFoundError; a repeating ``next_token``: PagingError.
+        """
+        path = safe_repo_path(path)
+        url = self.ref.api_url("storage", "content", path)
+        params: Dict[str, Any] = {"paging": "true"}
+        if limit:
+            params["limit"] = str(int(limit))
+
+        def attempt() -> Optional[Dict[str, Any]]:
+            first = self._get_json(url, "bucket listing", path=path, params=params)
+            if isinstance(first, dict) and isinstance(first.get("entries"), list):
+                on_items(self._pages(url, path, first, params))
+                return None
+            if isinstance(first, dict) and isinstance(first.get("path"), str):
+                return first
+            raise RemoteError(f"unexpected bucket listing answer for {path!r}", url=url)
+
+        return self._call(attempt, "bucket listing", url)
+
+    def storages(self) -> List[Dict[str, Any]]:
+        """The connected storage buckets (``GET .../storage``): records with ``protocol`` and ``name``."""
+        url = self.ref.api_url("storage")
+        records = self._get_json(url, "storage lookup")
+        if not isinstance(records, list):
+            raise RemoteError("unexpected answer from the storage API", url=url)
+        return [r for r in records if isinstance(r, dict)]
+
+    def storage_raw_url(self, path: str) -> str:
+        """The bytes of the object ``path`` (``"s3/bucket/key"``) of a connected bucket."""
+        return self.ref.api_url("storage", "raw", safe_repo_path(path))
 
     def list_dir(self, path: str = "") -> List[RemoteEntry]:
         """The entries of one folder of the pinned revision (in the server's order). 404 → FileNotFoundError;
@@ -572,16 +613,18 @@ class DagsHubClient:
     def raw_url(self, path: str) -> str:
         return self.ref.api_url("raw", self.resolve_revision(), safe_repo_path(path))
 
-    def read_bytes(self, path: str, start: Optional[int] = None, end: Optional[int] = None) -> bytes:
+    def read_bytes(self, path: str, start: Optional[int] = None, end: Optional[int] = None, *,
+                   url: Optional[str] = None) -> bytes:
         """Bytes ``[start, end)`` of a file (whole file by default); short bodies are retried, never returned."""
         import io
 
         buf = io.BytesIO()
-        self.download(path, buf, start=start, end=end)
+        self.download(path, buf, start=start, end=end, url=url)
         return buf.getvalue()
 
     def download(self, path: str, fileobj: BinaryIO, *, start: Optional[int] = None, end: Optional[int] = None,
-                 expected_size: Optional[int] = None, on_size: Optional[Callable[[int], None]] = None) -> int:
+                 expected_size: Optional[int] = None, on_size: Optional[Callable[[int], None]] = None,
+                 url: Optional[str] = None) -> int:
         """Stream a file (or the range ``[start, end)``) into ``fileobj``; returns the byte count.
 
         A retry restarts the transfer from the beginning of the range (``fileobj`` is truncated back to where it was),
@@ -589,10 +632,11 @@ class DagsHubClient:
         against ``Content-Length`` and ``expected_size`` (reading stops as soon as a body runs past it), a 206's
         ``Content-Range`` against the range asked for; a server that ignores ``Range`` (200, whole body) is sliced.
         A 403 from another host than the API's (an expired presigned URL) starts again from the raw URL.
-        ``on_size(total)`` is told the file's total size once an answer reveals it.
+        ``on_size(total)`` is told the file's total size once an answer reveals it. ``url``: where the bytes are
+        (default: the raw URL of ``path`` at the pinned commit; e.g. :meth:`storage_raw_url` for a bucket object).
         """
         path = safe_repo_path(path)
-        url = self.raw_url(path)
+        url = url or self.raw_url(path)
         origin = fileobj.tell()
         start = start or 0
         if end is not None and end <= start:

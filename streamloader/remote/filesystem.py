@@ -256,7 +256,7 @@ class DagsHubRangeFile(AbstractBufferedFile):
         super().__init__(fs, path, cache_type="readahead", **kwargs)
 
     def _fetch_range(self, start: int, end: int) -> bytes:
-        return self._repo.client.read_bytes(self._rel, start, min(end, self.size))
+        return self._repo.read_bytes(self._rel, start, min(end, self.size))  # a bucket object's URL differs
 
 
 def _normalize_range(start: Optional[int], end: Optional[int], size: int) -> Tuple[int, int]:

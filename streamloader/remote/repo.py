@@ -31,6 +31,7 @@ from streamloader._entrylock import EntryLock
 from streamloader._files import atomic_write
 from streamloader.cache import CacheKey, FileCache
 from streamloader.errors import IntegrityError, RemoteError, RemoteFileNotFoundError
+from streamloader.remote.buckets import Buckets, is_bucket_path
 from streamloader.remote.client import DagsHubClient, RemoteEntry
 from streamloader.remote.listings import DirListing, ListingStore
 from streamloader.remote.parallel import (  # noqa: F401 - PREFETCH_PROCESS_MIN_FILES, PrefetchJob re-exported
@@ -102,6 +103,7 @@ class RemoteRepo:
         self._location_keys: Dict[str, CacheKey] = {}  # (sha256 per lookup shows in a warm epoch)
         self._lock = threading.Lock()
         self._dir_locks: Dict[str, threading.Lock] = {}
+        self._buckets = Buckets(self)
         _LIVE_REPOS.add(self)
 
     def __repr__(self) -> str:
@@ -170,6 +172,12 @@ class RemoteRepo:
                 store = self._store
         return store
 
+    @property
+    def buckets(self) -> Buckets:
+        """The connected storage buckets, at ``.dagshub/storage/<protocol>/<bucket>/...`` (every method of this
+        class hands such paths to it; see :mod:`streamloader.remote.buckets`)."""
+        return self._buckets
+
     def _note_missing(self, path: str) -> None:
         if len(self._missing) > 100_000:
             self._missing.clear()
@@ -197,6 +205,8 @@ class RemoteRepo:
         """``{name: RemoteEntry}`` of a folder, read from the store (listed once per commit, without sizes).
         Missing → FileNotFoundError; a file → NotADirectoryError."""
         path = safe_repo_path(path)
+        if self._buckets.handles(path):
+            return self._buckets.listing(path)
         store = self.store
         if store.is_listed(path):
             return DirListing(store, path)
@@ -241,6 +251,8 @@ class RemoteRepo:
         """The entry of a file or folder, asking about that path alone if it is not known yet (a file's ``size``
         may be None = unknown; :meth:`stat` fills it). Missing → FileNotFoundError (errno ENOENT)."""
         path = safe_repo_path(path)
+        if self._buckets.handles(path):
+            return self._buckets.info(path)
         if not path:
             return RemoteEntry("", "dir", 0)
         store = self.store
@@ -279,6 +291,9 @@ class RemoteRepo:
     def stat(self, path: str) -> RemoteEntry:
         """Like :meth:`info`, with a file's real size: from the cached copy when there is one, else asked for
         that one path (never for its folder: sizes cost dagshub.com time per entry)."""
+        path = safe_repo_path(path)
+        if self._buckets.handles(path):
+            return self._buckets.stat(path)
         entry = self.info(path)
         if entry.is_dir or entry.size is not None:
             return entry
@@ -309,6 +324,8 @@ class RemoteRepo:
     # -- content --------------------------------------------------------------------------------------------------
     def cache_key(self, entry: RemoteEntry) -> CacheKey:
         """Content hash when the listing has one, else (host, repo, commit sha, path): never stale either way."""
+        if is_bucket_path(entry.path):
+            return self._buckets.cache_key(entry)
         if entry.hash:
             return CacheKey.from_hash(entry.versioning, entry.hash)
         return self._location_key(entry.path)
@@ -408,6 +425,9 @@ class RemoteRepo:
         """Download ``path`` into the cache if needed and return the cached file's local path."""
         if self.cache is None:
             raise RuntimeError("this RemoteRepo has no cache (use_cache=False)")
+        path = safe_repo_path(path)
+        if self._buckets.handles(path):
+            return self._buckets.local_path(path)
         return self._through_cache(path, self.cache.fetch)
 
     def cached_path(self, path: str) -> Optional[str]:
@@ -415,6 +435,8 @@ class RemoteRepo:
         if self.cache is None:
             return None
         path = safe_repo_path(path)
+        if self._buckets.handles(path):
+            return self._buckets.cached_path(path)
         entry = self._known(path)
         if entry is not None and entry.is_dir:
             raise IsADirectoryError(21, "Is a directory", path)
@@ -423,6 +445,9 @@ class RemoteRepo:
     def open(self, path: str, opener: Optional[Callable[[str], IO]] = None) -> IO:
         """An open file with the whole content of ``path`` through the cache (binary; ``opener(local_path)``
         opens it otherwise). Without a cache: an in-memory binary file (``opener`` is not allowed then)."""
+        path = safe_repo_path(path)
+        if self._buckets.handles(path):
+            return self._buckets.open(path, opener)
         if self.cache is None:
             if opener is not None:
                 raise RuntimeError("this RemoteRepo has no cache (use_cache=False): it cannot open local files")
@@ -445,6 +470,8 @@ class RemoteRepo:
     def read_bytes(self, path: str, start: Optional[int] = None, end: Optional[int] = None) -> bytes:
         """Bytes ``[start, end)`` (whole file by default); served from the cache when the file is there."""
         path = safe_repo_path(path)
+        if self._buckets.handles(path):
+            return self._buckets.read_bytes(path, start, end)
         if start is None and end is None:
             with self.open(path) as f:
                 return f.read()

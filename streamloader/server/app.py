@@ -29,6 +29,7 @@ from streamloader.server.mode import DagsHubLike
 from streamloader.server.oauth import OAuthBroker
 from streamloader.server.presigned import PresignedOrigin
 from streamloader.server.repo import RepoFolder
+from streamloader.server.storage import ServedBuckets
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ class DagsHubServer:
     answers them ``anonymous_status`` (401, or 404 as dagshub.com does). ``dagshub_like`` (a DagsHubLike, or True
     for every default) makes the server answer like dagshub.com (server/mode.py). ``test_knobs`` enables the
     unauthenticated ``/_streamloader/`` admin endpoints; ``oauth_wait`` bounds how long ``/login/oauth/middleman``
-    waits for approval.
+    waits for approval. ``storage`` (``{"s3/my-bucket": DIR}``) serves folders as connected storage buckets
+    (server/storage.py).
     """
 
     def __init__(
@@ -68,8 +70,10 @@ class DagsHubServer:
         dagshub_like: Union[None, bool, DagsHubLike] = None,
         anonymous_read: bool = False,
         anonymous_status: int = 401,
+        storage: Optional[Mapping[str, str]] = None,
     ):
         self.folder = RepoFolder(str(root))
+        self.buckets = ServedBuckets(storage)
         self.owner, self.repo, self.branch = owner, repo, branch
         self.token = token
         self.host, self.port = host, int(port)

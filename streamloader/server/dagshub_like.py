@@ -13,9 +13,9 @@ import os
 import time
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
-from streamloader.server import payloads
+from streamloader.server import payloads, storage
 from streamloader.server.blobs import Blob, send_blob
 from streamloader.server.repo import RepoEntry, RepoPathError, split_repo_path
 from streamloader.server.routes import HTTPError, Route
@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from streamloader.server.app import DagsHubServer
     from streamloader.server.mode import DagsHubLike
 
-__all__ = ["serve_content", "serve_raw", "storage_records", "open_blob"]
+__all__ = ["serve_content", "serve_raw", "open_blob"]
 
 _JSON = "application/json; charset=utf-8"
 _CHUNK_CHARS = 1 << 20
@@ -119,7 +119,8 @@ class _Rows:
         self.entries = sorted((self._dvc_dir(e) for e in entries), key=lambda e: e.path)
         self.synthetic = self.mode.synthetic_folders().get(self.key)
         shadowed = sum(1 for n in names if self.synthetic is not None and self.synthetic.index(n) is not None)
-        self.buckets = list(self.mode.storage_buckets) if not self.key else []
+        self.buckets = app.buckets.names(app) if not self.key else []
+        self.handler = handler
         self.count = len(self.entries) + len(self.buckets)
         self.count += self.synthetic.count - shadowed if self.synthetic is not None else 0
 
@@ -157,11 +158,6 @@ class _Rows:
         """One row as data."""
         return payloads.content_entry(self.app, self.base, self.rev, self._sized(entry))
 
-    def _bucket_row(self, bucket: str) -> str:
-        api = f"{self.base}/api/v1/repos/{quote(self.app.owner)}/{quote(self.app.repo)}/storage"
-        return json.dumps({"path": bucket, "type": "storage", "size": 0, "hash": "", "versioning": "bucket",
-                           "download_url": f"{api}/raw/{bucket}", "content_url": f"{api}/content/{bucket}"})
-
     def _synthetic_rows(self, folder: SyntheticFolder, start: int, stop: int) -> Iterator[str]:
         dvc = self.mode.is_dvc(folder.repo_path(0))
         sample = RepoEntry(folder.repo_path(0), "file", folder.size, _HASH_SLOT, "dvc" if dvc else "git")
@@ -185,7 +181,7 @@ class _Rows:
         if folder is not None:
             yield from self._synthetic_rows(folder, cursor, folder.count)
         for bucket in self.buckets:
-            yield self._bucket_row(bucket)
+            yield json.dumps(storage.root_row(self.handler, bucket))
 
 
 def _send_rows(handler: Any, rows: Iterator[str]) -> None:
@@ -283,14 +279,3 @@ def serve_raw(handler: Any, route: Route, drop: bool) -> None:
     with blob:
         send_blob(handler, blob, honour_range=not mode.ignore_range, headers={"ETag": f'"{sha}"'} if sha else None,
                   drop=drop)
-
-
-def storage_records(handler: Any) -> List[Dict[str, str]]:
-    """``GET storage``: one record per connected bucket."""
-    app = handler.app
-    api = f"{handler._base_url()}/api/v1/repos/{quote(app.owner)}/{quote(app.repo)}"
-    records = []
-    for bucket in _mode(app).storage_buckets:
-        protocol, _, name = bucket.partition("/")
-        records.append({"name": name, "protocol": protocol, "list_path": f"{api}/storage/content/{bucket}"})
-    return records

@@ -50,6 +50,7 @@ class ServerFaults:
     raw GETs whose body is sent one byte every ``drip_interval`` seconds. ``nagle`` leaves Nagle's algorithm on for
     new connections (no TCP_NODELAY), as many simple servers do: a keep-alive client that delays its ACKs then
     waits ~40 ms for every answer whose headers and body leave in two writes.
+    ``storage_token_repeats``: every page of a bucket listing answers the same ``next_token`` (server/storage.py).
     """
 
     latency: float = 0.0
@@ -67,6 +68,7 @@ class ServerFaults:
     drip_rate: float = 0.0
     drip_interval: float = 0.5
     nagle: bool = False
+    storage_token_repeats: bool = False
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "apply_to" and not isinstance(value, tuple):

@@ -8,7 +8,9 @@ Routes (see shared/reference/dagshub-api.md); ``{base}`` is ``/api/v1/repos/{own
     GET  {base}/commits/{sha}                        {"commit": ...} (404 unknown)
     GET  {base}/content/{rev}/{dir}                  listing (paged with paging=true or limit=N)
     GET|HEAD {base}/raw/{rev}/{path}                 bytes, Range -> 206/416
-    GET  {base}/storage                              []
+    GET  {base}/storage                              the connected buckets (server/storage.py)
+    GET  {base}/storage/content/{proto}/{bucket}/{path}   a bucket folder, paged: {"entries", "next_token"}
+    GET|HEAD {base}/storage/raw/{proto}/{bucket}/{path}   a bucket object's bytes
     (with a DagsHubLike, content/raw/storage answer as dagshub.com does instead: server/dagshub_like.py)
     GET  /login/oauth/authorize, POST /login/oauth/middleman, POST /login/oauth/access_token
     /_streamloader/{counts,log,head,faults,dagshub_like,reset}   unauthenticated admin endpoints (when enabled)
@@ -23,7 +25,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 from urllib.parse import parse_qs, unquote
 
-from streamloader.server import dagshub_like, payloads
+from streamloader.server import dagshub_like, payloads, storage
 from streamloader.server.oauth import approval_page
 from streamloader.server.repo import RepoEntry, RepoPathError, split_repo_path
 from streamloader.server.routes import HTTPError, Route, Unsatisfiable, parse_range, parse_route
@@ -233,9 +235,10 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
                 raise HTTPError(404, "commit not found")
             self._send_json(200, {"commit": payloads.commit(app, route.key)})
         elif route.kind == "storage":
-            if route.action != "list":
-                raise HTTPError(404, "no storage bucket is connected to this repository")
-            self._send_json(200, dagshub_like.storage_records(self) if app.dagshub_like is not None else [])
+            if route.action == "list":
+                self._send_json(200, storage.records(self))
+            else:
+                storage.serve(self, route, query)
         elif route.kind == "content":
             self._check_rev(route.rev)
             if app.dagshub_like is not None:
@@ -272,6 +275,8 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
             return
         entries = folder.list_dir(route.key)
         rows = [payloads.content_entry(self.app, self._base_url(), route.rev, e) for e in entries]
+        if not split_repo_path(route.key):  # the root also names the connected buckets, as dagshub.com's does
+            rows += [storage.root_row(self, name) for name in self.app.buckets.names(self.app)]
         paging = query.get("paging", [""])[-1].lower() in ("1", "true", "yes")
         if not paging and "limit" not in query:
             self._send_json(200, rows)

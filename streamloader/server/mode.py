@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from streamloader.server.repo import RepoPathError, split_repo_path
+from streamloader.server.storage import bucket_name_ok
 from streamloader.server.synth import MAX_SYNTHETIC, SyntheticFolder
 
 __all__ = ["DagsHubLike"]
@@ -39,9 +40,10 @@ class DagsHubLike:
         ``sizes_need_include_size``: ``size`` is 0 unless the request has ``include_size=true``; such requests cost
         ``size_cost_per_entry`` seconds per listed entry before the answer starts (20 us: 540k entries ~ 11 s).
         ``file_content_object``: ``content`` of a FILE path answers one JSON object for it (not 404).
-        ``storage_buckets``: ``"protocol/bucket"`` names of connected buckets; each adds a ``type: "storage"``,
-        ``versioning: "bucket"`` entry (path ``"s3/bucket"``) to the root listing and a record to ``GET .../storage``
-        (their contents are not served: 404).
+        ``storage_buckets``: ``"protocol/bucket"`` names of connected buckets, besides those the server serves
+        (``DagsHubServer(storage=...)``); each adds a ``type: "storage"``, ``versioning: "bucket"`` entry (path
+        ``"s3/bucket"``) to the root listing and a record to ``GET .../storage``, and is an empty bucket unless
+        ``storage`` gives it a folder (server/storage.py).
         ``dvc_paths``: fnmatch patterns (``*`` also matches ``/``) of DVC-tracked paths; matching files get
         ``versioning: "dvc"`` and ``hash`` = DVC 2's md5 (md5-dos2unix for text files, see server/dvc.py), matching
         folders ``<md5>.dir``. Default ``("data/*",)``: everything below ``data/`` (as in the LAION-Aesthetics
@@ -117,8 +119,7 @@ class DagsHubLike:
         if self.redirect_status not in (301, 302, 303, 307, 308):
             raise ValueError("DagsHubLike.redirect_status must be a redirect status (301/302/303/307/308)")
         for bucket in self.storage_buckets:
-            protocol, _, name = str(bucket).partition("/")
-            if not protocol or not name or "/" in name:
+            if not bucket_name_ok(bucket):
                 raise ValueError(f"DagsHubLike.storage_buckets entries look like 's3/bucket', got {bucket!r}")
         for folder, count in self.synthetic.items():
             try:

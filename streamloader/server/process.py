@@ -58,8 +58,10 @@ class ServerProcess:
         dagshub_like: Union[None, bool, DagsHubLike] = None,
         anonymous_read: bool = False,
         anonymous_status: int = 401,
+        storage: Optional[Dict[str, str]] = None,
     ):
         self.root = str(root)
+        self.storage = {str(k): str(v) for k, v in (storage or {}).items()}
         self.owner, self.repo, self.branch, self.token = owner, repo, branch, token
         self.host, self.port = host, int(port)
         self.initial_faults = faults
@@ -90,6 +92,8 @@ class ServerProcess:
             cmd += ["--latency", str(faults.latency), "--error-rate", str(faults.error_rate),
                     "--throttle-rate", str(faults.throttle_rate), "--retry-after", str(faults.retry_after),
                     "--drop-rate", str(faults.drop_rate)]
+        for name, folder in self.storage.items():
+            cmd += ["--storage", f"{name}={folder}"]
         if self.anonymous_read:
             cmd.append("--public")
         if self.anonymous_status != 401:

@@ -85,5 +85,10 @@ def parse_route(path: str) -> Route:
     if action == "commits" and args:
         return Route("commits", "commit", owner, repo, key="/".join(args))
     if action == "storage":
-        return Route("storage", "list" if not args or args == [""] else "sub", owner, repo, key="/".join(args))
+        if not args or args == [""]:
+            return Route("storage", "list", owner, repo)
+        key = "/".join(args)
+        # "content/s3/b/dir/" and "content/s3/b/dir" are one folder: one key (what the counters file it under)
+        return Route("storage", args[0] if args[0] in ("content", "raw") else "sub", owner, repo,
+                     key=key[:-1] if key.endswith("/") else key)
     return Route("other", "", owner, repo)
