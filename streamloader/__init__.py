@@ -24,6 +24,7 @@ _EXPORTS = {
     "PagingError": "streamloader.errors",
     "IntegrityError": "streamloader.errors",
     "DataFormatError": "streamloader.errors",
+    "MountError": "streamloader.errors",
     # transport / filesystem
     "DagsHubClient": "streamloader.remote.client",
     "RetryPolicy": "streamloader.remote.client",
@@ -71,6 +72,9 @@ _EXPORTS = {
     "get_reader": "streamloader.data.prior",
     "PriorEmbeddingDataset": "streamloader.data.prior",
     "make_splits": "streamloader.data.prior",
+    # FUSE mount (for readers that bypass Python)
+    "mount": "streamloader.fusemount",
+    "unmount": "streamloader.fusemount",
     # server
     "DagsHubServer": "streamloader.server",
     "ServerFaults": "streamloader.server",

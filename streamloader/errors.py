@@ -25,6 +25,7 @@ __all__ = [
     "PagingError",
     "IntegrityError",
     "DataFormatError",
+    "MountError",
 ]
 
 TOKEN_HINT = (
@@ -129,3 +130,7 @@ class IntegrityError(StreamloaderError, OSError):
 
 class DataFormatError(StreamloaderError, ValueError):
     """Input data (a TSV row, a tar member, an embedding file) is malformed."""
+
+
+class MountError(StreamloaderError, OSError):
+    """A FUSE mount could not be made or removed: no FUSE on this machine, a busy or non-empty mount point, ..."""

@@ -361,6 +361,23 @@ class DagsHubClient:
     def is_resolved(self) -> bool:
         return self._sha is not None
 
+    def commit_time(self) -> Optional[float]:
+        """The pinned commit's timestamp (POSIX seconds), or None when the server gives none (one request)."""
+        import datetime
+
+        sha = self.resolve_revision()
+        data = self._get_json(self.ref.api_url("commits", sha), "commit lookup")
+        commit = data.get("commit", data) if isinstance(data, dict) else {}
+        text = str(commit.get("timestamp") or "") if isinstance(commit, dict) else ""
+        try:
+            stamp = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=datetime.timezone.utc)
+        seconds = stamp.timestamp()
+        return seconds if seconds > 0 else None
+
     def pin(self, sha: str) -> None:
         """Use ``sha`` as the resolved revision without asking the server (offline mode, known commits)."""
         if not re.fullmatch(r"[0-9a-f]{40}", sha or ""):

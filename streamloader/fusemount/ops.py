@@ -1,0 +1,246 @@
+"""The FUSE operations of ``streamloader mount``: a read-only view of one :class:`RemoteRepo` folder.
+
+Everything is served from streamloader's shared cache, so a file is downloaded once for the mount, the hooks and
+every other process. Files up to ``whole_file_max`` are downloaded whole on first open and read at any offset
+from the cached file (``pread``); larger ones that are not cached yet are read through HTTP ranges in blocks.
+The commit is pinned for the life of the mount, so the kernel may keep names, attributes and pages for as long
+as it likes (long timeouts, ``kernel_cache``): a second read of a file never reaches this process.
+
+This module imports ``mfusepy`` (and so libfuse) at import time: load it through
+:func:`streamloader.fusemount.control.load_binding`, which turns a missing library into a clear MountError.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import posixpath
+import stat
+import threading
+import time
+from itertools import count
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import mfusepy
+
+from streamloader.errors import AuthenticationError, RemoteError, StreamloaderError
+from streamloader.fusemount.readahead import ReadAhead
+from streamloader.remote.client import RemoteEntry
+from streamloader.remote.filesystem import WHOLE_FILE_MAX
+from streamloader.remote.repo import RemoteRepo
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RepoOperations", "file_size"]
+
+RANGE_BLOCK = 8 * 1024 * 1024  # bytes fetched per HTTP range request of a big uncached file
+
+
+def file_size(repo: RemoteRepo, entry: RemoteEntry) -> int:
+    """The real size of a file entry: the ONE place the mount learns sizes.
+
+    A size of None or 0 counts as unknown (listings may come without sizes): the file is then downloaded into the
+    cache and the cached file's size, which is exact, is the answer.
+    """
+    if entry.size:
+        return int(entry.size)
+    local = repo.cached_path(entry.path) or repo.local_path(entry.path)
+    return os.stat(local).st_size
+
+
+def _errno_of(exc: BaseException) -> int:
+    if isinstance(exc, FileNotFoundError):
+        return errno.ENOENT
+    if isinstance(exc, (AuthenticationError, PermissionError)):
+        return errno.EACCES
+    if isinstance(exc, IsADirectoryError):
+        return errno.EISDIR
+    if isinstance(exc, NotADirectoryError):
+        return errno.ENOTDIR
+    if isinstance(exc, OSError) and isinstance(exc.errno, int) and exc.errno > 0 \
+            and not isinstance(exc, (RemoteError, StreamloaderError)):
+        return exc.errno
+    return errno.EIO
+
+
+def _fuse_errors(op: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn our exceptions into the errno the caller sees (logged unless it is a plain ENOENT)."""
+    def wrapper(self: "RepoOperations", path: str, *args: Any) -> Any:
+        try:
+            return op(self, path, *args)
+        except mfusepy.FuseOSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure must become an errno, never a crash
+            code = _errno_of(exc)
+            if code != errno.ENOENT:
+                log.warning("%s %s failed: %s", op.__name__, path, exc)
+            raise mfusepy.FuseOSError(code) from None
+
+    wrapper.__name__ = op.__name__
+    wrapper.__doc__ = op.__doc__
+    return wrapper
+
+
+class _RangeFile:
+    """A big uncached file read through HTTP ranges; keeps the last block (sequential readers ask in 128 KB)."""
+
+    def __init__(self, repo: RemoteRepo, path: str, size: int):
+        self.repo, self.path, self.size = repo, path, size
+        self._block: Tuple[int, bytes] = (-1, b"")
+        self._lock = threading.Lock()
+
+    def pread(self, size: int, offset: int) -> bytes:
+        out = []
+        end = min(self.size, offset + size)
+        while offset < end:
+            start = offset - offset % RANGE_BLOCK
+            with self._lock:
+                block_start, data = self._block
+                if block_start != start:
+                    data = self.repo.read_bytes(self.path, start, min(self.size, start + RANGE_BLOCK))
+                    self._block = (start, data)
+            piece = data[offset - start:end - start]
+            if not piece:
+                break
+            out.append(piece)
+            offset += len(piece)
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._block = (-1, b"")
+
+
+class RepoOperations(mfusepy.Operations):
+    """Read-only FUSE operations over ``repo`` at ``root`` (a folder of the repo; "" = the whole repo)."""
+
+    use_ns = True  # times in nanoseconds (mfusepy's non-deprecated mode)
+
+    def __init__(self, repo: RemoteRepo, root: str = "", whole_file_max: int = WHOLE_FILE_MAX,
+                 read_ahead: int = 32, mtime: Optional[float] = None):
+        self.repo = repo
+        self.root = root.strip("/")
+        self.whole_file_max = whole_file_max
+        self._mtime_ns = int((mtime if mtime is not None else time.time()) * 1e9)
+        self._uid, self._gid = os.getuid(), os.getgid()
+        self._attrs: Dict[str, Dict[str, Any]] = {}
+        self._folders: Dict[str, Tuple[List[str], Dict[str, int]]] = {}  # dir -> (file paths in order, index)
+        self._handles: Dict[int, Union[Any, _RangeFile]] = {}
+        self._next_fh = count(1)
+        self._folder_lock = threading.Lock()
+        self._ahead = ReadAhead(self._prefetch_one, read_ahead, skip=self._needs_no_prefetch) if read_ahead else None
+
+    # -- paths ----------------------------------------------------------------------------------------------------
+    def _repo_path(self, path: str) -> str:
+        rel = path.strip("/")
+        return posixpath.join(self.root, rel) if self.root and rel else (rel or self.root)
+
+    def _dir_attrs(self) -> Dict[str, Any]:
+        return {"st_mode": stat.S_IFDIR | 0o555, "st_nlink": 2, "st_size": 0, "st_uid": self._uid,
+                "st_gid": self._gid, "st_mtime": self._mtime_ns, "st_ctime": self._mtime_ns,
+                "st_atime": self._mtime_ns}
+
+    # -- metadata -------------------------------------------------------------------------------------------------
+    @_fuse_errors
+    def getattr(self, path: str, fh: Optional[int] = None) -> Dict[str, Any]:
+        """Real size, mode and the commit's time; served from memory after the first lookup."""
+        attrs = self._attrs.get(path)
+        if attrs is not None:
+            return attrs
+        rel = self._repo_path(path)
+        entry = self.repo.info(rel)
+        attrs = self._dir_attrs()
+        if not entry.is_dir:
+            attrs.update(st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=file_size(self.repo, entry))
+        self._attrs[path] = attrs
+        return attrs
+
+    @_fuse_errors
+    def readdir(self, path: str, fh: int) -> List[Any]:
+        """The folder in listing order, with each entry's type (``find`` needs no stat per entry)."""
+        entries = self.repo.ls(self._repo_path(path))
+        out: List[Any] = [".", ".."]
+        for entry in entries:
+            out.append((entry.name, stat.S_IFDIR if entry.is_dir else stat.S_IFREG, 0))
+        return out
+
+    def statfs(self, path: str) -> Dict[str, int]:
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": 0, "f_bfree": 0, "f_bavail": 0, "f_files": 0,
+                "f_ffree": 0, "f_favail": 0, "f_namemax": 255}
+
+    # -- content --------------------------------------------------------------------------------------------------
+    @_fuse_errors
+    def open(self, path: str, flags: int) -> int:
+        """Whole-file download into the cache (or a range reader for big files); the handle reads it at offsets."""
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise mfusepy.FuseOSError(errno.EROFS)
+        rel = self._repo_path(path)
+        entry = self.repo.info(rel)
+        if entry.is_dir:
+            raise mfusepy.FuseOSError(errno.EISDIR)
+        if self._ahead is not None:
+            self._note_open(rel)
+        size = file_size(self.repo, entry)
+        handle: Union[Any, _RangeFile]
+        if self.repo.cache is not None and (size <= self.whole_file_max or self.repo.cached_path(rel)):
+            handle = self.repo.open(rel, opener=_unbuffered)
+        else:
+            handle = _RangeFile(self.repo, rel, size)
+        fh = next(self._next_fh)
+        self._handles[fh] = handle
+        return fh
+
+    @_fuse_errors
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise mfusepy.FuseOSError(errno.EBADF)
+        if isinstance(handle, _RangeFile):
+            return handle.pread(size, offset)
+        return os.pread(handle.fileno(), size, offset)
+
+    def release(self, path: str, fh: int) -> int:
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            handle.close()
+        return 0
+
+    # -- read-ahead -----------------------------------------------------------------------------------------------
+    def _folder(self, folder: str) -> Tuple[List[str], Dict[str, int]]:
+        known = self._folders.get(folder)
+        if known is None:
+            paths = [e.path for e in self.repo.ls(folder) if not e.is_dir]
+            known = (paths, {p: i for i, p in enumerate(paths)})
+            with self._folder_lock:
+                self._folders.setdefault(folder, known)
+        return known
+
+    def _note_open(self, rel: str) -> None:
+        folder = posixpath.dirname(rel)
+        paths, index = self._folder(folder)
+        position = index.get(rel)
+        if position is not None and self._ahead is not None:
+            self._ahead.opened((mfusepy.fuse_get_context()[2], folder), position, paths)
+
+    def _needs_no_prefetch(self, rel: str) -> bool:
+        entry = self.repo.info(rel)
+        if entry.size and entry.size > self.whole_file_max:
+            return True
+        return self.repo.cached_path(rel) is not None
+
+    def _prefetch_one(self, rel: str) -> None:
+        if file_size(self.repo, self.repo.info(rel)) <= self.whole_file_max:
+            self.repo.local_path(rel)
+
+    # -- life cycle -----------------------------------------------------------------------------------------------
+    def destroy(self, path: str) -> None:
+        """On unmount: stop the read-ahead, close what is open and let the cache finish storing new files."""
+        if self._ahead is not None:
+            self._ahead.close()
+        for fh in list(self._handles):
+            self.release(path, fh)
+        if self.repo.cache is not None:
+            self.repo.cache.flush(timeout=30)
+
+
+def _unbuffered(path: str) -> Any:
+    return open(path, "rb", buffering=0)
