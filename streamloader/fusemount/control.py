@@ -116,7 +116,7 @@ def check_mountpoint(mountpoint: str) -> str:
     path = os.path.abspath(os.path.expanduser(mountpoint))
     if is_mounted(path):
         try:
-            os.stat(path)
+            os.scandir(path).close()  # asks the file system (a stat may be answered from the kernel's cache)
             state = "busy: something is already mounted there"
         except OSError:
             state = "a dead mount (its process is gone)"
@@ -174,8 +174,9 @@ def serve(options: MountOptions) -> None:
     log.info("mounting %s at %s (commit %s)", options.url, mountpoint, repo.revision())
     try:
         mfusepy.FUSE(ops, mountpoint, foreground=True, nothreads=False, **fuse_options)
-    except RuntimeError as exc:
-        raise MountError(f"libfuse could not mount {mountpoint} (status {exc}); see its message above") from None
+    except RuntimeError as exc:  # libfuse exits with 1 after SIGINT/SIGTERM too: only a mount never made fails
+        if not ops.started:
+            raise MountError(f"libfuse could not mount {mountpoint} (status {exc}); see its message above") from None
     log.info("unmounted %s", mountpoint)
 
 
@@ -278,19 +279,25 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
 @contextlib.contextmanager
 def mount(url: str, mountpoint: str, *, branch: Optional[str] = None, revision: Optional[str] = None,
           host: Optional[str] = None, token: Optional[str] = None, cache_dir: Optional[str] = None,
-          prefetch_dir_on_open: int = 32, timeout: float = START_TIMEOUT) -> Iterator[MountHandle]:
+          prefetch_dir_on_open: int = 32, whole_file_max: Optional[int] = None,
+          timeout: float = START_TIMEOUT) -> Iterator[MountHandle]:
     """Mount ``dagshub://OWNER/REPO[/PATH]`` read-only at ``mountpoint`` (an empty directory) for the block.
 
     The mount runs in a background process and is unmounted on exit, so any program (C/C++ readers, shell tools)
-    can read the files while the block runs, sharing streamloader's cache::
+    can read the files while the block runs, sharing streamloader's cache. ``prefetch_dir_on_open``: files read
+    ahead when a program opens a folder's files in listing order (0 = off); ``whole_file_max``: files up to this
+    size are downloaded whole on open, larger ones read by HTTP ranges (default 256 MiB). The token (if given)
+    reaches the mount process through its environment, never its command line::
 
         with streamloader.mount("dagshub://user/repo/data", "/mnt/data"):
             subprocess.run(["tar", "cf", "/tmp/data.tar", "-C", "/mnt/data", "."], check=True)
     """
     options = MountOptions(url, mountpoint, branch=branch, revision=revision, host=host, cache_dir=cache_dir,
-                           read_ahead=prefetch_dir_on_open)
+                           read_ahead=prefetch_dir_on_open, whole_file_max=whole_file_max)
     handle = start(options, token=token, timeout=timeout)
     try:
         yield handle
     finally:
         handle.unmount()
+        with contextlib.suppress(OSError):
+            os.unlink(handle.log_path)

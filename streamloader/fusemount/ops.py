@@ -127,6 +127,7 @@ class RepoOperations(mfusepy.Operations):
         self._handles: Dict[int, Union[Any, _RangeFile]] = {}
         self._next_fh = count(1)
         self._folder_lock = threading.Lock()
+        self.started = False
         self._ahead = ReadAhead(self._prefetch_one, read_ahead, skip=self._needs_no_prefetch) if read_ahead else None
 
     # -- paths ----------------------------------------------------------------------------------------------------
@@ -232,6 +233,10 @@ class RepoOperations(mfusepy.Operations):
             self.repo.local_path(rel)
 
     # -- life cycle -----------------------------------------------------------------------------------------------
+    def init(self, path: str) -> None:
+        """The kernel connected: the mount is up (libfuse's exit status cannot tell a signal from a failure)."""
+        self.started = True
+
     def destroy(self, path: str) -> None:
         """On unmount: stop the read-ahead, close what is open and let the cache finish storing new files."""
         if self._ahead is not None:

@@ -54,7 +54,8 @@ class ReadAhead:
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers or window), thread_name_prefix="readahead")
         self._streams: "OrderedDict[Hashable, _Stream]" = OrderedDict()
         self._scheduled: Dict[str, Future] = {}  # path -> its pending or running download (any stream)
-        self._lock = threading.Lock()
+        # reentrant: cancelling a future under the lock runs its done callback (_forget) in the same thread
+        self._lock = threading.RLock()
         self._closed = False
         self.submitted = self.cancelled = 0  # counters, for logs and tests
 

@@ -362,21 +362,29 @@ class DagsHubClient:
         return self._sha is not None
 
     def commit_time(self) -> Optional[float]:
-        """The pinned commit's timestamp (POSIX seconds), or None when the server gives none (one request)."""
+        """The pinned commit's timestamp (POSIX seconds), or None when the server gives none.
+
+        Asks the commit record, then (servers that leave it empty there) the branch record when its head is still
+        the pinned commit: at most two requests.
+        """
         import datetime
 
         sha = self.resolve_revision()
-        data = self._get_json(self.ref.api_url("commits", sha), "commit lookup")
-        commit = data.get("commit", data) if isinstance(data, dict) else {}
-        text = str(commit.get("timestamp") or "") if isinstance(commit, dict) else ""
-        try:
-            stamp = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        if stamp.tzinfo is None:
-            stamp = stamp.replace(tzinfo=datetime.timezone.utc)
-        seconds = stamp.timestamp()
-        return seconds if seconds > 0 else None
+        lookups = [("commits", sha)] + ([("branches", self.branch)] if self.branch else [])
+        for kind, name in lookups:
+            data = self._get_json(self.ref.api_url(kind, name), f"{kind[:-1]} lookup")
+            commit = data.get("commit", data) if isinstance(data, dict) else {}
+            if not isinstance(commit, dict) or commit.get("id", sha) != sha:
+                continue
+            try:
+                stamp = datetime.datetime.fromisoformat(str(commit.get("timestamp") or "").replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            if stamp.tzinfo is None:
+                stamp = stamp.replace(tzinfo=datetime.timezone.utc)
+            if stamp.timestamp() > 0:
+                return stamp.timestamp()
+        return None
 
     def pin(self, sha: str) -> None:
         """Use ``sha`` as the resolved revision without asking the server (offline mode, known commits)."""
