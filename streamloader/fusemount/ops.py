@@ -1,10 +1,15 @@
 """The FUSE operations of ``streamloader mount``: a read-only view of one :class:`RemoteRepo` folder.
 
 Everything is served from streamloader's shared cache, so a file is downloaded once for the mount, the hooks and
-every other process. Files up to ``whole_file_max`` are downloaded whole on first open and read at any offset
+every other process. Files up to ``whole_file_max`` are downloaded whole on first read and read at any offset
 from the cached file (``pread``); larger ones that are not cached yet are read through HTTP ranges in blocks.
 The commit is pinned for the life of the mount, so the kernel may keep names, attributes and pages for as long
 as it likes (long timeouts, ``kernel_cache``): a second read of a file never reaches this process.
+
+Opens cost nothing here: with libfuse 3 on a kernel that allows it, ``open`` answers ENOSYS once and the kernel
+stops sending opens and releases at all (a warm read of a small file is then one lookup and one read in this
+process, a re-read none). Files are therefore fetched on their first read and kept open in a bounded table keyed
+by path; a download error shows as EIO on read, a missing file as ENOENT on lookup.
 
 This module imports ``mfusepy`` (and so libfuse) at import time: load it through
 :func:`streamloader.fusemount.control.load_binding`, which turns a missing library into a clear MountError.
@@ -18,8 +23,8 @@ import posixpath
 import stat
 import threading
 import time
-from itertools import count
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import mfusepy
 
@@ -33,7 +38,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["RepoOperations", "file_size"]
 
-RANGE_BLOCK = 8 * 1024 * 1024  # bytes fetched per HTTP range request of a big uncached file
+RANGE_BLOCK = 4 * 1024 * 1024  # bytes fetched per HTTP range request of a big uncached file
+OPEN_FILES = 512  # cached files kept open for reads (least recently used closed first)
+RANGE_FILES = 16  # big uncached files kept (each holds one RANGE_BLOCK)
+_CAP_NO_OPEN_SUPPORT = 1 << 17  # libfuse 3's FUSE_CAP_NO_OPEN_SUPPORT
 
 
 def file_size(repo: RemoteRepo, entry: RemoteEntry) -> int:
@@ -106,9 +114,6 @@ class _RangeFile:
             offset += len(piece)
         return b"".join(out)
 
-    def close(self) -> None:
-        self._block = (-1, b"")
-
 
 class RepoOperations(mfusepy.Operations):
     """Read-only FUSE operations over ``repo`` at ``root`` (a folder of the repo; "" = the whole repo)."""
@@ -123,11 +128,14 @@ class RepoOperations(mfusepy.Operations):
         self._mtime_ns = int((mtime if mtime is not None else time.time()) * 1e9)
         self._uid, self._gid = os.getuid(), os.getgid()
         self._attrs: Dict[str, Dict[str, Any]] = {}
-        self._folders: Dict[str, Tuple[List[str], Dict[str, int]]] = {}  # dir -> (file paths in order, index)
-        self._handles: Dict[int, Union[Any, _RangeFile]] = {}
-        self._next_fh = count(1)
+        self._folders: Dict[str, Tuple[List[str], Dict[str, int]]] = {}  # dir -> (file paths in order, position)
+        self._entries: Dict[str, RemoteEntry] = {}  # file entries of the folders in _folders
+        self._files: "OrderedDict[str, Any]" = OrderedDict()  # repo path -> open cached file (LRU)
+        self._ranges: "OrderedDict[str, _RangeFile]" = OrderedDict()
+        self._files_lock = threading.Lock()
         self._folder_lock = threading.Lock()
         self.started = False
+        self.no_open = False  # set in init when the kernel may skip opens
         self._ahead = ReadAhead(self._prefetch_one, read_ahead, skip=self._needs_no_prefetch) if read_ahead else None
 
     # -- paths ----------------------------------------------------------------------------------------------------
@@ -169,49 +177,64 @@ class RepoOperations(mfusepy.Operations):
                 "f_ffree": 0, "f_favail": 0, "f_namemax": 255}
 
     # -- content --------------------------------------------------------------------------------------------------
-    @_fuse_errors
     def open(self, path: str, flags: int) -> int:
-        """Whole-file download into the cache (or a range reader for big files); the handle reads it at offsets."""
+        """Nothing to do (files are fetched on first read): ENOSYS tells the kernel to stop asking, where it may."""
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
-            raise mfusepy.FuseOSError(errno.EROFS)
-        rel = self._repo_path(path)
-        entry = self.repo.info(rel)
-        if entry.is_dir:
-            raise mfusepy.FuseOSError(errno.EISDIR)
-        if self._ahead is not None:
-            self._note_open(rel)
-        size = file_size(self.repo, entry)
-        handle: Union[Any, _RangeFile]
-        if self.repo.cache is not None and (size <= self.whole_file_max or self.repo.cached_path(rel)):
-            handle = self.repo.open(rel, opener=_unbuffered)
-        else:
-            handle = _RangeFile(self.repo, rel, size)
-        fh = next(self._next_fh)
-        self._handles[fh] = handle
-        return fh
+            raise mfusepy.FuseOSError(errno.EROFS)  # the kernel refuses these on a ro mount already
+        if self.no_open:
+            raise mfusepy.FuseOSError(errno.ENOSYS)
+        return 0
 
     @_fuse_errors
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        handle = self._handles.get(fh)
+        """Bytes at ``offset`` from the cached file (whole-file download on first read) or by HTTP ranges."""
+        rel = self._repo_path(path)
+        with self._files_lock:
+            handle = self._files.get(rel) or self._ranges.get(rel)
         if handle is None:
-            raise mfusepy.FuseOSError(errno.EBADF)
+            handle = self._open_file(rel)
         if isinstance(handle, _RangeFile):
             return handle.pread(size, offset)
         return os.pread(handle.fileno(), size, offset)
 
-    def release(self, path: str, fh: int) -> int:
-        handle = self._handles.pop(fh, None)
+    def _open_file(self, rel: str) -> Any:
+        entry = self.repo.info(rel)
+        if entry.is_dir:
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", rel)
+        if self._ahead is not None:
+            self._note_open(rel)
+        size = file_size(self.repo, entry)
+        handle: Any = None
+        cache = self.repo.cache
+        if cache is not None:
+            local = cache.get(self.repo.cache_key(entry))
+            if local is not None:
+                try:
+                    handle = _unbuffered(local)
+                except FileNotFoundError:  # evicted since get(): fetch it again below
+                    handle = None
+            if handle is None and size <= self.whole_file_max:
+                handle = self.repo.open(rel, opener=_unbuffered)
         if handle is not None:
-            handle.close()
-        return 0
+            table, limit = self._files, OPEN_FILES
+        else:
+            handle, table, limit = _RangeFile(self.repo, rel, size), self._ranges, RANGE_FILES
+        with self._files_lock:
+            handle = table.setdefault(rel, handle)
+            table.move_to_end(rel)
+            while len(table) > limit:
+                table.popitem(last=False)  # closed when its last reader lets go (a read may hold it right now)
+        return handle
 
     # -- read-ahead -----------------------------------------------------------------------------------------------
     def _folder(self, folder: str) -> Tuple[List[str], Dict[str, int]]:
         known = self._folders.get(folder)
         if known is None:
-            paths = [e.path for e in self.repo.ls(folder) if not e.is_dir]
+            entries = [e for e in self.repo.ls(folder) if not e.is_dir]
+            paths = [e.path for e in entries]
             known = (paths, {p: i for i, p in enumerate(paths)})
             with self._folder_lock:
+                self._entries.update((e.path, e) for e in entries)
                 self._folders.setdefault(folder, known)
         return known
 
@@ -223,26 +246,30 @@ class RepoOperations(mfusepy.Operations):
             self._ahead.opened((mfusepy.fuse_get_context()[2], folder), position, paths)
 
     def _needs_no_prefetch(self, rel: str) -> bool:
-        entry = self.repo.info(rel)
+        entry = self._entries.get(rel) or self.repo.info(rel)
         if entry.size and entry.size > self.whole_file_max:
             return True
-        return self.repo.cached_path(rel) is not None
+        return self.repo.cache is None or self.repo.cache.get(self.repo.cache_key(entry)) is not None
 
     def _prefetch_one(self, rel: str) -> None:
         if file_size(self.repo, self.repo.info(rel)) <= self.whole_file_max:
             self.repo.local_path(rel)
 
     # -- life cycle -----------------------------------------------------------------------------------------------
-    def init(self, path: str) -> None:
+    def init_with_config(self, conn: Any, config: Any) -> None:
         """The kernel connected: the mount is up (libfuse's exit status cannot tell a signal from a failure)."""
         self.started = True
+        self.no_open = bool(mfusepy.fuse_version_major >= 3 and conn is not None
+                            and conn.capable & _CAP_NO_OPEN_SUPPORT)
+        log.debug("mounted; kernel skips opens: %s", self.no_open)
 
     def destroy(self, path: str) -> None:
         """On unmount: stop the read-ahead, close what is open and let the cache finish storing new files."""
         if self._ahead is not None:
             self._ahead.close()
-        for fh in list(self._handles):
-            self.release(path, fh)
+        with self._files_lock:
+            self._files.clear()
+            self._ranges.clear()
         if self.repo.cache is not None:
             self.repo.cache.flush(timeout=30)
 
