@@ -12,7 +12,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Dict, List
 
-from streamloader.benchmarks import cases_scale
+from streamloader.benchmarks import cases_mount, cases_scale
+from streamloader.benchmarks.cases_mount import case_p11
 from streamloader.benchmarks.cases_scale import case_p10
 from streamloader.benchmarks.report import CaseResult
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from streamloader.benchmarks.runner import BenchContext
 
 __all__ = ["TITLES", "GOALS", "case_p1", "case_p2", "case_p2n", "case_p3", "case_p4", "case_p5", "case_p6", "case_p7",
-           "case_p8", "case_p9", "case_p10"]
+           "case_p8", "case_p9", "case_p10", "case_p11"]
 
 TITLES = {
     "P1": "cold epoch, streamloader dataset (background prefetch) vs guide loop + official hooks",
@@ -34,10 +35,12 @@ TITLES = {
     "P8": "peak RSS streaming one tar shard over dagshub:// (above baseline)",
     "P9": "processes cold-reading the same files through one cache: file GETs",
     "P10": cases_scale.TITLE,
+    "P11": cases_mount.TITLE,
 }
 GOALS = {
     "P1": ">= 30x", "P2": ">= 2x", "P2n": ">= 2x", "P3": ">= 0.9x", "P4": "<= 1.05x", "P5": ">= 50x", "P6": ">= 1.0x",
     "P7": ">= 500k rows/s", "P8": "<= 200 MB", "P9": "== files", "P10": cases_scale.GOAL,
+    "P11": cases_mount.GOAL,
 }
 
 def _guide_loop(ctx: "BenchContext", client: str) -> Dict[str, Any]:

@@ -20,7 +20,7 @@ class ChildError(RuntimeError):
 
 
 def _tasks() -> Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]:
-    from streamloader.benchmarks import sides_local, sides_remote, sides_scale
+    from streamloader.benchmarks import sides_local, sides_mount, sides_remote, sides_scale
 
     return {
         "guide_loop": sides_remote.guide_loop,
@@ -36,12 +36,16 @@ def _tasks() -> Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]:
         "scale_first_image": sides_scale.scale_first_image,
         "scale_listdir": sides_scale.scale_listdir,
         "scale_loader": sides_scale.scale_loader,
+        "mount_read": sides_mount.mount_read,
+        "local_read": sides_mount.local_read,
+        "official_mount_read": sides_mount.official_mount_read,
+        "official_hooks_read": sides_mount.official_hooks_read,
     }
 
 
 TASKS = ("guide_loop", "one_get_floor", "dataset_epoch", "warm_epoch", "shared_cache_reader", "stream_tar",
          "hook_overhead", "feature_epoch", "tar_loaders", "labels_speed", "scale_first_image", "scale_listdir",
-         "scale_loader")
+         "scale_loader", "mount_read", "local_read", "official_mount_read", "official_hooks_read")
 
 
 def run_child(task: str, params: Mapping[str, Any], out_path: str, *, env: Optional[Mapping[str, str]] = None,

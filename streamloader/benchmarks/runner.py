@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["BenchSizes", "FULL", "QUICK", "BenchContext", "run_benchmarks", "CASE_IDS", "parse_only"]
 
-CASE_IDS = ("P1", "P2", "P2n", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10")
+CASE_IDS = ("P1", "P2", "P2n", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P11")
 
 
 @dataclass(frozen=True)
@@ -55,13 +55,16 @@ class BenchSizes:
     p9_processes: int = 4
     p10_files: int = 540_000  # P10: the user's folder at its real size (synthesised by the server)
     p10_images: int = 64  # images P10c's DataLoader reads
+    p11_official_files: int = 300  # JPEGs the official hooks read one by one for P11 (per-file time x n_images)
+    p11_warm_mounts: int = 3  # fresh mounts over the warm cache for P11b; the median counts
 
 
 FULL = BenchSizes()
 QUICK = BenchSizes(n_images=24, p2_floor_files=24, p3_repeats=1, p3_processes=1, p4_files=50, p4_passes=2, p4_rounds=3,
                    p4_helper_n=2000, p5_images=8, p6_shards=2, p6_per_shard=32, p6_repeats=1, p7_rows=20_000,
                    p8_samples=40, p8_sample_bytes=100_000, p9_files=24, p9_processes=4,
-                   p10_files=3000, p10_images=8, p2n_files=24)
+                   p10_files=3000, p10_images=8, p2n_files=24,
+                   p11_official_files=24, p11_warm_mounts=1)
 
 
 def parse_only(text: Optional[str]) -> List[str]:
