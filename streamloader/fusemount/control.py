@@ -234,6 +234,7 @@ def start(options: MountOptions, token: Optional[str] = None, timeout: float = S
     env.setdefault("STREAMLOADER_NONINTERACTIVE", "1")  # nobody can answer a login prompt in a detached process
     if token:
         env["DAGSHUB_TOKEN"] = token  # the environment, never argv (process lists show argv)
+    own_log = log_path is None
     if log_path is None:
         fd, log_path = tempfile.mkstemp(prefix="streamloader-mount-", suffix=".log")
         os.close(fd)
@@ -245,6 +246,9 @@ def start(options: MountOptions, token: Optional[str] = None, timeout: float = S
     while not is_mounted(mountpoint):
         if process.poll() is not None:
             message = _log_tail(log_path) or f"the mount process exited with status {process.returncode}"
+            if own_log:
+                with contextlib.suppress(OSError):
+                    os.unlink(log_path)
             raise MountError(message.replace("streamloader mount: error: ", ""))
         if time.monotonic() > deadline:
             process.kill()
