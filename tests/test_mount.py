@@ -328,17 +328,19 @@ def test_missing_libfuse_or_device_is_one_clear_line(tmp_path):
 
 
 @needs_fuse
-def test_unknown_size_is_learnt_from_the_downloaded_file(server):
-    from streamloader.fusemount.ops import file_size  # noqa: F401 - needs mfusepy
+def test_unknown_size_is_asked_for_that_one_path(server):
+    from streamloader.fusemount.ops import file_size
     from streamloader.remote.client import DagsHubClient, RemoteEntry
     from streamloader.remote.repo import RemoteRepo
 
     repo = RemoteRepo(DagsHubClient(server.repo_url))
     listed = repo.info("data/0002.jpg")
+    real = len(Path(server.folder.root, "data", "0002.jpg").read_bytes())
     for unknown in (0, None):
         entry = RemoteEntry(listed.path, "file", unknown, listed.hash, listed.versioning)  # type: ignore[arg-type]
-        assert file_size(repo, entry) == listed.size
-    assert server.request_count("data/0002.jpg", kind="raw") == 1  # downloaded once, then the cached size
+        assert file_size(repo, entry) == real
+    assert server.request_count("data/0002.jpg", kind="raw") == 0  # a size question, not a download
+    assert file_size(repo, RemoteEntry("README.md", "file", 12)) == 12  # a known size: no question at all
 
 
 def test_read_ahead_cancels_what_has_not_started_on_a_jump():

@@ -47,11 +47,15 @@ _CAP_NO_OPEN_SUPPORT = 1 << 17  # libfuse 3's FUSE_CAP_NO_OPEN_SUPPORT
 def file_size(repo: RemoteRepo, entry: RemoteEntry) -> int:
     """The real size of a file entry: the ONE place the mount learns sizes.
 
-    A size of None or 0 counts as unknown (listings may come without sizes): the file is then downloaded into the
-    cache and the cached file's size, which is exact, is the answer.
+    A size of None or 0 counts as unknown (folder listings come without sizes): :meth:`RemoteRepo.stat` then gives
+    it (from the cached copy, else by asking about that one path); if that still says nothing, the file is
+    downloaded and the cached file's size, which is exact, is the answer.
     """
     if entry.size:
         return int(entry.size)
+    size = repo.stat(entry.path).size
+    if size:
+        return int(size)
     local = repo.cached_path(entry.path) or repo.local_path(entry.path)
     return os.stat(local).st_size
 
@@ -207,7 +211,7 @@ class RepoOperations(mfusepy.Operations):
         handle: Any = None
         cache = self.repo.cache
         if cache is not None:
-            local = cache.get(self.repo.cache_key(entry))
+            local = self.repo.cached_path(rel)
             if local is not None:
                 try:
                     handle = _unbuffered(local)
@@ -249,7 +253,7 @@ class RepoOperations(mfusepy.Operations):
         entry = self._entries.get(rel) or self.repo.info(rel)
         if entry.size and entry.size > self.whole_file_max:
             return True
-        return self.repo.cache is None or self.repo.cache.get(self.repo.cache_key(entry)) is not None
+        return self.repo.cache is None or self.repo.cached_path(rel) is not None
 
     def _prefetch_one(self, rel: str) -> None:
         if file_size(self.repo, self.repo.info(rel)) <= self.whole_file_max:
