@@ -44,15 +44,21 @@ RANGE_FILES = 16  # big uncached files kept (each holds one RANGE_BLOCK)
 _CAP_NO_OPEN_SUPPORT = 1 << 17  # libfuse 3's FUSE_CAP_NO_OPEN_SUPPORT
 
 
-def file_size(repo: RemoteRepo, entry: RemoteEntry) -> int:
+def file_size(repo: RemoteRepo, entry: RemoteEntry, local: Optional[str] = None) -> int:
     """The real size of a file entry: the ONE place the mount learns sizes.
 
     A size of None or 0 counts as unknown (folder listings come without sizes): :meth:`RemoteRepo.stat` then gives
     it (from the cached copy, else by asking about that one path); if that still says nothing, the file is
-    downloaded and the cached file's size, which is exact, is the answer.
+    downloaded and the cached file's size, which is exact, is the answer. ``local``: the cached copy, if the
+    caller has found it already.
     """
     if entry.size:
         return int(entry.size)
+    if local is not None:
+        try:
+            return os.stat(local).st_size
+        except FileNotFoundError:  # evicted meanwhile
+            pass
     size = repo.stat(entry.path).size
     if size:
         return int(size)
@@ -134,6 +140,7 @@ class RepoOperations(mfusepy.Operations):
         self._attrs: Dict[str, Dict[str, Any]] = {}
         self._folders: Dict[str, Tuple[List[str], Dict[str, int]]] = {}  # dir -> (file paths in order, position)
         self._entries: Dict[str, RemoteEntry] = {}  # file entries of the folders in _folders
+        self._local: Dict[str, str] = {}  # repo path -> its cached copy, found by a lookup, until the first read
         self._files: "OrderedDict[str, Any]" = OrderedDict()  # repo path -> open cached file (LRU)
         self._ranges: "OrderedDict[str, _RangeFile]" = OrderedDict()
         self._files_lock = threading.Lock()
@@ -163,7 +170,10 @@ class RepoOperations(mfusepy.Operations):
         entry = self.repo.info(rel)
         attrs = self._dir_attrs()
         if not entry.is_dir:
-            attrs.update(st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=file_size(self.repo, entry))
+            local = None if entry.size else self.repo.cached_path(rel)
+            if local is not None:
+                self._local[rel] = local  # the first read opens it without looking again
+            attrs.update(st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=file_size(self.repo, entry, local))
         self._attrs[path] = attrs
         return attrs
 
@@ -207,11 +217,12 @@ class RepoOperations(mfusepy.Operations):
             raise IsADirectoryError(errno.EISDIR, "Is a directory", rel)
         if self._ahead is not None:
             self._note_open(rel)
-        size = file_size(self.repo, entry)
+        local = self._local.pop(rel, None)
+        size = file_size(self.repo, entry, local)
         handle: Any = None
         cache = self.repo.cache
         if cache is not None:
-            local = self.repo.cached_path(rel)
+            local = local or self.repo.cached_path(rel)
             if local is not None:
                 try:
                     handle = _unbuffered(local)
@@ -253,7 +264,7 @@ class RepoOperations(mfusepy.Operations):
         entry = self._entries.get(rel) or self.repo.info(rel)
         if entry.size and entry.size > self.whole_file_max:
             return True
-        return self.repo.cache is None or self.repo.cached_path(rel) is not None
+        return self.repo.cache is None or rel in self._local or self.repo.cached_path(rel) is not None
 
     def _prefetch_one(self, rel: str) -> None:
         if file_size(self.repo, self.repo.info(rel)) <= self.whole_file_max:
