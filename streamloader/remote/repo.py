@@ -310,7 +310,7 @@ class RemoteRepo:
     def cache_key(self, entry: RemoteEntry) -> CacheKey:
         """Content hash when the listing has one, else (host, repo, commit sha, path): never stale either way."""
         if entry.hash:
-            return CacheKey.from_hash(entry.versioning, entry.hash)
+            return CacheKey.from_hash(entry.versioning, entry.hash, scope=self.client.ref.url)
         return self._location_key(entry.path)
 
     def _location_key(self, path: str) -> CacheKey:

@@ -1,0 +1,234 @@
+"""The cache's housekeeping, off the read path: walking objects/, sweeping dead temp files, the shared size total.
+
+Package-internal: :class:`streamloader.cache.FileCache` is the only user. Everything here works on a cache root
+and the entry locks (``lock_for(kind, digest)`` returns an :class:`~streamloader._entrylock.EntryLock`), never on
+the FileCache itself, so the cache can move into a package without dragging these along.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from typing import Callable, Iterator, List, Optional, Tuple
+
+from streamloader._entrylock import EntryLock, Timeout
+
+log = logging.getLogger("streamloader.cache")
+
+__all__ = ["SWEEP_INTERVAL", "SWEEP_STAMP", "SharedUsage", "evict", "scan_objects", "sweep_due", "sweep_temp",
+           "temp_name"]
+
+SWEEP_STAMP = os.path.join("locks", "last-sweep")  # mtime = when a process last swept tmp/ on start
+SWEEP_INTERVAL = 300.0  # seconds: a starting FileCache sweeps tmp/ at most this often per cache root
+LEGACY_TMP_AGE = 3600.0  # a temp file named without its entry's kind (older versions) is swept after this long
+USAGE_FILE = "usage"  # locks/usage: "<bytes in objects/> <time of the last full scan>", rewritten under a lock
+_USAGE_FORMAT = "%20d %20.3f\n"
+_TEMP_NAME = re.compile(r"(?:([a-z0-9]+)-)?([0-9a-f]+)\.(\d+)\.[0-9a-f]+\.part")
+
+LockFor = Callable[[str, str], EntryLock]
+
+
+def scan_objects(root: str) -> Iterator[Tuple[str, os.stat_result]]:
+    """(path, stat) of every finished object under ``root/objects`` (entries removed meanwhile are skipped)."""
+    for dirpath, _dirs, files in os.walk(os.path.join(root, "objects")):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            try:
+                yield path, os.stat(path)
+            except FileNotFoundError:
+                continue
+
+
+def evict(entries: List[Tuple[str, os.stat_result]], total: int, target: int, keep: Optional[str],
+          lock_for: LockFor) -> Tuple[int, int]:
+    """Remove least recently used entries until ``total`` <= ``target``: (entries removed, bytes left).
+
+    ``keep`` is never removed, nor an entry whose lock is held (being downloaded or checked right now); a reader
+    that already opened an entry keeps its inode after the unlink.
+    """
+    removed = 0
+    for path, st in sorted(entries, key=lambda e: e[1].st_mtime):
+        if total <= target:
+            break
+        if path == keep:
+            continue
+        lock = lock_for(os.path.basename(os.path.dirname(os.path.dirname(path))), os.path.basename(path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue
+        try:
+            os.unlink(path)
+            total -= st.st_size
+            removed += 1
+        except FileNotFoundError:
+            pass
+        finally:
+            lock.release()
+    if removed:
+        log.info("evicted %d cache entries (cache now %.1f MB)", removed, total / 1e6)
+    return removed, total
+
+
+def sweep_due(root: str, interval: float) -> bool:
+    """True (and the stamp renewed) when no process swept ``root``'s temp files in the last ``interval`` seconds.
+
+    One ``stat`` when a sweep is not due; processes starting together may both sweep, which is harmless.
+    """
+    stamp = os.path.join(root, SWEEP_STAMP)
+    try:
+        if 0 <= time.time() - os.stat(stamp).st_mtime < interval:
+            return False
+    except OSError:
+        pass
+    try:
+        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600))
+        os.utime(stamp)
+    except OSError:  # a read-only cache can still be read; it just is not swept
+        return False
+    return True
+
+
+def sweep_temp(root: str, lock_for: LockFor) -> int:
+    """Delete temp files nobody is writing any more; returns how many. This process's own are never touched.
+
+    A temp file is named ``<kind>-<digest>.<pid>.<random>.part`` and exists only while its writer holds the entry's
+    lock, so it is left over when its process is gone, or when that entry's lock is free (the pid was reused, or
+    the writer lives in another pid namespace). Names without the kind (older versions) go by pid and age.
+    """
+    tmpdir = os.path.join(root, "tmp")
+    try:
+        names = os.listdir(tmpdir)
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for name in names:
+        path = os.path.join(tmpdir, name)
+        pid, kind, digest = _parse_temp_name(name)
+        if pid == os.getpid():
+            continue
+        if not _pid_alive(pid):
+            removed += _unlink(path)
+        elif digest:
+            removed += _unlink_if_unlocked(path, lock_for(kind, digest))
+        elif _age(path) >= LEGACY_TMP_AGE:
+            removed += _unlink(path)
+    return removed
+
+
+def temp_name(kind: str, digest: str) -> str:
+    """A fresh temp file name for an entry (see :func:`sweep_temp`)."""
+    return f"{kind}-{digest}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+
+
+def _parse_temp_name(name: str) -> Tuple[int, str, str]:
+    """(pid, kind, digest) of a temp file name; pid -1 when unreadable, kind and digest "" for old-style names."""
+    match = _TEMP_NAME.fullmatch(name)
+    if match is None:
+        return -1, "", ""
+    return int(match.group(3)), match.group(1) or "", match.group(2) if match.group(1) else ""
+
+
+def _age(path: str) -> float:
+    try:
+        return time.time() - os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _unlink_if_unlocked(path: str, lock: EntryLock) -> bool:
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False  # its writer is at work
+    try:
+        return _unlink(path)
+    finally:
+        lock.release()
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SharedUsage:
+    """The bytes in a cache's ``objects/``, one running total for every process that stores into it.
+
+    Each store adds its size under a lock (``locks/usage``, ~30 us); only when the total passes the cap, or the last
+    full scan is older than ``rescan_after`` seconds (files added by uncapped caches or other versions, removed by
+    hand, ...), does the storing process scan and evict, still holding the lock, so the others wait for it instead
+    of scanning (and evicting) too. The cache then exceeds its cap by at most the files that landed but were not
+    counted yet: one per concurrent writer (thread or process). Over-counting (a file the scan already saw) only
+    brings the next eviction forward.
+    """
+
+    def __init__(self, root: str):
+        self.locks_dir = os.path.join(root, "locks")
+        self.path = os.path.join(self.locks_dir, USAGE_FILE)
+        self._thread_lock = threading.Lock()  # the entry lock belongs to an open file: threads queue up here first
+
+    def add(self, added: int, cap: int, rescan_after: float, scan: Callable[[], int], timeout: float) -> None:
+        """Count ``added`` new bytes; when that passes ``cap`` (or the total is stale) ``scan()`` must enforce the
+        cap and return the bytes left. Gives up after ``timeout`` seconds of waiting (the next store catches up)."""
+        if not self._thread_lock.acquire(timeout=timeout if timeout >= 0 else -1):
+            return
+        try:
+            lock = EntryLock(self.locks_dir, "usage", "0" * 40, timeout)  # a kind no entry has
+            try:
+                lock.acquire(timeout=timeout)
+            except Timeout:
+                log.warning("cache size total: timed out after %.0fs waiting for another process's scan", timeout)
+                return
+            try:
+                self._add_locked(added, cap, rescan_after, scan)
+            finally:
+                lock.release()
+        finally:
+            self._thread_lock.release()
+
+    def _add_locked(self, added: int, cap: int, rescan_after: float, scan: Callable[[], int]) -> None:
+        total, scanned_at = self._read()
+        now = time.time()
+        if total is not None and 0 <= now - scanned_at < rescan_after:
+            total += added
+            if total <= cap:
+                self._write(total, scanned_at)
+                return
+        self._write(scan(), time.time())
+
+    def _read(self) -> Tuple[Optional[int], float]:
+        try:
+            with open(self.path, "rb") as f:
+                total, scanned_at = f.read(64).split()
+            return int(total), float(scanned_at)
+        except (OSError, ValueError):  # missing, or torn by a crash: scan again
+            return None, 0.0
+
+    def _write(self, total: int, scanned_at: float) -> None:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except FileNotFoundError:  # locks/ was deleted: the next store scans again
+            return
+        try:
+            os.write(fd, (_USAGE_FORMAT % (max(total, 0), scanned_at)).encode())  # fixed width: no truncate
+        finally:
+            os.close(fd)
