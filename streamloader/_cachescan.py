@@ -42,19 +42,17 @@ def scan_objects(root: str) -> Iterator[Tuple[str, os.stat_result]]:
                 continue
 
 
-def evict(entries: List[Tuple[str, os.stat_result]], total: int, target: int, keep: Optional[str],
+def evict(entries: List[Tuple[str, os.stat_result]], total: int, target: int,
           lock_for: LockFor) -> Tuple[int, int]:
     """Remove least recently used entries until ``total`` <= ``target``: (entries removed, bytes left).
 
-    ``keep`` is never removed, nor an entry whose lock is held (being downloaded or checked right now); a reader
-    that already opened an entry keeps its inode after the unlink.
+    An entry whose lock is held (being downloaded or checked right now) is skipped; a reader that already opened
+    an entry keeps its inode after the unlink.
     """
     removed = 0
     for path, st in sorted(entries, key=lambda e: e[1].st_mtime):
         if total <= target:
             break
-        if path == keep:
-            continue
         lock = lock_for(os.path.basename(os.path.dirname(os.path.dirname(path))), os.path.basename(path))
         try:
             lock.acquire(timeout=0)
@@ -173,12 +171,12 @@ def _pid_alive(pid: int) -> bool:
 class SharedUsage:
     """The bytes in a cache's ``objects/``, one running total for every process that stores into it.
 
-    Each store adds its size under a lock (``locks/usage``, ~30 us); only when the total passes the cap, or the last
-    full scan is older than ``rescan_after`` seconds (files added by uncapped caches or other versions, removed by
-    hand, ...), does the storing process scan and evict, still holding the lock, so the others wait for it instead
-    of scanning (and evicting) too. The cache then exceeds its cap by at most the files that landed but were not
-    counted yet: one per concurrent writer (thread or process). Over-counting (a file the scan already saw) only
-    brings the next eviction forward.
+    A capped cache lands each new entry under this lock (``locks/usage``, ~50 us): the entry's size is added and it
+    is renamed into place, so the total never lags behind the disk. Only when the total would pass the cap, or the
+    last full scan is older than ``rescan_after`` seconds (files stored by uncapped caches or other versions, removed
+    by hand, ...), does the storing process scan and evict, still holding the lock, so the others wait for it
+    instead of scanning (and evicting) too. Processes that share the root then never exceed the cap together
+    (one entry larger than the cap still lands).
     """
 
     def __init__(self, root: str):
@@ -186,10 +184,13 @@ class SharedUsage:
         self.path = os.path.join(self.locks_dir, USAGE_FILE)
         self._thread_lock = threading.Lock()  # the entry lock belongs to an open file: threads queue up here first
 
-    def add(self, added: int, cap: int, rescan_after: float, scan: Callable[[], int], timeout: float) -> None:
-        """Count ``added`` new bytes; when that passes ``cap`` (or the total is stale) ``scan()`` must enforce the
-        cap and return the bytes left. Gives up after ``timeout`` seconds of waiting (the next store catches up)."""
+    def add(self, added: int, cap: int, rescan_after: float, scan: Callable[[], int], timeout: float,
+            land: Callable[[], None]) -> None:
+        """Count ``added`` new bytes and call ``land()`` (which puts them on disk) under the lock. When the total
+        would pass ``cap`` (or is stale), ``scan()`` must first make room and return the bytes left. After
+        ``timeout`` seconds of waiting for the lock, ``land()`` runs uncounted (the next scan catches up)."""
         if not self._thread_lock.acquire(timeout=timeout if timeout >= 0 else -1):
+            land()
             return
         try:
             lock = EntryLock(self.locks_dir, "usage", "0" * 40, timeout)  # a kind no entry has
@@ -197,38 +198,34 @@ class SharedUsage:
                 lock.acquire(timeout=timeout)
             except Timeout:
                 log.warning("cache size total: timed out after %.0fs waiting for another process's scan", timeout)
+                land()
                 return
             try:
-                self._add_locked(added, cap, rescan_after, scan)
+                self._add_locked(added, cap, rescan_after, scan, land)
             finally:
                 lock.release()
         finally:
             self._thread_lock.release()
 
-    def _add_locked(self, added: int, cap: int, rescan_after: float, scan: Callable[[], int]) -> None:
-        total, scanned_at = self._read()
-        now = time.time()
-        if total is not None and 0 <= now - scanned_at < rescan_after:
-            total += added
-            if total <= cap:
-                self._write(total, scanned_at)
-                return
-        self._write(scan(), time.time())
-
-    def _read(self) -> Tuple[Optional[int], float]:
+    def _add_locked(self, added: int, cap: int, rescan_after: float, scan: Callable[[], int],
+                    land: Callable[[], None]) -> None:
         try:
-            with open(self.path, "rb") as f:
-                total, scanned_at = f.read(64).split()
-            return int(total), float(scanned_at)
-        except (OSError, ValueError):  # missing, or torn by a crash: scan again
-            return None, 0.0
-
-    def _write(self, total: int, scanned_at: float) -> None:
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        except FileNotFoundError:  # locks/ was deleted: the next store scans again
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except OSError:  # locks/ deleted meanwhile, or not writable: enforce the cap without the shared total
+            scan()
+            land()
             return
         try:
-            os.write(fd, (_USAGE_FORMAT % (max(total, 0), scanned_at)).encode())  # fixed width: no truncate
+            total: Optional[int] = None
+            try:
+                fields = os.pread(fd, 64, 0).split()
+                total, scanned_at = int(fields[0]), float(fields[1])
+            except (ValueError, IndexError):  # new, or torn by a crash: scan
+                scanned_at = 0.0
+            if total is None or not 0 <= time.time() - scanned_at < rescan_after or total + added > cap:
+                total, scanned_at = scan(), time.time()  # makes room while the others wait
+            land()
+            total += added
+            os.pwrite(fd, (_USAGE_FORMAT % (max(total, 0), scanned_at)).encode(), 0)  # fixed width: no truncate
         finally:
             os.close(fd)

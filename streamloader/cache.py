@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 __all__ = ["CacheKey", "FileCache", "cache_info", "default_cache_dir", "parse_size", "prune"]
 
 _TOUCH_INTERVAL = 60.0  # seconds between LRU timestamp updates of one entry
-_USAGE_RESCAN = 10.0  # seconds: how stale the shared running total of the cache size may get (see _maybe_evict)
+_USAGE_RESCAN = 10.0  # seconds: how stale the shared running total of the cache size may get (see _land)
 
 
 def default_cache_dir() -> str:
@@ -267,7 +267,7 @@ class FileCache:
             if self._lookup(key, size, True) is not None:
                 return None
             tmp, raw = self._write_temp(key, fill, size)
-            commit = _PendingCommit(self, key, tmp, raw, size, entry_lock, thread_lock)
+            commit = _PendingCommit(self, key, tmp, raw, entry_lock, thread_lock)
             entry_lock = None  # the commit releases both locks once the entry is in place
             try:
                 handle = opener(tmp)
@@ -301,17 +301,14 @@ class FileCache:
         path = self.get(key, size)
         if path is not None:
             return path
-        stored = False
         with self._thread_lock(key):
             try:
                 with self._file_lock(key):
                     path = self._lookup(key, size, True)
                     if path is None:
-                        path, stored = self._store(key, fill, size), True
+                        path = self._store(key, fill, size)
             except Timeout:
                 raise self._lock_timeout_error(key) from None
-        if stored and self.max_size is not None:
-            self._maybe_evict(keep=path, added=_size_of(path, size))
         return path
 
     def _lock_timeout_error(self, key: CacheKey) -> IntegrityError:
@@ -363,22 +360,34 @@ class FileCache:
             if hasattr(os, "fchmod"):
                 os.fchmod(raw.fileno(), 0o400)  # read-only: writing to a cached file's path cannot corrupt it
             os.fsync(raw.fileno())
+            size = os.fstat(raw.fileno()).st_size
             raw.close()
-            for attempt in range(3):
-                makedirs_private(os.path.dirname(final))  # objects/ may be deleted between this and the rename
-                try:
-                    os.replace(tmp, final)
-                    break
-                except FileNotFoundError:
-                    if attempt == 2 or not os.path.exists(tmp):
-                        raise _TempVanished(f"cannot store cache entry {key.digest}: {tmp} or "
-                                            f"{os.path.dirname(final)} vanished (was the cache deleted?)") from None
+            if self.max_size is None:
+                _rename_into_place(key, tmp, final)
+            else:
+                self._land(size, lambda: _rename_into_place(key, tmp, final))
         except BaseException:
             _discard(tmp, raw)
             raise
         if self._full:
             self._checked.add(key)
         return final
+
+    def _land(self, size: int, rename: Callable[[], None]) -> None:
+        """Enforce ``max_size`` for a new ``size``-byte entry, then ``rename`` it into place, both under the lock of
+        the running total every process shares (:class:`~streamloader._cachescan.SharedUsage`; scanning costs
+        ~3 us per entry, 1.5 s for 500k files, so the cache is scanned only when the total would pass the cap or
+        the last scan is ``_USAGE_RESCAN`` seconds old). The new entry then finds the cache at most 90% full."""
+        cap = self.max_size
+        assert cap is not None
+
+        def scan() -> int:
+            entries = list(self._entries())
+            total = sum(st.st_size for _p, st in entries)
+            target = int(cap * 0.9) - size
+            return _cachescan.evict(entries, total, target, self._lock_for)[1] if total > target else total
+
+        self._usage.add(size, cap, _USAGE_RESCAN, scan, self.lock_timeout, rename)
 
     def put_file(self, key: CacheKey, src_path: str) -> str:
         """Copy a local file into the cache under ``key`` (verified like a download)."""
@@ -402,26 +411,9 @@ class FileCache:
         self.flush()
         return dict(cache_report(self.root, by_repo=False).as_dict(), max_size=self.max_size)
 
-    def _maybe_evict(self, keep: Optional[str] = None, added: int = 0) -> None:
-        """Enforce ``max_size`` after storing ``added`` bytes (at ``keep``, which is never evicted).
-
-        Scanning costs ~3 us per entry (500k files: 1.5 s), so every process sharing the root adds to one running
-        total (:class:`~streamloader._cachescan.SharedUsage`), and the cache is scanned (and evicted to 90% of the
-        cap) only when it passes the cap or the last scan is ``_USAGE_RESCAN`` seconds old.
-        """
-        cap = self.max_size
-        assert cap is not None
-
-        def scan() -> int:
-            entries = list(self._entries())
-            total = sum(st.st_size for _p, st in entries)
-            return _cachescan.evict(entries, total, int(cap * 0.9), keep, self._lock_for)[1] if total > cap else total
-
-        self._usage.add(added, cap, _USAGE_RESCAN, scan, self.lock_timeout)
-
     def _evict(self, entries: List[Tuple[str, os.stat_result]], total: int, target: int) -> Tuple[int, int]:
         """:func:`streamloader._cachescan.evict` with this cache's locks: (entries removed, bytes left)."""
-        return _cachescan.evict(entries, total, target, None, self._lock_for)
+        return _cachescan.evict(entries, total, target, self._lock_for)
 
     def sweep_temp(self) -> int:
         """Delete temp files that nobody writes any more (their process is gone, or their entry's lock is free).
@@ -438,7 +430,7 @@ class FileCache:
         total = sum(st.st_size for _p, st in entries)
         removed = 0
         if cap is not None and total > cap:
-            removed = _cachescan.evict(entries, total, cap, None, self._lock_for)[0]
+            removed = _cachescan.evict(entries, total, cap, self._lock_for)[0]
         return {"removed": removed, "temp_removed": swept}
 
     def clear(self) -> int:
@@ -448,13 +440,16 @@ class FileCache:
         return sum(clear_parts(self).values())
 
 
-def _size_of(path: str, known: Optional[int]) -> int:
-    if known is not None:
-        return known
-    try:
-        return os.stat(path).st_size
-    except OSError:  # evicted meanwhile by another process
-        return 0
+def _rename_into_place(key: CacheKey, tmp: str, final: str) -> None:
+    for attempt in range(3):
+        makedirs_private(os.path.dirname(final))  # objects/ may be deleted between this and the rename
+        try:
+            os.replace(tmp, final)
+            return
+        except FileNotFoundError:
+            if attempt == 2 or not os.path.exists(tmp):
+                raise _TempVanished(f"cannot store cache entry {key.digest}: {tmp} or {os.path.dirname(final)} "
+                                    "vanished (was the cache deleted?)") from None
 
 
 def _open_binary(path: str) -> IO[bytes]:
@@ -483,9 +478,9 @@ def _discard(tmp: str, raw: BinaryIO) -> None:
 class _PendingCommit(OffPathTask):
     """A verified download already handed to its reader: fsync, rename into place, then release the entry's locks."""
 
-    def __init__(self, cache: FileCache, key: CacheKey, tmp: str, raw: BinaryIO, size: Optional[int],
-                 entry_lock: EntryLock, thread_lock: threading.Lock):
-        self.cache, self.key, self.tmp, self.raw, self.size = cache, key, tmp, raw, size
+    def __init__(self, cache: FileCache, key: CacheKey, tmp: str, raw: BinaryIO, entry_lock: EntryLock,
+                 thread_lock: threading.Lock):
+        self.cache, self.key, self.tmp, self.raw = cache, key, tmp, raw
         self.entry_lock, self.thread_lock = entry_lock, thread_lock
 
     def __repr__(self) -> str:
@@ -493,16 +488,13 @@ class _PendingCommit(OffPathTask):
 
     def run(self) -> None:
         try:
-            final = self.cache._publish(self.key, self.tmp, self.raw)
+            self.cache._publish(self.key, self.tmp, self.raw)
         except Exception as exc:
             # The reader already has the verified bytes; only the cached copy is lost (the next read downloads it).
             log.warning("could not store cache entry %s/%s: %s", self.key.kind, self.key.digest, exc)
-            return
         finally:
             self.entry_lock.release()
             self.thread_lock.release()
-        if self.cache.max_size is not None:
-            self.cache._maybe_evict(keep=final, added=_size_of(final, self.size))
 
     def abandon(self) -> None:
         # In a forked child: close the inherited copies of the fds (never unlock: the lock is the parent's).
