@@ -11,7 +11,7 @@ from streamloader.errors import CacheError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["makedirs_private", "atomic_write", "secure_private_dir"]
+__all__ = ["makedirs_private", "atomic_write", "rename_into_place", "secure_private_dir", "TempFileVanished"]
 
 
 def makedirs_private(path: str) -> None:
@@ -28,6 +28,24 @@ def makedirs_private(path: str) -> None:
             os.mkdir(directory, 0o700)
         except FileExistsError:  # another process or thread made it first
             pass
+
+
+class TempFileVanished(CacheError):
+    """A finished temp file disappeared before it was renamed into place (its directory was deleted)."""
+
+
+def rename_into_place(tmp: str, final: str) -> None:
+    """``os.replace(tmp, final)``, making ``final``'s directory (0700) first, and again if it is deleted meanwhile;
+    :class:`TempFileVanished` when ``tmp`` itself is gone (or the directory keeps vanishing)."""
+    for attempt in range(3):
+        makedirs_private(os.path.dirname(final))
+        try:
+            os.replace(tmp, final)
+            return
+        except FileNotFoundError:
+            if attempt == 2 or not os.path.exists(tmp):
+                raise TempFileVanished(f"cannot move {tmp} to {final}: one of them vanished (was the cache "
+                                       "deleted?)") from None
 
 
 def secure_private_dir(path: str) -> None:

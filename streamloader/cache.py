@@ -40,7 +40,7 @@ from typing import IO, BinaryIO, Callable, Dict, Iterator, List, Optional, Set, 
 from streamloader import _cachescan
 from streamloader._cachekey import HEX, CacheKey, file_matches
 from streamloader._entrylock import EntryLock, Timeout
-from streamloader._files import makedirs_private, secure_private_dir
+from streamloader._files import TempFileVanished, makedirs_private, rename_into_place, secure_private_dir
 from streamloader._offpath import QUEUE, OffPathTask
 from streamloader._verify import HashingWriter
 from streamloader.errors import CacheError, IntegrityError
@@ -301,15 +301,8 @@ class FileCache:
         path = self.get(key, size)
         if path is not None:
             return path
-        with self._thread_lock(key):
-            try:
-                with self._file_lock(key):
-                    path = self._lookup(key, size, True)
-                    if path is None:
-                        path = self._store(key, fill, size)
-            except Timeout:
-                raise self._lock_timeout_error(key) from None
-        return path
+        with self.locked(key):
+            return self._lookup(key, size, True) or self._store(key, fill, size)
 
     def _lock_timeout_error(self, key: CacheKey) -> IntegrityError:
         return IntegrityError(f"timed out after {self.lock_timeout}s waiting for another process to download "
@@ -317,12 +310,10 @@ class FileCache:
 
     def _store(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int]) -> str:
         try:
-            tmp, raw = self._write_temp(key, fill, size)
-            return self._publish(key, tmp, raw)
-        except _TempVanished:  # tmp/ was deleted under the download: once more, then it is a CacheError
+            return self._publish(key, *self._write_temp(key, fill, size))
+        except TempFileVanished:  # tmp/ was deleted under the download: once more, then it is a CacheError
             self._ensure_dirs()
-            tmp, raw = self._write_temp(key, fill, size)
-            return self._publish(key, tmp, raw)
+            return self._publish(key, *self._write_temp(key, fill, size))
 
     def _create_temp(self, key: CacheKey) -> Tuple[str, BinaryIO]:
         tmp = os.path.join(self.root, "tmp", _cachescan.temp_name(key.kind, key.digest))
@@ -363,9 +354,9 @@ class FileCache:
             size = os.fstat(raw.fileno()).st_size
             raw.close()
             if self.max_size is None:
-                _rename_into_place(key, tmp, final)
+                rename_into_place(tmp, final)
             else:
-                self._land(size, lambda: _rename_into_place(key, tmp, final))
+                self._land(size, lambda: rename_into_place(tmp, final))
         except BaseException:
             _discard(tmp, raw)
             raise
@@ -440,24 +431,8 @@ class FileCache:
         return sum(clear_parts(self).values())
 
 
-def _rename_into_place(key: CacheKey, tmp: str, final: str) -> None:
-    for attempt in range(3):
-        makedirs_private(os.path.dirname(final))  # objects/ may be deleted between this and the rename
-        try:
-            os.replace(tmp, final)
-            return
-        except FileNotFoundError:
-            if attempt == 2 or not os.path.exists(tmp):
-                raise _TempVanished(f"cannot store cache entry {key.digest}: {tmp} or {os.path.dirname(final)} "
-                                    "vanished (was the cache deleted?)") from None
-
-
 def _open_binary(path: str) -> IO[bytes]:
     return open(path, "rb")
-
-
-class _TempVanished(CacheError):
-    """A finished download's temp file is gone (``tmp/`` was deleted): :meth:`FileCache._store` tries once more."""
 
 
 def _close_quietly(raw: BinaryIO) -> None:

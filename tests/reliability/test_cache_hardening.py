@@ -95,6 +95,13 @@ def two_repos(tmp_path, make_server):
     return roots
 
 
+def _listed_hash(fs: DagsHubFileSystem, folder: str) -> str:
+    """List ``folder`` (so its files are read under their content hash) and return model.bin's listed hash."""
+    repo, rel = fs.resolve(folder + "/model.bin")
+    fs.ls(folder)
+    return (repo.info(rel).hash or "").lower()
+
+
 @pytest.mark.parametrize("form", sorted(UNCHECKABLE))
 def test_a_hostile_repo_cannot_plant_bytes_under_an_unverifiable_hash(two_repos, tmp_path, form, figures):
     claimed, versioning = UNCHECKABLE[form]
@@ -102,8 +109,10 @@ def test_a_hostile_repo_cannot_plant_bytes_under_an_unverifiable_hash(two_repos,
     with HostileProxy(two_repos["evil"].url, _claiming(claimed, versioning)) as evil, \
             HostileProxy(two_repos["good"].url, _claiming(claimed, versioning)) as good:
         hostile = DagsHubFileSystem(host=evil.url, token=TOKEN, cache_dir=cache, skip_instance_cache=True)
+        assert _listed_hash(hostile, "evil/data/data") == claimed.lower()  # read under the hash, not the path
         assert hostile.cat_file("evil/data/data/model.bin") == EVIL  # the hostile repo reads its own bytes
         trusted = DagsHubFileSystem(host=good.url, token=TOKEN, cache_dir=cache, skip_instance_cache=True)
+        assert _listed_hash(trusted, "good/data/data") == claimed.lower()
         assert trusted.cat_file("good/data/data/model.bin") == GOOD
         assert raw_gets(two_repos["good"], "data/model.bin") == 1  # downloaded, not taken from the poisoned entry
         assert trusted.cat_file("good/data/data/model.bin") == GOOD  # and cached for the trusted repo itself
@@ -120,6 +129,7 @@ def test_checked_hashes_stay_shared_across_repos(tmp_path, make_server):
     cache = str(tmp_path / "cache")
     for srv, owner in ((a, "a"), (b, "b")):
         fs = DagsHubFileSystem(host=srv.url, token=TOKEN, cache_dir=cache, skip_instance_cache=True)
+        assert _listed_hash(fs, f"{owner}/data/data") == git_blob_sha1(GOOD)
         assert fs.cat_file(f"{owner}/data/data/model.bin") == GOOD
     assert raw_gets(a, "data/model.bin") == 1 and raw_gets(b, "data/model.bin") == 0  # git sha1: verified, shared
 
@@ -158,11 +168,13 @@ def _overwrite(path: str, data: bytes) -> None:
 def test_an_object_of_the_wrong_size_is_dropped_counted_and_downloaded_again(one_file, tmp_path, damage, caplog):
     cache = str(tmp_path / "cache")
     fs = DagsHubFileSystem(host=one_file.url, token=TOKEN, cache_dir=cache, skip_instance_cache=True)
+    fs.ls("user/repo/data")  # known size and hash: the object is stored (and checked) under its git key
     assert fs.cat_file("user/repo/data/a.bin") == GOOD
     assert fs.cache.flush(10)
     obj = _object_path(cache, GOOD)
     _overwrite(obj, GOOD[:100] if damage == "truncated" else GOOD + b"tail")
     later = DagsHubFileSystem(host=one_file.url, token=TOKEN, cache_dir=cache, skip_instance_cache=True)
+    later.ls("user/repo/data")
     with caplog.at_level(logging.WARNING, logger="streamloader.cache"):
         assert later.cat_file("user/repo/data/a.bin") == GOOD
         with later.open("user/repo/data/a.bin", "rb") as f:
