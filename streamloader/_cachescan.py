@@ -94,8 +94,9 @@ def sweep_temp(root: str, lock_for: LockFor) -> int:
     """Delete temp files nobody is writing any more; returns how many. This process's own are never touched.
 
     A temp file is named ``<kind>-<digest>.<pid>.<random>.part`` and exists only while its writer holds the entry's
-    lock, so it is left over when its process is gone, or when that entry's lock is free (the pid was reused, or
-    the writer lives in another pid namespace). Names without the kind (older versions) go by pid and age.
+    lock, so it is left over exactly when that lock is free: the kernel released it with its dead process. That
+    also holds where pids mislead (reused, or a writer in another container's pid namespace). Names without the
+    kind (older versions) go by pid and age.
     """
     tmpdir = os.path.join(root, "tmp")
     try:
@@ -108,11 +109,9 @@ def sweep_temp(root: str, lock_for: LockFor) -> int:
         pid, kind, digest = _parse_temp_name(name)
         if pid == os.getpid():
             continue
-        if not _pid_alive(pid):
-            removed += _unlink(path)
-        elif digest:
+        if digest:
             removed += _unlink_if_unlocked(path, lock_for(kind, digest))
-        elif _age(path) >= LEGACY_TMP_AGE:
+        elif not _pid_alive(pid) or _age(path) >= LEGACY_TMP_AGE:
             removed += _unlink(path)
     return removed
 

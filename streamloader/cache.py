@@ -244,7 +244,11 @@ class FileCache:
         for _ in range(3):
             path = self.get(key, size)
             if path is None:
-                handle = self._download_and_open(key, fill, size, opener)
+                try:
+                    handle = self._download_and_open(key, fill, size, opener)
+                except TempFileVanished:  # tmp/ deleted under the download: make it again, download again
+                    self._ensure_dirs()
+                    continue
                 if handle is not None:
                     return handle
                 continue  # stored by another process while this one waited for the lock
@@ -337,7 +341,11 @@ class FileCache:
             got = raw.tell()
             if size is not None and got != size:
                 raise IntegrityError(f"downloaded {got} bytes, expected {size} (cache entry {key.digest})")
-            if verifier is not None and not verifier.verify(tmp, streamed):
+            try:
+                matches = verifier is None or verifier.verify(tmp, streamed)
+            except FileNotFoundError:  # it re-reads the temp file, which tmp/ being deleted took away
+                raise TempFileVanished(f"the temp file of cache entry {key.digest} vanished ({tmp})") from None
+            if not matches:
                 raise IntegrityError(f"content hash mismatch for cache entry {key.digest} ({key.kind})")
         except BaseException:
             _discard(tmp, raw)

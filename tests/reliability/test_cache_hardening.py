@@ -342,6 +342,28 @@ def test_a_temp_file_vanishing_mid_download_is_retried_then_a_cache_error(tmp_pa
     assert "tmp" in str(excinfo.value) or "temp" in str(excinfo.value)
 
 
+@pytest.mark.parametrize("how", ["fetch", "open"])
+def test_a_size_less_download_whose_temp_file_vanishes_is_downloaded_again(tmp_path, how):
+    """Without a size a git blob is hashed from the finished temp file: its loss must not read as a missing file."""
+    cache = FileCache(str(tmp_path / "c"))
+    data = os.urandom(7000)
+    calls: list = []
+
+    def fill(f):
+        calls.append(1)
+        f.write(data)
+        if len(calls) == 1:
+            shutil.rmtree(os.path.join(cache.root, "tmp"))
+
+    if how == "fetch":
+        got = open(cache.fetch(git_key(data), fill), "rb").read()
+    else:
+        with cache.open(git_key(data), fill) as f:
+            got = f.read()
+    assert got == data and len(calls) == 2
+    assert cache.flush(10) and cache.get(git_key(data), len(data)) is not None
+
+
 # --- 12: a cache root that others can write ----------------------------------------------------------------------
 @pytest.mark.parametrize("mode", [0o777, 0o770, 0o722])
 def test_a_cache_root_of_ours_that_others_can_write_is_tightened(tmp_path, mode, caplog):
@@ -428,7 +450,7 @@ def test_four_processes_filling_a_capped_cache_stay_near_the_cap(tmp_path, figur
 _HUNG = textwrap.dedent("""
     import hashlib, sys, time
     from streamloader.cache import CacheKey, FileCache
-    data = b"x" * 100_000
+    data = sys.argv[2].encode() * 100_000
     key = CacheKey.from_hash("git", hashlib.sha1(b"blob %d\\x00" % len(data) + data).hexdigest())
     def fill(f):
         f.write(data[:1000]); f.flush()
@@ -437,9 +459,9 @@ _HUNG = textwrap.dedent("""
 """)
 
 
-def _hung_download(root: str) -> subprocess.Popen:
-    """A real process downloading into the cache at ``root``, stuck after its temp file exists."""
-    proc = subprocess.Popen([sys.executable, "-c", _HUNG, root])
+def _hung_download(root: str, byte: str = "x") -> subprocess.Popen:
+    """A real process downloading ``byte * 100_000`` into the cache at ``root``, stuck once its temp file exists."""
+    proc = subprocess.Popen([sys.executable, "-c", _HUNG, root, byte])
     tmp = os.path.join(root, "tmp")
     deadline = time.monotonic() + 30
     while not any(f".{proc.pid}." in n for n in (os.listdir(tmp) if os.path.isdir(tmp) else [])):
@@ -464,7 +486,7 @@ def test_a_starting_cache_sweeps_temp_files_of_killed_processes_and_keeps_live_o
     try:
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(10)
-        alive = _hung_download(root)
+        alive = _hung_download(root, "y")  # another entry: its lock is held while it downloads
         FileCache(root)  # swept less than the interval ago: starting costs one stat, the files stay
         assert len(os.listdir(os.path.join(root, "tmp"))) == 2
         _age_sweep_stamp(root)
