@@ -85,8 +85,13 @@ class EntryLock:
         return self._try_lock(self.path, lambda fd: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB))
 
     def _try_lock(self, path: str, lock) -> str:
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            try:
+                fd = os.open(path, flags, 0o600)
+            except FileNotFoundError:  # the lock directory was deleted under a running process: make it again
+                makedirs_private(os.path.dirname(path))
+                fd = os.open(path, flags, 0o600)
         except OSError:
             return "unsupported"  # let filelock report (or work around) whatever is wrong with the lock file
         try:

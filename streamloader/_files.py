@@ -1,11 +1,17 @@
 """Small file-system primitives shared by the cache layers: private directories and atomic, private writes."""
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import tempfile
 from typing import Optional
 
-__all__ = ["makedirs_private", "atomic_write"]
+from streamloader.errors import CacheError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["makedirs_private", "atomic_write", "rename_into_place", "secure_private_dir", "TempFileVanished"]
 
 
 def makedirs_private(path: str) -> None:
@@ -22,6 +28,50 @@ def makedirs_private(path: str) -> None:
             os.mkdir(directory, 0o700)
         except FileExistsError:  # another process or thread made it first
             pass
+
+
+class TempFileVanished(CacheError):
+    """A finished temp file disappeared before it was renamed into place (its directory was deleted)."""
+
+
+def rename_into_place(tmp: str, final: str) -> None:
+    """``os.replace(tmp, final)``, making ``final``'s directory (0700) first, and again if it is deleted meanwhile;
+    :class:`TempFileVanished` when ``tmp`` itself is gone (or the directory keeps vanishing)."""
+    for attempt in range(3):
+        makedirs_private(os.path.dirname(final))
+        try:
+            os.replace(tmp, final)
+            return
+        except FileNotFoundError:
+            if attempt == 2 or not os.path.exists(tmp):
+                raise TempFileVanished(f"cannot move {tmp} to {final}: one of them vanished (was the cache "
+                                       "deleted?)") from None
+
+
+def secure_private_dir(path: str) -> None:
+    """Make sure no other user can write into the directory ``path`` (like ssh does for its keys).
+
+    A cache root that group or others can write would let other local users plant files in it. When it is ours
+    (and not a shared sticky directory such as /tmp) it is tightened to 0700, with a warning; otherwise it is
+    refused with a :class:`~streamloader.errors.CacheError` saying how to fix it. Readable by others is left alone.
+    """
+    if os.name == "nt":  # POSIX modes mean nothing there
+        return
+    st = os.stat(path)
+    if not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == os.geteuid() and not st.st_mode & stat.S_ISVTX:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as exc:
+            raise CacheError(f"cache directory {path} is writable by other users (mode {mode:04o}) and could not be "
+                             f"made private ({exc}); run `chmod 700 {path}` or choose another directory") from None
+        log.warning("cache directory %s was writable by other users (mode %04o); changed it to 0700", path, mode)
+        return
+    raise CacheError(f"cache directory {path} is writable by other users (mode {mode:04o}, owner uid {st.st_uid}), "
+                     f"who could plant files in it: run `chmod 700 {path}` as its owner, or choose another directory "
+                     "(STREAMLOADER_CACHE or cache_dir=)")
 
 
 def atomic_write(path: str, data: bytes, tmp_dir: Optional[str] = None) -> None:

@@ -2,16 +2,23 @@
 
 Layout under the root (default: ``$STREAMLOADER_CACHE`` or the platform's user cache dir / streamloader)::
 
-    objects/<kind>/<d[:2]>/<d>     finished, verified files (read-only once renamed into place)
-    tmp/<d>.<pid>.<random>.part     downloads in progress (never read; swept when their process is gone)
-    locks/entries.lock              one byte-range lock per entry (released by the kernel if the holder dies;
-                                    per-entry files locks/<d[:2]>/<kind>-<d>.lock where such locks are missing)
+    objects/<kind>/<d[:2]>/<d>            finished, verified files (mode 0400 once renamed into place)
+    tmp/<kind>-<d>.<pid>.<random>.part     downloads in progress (never read; swept once nobody writes them)
+    locks/entries.lock                     one byte-range lock per entry (released by the kernel if the holder
+                                           dies; per-entry files locks/<d[:2]>/<kind>-<d>.lock where such locks
+                                           are missing); locks/usage, locks/last-sweep: see streamloader._cachescan
 
 Guarantees: a reader sees a whole verified file or nothing (download to a unique temp file, verify size and hash,
 fsync, atomic rename); concurrent processes download an entry once (per-entry lock, re-checked after locking);
-keys are content hashes or (commit sha, path), so a moved branch can never return stale bytes; eviction takes the
-entry lock and files are opened under it, so an evicted entry never breaks a reader that already opened it.
-Files are private to the user (dirs 0700, files 0600).
+keys are content hashes or (commit sha, path), so a moved branch can never return stale bytes, and hashes the
+cache cannot check are scoped to their repo (:meth:`CacheKey.from_hash`); eviction takes the entry lock and files
+are opened under it, so an evicted entry never breaks a reader that already opened it. Every use checks the size
+(a truncated or grown object is dropped, counted and downloaded again; ``verify="full"`` also re-hashes).
+
+Private to the user: dirs 0700, finished objects 0400 (writing to a cached path fails instead of corrupting the
+entry; unlinking needs only the directory's permission); a root others can write is tightened or refused
+(:func:`streamloader._files.secure_private_dir`). Deleted directories (``tmp/``, ``locks/``, the whole root) are
+made again when needed; a failure of the cache itself is a CacheError, never a FileNotFoundError ("no such file").
 
 Usage::
 
@@ -22,31 +29,28 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
 import threading
 import time
-import uuid
 import weakref
-from dataclasses import dataclass
-from typing import IO, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import IO, BinaryIO, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
+from streamloader import _cachescan
+from streamloader._cachekey import HEX, CacheKey, file_matches
 from streamloader._entrylock import EntryLock, Timeout
-from streamloader._files import makedirs_private
+from streamloader._files import TempFileVanished, makedirs_private, rename_into_place, secure_private_dir
 from streamloader._offpath import QUEUE, OffPathTask
-from streamloader._verify import HashingWriter, Verifier
-from streamloader.errors import IntegrityError
+from streamloader._verify import HashingWriter
+from streamloader.errors import CacheError, IntegrityError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CacheKey", "FileCache", "cache_info", "default_cache_dir", "parse_size", "prune"]
 
-_HEX = re.compile(r"^[0-9a-f]+$")
 _TOUCH_INTERVAL = 60.0  # seconds between LRU timestamp updates of one entry
-_STALE_TMP_AGE = 3600.0  # a temp file this old is swept even if its pid looks alive (pid reuse)
-_USAGE_RESCAN = 10.0  # seconds: how stale this process's running total of the cache size may get (see _maybe_evict)
+_USAGE_RESCAN = 10.0  # seconds: how stale the shared running total of the cache size may get (see _land)
 
 
 def default_cache_dir() -> str:
@@ -70,51 +74,35 @@ def parse_size(size: Union[int, str, None]) -> Optional[int]:
     return int(float(m.group(1)) * base ** " kmgtp".index(m.group(2) or " "))
 
 
-@dataclass(frozen=True)
-class CacheKey:
-    """Identity of cached content: ``kind`` names how ``digest`` was made ("git" blob sha1, "md5", or "path")."""
-
-    kind: str
-    digest: str
-
-    @classmethod
-    def from_hash(cls, versioning: Optional[str], value: str) -> "CacheKey":
-        """A key from a listing's content hash (git blob sha1 for "git", md5 for "dvc")."""
-        value = value.lower()
-        if not _HEX.match(value) or not 16 <= len(value) <= 128:
-            # Unknown format: hash it so the key is still a safe file name.
-            return cls("opaque", hashlib.sha256(f"{versioning}:{value}".encode()).hexdigest())
-        kind = "git" if (versioning in (None, "git") and len(value) == 40) else ("md5" if len(value) == 32 else "opaque")
-        return cls(kind, value)
-
-    @classmethod
-    def from_location(cls, *parts: str) -> "CacheKey":
-        """A key for content known only by where it lives (e.g. host, repo, commit sha, path)."""
-        return cls("path", hashlib.sha256("\x00".join(parts).encode()).hexdigest())
-
-    def hasher(self) -> Optional["Verifier"]:
-        if self.kind == "git":
-            return Verifier("sha1", self.digest, git_blob=True)
-        if self.kind == "md5":
-            return Verifier("md5", self.digest)
-        return None
-
-
 class FileCache:
-    """The shared on-disk cache (see module docstring). ``max_size`` (bytes or "10GB") enables LRU eviction."""
+    """The shared on-disk cache (see module docstring). ``max_size`` (bytes or "10GB") enables LRU eviction.
 
-    def __init__(self, root: Optional[str] = None, max_size: Union[int, str, None] = None, verify: bool = True,
-                 lock_timeout: float = 600.0):
+    ``verify``: True (default) checks downloads against size and hash and every use against the size; "full" also
+    re-hashes an entry ("git", "md5" keys) on its first use in this process; False checks sizes only.
+    ``corrupt_entries`` counts entries dropped. Starting sweeps dead temp files (at most every
+    ``_cachescan.SWEEP_INTERVAL`` seconds per root).
+    """
+
+    def __init__(self, root: Optional[str] = None, max_size: Union[int, str, None] = None,
+                 verify: Union[bool, str] = True, lock_timeout: float = 600.0):
+        if verify not in (True, False, "full"):
+            raise ValueError(f"verify must be True, False or 'full'; got {verify!r}")
         self.root = os.path.abspath(os.path.expanduser(root)) if root else default_cache_dir()
         self.max_size = parse_size(max_size)
         self.verify = verify
         self.lock_timeout = lock_timeout
+        self.corrupt_entries = 0
+        self._full = verify == "full"
+        self._checked: Set[CacheKey] = set()  # verify="full": entries this process hashed or downloaded
         self._local_locks: Dict[str, threading.Lock] = {}
         self._local_guard = threading.Lock()
-        self._usage: Optional[int] = None  # bytes in objects/ at the last scan, plus what this process added since
-        self._usage_scanned_at = 0.0
+        self._usage = _cachescan.SharedUsage(self.root)
         _LIVE_CACHES.add(self)
+        makedirs_private(self.root)
+        secure_private_dir(self.root)
         self._ensure_dirs()
+        if _cachescan.sweep_due(self.root, _cachescan.SWEEP_INTERVAL):
+            self.sweep_temp()
 
     def __repr__(self) -> str:
         return f"FileCache({self.root!r}, max_size={self.max_size})"
@@ -122,18 +110,21 @@ class FileCache:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_local_locks"] = {}
-        state["_local_guard"] = None
+        state["_local_guard"] = state["_usage"] = None
+        state["_checked"] = set()
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._local_guard = threading.Lock()
+        self._after_fork()
         _LIVE_CACHES.add(self)
 
     def _after_fork(self) -> None:
-        # locks held by other threads at fork time would never be released in the child
+        # locks held by other threads at fork time would never be released in the child; "full" re-hashes per process
         self._local_locks = {}
         self._local_guard = threading.Lock()
+        self._usage = _cachescan.SharedUsage(self.root)
+        self._checked = set()
 
     # -- layout ---------------------------------------------------------------------------------------------------
     def _ensure_dirs(self) -> None:
@@ -142,12 +133,15 @@ class FileCache:
 
     def path_for(self, key: CacheKey) -> str:
         """Where the finished file for ``key`` lives (always inside the cache root)."""
-        if not _HEX.match(key.digest) or not re.fullmatch(r"[a-z0-9]+", key.kind):
+        if not HEX.match(key.digest) or not re.fullmatch(r"[a-z0-9]+", key.kind):
             raise ValueError(f"invalid cache key {key!r}")
         return os.path.join(self.root, "objects", key.kind, key.digest[:2], key.digest)
 
+    def _lock_for(self, kind: str, digest: str) -> EntryLock:
+        return EntryLock(os.path.join(self.root, "locks"), kind, digest, self.lock_timeout)
+
     def _file_lock(self, key: CacheKey) -> EntryLock:
-        return EntryLock(os.path.join(self.root, "locks"), key.kind, key.digest, self.lock_timeout)
+        return self._lock_for(key.kind, key.digest)
 
     def _thread_lock(self, key: CacheKey) -> threading.Lock:
         # the entry lock belongs to an open file, not a thread: serialize threads of one process before taking it.
@@ -155,13 +149,30 @@ class FileCache:
             return self._local_locks.setdefault(f"{key.kind}/{key.digest}", threading.Lock())
 
     # -- reading --------------------------------------------------------------------------------------------------
-    def get(self, key: CacheKey) -> Optional[str]:
-        """The cached file's path, or None when absent. Marks the entry recently used."""
+    def get(self, key: CacheKey, size: Optional[int] = None) -> Optional[str]:
+        """The cached file's path, or None when absent. Marks the entry recently used.
+
+        With ``size`` (what the listing says), an entry of any other size is corrupt: it is dropped, counted in
+        ``corrupt_entries`` and logged, and None returned so that the caller downloads it again. ``verify="full"``
+        also re-hashes the entry on its first use in this process.
+        """
+        return self._lookup(key, size, False)
+
+    def __contains__(self, key: CacheKey) -> bool:
+        return os.path.exists(self.path_for(key))
+
+    def _lookup(self, key: CacheKey, size: Optional[int], locked: bool) -> Optional[str]:
+        """:meth:`get`; ``locked``: the caller holds the entry's locks (a corrupt entry is dropped without them)."""
         path = self.path_for(key)
         try:
             st = os.stat(path)
         except FileNotFoundError:
             return None
+        if (size is not None and st.st_size != size) or (self._full and key not in self._checked):
+            problem = self._problem(key, path, st, size)
+            if problem is not None:
+                self._drop(key, path, st, problem, locked)
+                return None
         if time.time() - st.st_mtime > _TOUCH_INTERVAL:
             try:
                 os.utime(path)
@@ -176,7 +187,7 @@ class FileCache:
         if path is not None:
             return path
         with self.locked(key):
-            return self.get(key)
+            return self._lookup(key, None, True)
 
     @contextlib.contextmanager
     def locked(self, key: CacheKey) -> Iterator[None]:
@@ -192,8 +203,32 @@ class FileCache:
             finally:
                 lock.release()
 
-    def __contains__(self, key: CacheKey) -> bool:
-        return os.path.exists(self.path_for(key))
+    def _problem(self, key: CacheKey, path: str, st: os.stat_result, size: Optional[int]) -> Optional[str]:
+        """Why the entry at ``path`` cannot be served (None: it can)."""
+        if size is not None and st.st_size != size:
+            return f"{st.st_size} bytes, expected {size}"
+        if self._full and key not in self._checked:
+            if not file_matches(key, path):
+                return "content hash mismatch"
+            self._checked.add(key)
+        return None
+
+    def _drop(self, key: CacheKey, path: str, st: os.stat_result, problem: str, locked: bool) -> None:
+        """Remove the corrupt entry ``st`` describes, unless a fresh download replaced it meanwhile."""
+        if not locked:
+            with self.locked(key):
+                return self._drop(key, path, st, problem, True)
+        try:
+            now = os.stat(path)
+            if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
+                return
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        with self._local_guard:
+            self.corrupt_entries += 1
+        log.warning("dropped corrupt cache entry %s/%s (%s); it will be downloaded again", key.kind, key.digest,
+                    problem)
 
     def open(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int] = None,
              opener: Optional[Callable[[str], IO]] = None) -> IO:
@@ -207,9 +242,13 @@ class FileCache:
         """
         opener = opener or _open_binary
         for _ in range(3):
-            path = self.get(key)
+            path = self.get(key, size)
             if path is None:
-                handle = self._download_and_open(key, fill, size, opener)
+                try:
+                    handle = self._download_and_open(key, fill, size, opener)
+                except TempFileVanished:  # tmp/ deleted under the download: make it again, download again
+                    self._ensure_dirs()
+                    continue
                 if handle is not None:
                     return handle
                 continue  # stored by another process while this one waited for the lock
@@ -229,13 +268,18 @@ class FileCache:
                 entry_lock.acquire()
             except Timeout:
                 raise self._lock_timeout_error(key) from None
-            if self.get(key) is not None:
+            if self._lookup(key, size, True) is not None:
                 return None
             tmp, raw = self._write_temp(key, fill, size)
-            commit = _PendingCommit(self, key, tmp, raw, size, entry_lock, thread_lock)
+            commit = _PendingCommit(self, key, tmp, raw, entry_lock, thread_lock)
             entry_lock = None  # the commit releases both locks once the entry is in place
             try:
                 handle = opener(tmp)
+            except FileNotFoundError:
+                commit.run()
+                if os.path.exists(tmp):
+                    raise
+                return None  # the temp file vanished (tmp/ deleted): nothing was stored; the caller tries again
             except BaseException:
                 commit.run()
                 raise
@@ -258,36 +302,37 @@ class FileCache:
         The result is verified against ``size`` and the key's hash before it becomes visible. Exactly one caller
         (thread or process) runs ``fill`` for a key at a time; the others wait and reuse its result.
         """
-        path = self.get(key)
+        path = self.get(key, size)
         if path is not None:
             return path
-        stored = False
-        with self._thread_lock(key):
-            try:
-                with self._file_lock(key):
-                    path = self.get(key)
-                    if path is None:
-                        path, stored = self._store(key, fill, size), True
-            except Timeout:
-                raise self._lock_timeout_error(key) from None
-        if stored and self.max_size is not None:
-            self._maybe_evict(keep=path, added=_size_of(path, size))
-        return path
+        with self.locked(key):
+            return self._lookup(key, size, True) or self._store(key, fill, size)
 
     def _lock_timeout_error(self, key: CacheKey) -> IntegrityError:
         return IntegrityError(f"timed out after {self.lock_timeout}s waiting for another process to download "
                               f"cache entry {key.digest}")
 
     def _store(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int]) -> str:
-        tmp, raw = self._write_temp(key, fill, size)
-        return self._publish(key, tmp, raw)
+        try:
+            return self._publish(key, *self._write_temp(key, fill, size))
+        except TempFileVanished:  # tmp/ was deleted under the download: once more, then it is a CacheError
+            self._ensure_dirs()
+            return self._publish(key, *self._write_temp(key, fill, size))
+
+    def _create_temp(self, key: CacheKey) -> Tuple[str, BinaryIO]:
+        tmp = os.path.join(self.root, "tmp", _cachescan.temp_name(key.kind, key.digest))
+        for _attempt in range(2):
+            try:
+                return tmp, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+            except FileNotFoundError:
+                self._ensure_dirs()  # deleted under a running process: make it again
+        raise CacheError(f"cannot create a temp file in {os.path.dirname(tmp)}: the directory keeps disappearing")
 
     def _write_temp(self, key: CacheKey, fill: Callable[[BinaryIO], None],
                     size: Optional[int]) -> Tuple[str, BinaryIO]:
         """Download into a new temp file and verify size and hash; returns its path and still-open file."""
-        tmp = os.path.join(self.root, "tmp", f"{key.digest}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
         verifier = key.hasher() if self.verify else None
-        raw = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+        tmp, raw = self._create_temp(key)
         try:
             streamed = verifier is not None and verifier.can_stream(size)
             target: BinaryIO = HashingWriter(raw, verifier, size) if streamed else raw  # type: ignore[arg-type]
@@ -296,7 +341,11 @@ class FileCache:
             got = raw.tell()
             if size is not None and got != size:
                 raise IntegrityError(f"downloaded {got} bytes, expected {size} (cache entry {key.digest})")
-            if verifier is not None and not verifier.verify(tmp, streamed):
+            try:
+                matches = verifier is None or verifier.verify(tmp, streamed)
+            except FileNotFoundError:  # it re-reads the temp file, which tmp/ being deleted took away
+                raise TempFileVanished(f"the temp file of cache entry {key.digest} vanished ({tmp})") from None
+            if not matches:
                 raise IntegrityError(f"content hash mismatch for cache entry {key.digest} ({key.kind})")
         except BaseException:
             _discard(tmp, raw)
@@ -307,14 +356,37 @@ class FileCache:
         """Make a verified temp file durable and move it into place (readers see all of it or nothing)."""
         final = self.path_for(key)
         try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(raw.fileno(), 0o400)  # read-only: writing to a cached file's path cannot corrupt it
             os.fsync(raw.fileno())
+            size = os.fstat(raw.fileno()).st_size
             raw.close()
-            makedirs_private(os.path.dirname(final))
-            os.replace(tmp, final)
+            if self.max_size is None:
+                rename_into_place(tmp, final)
+            else:
+                self._land(size, lambda: rename_into_place(tmp, final))
         except BaseException:
             _discard(tmp, raw)
             raise
+        if self._full:
+            self._checked.add(key)
         return final
+
+    def _land(self, size: int, rename: Callable[[], None]) -> None:
+        """Enforce ``max_size`` for a new ``size``-byte entry, then ``rename`` it into place, both under the lock of
+        the running total every process shares (:class:`~streamloader._cachescan.SharedUsage`; scanning costs
+        ~3 us per entry, 1.5 s for 500k files, so the cache is scanned only when the total would pass the cap or
+        the last scan is ``_USAGE_RESCAN`` seconds old). The new entry then finds the cache at most 90% full."""
+        cap = self.max_size
+        assert cap is not None
+
+        def scan() -> int:
+            entries = list(self._entries())
+            total = sum(st.st_size for _p, st in entries)
+            target = int(cap * 0.9) - size
+            return _cachescan.evict(entries, total, target, self._lock_for)[1] if total > target else total
+
+        self._usage.add(size, cap, _USAGE_RESCAN, scan, self.lock_timeout, rename)
 
     def put_file(self, key: CacheKey, src_path: str) -> str:
         """Copy a local file into the cache under ``key`` (verified like a download)."""
@@ -328,14 +400,7 @@ class FileCache:
 
     # -- maintenance ----------------------------------------------------------------------------------------------
     def _entries(self) -> Iterator[Tuple[str, os.stat_result]]:
-        objects = os.path.join(self.root, "objects")
-        for dirpath, _dirs, files in os.walk(objects):
-            for name in files:
-                p = os.path.join(dirpath, name)
-                try:
-                    yield p, os.stat(p)
-                except FileNotFoundError:
-                    continue
+        return _cachescan.scan_objects(self.root)
 
     def info(self) -> Dict[str, object]:
         """``{"root", "files", "bytes", "max_size", "temp_files", "total_files", "total_bytes", "parts", ...}``:
@@ -345,83 +410,26 @@ class FileCache:
         self.flush()
         return dict(cache_report(self.root, by_repo=False).as_dict(), max_size=self.max_size)
 
-    def _maybe_evict(self, keep: Optional[str] = None, added: int = 0) -> None:
-        """Enforce ``max_size`` after storing ``added`` bytes (at ``keep``, which is never evicted).
-
-        Scanning the cache costs ~3 us per entry (a 500k-file cache: 1.5 s), so it is not done per file: this
-        process keeps a running total (the last scan + what it stored since) and scans again only when that total
-        passes the cap or the last scan is older than ``_USAGE_RESCAN`` seconds (other processes' additions are
-        seen then; they enforce the cap on their own additions too).
-        """
-        assert self.max_size is not None
-        with self._local_guard:
-            if self._usage is not None and time.monotonic() - self._usage_scanned_at < _USAGE_RESCAN:
-                self._usage += added
-                if self._usage <= self.max_size:
-                    return
-        entries = list(self._entries())
-        total = sum(st.st_size for _p, st in entries)
-        if total > self.max_size:
-            total = self._evict(entries, total, int(self.max_size * 0.9), keep)[1]
-        with self._local_guard:
-            self._usage, self._usage_scanned_at = total, time.monotonic()
-
-    def _evict(self, entries: List[Tuple[str, os.stat_result]], total: int, target: int,
-               keep: Optional[str] = None) -> Tuple[int, int]:
-        """Remove least recently used entries until ``total`` <= ``target``: (entries removed, bytes left)."""
-        removed = 0
-        for path, st in sorted(entries, key=lambda e: e[1].st_mtime):
-            if total <= target:
-                break
-            if path == keep:
-                continue
-            kind = os.path.basename(os.path.dirname(os.path.dirname(path)))
-            key = CacheKey(kind, os.path.basename(path))
-            lock = self._file_lock(key)
-            try:
-                # Skip entries being downloaded right now; an already-open reader keeps its inode after unlink.
-                lock.acquire(timeout=0)
-            except Timeout:
-                continue
-            try:
-                os.unlink(path)
-                total -= st.st_size
-                removed += 1
-            except FileNotFoundError:
-                pass
-            finally:
-                lock.release()
-        if removed:
-            log.info("evicted %d cache entries (cache now %.1f MB)", removed, total / 1e6)
-        return removed, total
+    def _evict(self, entries: List[Tuple[str, os.stat_result]], total: int, target: int) -> Tuple[int, int]:
+        """:func:`streamloader._cachescan.evict` with this cache's locks: (entries removed, bytes left)."""
+        return _cachescan.evict(entries, total, target, self._lock_for)
 
     def sweep_temp(self) -> int:
-        """Delete temp files left by dead processes (or older than an hour). Returns how many were removed."""
-        tmpdir = os.path.join(self.root, "tmp")
-        removed = 0
-        for name in os.listdir(tmpdir):
-            p = os.path.join(tmpdir, name)
-            try:
-                pid = int(name.split(".")[1])
-                age = time.time() - os.stat(p).st_mtime
-            except (IndexError, ValueError, OSError):
-                pid, age = -1, _STALE_TMP_AGE
-            if pid != os.getpid() and (age >= _STALE_TMP_AGE or not _pid_alive(pid)):
-                try:
-                    os.unlink(p)
-                    removed += 1
-                except OSError:
-                    pass
-        return removed
+        """Delete temp files that nobody writes any more (their process is gone, or their entry's lock is free).
+        Returns how many were removed. Runs on start too, at most every ``_cachescan.SWEEP_INTERVAL`` seconds."""
+        return _cachescan.sweep_temp(self.root, self._lock_for)
 
     def prune(self, max_size: Union[int, str, None] = None) -> Dict[str, int]:
-        """Evict least-recently-used entries until the cache fits ``max_size`` (default: the cache's cap)."""
+        """Sweep dead temp files and evict least-recently-used entries until the cache fits ``max_size`` (default:
+        the cache's cap; with neither, only the sweep)."""
         cap = parse_size(max_size) if max_size is not None else self.max_size
         self.flush()
         swept = self.sweep_temp()
         entries = list(self._entries())
         total = sum(st.st_size for _p, st in entries)
-        removed = self._evict(entries, total, cap, None)[0] if cap is not None and total > cap else 0
+        removed = 0
+        if cap is not None and total > cap:
+            removed = _cachescan.evict(entries, total, cap, self._lock_for)[0]
         return {"removed": removed, "temp_removed": swept}
 
     def clear(self) -> int:
@@ -429,15 +437,6 @@ class FileCache:
         from streamloader.cache_report import clear_parts
 
         return sum(clear_parts(self).values())
-
-
-def _size_of(path: str, known: Optional[int]) -> int:
-    if known is not None:
-        return known
-    try:
-        return os.stat(path).st_size
-    except OSError:  # evicted meanwhile by another process
-        return 0
 
 
 def _open_binary(path: str) -> IO[bytes]:
@@ -462,9 +461,9 @@ def _discard(tmp: str, raw: BinaryIO) -> None:
 class _PendingCommit(OffPathTask):
     """A verified download already handed to its reader: fsync, rename into place, then release the entry's locks."""
 
-    def __init__(self, cache: FileCache, key: CacheKey, tmp: str, raw: BinaryIO, size: Optional[int],
-                 entry_lock: EntryLock, thread_lock: threading.Lock):
-        self.cache, self.key, self.tmp, self.raw, self.size = cache, key, tmp, raw, size
+    def __init__(self, cache: FileCache, key: CacheKey, tmp: str, raw: BinaryIO, entry_lock: EntryLock,
+                 thread_lock: threading.Lock):
+        self.cache, self.key, self.tmp, self.raw = cache, key, tmp, raw
         self.entry_lock, self.thread_lock = entry_lock, thread_lock
 
     def __repr__(self) -> str:
@@ -472,16 +471,13 @@ class _PendingCommit(OffPathTask):
 
     def run(self) -> None:
         try:
-            final = self.cache._publish(self.key, self.tmp, self.raw)
+            self.cache._publish(self.key, self.tmp, self.raw)
         except Exception as exc:
             # The reader already has the verified bytes; only the cached copy is lost (the next read downloads it).
             log.warning("could not store cache entry %s/%s: %s", self.key.kind, self.key.digest, exc)
-            return
         finally:
             self.entry_lock.release()
             self.thread_lock.release()
-        if self.cache.max_size is not None:
-            self.cache._maybe_evict(keep=final, added=_size_of(final, self.size))
 
     def abandon(self) -> None:
         # In a forked child: close the inherited copies of the fds (never unlock: the lock is the parent's).
@@ -498,18 +494,6 @@ def _renew_locks_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_renew_locks_after_fork)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def cache_info(cache_dir: Optional[str] = None) -> Dict[str, object]:

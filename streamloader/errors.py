@@ -24,6 +24,7 @@ __all__ = [
     "RepositoryNotFoundError",
     "PagingError",
     "IntegrityError",
+    "CacheError",
     "DataFormatError",
     "MountError",
 ]
@@ -126,6 +127,13 @@ class RepositoryNotFoundError(RevisionNotFoundError):
 
 class IntegrityError(StreamloaderError, OSError):
     """Downloaded bytes do not match the size or hash the server announced."""
+
+
+class CacheError(StreamloaderError, OSError):
+    """The local cache itself failed (its directory vanished for good, or is unsafe to use).
+
+    Never a FileNotFoundError: a skip policy that treats missing files as bad data must not mistake it for one.
+    """
 
 
 class DataFormatError(StreamloaderError, ValueError):

@@ -284,7 +284,7 @@ def test_permissions_are_private(tmp_path):
     cache = FileCache(str(tmp_path / "c"))
     data = b"secret-ish"
     path = cache.fetch(git_key(data), writer(data), len(data))
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o400  # read-only: see tests/reliability/test_cache_hardening.py
     for sub in ("", "objects", "tmp", "locks"):
         assert stat.S_IMODE(os.stat(os.path.join(cache.root, sub)).st_mode) == 0o700
 

@@ -21,12 +21,12 @@ def register(subparsers: Any) -> None:
         "cache", help="show, prune or clear the local cache",
         description="Manage the streamloader cache ($STREAMLOADER_CACHE or the user cache dir). 'info' shows each "
                     "part (downloaded files, listings, features, temp files, locks) and each repository; 'prune' "
-                    "evicts the least recently used files until the cache fits --max-size and removes temp files "
-                    "left by killed processes; 'clear' removes every cached file, listing and feature vector. Files "
+                    "removes temp files left by killed processes and, with --max-size, evicts the least recently "
+                    "used files until the cache fits; 'clear' removes every cached file, listing and feature vector. Files "
                     "being downloaded are never removed; neither command creates a missing cache directory.")
     parser.add_argument("action", choices=["info", "prune", "clear"])
     parser.add_argument("--cache-dir", help="cache directory (default: $STREAMLOADER_CACHE or the user cache dir)")
-    parser.add_argument("--max-size", type=_size, help="for prune: target size, e.g. 10GB or 500MiB")
+    parser.add_argument("--max-size", type=_size, help="for prune: target size, e.g. 10GB or 500MiB (default: evict nothing)")
     parser.set_defaults(func=run, parser=parser)
 
 
@@ -41,8 +41,6 @@ def run(args: argparse.Namespace) -> int:
     from streamloader.cache_report import cache_report, clear_cache
 
     root = _root(args.cache_dir)
-    if args.action == "prune" and args.max_size is None:
-        args.parser.error("prune needs --max-size (e.g. --max-size 10GB)")
     if args.action == "info":
         print(cache_report(root).format())
         return 0
@@ -52,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "prune":
         from streamloader.cache import FileCache
 
-        result = FileCache(root).prune(args.max_size)
+        result = FileCache(root).prune(args.max_size)  # without --max-size: only the temp files of dead processes
         print(f"removed {plural(result['removed'], 'cached file')} and "
               f"{plural(result['temp_removed'], 'stale temp file')}")
     else:

@@ -327,7 +327,7 @@ class RemoteRepo:
         if is_bucket_path(entry.path):
             return self._buckets.cache_key(entry)
         if entry.hash:
-            return CacheKey.from_hash(entry.versioning, entry.hash)
+            return CacheKey.from_hash(entry.versioning, entry.hash, scope=self.client.ref.url)
         return self._location_key(entry.path)
 
     def _location_key(self, path: str) -> CacheKey:

@@ -1,6 +1,6 @@
 """Process entry points for the reliability tests (importable as ``reliability.workers`` by spawned children).
 
-Each function reads through a fresh ``DagsHubFileSystem`` on a shared cache root and writes a JSON report to
+Each reader reads through a fresh ``DagsHubFileSystem`` on a shared cache root and writes a JSON report to
 ``out_path``; the test process compares the reports with the source bytes.
 """
 from __future__ import annotations
@@ -81,3 +81,32 @@ def evicting_reader(host: str, token: str, cache_dir: str, cap: int, expected: D
         report["error"] = traceback.format_exc()
     with open(out_path, "w") as f:
         json.dump(report, f)
+
+
+def capped_filler(root: str, cap: int, files: int, seed: int, go: Any) -> None:
+    """Store ``files`` random 2-6 KB files into a FileCache capped at ``cap`` (half by fetch, half by open), each
+    written with a 3 ms pause like a download, once ``go`` (a Barrier) lets every filler start together."""
+    import os
+    import time
+
+    from streamloader.cache import CacheKey, FileCache
+
+    rng = random.Random(seed)
+    cache = FileCache(root, max_size=cap)
+
+    def fill(data: bytes) -> Any:
+        def download(f: Any) -> None:
+            f.write(data[:1000])
+            time.sleep(0.003)
+            f.write(data[1000:])
+        return download
+
+    go.wait(60)
+    for _ in range(files):
+        data = os.urandom(rng.randint(2_000, 6_000))
+        key = CacheKey.from_hash("git", hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
+        if rng.random() < 0.5:
+            cache.fetch(key, fill(data), len(data))
+        else:
+            cache.open(key, fill(data), len(data)).close()
+    cache.flush(30)
