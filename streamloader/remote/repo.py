@@ -354,11 +354,12 @@ class RemoteRepo:
         hash was known)."""
         if self.cache is None:
             return None
+        size = entry.size if entry is not None else None
         if entry is not None and entry.hash:
-            found = self.cache.get(self.cache_key(entry))
+            found = self.cache.get(self.cache_key(entry), size)
             if found is not None:
                 return found
-        return self.cache.get(self._location_key(path))
+        return self.cache.get(self._location_key(path), size)
 
     def _target(self, path: str) -> Tuple[Optional[RemoteEntry], CacheKey]:
         path = safe_repo_path(path)
@@ -406,10 +407,12 @@ class RemoteRepo:
     def _cached_key(self, path: str, entry: Optional[RemoteEntry], key: CacheKey, settled: bool) -> Optional[CacheKey]:
         cache = self.cache
         assert cache is not None
-        get = cache.get_settled if settled else cache.get
+        size = entry.size if entry is not None else None
         location = self._location_key(path)
         for candidate in (key, location) if key != location else (key,):
-            if get(candidate) is not None:
+            if settled and cache.get_settled(candidate) is None:
+                continue
+            if cache.get(candidate, size) is not None:  # a copy of another size is corrupt: dropped, not used
                 return candidate
         return None
 
