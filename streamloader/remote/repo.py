@@ -261,6 +261,9 @@ class RemoteRepo:
             return entry
         if self._proven_missing(path):
             raise RemoteFileNotFoundError(path)
+        downloaded = self._downloaded_entry(path)
+        if downloaded is not None:
+            return downloaded
         if self.offline:
             raise RemoteError(f"offline mode: {path!r} is not in the cached listings")
         if "/" not in path:  # a top-level name: the root listing is small and answers every such question
@@ -275,6 +278,19 @@ class RemoteRepo:
             self._note_missing(path)
             raise RemoteFileNotFoundError(path)
         return entry
+
+    def _downloaded_entry(self, path: str) -> Optional[RemoteEntry]:
+        """The entry of a file downloaded before anything was listed about it (its cached copy is proof, and
+        tells the size); None if there is no such copy."""
+        if self.cache is None:
+            return None
+        local = self.cache.get_settled(self._location_key(path))  # (a commit may be landing right now)
+        if local is None:
+            return None
+        try:
+            return RemoteEntry(path, "file", os.stat(local).st_size)
+        except FileNotFoundError:  # evicted just now
+            return None
 
     def _probe(self, path: str) -> Optional[RemoteEntry]:
         """Ask the content API about one path: a file's entry, or a folder (whose listing is then stored)."""
@@ -373,15 +389,13 @@ class RemoteRepo:
             if self.offline:
                 raise RemoteError(f"offline mode: {path!r} is not in the cache")
             try:
-                got = self.client.download(path, f, expected_size=entry.size if entry is not None else None)
+                self.client.download(path, f, expected_size=entry.size if entry is not None else None)
             except FileNotFoundError:
                 if entry is None:
                     self._explain_missing(path)
                 raise
-            if entry is None:
-                self.store.put_entry(RemoteEntry(path, "file", got))
-            elif entry.size is None:
-                self.store.set_size(path, got)
+            # The size is not written to the listing store here: the cached copy tells it (see info/stat), and a
+            # store write per download would make 4 prefetch processes x 32 threads queue on SQLite's write lock.
         return fill
 
     def _through_cache(self, path: str, use: Callable[[CacheKey, Callable[[BinaryIO], None], Optional[int]], Any]) -> Any:
@@ -410,7 +424,8 @@ class RemoteRepo:
         size = entry.size if entry is not None else None
         location = self._location_key(path)
         for candidate in (key, location) if key != location else (key,):
-            if settled and cache.get_settled(candidate) is None:
+            # the key about to be downloaded into needs no wait here: fetch/open re-check it under its own lock
+            if settled and candidate != key and cache.get_settled(candidate) is None:
                 continue
             if cache.get(candidate, size) is not None:  # a copy of another size is corrupt: dropped, not used
                 return candidate
