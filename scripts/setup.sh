@@ -12,7 +12,8 @@ PY="${PYTHON:-python3}"
 # `streamloader mount` needs libfuse and fusermount3 from the OS (the Python binding, mfusepy, is a pip extra).
 if ! command -v fusermount3 >/dev/null 2>&1 || ! ldconfig -p 2>/dev/null | grep -q 'libfuse3\?\.so'; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        apt-get update -qq && apt-get install -y -qq fuse3 >/dev/null
+        { apt-get update -qq && apt-get install -y -qq fuse3 >/dev/null; } \
+            || echo "setup.sh: could not install fuse3 with apt-get: streamloader mount and its tests will be unavailable" >&2
     else
         echo "setup.sh: fuse3 is not installed and cannot be installed here (needs root and apt-get): streamloader mount and its tests will be unavailable" >&2
     fi
