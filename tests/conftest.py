@@ -169,3 +169,20 @@ def server(repo_dir: Path, make_server: Callable[..., DagsHubServer], monkeypatc
     srv = make_server(repo_dir, token=TOKEN)
     monkeypatch.setenv("DAGSHUB_TOKEN", TOKEN)
     return srv
+
+
+def why_no_mount() -> str:
+    """Why this machine cannot mount a FUSE file system ("" when it can): no libfuse, binding or /dev/fuse."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return "FUSE mounts need Linux"
+    from streamloader.errors import MountError
+    from streamloader.fusemount import check_fuse, load_binding
+
+    try:
+        load_binding()
+        check_fuse()
+    except MountError as exc:
+        return str(exc)
+    return ""

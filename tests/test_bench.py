@@ -14,25 +14,14 @@ from typing import Dict, List
 
 import pytest
 
+from conftest import why_no_mount
 from streamloader.benchmarks import CASE_IDS, CaseResult, format_table, parse_only, to_json
 from streamloader.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cannot_mount() -> str:
-    from streamloader.errors import MountError
-    from streamloader.fusemount import check_fuse, load_binding
-
-    try:
-        load_binding()
-        check_fuse()
-    except MountError as exc:
-        return str(exc)
-    return ""
-
-
-NO_MOUNT = _cannot_mount()
+NO_MOUNT = why_no_mount()
 # every row the full table has: one per case, plus P1's bound, P4's many-file loop, P6's 2 workers and scaling,
 # P11's warm and re-read rows (P11 is one "not run" row on a machine that cannot mount)
 ROW_IDS = ["P1", "P1b", "P2", "P2n", "P3", "P4", "P4b", "P5", "P6", "P6b", "P6c", "P7", "P8", "P9", "P10a", "P10b", "P10c",

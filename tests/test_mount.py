@@ -19,25 +19,14 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from conftest import TOKEN, make_jpeg, make_repo
+from conftest import TOKEN, make_jpeg, make_repo, why_no_mount
 from streamloader.errors import MountError
 from streamloader.server import DagsHubServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _why_no_mount() -> str:
-    from streamloader.fusemount import check_fuse, load_binding
-
-    try:
-        load_binding()
-        check_fuse()
-    except MountError as exc:
-        return str(exc)
-    return ""
-
-
-NO_MOUNT = _why_no_mount() if sys.platform.startswith("linux") else "FUSE mounts need Linux"
+NO_MOUNT = why_no_mount()
 needs_fuse = pytest.mark.skipif(bool(NO_MOUNT), reason=f"this machine cannot mount: {NO_MOUNT}")
 
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from streamloader.server import payloads, storage
 from streamloader.server.blobs import Blob, send_blob
 from streamloader.server.repo import RepoEntry, RepoPathError, split_repo_path
-from streamloader.server.routes import HTTPError, Route
+from streamloader.server.routes import HTTPError, Route, page_bounds
 from streamloader.server.synth import SyntheticFolder
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,7 +29,6 @@ __all__ = ["serve_content", "serve_raw", "open_blob"]
 
 _JSON = "application/json; charset=utf-8"
 _CHUNK_CHARS = 1 << 20
-_DEFAULT_PAGE = 100
 # as in handler.py: above this size a raw answer carries an ETag only once a listing has hashed the file
 _ETAG_HASH_LIMIT = 64 * 1024 * 1024
 _HASH_SLOT = "@@streamloader-hash@@"
@@ -240,13 +239,7 @@ def serve_content(handler: Any, route: Route, query: Dict[str, List[str]]) -> No
     if mode.unpaged_listings or not paging:
         _send_rows(handler, iter(rows))
         return
-    try:
-        limit = int(query.get("limit", [_DEFAULT_PAGE])[-1])
-        start = int(query.get("from_token", ["0"])[-1] or 0)
-    except ValueError:
-        raise HTTPError(400, "limit and from_token must be integers") from None
-    if limit <= 0 or start < 0:
-        raise HTTPError(400, "limit must be > 0 and from_token >= 0")
+    start, limit = page_bounds(query)
     page = ", ".join(islice(iter(rows), start, start + limit))
     next_token = json.dumps(str(start + limit) if start + limit < rows.count else None)
     handler._send(200, f'{{"entries": [{page}], "next_token": {next_token}}}'.encode("utf-8"), _JSON)

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, unquote
 from streamloader.server import dagshub_like, payloads, storage
 from streamloader.server.oauth import approval_page
 from streamloader.server.repo import RepoEntry, RepoPathError, split_repo_path
-from streamloader.server.routes import HTTPError, Route, Unsatisfiable, parse_range, parse_route
+from streamloader.server.routes import HTTPError, Route, Unsatisfiable, page_bounds, parse_range, parse_route
 
 if TYPE_CHECKING:  # pragma: no cover
     from streamloader.server.app import DagsHubServer
@@ -39,7 +39,6 @@ __all__ = ["DagsHubRequestHandler", "HTTPError"]
 
 _CHUNK = 256 * 1024
 _MAX_BODY = 1024 * 1024
-_DEFAULT_PAGE = 100
 # Raw answers carry the blob sha as ETag. Hashing a big file on its first (maybe 1 KB Range) request would stall
 # it, so above this size the ETag is sent only once a listing has hashed the file.
 _ETAG_HASH_LIMIT = 64 * 1024 * 1024
@@ -281,13 +280,7 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
         if not paging and "limit" not in query:
             self._send_json(200, rows)
             return
-        try:
-            limit = int(query.get("limit", [_DEFAULT_PAGE])[-1])
-            start = int(query.get("from_token", ["0"])[-1] or 0)
-        except ValueError:
-            raise HTTPError(400, "limit and from_token must be integers") from None
-        if limit <= 0 or start < 0:
-            raise HTTPError(400, "limit must be > 0 and from_token >= 0")
+        start, limit = page_bounds(query)
         page = rows[start : start + limit]
         next_token = str(start + limit) if start + limit < len(rows) else None
         self._send_json(200, {"entries": page, "next_token": next_token})

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 __all__ = ["Route", "parse_route", "parse_range", "Unsatisfiable", "HTTPError"]
 
@@ -13,6 +13,21 @@ class HTTPError(Exception):
     def __init__(self, status: int, message: str, headers: Optional[Dict[str, str]] = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+
+
+DEFAULT_PAGE = 100  # entries per page of a paged listing, as DagsHub's
+
+
+def page_bounds(query: Dict[str, List[str]]) -> Tuple[int, int]:
+    """``(start, limit)`` of a paged listing request (``from_token`` is an offset here); HTTPError 400 if bad."""
+    try:
+        limit = int(query.get("limit", [str(DEFAULT_PAGE)])[-1])
+        start = int(query.get("from_token", ["0"])[-1] or 0)
+    except ValueError:
+        raise HTTPError(400, "limit and from_token must be integers") from None
+    if limit <= 0 or start < 0:
+        raise HTTPError(400, "limit must be > 0 and from_token >= 0")
+    return start, limit
 
 
 class Unsatisfiable(Exception):
