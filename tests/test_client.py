@@ -10,6 +10,7 @@ import pytest
 from streamloader.errors import (AuthenticationError, RemoteError, RemoteFileNotFoundError,
                                  RevisionNotFoundError)
 from streamloader.remote.client import DagsHubClient, RetryPolicy
+from streamloader.remote.entries import parse_entries
 from streamloader.remote.urls import RepoRef, safe_repo_path
 
 TOKEN = "sl-test-token-3f9a1c"
@@ -189,7 +190,7 @@ def test_listing_entries_outside_directory_are_skipped(caplog):
              {"path": "other/x.jpg", "type": "file", "size": 1, "hash": "h"},
              {"path": "data/sub/deeper.jpg", "type": "file", "size": 1, "hash": "h"},
              {"type": "file"}]
-    kept = list(DagsHubClient._parse_entries(items, "data"))
+    kept = list(parse_entries(items, "data"))
     assert [e.path for e in kept] == ["data/ok.jpg"]
 
 
@@ -213,4 +214,4 @@ def test_listing_entries_that_change_under_normalisation_are_refused():
              {"path": "data//x.jpg", "type": "file", "size": 1, "hash": "h"},
              {"path": "data/./y.jpg", "type": "file", "size": 1, "hash": "h"},
              {"path": "data/sub/", "type": "dir", "size": 0, "hash": "h"}]
-    assert [e.path for e in DagsHubClient._parse_entries(items, "data")] == ["data/sub"]
+    assert [e.path for e in parse_entries(items, "data")] == ["data/sub"]

@@ -30,7 +30,7 @@ import mfusepy
 
 from streamloader.errors import AuthenticationError, RemoteError, StreamloaderError
 from streamloader.fusemount.readahead import ReadAhead
-from streamloader.remote.client import RemoteEntry
+from streamloader.remote.entries import RemoteEntry
 from streamloader.remote.filesystem import WHOLE_FILE_MAX
 from streamloader.remote.repo import RemoteRepo
 

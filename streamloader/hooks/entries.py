@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, List, Optional, Union
 
 if TYPE_CHECKING:
     from streamloader.hooks.router import HookedRoot
-    from streamloader.remote.client import RemoteEntry
+    from streamloader.remote.entries import RemoteEntry
 
 __all__ = ["remote_stat", "RemoteDirEntry", "ScandirIterator"]
 

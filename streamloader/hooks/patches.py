@@ -33,7 +33,7 @@ from streamloader.hooks.router import resolve
 
 if TYPE_CHECKING:
     from streamloader.hooks.router import HookedRoot
-    from streamloader.remote.client import RemoteEntry
+    from streamloader.remote.entries import RemoteEntry
     from streamloader.remote.listings import DirListing
 
 log = logging.getLogger(__name__)

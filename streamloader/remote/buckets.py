@@ -38,7 +38,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterable, I
 from streamloader._entrylock import EntryLock
 from streamloader.cache import CacheKey
 from streamloader.errors import RemoteError, RemoteFileNotFoundError
-from streamloader.remote.client import RemoteEntry
+from streamloader.remote.entries import RemoteEntry
 from streamloader.remote.listings import DirListing, ListingStore
 
 if TYPE_CHECKING:

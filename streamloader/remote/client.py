@@ -18,7 +18,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Union
 
 import requests
 import tenacity
@@ -32,6 +32,7 @@ from streamloader.errors import (
     RevisionNotFoundError,
 )
 from streamloader.remote.credentials import Credentials, OriginBearerAuth, TokenAcquired, take_url_token
+from streamloader.remote.entries import RemoteEntry, file_entry, parse_entries
 from streamloader.remote.jsonstream import JSONStreamError, JSONTooLarge, iter_json
 from streamloader.remote.limits import HostLimiter, host_limiter, parse_retry_after
 from streamloader.remote.transport import (MIN_RATE, QuickAckAdapter, RawTransport, Session, TransportError,
@@ -68,26 +69,6 @@ class RetryPolicy:
     min_rate: float = MIN_RATE
 
 
-@dataclass(frozen=True)
-class RemoteEntry:
-    """One item of a repo listing: full repo ``path``, ``type`` "file"/"dir", ``size`` (None while unknown:
-    dagshub.com lists sizes only on request), content ``hash`` (git blob sha1, or DVC's md5)."""
-
-    path: str
-    type: str
-    size: Optional[int]
-    hash: Optional[str] = None
-    versioning: Optional[str] = None
-
-    @property
-    def name(self) -> str:
-        return self.path.rsplit("/", 1)[-1]
-
-    @property
-    def is_dir(self) -> bool:
-        return self.type == "dir"
-
-
 class _Transient(Exception):
     """A retryable failure; ``retry_after`` is the server's hint in seconds; ``outcome`` what it tells the host's
     limiter: "throttled" (a pushback), "unreachable" (no usable answer) or "answered" (an error answer)."""
@@ -98,20 +79,6 @@ class _Transient(Exception):
         self.status = status
         self.retry_after = retry_after
         self.outcome = outcome
-
-
-def _entry_size(item: Dict[str, Any]) -> Optional[int]:
-    """A listed file's size; None when unknown (dagshub.com lists 0 unless asked for sizes)."""
-    size = item.get("size")
-    if size is None or size == 0:
-        return None
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise ValueError(f"invalid size {str(size)[:40]!r}")
-    return size
-
-
-def _str_or_none(value: Any) -> Optional[str]:
-    return str(value) if value not in (None, "") else None
 
 
 def _response_chunks(resp: requests.Response) -> Iterator[bytes]:
@@ -500,15 +467,15 @@ class DagsHubClient:
             with resp:
                 first, values = _stream_json(resp)
                 if first == "[":
-                    on_listing(self._parse_entries(_json_values(values), path))
+                    on_listing(parse_entries(_json_values(values), path))
                     return None
                 if first != "{":
                     raise _Transient(f"unexpected answer from the content API for {path or '/'!r}")
                 obj = next(_json_values(values))
             if isinstance(obj.get("entries"), list):  # the paged form (older servers, storage buckets)
-                on_listing(self._parse_entries(self._pages(url, path, obj), path))
+                on_listing(parse_entries(self._pages(url, path, obj), path))
                 return None
-            return self._file_entry(obj, path)
+            return file_entry(obj, path, self.ref.api_base)
 
         return self._call(attempt, "content lookup", url)
 
@@ -592,47 +559,6 @@ class DagsHubClient:
         entry = self.content(path, refuse, include_size=True)
         assert entry is not None
         return entry
-
-    def _file_entry(self, item: Dict[str, Any], path: str) -> RemoteEntry:
-        """The entry of the file ``path`` from the content API's single-object answer."""
-        try:
-            raw_path = str(item.get("path", path))
-            if safe_repo_path(raw_path) != path or raw_path != path:
-                raise ValueError(f"the answer names {raw_path[:200]!r}")
-            if item.get("type", "file") not in ("file", "dir"):
-                raise ValueError(f"type {item.get('type')!r}")
-            if item.get("type") == "dir":
-                return RemoteEntry(path, "dir", 0, item.get("hash") or None, item.get("versioning"))
-            size = _entry_size(item)
-        except (TypeError, ValueError) as exc:
-            raise RemoteError(f"unexpected content answer for {path!r}: {exc}", url=self.ref.api_base) from None
-        return RemoteEntry(path, "file", size, _str_or_none(item.get("hash")), _str_or_none(item.get("versioning")))
-
-    @staticmethod
-    def _parse_entries(items: Iterable[Any], parent: str) -> Iterator[RemoteEntry]:
-        prefix = parent + "/" if parent else ""
-        for item in items:
-            try:
-                kind = item.get("type")
-                if kind not in ("file", "dir"):
-                    # e.g. "storage" (a connected bucket): not a file of this folder
-                    log.debug("listing of %r: leaving out %r of type %r", parent or "/", item.get("path"), kind)
-                    continue
-                raw_path = str(item["path"])
-                entry_path = safe_repo_path(raw_path)
-                size = _entry_size(item) if kind == "file" else 0
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                # A hostile or broken listing must not steer us outside the repo: skip and say so.
-                log.warning("skipping malformed listing entry under %r: %s", parent or "/", exc)
-                continue
-            # An entry must name a direct child exactly: "data/." or "data//x" normalise to something else and
-            # could shadow a real entry, so anything that changes under normalisation is refused too.
-            if (entry_path != raw_path.rstrip("/") or not entry_path.startswith(prefix)
-                    or "/" in entry_path[len(prefix):] or entry_path == parent):
-                log.warning("skipping listing entry %r outside directory %r", raw_path, parent or "/")
-                continue
-            yield RemoteEntry(entry_path, kind, size, _str_or_none(item.get("hash")),
-                              _str_or_none(item.get("versioning")))
 
     # -- bytes ----------------------------------------------------------------------------------------------------
     def raw_url(self, path: str) -> str:

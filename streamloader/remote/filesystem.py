@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from streamloader.cache import FileCache
-from streamloader.remote.client import DagsHubClient, RemoteEntry, RetryPolicy
+from streamloader.remote.client import DagsHubClient, RetryPolicy
+from streamloader.remote.entries import RemoteEntry
 from streamloader.remote.repo import RemoteRepo
 from streamloader.remote.urls import RepoRef, normalize_host, split_credentials, split_repo_path
 

@@ -30,7 +30,7 @@ import weakref
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from streamloader._files import makedirs_private
-from streamloader.remote.client import RemoteEntry
+from streamloader.remote.entries import RemoteEntry
 
 log = logging.getLogger(__name__)
 

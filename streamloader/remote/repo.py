@@ -18,9 +18,7 @@ import io
 import json
 import logging
 import os
-import posixpath
 import re
-import shutil
 import threading
 import time
 import weakref
@@ -32,7 +30,8 @@ from streamloader._files import atomic_write
 from streamloader.cache import CacheKey, FileCache
 from streamloader.errors import IntegrityError, RemoteError, RemoteFileNotFoundError
 from streamloader.remote.buckets import Buckets, is_bucket_path
-from streamloader.remote.client import DagsHubClient, RemoteEntry
+from streamloader.remote.client import DagsHubClient
+from streamloader.remote.entries import RemoteEntry
 from streamloader.remote.listings import DirListing, ListingStore
 from streamloader.remote.parallel import (  # noqa: F401 - PREFETCH_PROCESS_MIN_FILES, PrefetchJob re-exported
     PREFETCH_PROCESS_MIN_FILES, Halt, PrefetchJob, ProcessPrefetch, prefetch_in_threads, process_count, settle)

@@ -4,7 +4,7 @@ lying server), in commit ids, and in tar members, plus tar symlinks and hardlink
 The server runs in its own process, so a file audit hook (``hostile.FileAudit``) sees only what the client side
 does: every path it opens, writes, renames or creates must stay inside the cache root (or the caller's own
 output directory), and the canary files placed where the traversals point are never opened. Unit-level checks:
-tests/test_client.py (``_parse_entries``), tests/test_tars.py (unsafe members), tests/test_server.py (server side).
+tests/test_client.py (``parse_entries``), tests/test_tars.py (unsafe members), tests/test_server.py (server side).
 """
 from __future__ import annotations
 
