@@ -127,12 +127,18 @@ class ProcessPrefetch:
                                   name=f"streamloader-prefetch-{i}", daemon=True)
                       for i, (chunk, t) in enumerate(zip(chunks, threads))]
         self.pending = [set(chunk) for chunk in chunks]
+        # SIGINT is blocked while the workers start, so one that arrives before a worker ignores it (its first act)
+        # stays pending until then and is dropped: Ctrl-C is the parent's to handle, from the first instant
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if hasattr(signal, "pthread_sigmask") else None
         try:
             for proc in self.procs:
                 proc.start()
         except BaseException:
             self._stop()
             raise
+        finally:
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def collect(self, record: _Record, cancelled: Optional[threading.Event] = None) -> None:
         """Report every file through ``record`` until all workers are done (or ``cancelled`` is set); always
@@ -274,6 +280,8 @@ def _prefetch_worker(repo: RemoteRepo, paths: List[str], workers: int, queue: An
 
     # Ctrl-C reaches the whole process group: the parent stops the workers, which must not die noisily on their own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent while it started us
     threading.Thread(target=watch_parent, name="streamloader-prefetch-watch", daemon=True).start()
     prefetch_in_threads(repo, paths, workers,
                          lambda path, size, exc, cached: queue.put((index, path, size, _portable_error(exc), cached)))
