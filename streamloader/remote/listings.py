@@ -26,6 +26,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
+import time
 import weakref
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
@@ -113,6 +114,20 @@ class ListingStore:
             return self._connection
 
     def _open(self) -> sqlite3.Connection:
+        # Several processes opening a new store at once can get "database is locked" from the switch to WAL (SQLite
+        # does not wait on that lock): try again for a while.
+        deadline = time.monotonic() + _BUSY_TIMEOUT
+        delay = 0.01
+        while True:
+            try:
+                return self._open_once()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    def _open_once(self) -> sqlite3.Connection:
         makedirs_private(os.path.dirname(self.path))
         try:  # created private up front: SQLite gives its -wal and -shm files the database file's mode
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -125,7 +140,7 @@ class ListingStore:
                 log.debug("listing store %s: journal mode %s", self.path, mode)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
-        except sqlite3.DatabaseError:
+        except sqlite3.Error:
             conn.close()
             raise
         return conn
