@@ -13,7 +13,7 @@ import stat
 import subprocess
 import sys
 import time
-from typing import Iterable, List
+from typing import Dict, Iterable, List, Tuple
 
 import pytest
 
@@ -170,9 +170,35 @@ def test_token_is_not_sent_after_a_cross_origin_redirect(repo, make_server, tmp_
     figures.update(redirects=len(redirected), auth_headers_after_redirect=0)
 
 
-def _file_mode(cache: str, path: str) -> int:
-    """Finished cache objects are read-only (0400); every other file under the cache root is 0600."""
-    return 0o400 if path.startswith(os.path.join(cache, "objects") + os.sep) else 0o600
+def _file_modes(cache: str, path: str) -> Tuple[int, ...]:
+    """Finished cache objects are read-only (0400); a download's temp file is 0600 until it is verified, then 0400
+    for the instant before it is renamed into objects/ (the off-path commit); every other file is 0600."""
+    if path.startswith(os.path.join(cache, "objects") + os.sep):
+        return (0o400,)
+    if path.startswith(os.path.join(cache, "tmp") + os.sep) and path.endswith(".part"):
+        return (0o600, 0o400)
+    return (0o600,)
+
+
+def _check_private_tree(cache: str) -> Dict[str, int]:
+    """Assert every directory under ``cache`` is 0700 and every file has one of :func:`_file_modes`; returns counts.
+    A temp file renamed into place between the listing and its stat is skipped (it was checked as an object or
+    will be)."""
+    seen = {"dirs": 0, "files": 0}
+    for dirpath, _dirs, files in os.walk(cache):
+        mode = stat.S_IMODE(os.stat(dirpath).st_mode)
+        assert mode == 0o700, f"{dirpath} is {oct(mode)}"
+        seen["dirs"] += 1
+        for name in files:
+            path = os.path.join(dirpath, name)
+            try:
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+            except FileNotFoundError:
+                assert name.endswith(".part"), f"{path} vanished while the cache was idle"
+                continue
+            assert mode in _file_modes(cache, path), f"{path} is {oct(mode)}"
+            seen["files"] += 1
+    return seen
 
 
 def test_cache_is_private_even_under_a_permissive_umask(repo, make_server, tmp_path, figures):
@@ -187,16 +213,7 @@ def test_cache_is_private_even_under_a_permissive_umask(repo, make_server, tmp_p
             f.read()
     finally:
         os.umask(old)
-    seen = {"dirs": 0, "files": 0}
-    for dirpath, dirs, files in os.walk(cache):
-        mode = stat.S_IMODE(os.stat(dirpath).st_mode)
-        assert mode == 0o700, f"{dirpath} is {oct(mode)}"
-        seen["dirs"] += 1
-        for name in files:
-            path = os.path.join(dirpath, name)
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-            assert mode == _file_mode(cache, path), f"{path} is {oct(mode)}"
-            seen["files"] += 1
+    seen = _check_private_tree(cache)
     assert seen["files"] >= 7  # objects, listings, heads and locks were all looked at
     figures.update(**seen)
 
@@ -219,11 +236,7 @@ def test_feature_cache_under_the_cache_root_is_private_too(tmp_path, make_server
     finally:
         os.umask(old)
     assert ds.stats["features_computed"] == 4
-    for dirpath, _dirs, files in os.walk(cache):
-        assert stat.S_IMODE(os.stat(dirpath).st_mode) == 0o700, dirpath
-        for name in files:
-            path = os.path.join(dirpath, name)
-            assert stat.S_IMODE(os.stat(path).st_mode) == _file_mode(cache, path), name
+    assert _check_private_tree(cache)["files"] >= 4
 
 
 # --- issue 15.9: what requests/urllib3 raise on hostile answers becomes our typed errors -------------------------
