@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Dict, List
 import pytest
 
 from conftest import why_no_mount
-from streamloader.benchmarks import CASE_IDS, CaseResult, format_table, parse_only, to_json
+from benchmarks import CASE_IDS, CaseResult, format_table, parse_only, to_json
 from streamloader.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,17 +103,18 @@ def test_quick_run_kept_its_workdir_and_left_no_server(quick_run):
     assert leftovers == []
 
 
-def test_json_flag_prints_only_json_and_cli_runs_the_same_code(tmp_path, capsys):
+def test_json_flag_prints_only_json_and_cli_runs_the_same_code(tmp_path, capfd):
+    # capfd: from a checkout, `streamloader bench` runs scripts/bench.py in a child process
     code = main(["bench", "--quick", "--only", "p7", "--json", "--workdir", str(tmp_path / "w")])
     assert code == 0
-    doc = json.loads(capsys.readouterr().out)
+    doc = json.loads(capfd.readouterr().out)
     assert [r["id"] for r in doc["results"]] == ["P7"]
     assert doc["results"][0]["unit"] == "rows/s" and doc["results"][0]["ours"] > 0
 
 
-def test_only_rejects_unknown_ids(capsys):
+def test_only_rejects_unknown_ids(capfd):
     assert main(["bench", "--only", "P1,P42"]) == 2
-    assert "P42" in capsys.readouterr().err
+    assert "P42" in capfd.readouterr().err
     assert parse_only("p3, P1") == ["P1", "P3"] and parse_only(None) == list(CASE_IDS)
     with pytest.raises(ValueError):
         parse_only("P0")
@@ -130,3 +132,39 @@ def test_table_marks_errors_and_missing_goals():
     assert rows_by_id["P5"][6] == "ERROR" and "RuntimeError: boom" in format_table(rows)
     doc = json.loads(to_json(rows))
     assert doc["all_met"] is False and doc["results"][2]["error"] == "RuntimeError: boom"
+
+
+def test_cli_outside_a_checkout_says_where_the_bench_is(tmp_path):
+    """An installed wheel holds streamloader/ without benchmarks/ or scripts/ beside it: `streamloader bench` prints
+    one line and exits 2 (no traceback). Layout of such an install: the package alone in a folder on sys.path."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / "streamloader").symlink_to(ROOT / "streamloader", target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSHUB_", "STREAMLOADER_"))}
+    env["PYTHONPATH"] = str(site)
+    where = subprocess.run([sys.executable, "-c", "import streamloader, importlib.util as u; "
+                            "print(streamloader.__file__, u.find_spec('benchmarks'))"],
+                           cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60)
+    assert where.stdout.split() == [str(site / "streamloader" / "__init__.py"), "None"], where.stderr
+    proc = subprocess.run([sys.executable, "-m", "streamloader", "bench", "--quick"], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "streamloader bench: the benchmarks live in the source checkout: run python scripts/bench.py there"]
+
+
+def test_the_library_never_imports_the_bench():
+    """The wheel's modules import neither the top-level benchmarks package nor the bench-only test dependencies
+    (webdataset, the official client's hooks), and the runtime hooks do not load the test server."""
+    bench_only = re.compile(r"^\s*(?:from|import)\s+(?:benchmarks|webdataset|dagshub\.streaming)\b")
+    offenders = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+                 for path in sorted((ROOT / "streamloader").rglob("*.py"))
+                 for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                 if bench_only.match(line)]
+    assert offenders == []
+    loaded = subprocess.run([sys.executable, "-c", "import sys, streamloader.hooks, streamloader.cli; "
+                             "streamloader.cli.build_parser(); print(sorted(m for m in sys.modules if "
+                             "m.split('.')[0] in ('benchmarks', 'webdataset') or m.startswith('streamloader.server')))"],
+                            cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+    assert loaded.stdout.strip() == "[]", loaded.stderr

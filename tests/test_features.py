@@ -16,7 +16,6 @@ from streamloader.data.features import (
     FeatureExtractorProtocol,
     ImagePreprocess,
     TinyCNN,
-    benchmark_feature_cache,
     describe_preprocess,
     tiny_cnn_extractor,
     weights_digest,
@@ -140,6 +139,8 @@ def test_constructor_validates():
 
 
 def test_benchmark_runs_small(tmp_path):
+    from benchmarks.feature_cache import benchmark_feature_cache  # the bench's P5 side (the checkout, not the wheel)
+
     result = benchmark_feature_cache(n_images=8, image_size=(24, 24), input_size=16, workdir=str(tmp_path))
     assert result["n_images"] == 8
     assert set(result) >= {"extract_s", "cached_epoch_s", "speedup", "cached_us_per_image"}

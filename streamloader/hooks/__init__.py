@@ -28,8 +28,7 @@ from streamloader.hooks.spawn import ENV_VAR, activate_from_env
 
 log = logging.getLogger(__name__)
 
-__all__ = ["install_hooks", "uninstall_hooks", "activate_from_env", "hooked_roots", "HookedRoot", "ENV_VAR",
-           "measure_hook_overhead"]
+__all__ = ["install_hooks", "uninstall_hooks", "activate_from_env", "hooked_roots", "HookedRoot", "ENV_VAR"]
 
 PathArg = Union[str, "os.PathLike[str]"]
 
@@ -202,9 +201,3 @@ def hooked_roots() -> Dict[str, HookedRoot]:
     """``{project_root: handle}`` of the active hooks."""
     return {hook.root: hook for hook in router.hooked()}
 
-
-def measure_hook_overhead(n: int = 20000) -> Dict[str, float]:
-    """Time open+close and os.stat of a local file outside any hooked root, with and without hooks."""
-    from streamloader.hooks.bench import measure_hook_overhead as measure
-
-    return measure(n)

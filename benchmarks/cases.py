@@ -12,13 +12,13 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Dict, List
 
-from streamloader.benchmarks import cases_mount, cases_scale
-from streamloader.benchmarks.cases_mount import case_p11
-from streamloader.benchmarks.cases_scale import case_p10
-from streamloader.benchmarks.report import CaseResult
+from benchmarks import cases_mount, cases_scale
+from benchmarks.cases_mount import case_p11
+from benchmarks.cases_scale import case_p10
+from benchmarks.report import CaseResult
 
 if TYPE_CHECKING:
-    from streamloader.benchmarks.runner import BenchContext
+    from benchmarks.runner import BenchContext
 
 __all__ = ["TITLES", "GOALS", "case_p1", "case_p2", "case_p2n", "case_p3", "case_p4", "case_p5", "case_p6", "case_p7",
            "case_p8", "case_p9", "case_p10", "case_p11"]
@@ -262,7 +262,7 @@ def case_p9(ctx: "BenchContext") -> List[CaseResult]:
                   "threads": 16, "order": "reversed" if i % 2 else "forward"}
         out_dir = ctx.fresh_dir("out-p9")
         out = os.path.join(out_dir, "result.json")
-        cmd = [sys.executable, "-m", "streamloader.benchmarks.child", "shared_cache_reader", json.dumps(params), out]
+        cmd = [sys.executable, "-m", "benchmarks.child", "shared_cache_reader", json.dumps(params), out]
         # stderr to a file, not a pipe: nobody reads it until the end, and a full pipe would stall the reader
         with open(os.path.join(out_dir, "stderr.txt"), "w", encoding="utf-8") as err:
             proc = subprocess.Popen(cmd, env=ctx.env(cache), stdout=subprocess.DEVNULL, stderr=err)

@@ -1,6 +1,6 @@
 """Benchmark orchestration: sizes, the synthetic data, the server subprocess and the per-side environments.
 
-Usage (what ``scripts/bench.py`` and ``streamloader bench`` call)::
+Usage (what ``scripts/bench.py`` calls, through :mod:`benchmarks.cli`)::
 
     results = run_benchmarks(quick=True, only=["P3", "P7"])
     print(format_table(results))
@@ -19,7 +19,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from streamloader.benchmarks.report import CaseResult
+from benchmarks.child import child_env
+from benchmarks.report import CaseResult
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +109,12 @@ class BenchContext:
         if self.server is not None:
             env.update({"DAGSHUB_CLIENT_HOST": self.server.url, "DAGSHUB_USER_TOKEN": self.token,
                         "DAGSHUB_TOKEN": self.token})
-        return env
+        return child_env(env)  # ``python -m benchmarks.child`` finds the checkout from any working directory
 
     def child(self, task: str, params: Mapping[str, Any], *, env: Optional[Dict[str, str]] = None,
               cwd: Optional[str] = None, timeout: float = 900.0) -> Dict[str, Any]:
         """Run one side in a fresh interpreter (see :func:`.child.run_child`)."""
-        from streamloader.benchmarks.child import run_child
+        from benchmarks.child import run_child
 
         out = os.path.join(self.fresh_dir(f"out-{task}"), "result.json")
         started = time.perf_counter()
@@ -163,7 +164,7 @@ def run_benchmarks(quick: bool = False, only: Optional[Iterable[str]] = None, wo
         if progress is not None:
             progress(message)
 
-    from streamloader.benchmarks import cases as case_module
+    from benchmarks import cases as case_module
     from streamloader.server import ServerFaults, ServerProcess
 
     selected = parse_only(",".join(only) if only is not None else None)

@@ -1,8 +1,10 @@
 """Run one measured side of a benchmark in a fresh interpreter and write its figures as JSON.
 
-``python -m streamloader.benchmarks.child TASK PARAMS_JSON OUT_JSON``. Each side gets its own process so that
+``python -m benchmarks.child TASK PARAMS_JSON OUT_JSON``. Each side gets its own process so that
 process-global state (the official client's hooks and settings read at import, warm caches, the peak RSS) never
-leaks from one side into the other. :func:`run_child` is the parent's end.
+leaks from one side into the other. :func:`run_child` is the parent's end. ``benchmarks`` lives in the source
+checkout, not in the installed package: :func:`child_env` puts the checkout's root first on the child's
+``PYTHONPATH`` (the child may run with another working directory).
 """
 from __future__ import annotations
 
@@ -12,7 +14,19 @@ import subprocess
 import sys
 from typing import Any, Callable, Dict, Mapping, Optional
 
-__all__ = ["TASKS", "run_child", "ChildError"]
+__all__ = ["TASKS", "REPO_ROOT", "child_env", "run_child", "ChildError"]
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+"""The source checkout holding ``benchmarks/`` (and ``streamloader/``, when not installed elsewhere)."""
+
+
+def child_env(env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """``env`` (default: this process's environment) with :data:`REPO_ROOT` prepended to ``PYTHONPATH``."""
+    result = dict(os.environ if env is None else env)
+    parts = [part for part in result.get("PYTHONPATH", "").split(os.pathsep) if part]
+    if REPO_ROOT not in parts:
+        result["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, *parts])
+    return result
 
 
 class ChildError(RuntimeError):
@@ -20,7 +34,7 @@ class ChildError(RuntimeError):
 
 
 def _tasks() -> Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]:
-    from streamloader.benchmarks import sides_local, sides_mount, sides_remote, sides_scale
+    from benchmarks import sides_local, sides_mount, sides_remote, sides_scale
 
     return {
         "guide_loop": sides_remote.guide_loop,
@@ -53,9 +67,9 @@ def run_child(task: str, params: Mapping[str, Any], out_path: str, *, env: Optio
     """Run ``task`` in a new interpreter and return the dict it wrote; raises ChildError if it failed."""
     if task not in TASKS:
         raise ValueError(f"unknown benchmark task {task!r}")
-    cmd = [sys.executable, "-m", "streamloader.benchmarks.child", task, json.dumps(dict(params)), out_path]
+    cmd = [sys.executable, "-m", "benchmarks.child", task, json.dumps(dict(params)), out_path]
     try:
-        proc = subprocess.run(cmd, env=dict(env) if env is not None else None, cwd=cwd, capture_output=True,
+        proc = subprocess.run(cmd, env=child_env(env), cwd=cwd, capture_output=True,
                               text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise ChildError(f"{task} did not finish within {timeout:.0f} s") from None
@@ -70,7 +84,7 @@ def main(argv: Optional[list] = None) -> int:
     """Entry point of the child process."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 3:
-        print("usage: python -m streamloader.benchmarks.child TASK PARAMS_JSON OUT_JSON", file=sys.stderr)
+        print("usage: python -m benchmarks.child TASK PARAMS_JSON OUT_JSON", file=sys.stderr)
         return 2
     task, params, out_path = args[0], json.loads(args[1]), args[2]
     result = _tasks()[task](params)

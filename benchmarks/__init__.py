@@ -4,15 +4,15 @@ Every figure is a ratio of two sides measured in the same run, on the same machi
 ``streamloader serve`` subprocess with injected per-request latency; each side runs in a fresh child process with
 cold caches where the case says cold. Rows: P1-P9 of issue 7 (see :data:`.cases.TITLES` and :data:`.cases.GOALS`)::
 
-    from streamloader.benchmarks import run_benchmarks, format_table
+    from benchmarks import run_benchmarks, format_table
     print(format_table(run_benchmarks(quick=True, only=["P7"])))
 
 Layout: :mod:`.runner` (sizes, data, server, per-side environments), :mod:`.cases` (one function per row),
 :mod:`.sides_remote` / :mod:`.sides_local` (the measured code, run by :mod:`.child` in a new interpreter) and
 :mod:`.report` (the table and the JSON).
 """
-from streamloader.benchmarks.report import CaseResult, format_table, to_json
-from streamloader.benchmarks.runner import CASE_IDS, FULL, QUICK, BenchSizes, parse_only, run_benchmarks, settings
+from benchmarks.report import CaseResult, format_table, to_json
+from benchmarks.runner import CASE_IDS, FULL, QUICK, BenchSizes, parse_only, run_benchmarks, settings
 
 __all__ = ["CaseResult", "format_table", "to_json", "run_benchmarks", "parse_only", "settings", "BenchSizes",
            "FULL", "QUICK", "CASE_IDS"]

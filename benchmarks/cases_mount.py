@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, List
 
-from streamloader.benchmarks.report import CaseResult
+from benchmarks.report import CaseResult
 
 if TYPE_CHECKING:
-    from streamloader.benchmarks.runner import BenchContext
+    from benchmarks.runner import BenchContext
 
 __all__ = ["TITLE", "GOAL", "case_p11"]
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Dict, List
 
-from streamloader.benchmarks.report import CaseResult
+from benchmarks.report import CaseResult
 
 if TYPE_CHECKING:
-    from streamloader.benchmarks.runner import BenchContext
+    from benchmarks.runner import BenchContext
 
 __all__ = ["TITLE", "GOAL", "case_p10"]
 

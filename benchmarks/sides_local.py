@@ -17,7 +17,8 @@ def hook_overhead(params: Dict[str, Any]) -> Dict[str, Any]:
     Hooks are installed once; the plain side runs with the wrappers taken out and put back around it (what
     ``measure_hook_overhead`` does), so both sides share one warm process and one installed hook, alternating.
     """
-    from streamloader.hooks import install_hooks, measure_hook_overhead, targets
+    from benchmarks.hook_overhead import measure_hook_overhead
+    from streamloader.hooks import install_hooks, targets
 
     local_dir = params["local_dir"]
     n = int(params.get("n_files", 500))
@@ -59,13 +60,13 @@ def hook_overhead(params: Dict[str, Any]) -> Dict[str, Any]:
     ops = 2 * n * passes
     return {"plain_s": best["plain"], "hooked_s": best["hooked"], "ops": ops,
             "plain_us_per_op": best["plain"] / ops * 1e6, "hooked_us_per_op": best["hooked"] / ops * 1e6,
-            # the hooks module's own micro-benchmark (one file; also bare open, bare stat and relative paths)
+            # benchmarks.hook_overhead's micro-benchmark (one file; also bare open, bare stat and relative paths)
             "measure_hook_overhead": measure_hook_overhead(int(params.get("helper_n", 20000)))}
 
 
 def feature_epoch(params: Dict[str, Any]) -> Dict[str, Any]:
     """Epoch of feature vectors from the feature cache vs extracting them (TinyCNN on CPU), local JPEGs."""
-    from streamloader.data.features import benchmark_feature_cache
+    from benchmarks.feature_cache import benchmark_feature_cache
 
     res = benchmark_feature_cache(n_images=int(params["n_images"]), image_size=tuple(params.get("image_size",
                                                                                                  (200, 200))),
