@@ -447,6 +447,32 @@ class RemoteRepo:
             return self._buckets.local_path(path)
         return self._through_cache(path, self.cache.fetch)
 
+    def warm(self, path: str) -> Tuple[int, bool]:
+        """Bring ``path`` into the cache without waiting for the disk (what a prefetch does): ``(its size, whether it
+        was cached already)``. Same keys, locks and checks as :meth:`local_path`; a new entry's commit may still be
+        under way in the background when this returns (``self.cache.flush()`` waits for it)."""
+        if self.cache is None:
+            raise RuntimeError("this RemoteRepo has no cache (use_cache=False)")
+        path = safe_repo_path(path)
+        if self._buckets.handles(path):
+            local = self._buckets.cached_path(path)
+            cached = local is not None
+            local = local or self._buckets.local_path(path)
+            return _size_of(local), cached
+        cache = self.cache
+        entry, key = self._target(path)
+        found = self._cached_key(path, entry, key, settled=False)
+        if found is not None:
+            size, cached = cache.warm(found, self._fill(path, entry), entry.size if entry else None)
+            return size, cached
+        with cache.locked(CacheKey("fetch", self._location_key(path).digest)):
+            known = self.store.entry(path)  # another process may have learnt the hash meanwhile
+            if known is not None and not known.is_dir:
+                entry, key = known, self.cache_key(known)
+            found = self._cached_key(path, entry, key, settled=True)
+            size, cached = cache.warm(found or key, self._fill(path, entry), entry.size if entry else None)
+            return size, cached and found is not None
+
     def cached_path(self, path: str) -> Optional[str]:
         """The cached file's path if ``path`` is already in the cache (no download, no request), else None."""
         if self.cache is None:
@@ -574,6 +600,13 @@ class RemoteRepo:
             return result
 
         return settle(PrefetchJob(run, on_error, on_cancel=halt.event.set), wait)
+
+
+def _size_of(local: str) -> int:
+    try:
+        return os.stat(local).st_size
+    except OSError:  # evicted already by a tight cap: the count still holds
+        return 0
 
 
 def _record_repo(repo_dir: str, client: DagsHubClient) -> None:
