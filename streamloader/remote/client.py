@@ -180,7 +180,10 @@ class DagsHubClient:
 
     def _make_session(self) -> requests.Session:
         session = Session()
-        adapter = QuickAckAdapter(pool_connections=4, pool_maxsize=self.max_concurrency, max_retries=0)
+        # room for every request the host's limiter may allow in flight (a prefetch lets it decide): a smaller pool
+        # would close each connection beyond its size after one request
+        size = max(self.max_concurrency, self.limiter.limits.ceiling)
+        adapter = QuickAckAdapter(pool_connections=4, pool_maxsize=size, max_retries=0)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         session.headers["User-Agent"] = "streamloader"

@@ -535,8 +535,11 @@ class RemoteRepo:
         """Warm the cache for many files concurrently, with a progress bar; returns a PrefetchResult.
 
         ``on_error="raise"`` raises the first failure after the others finish; ``"skip"`` records failures in the
-        result (and logs them) and carries on. ``processes`` spreads the downloads over that many worker processes
-        (``max_concurrency`` requests in flight in all): one process spends ~1 ms of CPU per small file under the
+        result (and logs them) and carries on. ``max_concurrency``: at most that many requests in flight; None (the
+        default) lets the host's limiter decide: 32 at first, more while the host keeps answering as fast (up to
+        its ceiling, 128 unless ``STREAMLOADER_HOST_LIMITS`` says otherwise), fewer when it pushes back.
+        ``processes`` spreads the downloads over that many worker processes (the requests in flight are counted
+        for all of them together): one process spends ~1 ms of CPU per small file under the
         GIL, which caps a cold epoch well below what the network allows. None = 1 below
         ``PREFETCH_PROCESS_MIN_FILES`` files, else ``min(cpu_count, 4)``. ``wait=False`` returns a
         :class:`PrefetchJob` at once and downloads in the background (training starts meanwhile). Example::
@@ -546,7 +549,9 @@ class RemoteRepo:
         if on_error not in ("raise", "skip"):
             raise ValueError("on_error must be 'raise' or 'skip'")
         paths = list(dict.fromkeys(paths))
-        workers = max(1, min(max_concurrency or self.client.max_concurrency, len(paths) or 1))
+        # None: as many threads as the host's limiter may ever allow; its limit (shared by the machine's processes)
+        # then sets how many requests are in flight, growing while the host keeps up, shrinking when it pushes back
+        workers = max(1, min(max_concurrency or self.client.limiter.limits.ceiling, len(paths) or 1))
         n_procs = process_count(processes, len(paths), workers)
         if n_procs > 1 and self.cache is not None:
             try:
