@@ -330,7 +330,8 @@ class FileCache:
                 return stored, False
         raise IntegrityError(f"cache entry {key.digest} keeps disappearing; is the cache cap too small?")
 
-    def _download_and_commit(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int]) -> Optional[int]:
+    def _download_and_commit(self, key: CacheKey, fill: Callable[[BinaryIO], None],
+                             size: Optional[int]) -> Optional[int]:
         """Download ``key`` under its locks and queue its commit: its size, or None when another thread or process
         stored it meanwhile."""
         thread_lock = self._thread_lock(key)

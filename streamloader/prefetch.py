@@ -29,7 +29,8 @@ __all__ = ["prefetch", "PrefetchJob", "PrefetchResult"]
 _URL_PREFIX = "dagshub://"
 
 
-def prefetch(paths: Iterable[Any], max_concurrency: Optional[int] = None, progress: bool = True, on_error: str = "raise",
+def prefetch(paths: Iterable[Any], max_concurrency: Optional[int] = None, progress: bool = True,
+             on_error: str = "raise",
              storage_options: Optional[Mapping[str, Any]] = None, processes: Optional[int] = None,
              wait: bool = True) -> Any:
     """Download ``paths`` into the cache concurrently, with a progress bar. ``max_concurrency``: at most that many

@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         handler.addFilter(quiet)
     try:
         result = prefetch(urls, max_concurrency=args.max_concurrency, progress=sys.stderr.isatty(), on_error="skip",
-                          storage_options=dict(opts, cache_dir=args.cache_dir, max_concurrency=args.max_concurrency or 32))
+                          storage_options=dict(opts, cache_dir=args.cache_dir,
+                                               max_concurrency=args.max_concurrency or 32))
     finally:
         for handler in handlers:
             handler.removeFilter(quiet)
