@@ -6,6 +6,7 @@ the FileCache itself, so the cache can move into a package without dragging thes
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -117,8 +118,13 @@ def sweep_temp(root: str, lock_for: LockFor) -> int:
 
 
 def temp_name(kind: str, digest: str) -> str:
-    """A fresh temp file name for an entry (see :func:`sweep_temp`)."""
-    return f"{kind}-{digest}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+    """A fresh temp file name for an entry (see :func:`sweep_temp`): the pid, then a random tag drawn once per
+    process and a counter (unique without a ``uuid4`` per download; a forked child has another pid)."""
+    return f"{kind}-{digest}.{os.getpid()}.{_TEMP_TAG}{next(_TEMP_COUNTER):x}.part"
+
+
+_TEMP_TAG = uuid.uuid4().hex[:8]
+_TEMP_COUNTER = itertools.count()
 
 
 def _parse_temp_name(name: str) -> Tuple[int, str, str]:

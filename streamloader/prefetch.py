@@ -4,7 +4,7 @@ Paths are given the way the training code opens them — relative to the cwd or 
 ``install_hooks`` — or as ``dagshub://owner/repo/path`` URLs::
 
     install_hooks(project_root=".", repo_url=url, branch="main")
-    streamloader.prefetch([os.path.join("data", f) for f in squirrel_files])   # 32 downloads in flight
+    streamloader.prefetch([os.path.join("data", f) for f in squirrel_files])   # many downloads in flight
     Image.open(os.path.join("data", squirrel_files[0]))                        # served from the cache
 
 ``streamloader.prefetch`` is both this module and its function: the module is callable, so the name works
@@ -29,10 +29,13 @@ __all__ = ["prefetch", "PrefetchJob", "PrefetchResult"]
 _URL_PREFIX = "dagshub://"
 
 
-def prefetch(paths: Iterable[Any], max_concurrency: int = 32, progress: bool = True, on_error: str = "raise",
+def prefetch(paths: Iterable[Any], max_concurrency: Optional[int] = None, progress: bool = True,
+             on_error: str = "raise",
              storage_options: Optional[Mapping[str, Any]] = None, processes: Optional[int] = None,
              wait: bool = True) -> Any:
-    """Download ``paths`` into the cache concurrently (``max_concurrency`` requests in flight, a progress bar).
+    """Download ``paths`` into the cache concurrently, with a progress bar. ``max_concurrency``: at most that many
+    requests in flight; None (default): as many as the host keeps up with (32 at first, growing up to 128 while
+    answers come as fast, halved when it pushes back; see :mod:`streamloader.remote.limits`).
 
     Hooked paths that exist locally need no download and are skipped. ``on_error="raise"`` raises the first
     failure after all downloads finished; ``"skip"`` logs each failure, records it in ``result.failed`` (keyed by

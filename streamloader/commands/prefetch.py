@@ -41,8 +41,9 @@ def register(subparsers: Any) -> None:
                         help="remote folder the list's relative entries are in, e.g. dagshub://OWNER/REPO/data")
     add_remote_arguments(parser)
     parser.add_argument("--cache-dir", help="cache directory (default: $STREAMLOADER_CACHE or the user cache dir)")
-    parser.add_argument("-j", "--max-concurrency", type=positive_int, default=32,
-                        help="parallel downloads (default 32)")
+    parser.add_argument("-j", "--max-concurrency", type=positive_int, default=None,
+                        help="at most this many parallel downloads (default: as many as the server keeps up with, "
+                             "from 32 up to 128)")
     parser.add_argument("--skip-errors", action="store_true",
                         help="report failed files but exit 0 (default: exit 1 when any file failed)")
     parser.set_defaults(func=run)
@@ -89,7 +90,7 @@ def _targets(args: argparse.Namespace) -> Tuple[List[str], Dict[str, Any]]:
 def _filesystem(args: argparse.Namespace, opts: Dict[str, Any]) -> Any:
     from streamloader.remote.filesystem import DagsHubFileSystem
 
-    return DagsHubFileSystem(cache_dir=args.cache_dir, max_concurrency=args.max_concurrency, **opts)
+    return DagsHubFileSystem(cache_dir=args.cache_dir, max_concurrency=args.max_concurrency or 32, **opts)
 
 
 class _FailuresReportedHere(logging.Filter):
@@ -113,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         handler.addFilter(quiet)
     try:
         result = prefetch(urls, max_concurrency=args.max_concurrency, progress=sys.stderr.isatty(), on_error="skip",
-                          storage_options=dict(opts, cache_dir=args.cache_dir, max_concurrency=args.max_concurrency))
+                          storage_options=dict(opts, cache_dir=args.cache_dir,
+                                               max_concurrency=args.max_concurrency or 32))
     finally:
         for handler in handlers:
             handler.removeFilter(quiet)

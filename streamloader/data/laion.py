@@ -303,7 +303,7 @@ class LaionAestheticsDataset(Dataset):
         self._counters.reset()
 
     # -- warm-up ----------------------------------------------------------------------------------------------
-    def prefetch(self, max_concurrency: int = 32, progress: bool = True, on_error: Optional[str] = None,
+    def prefetch(self, max_concurrency: Optional[int] = None, progress: bool = True, on_error: Optional[str] = None,
                  skip_cached_features: bool = True, processes: Optional[int] = None, wait: bool = True) -> Any:
         """Download every image of the dataset concurrently into the cache, with a progress bar.
 

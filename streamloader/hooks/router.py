@@ -135,7 +135,7 @@ class HookedRoot:
 
         _uninstall_one(self)
 
-    def prefetch(self, paths: Any, max_concurrency: int = 32, progress: bool = True,
+    def prefetch(self, paths: Any, max_concurrency: Optional[int] = None, progress: bool = True,
                  on_error: str = "raise") -> "PrefetchResult":
         """Warm the cache for ``paths`` (as you would pass them to open()); see :func:`streamloader.prefetch`."""
         from streamloader.prefetch import prefetch

@@ -13,7 +13,10 @@ From those reports the limiter keeps, per host:
 * a concurrency limit, AIMD like TCP's window: a pushback (429, or 503 with Retry-After) halves the number of
   requests in flight, once per round of requests (a 429 for a request sent before the last cut does not cut
   again); each success while requests wait for a slot raises it, by one per success until the first pushback
-  (slow start), then by one per ``limit`` successes, up to ``ceiling``;
+  (slow start), then by one per ``limit`` successes, up to ``ceiling`` — but only while the host answers as fast as
+  it did (a moving average of request times within twice the fastest seen, plus 5 ms): a host that slows down as
+  more requests reach it is pushing back too, and more in flight would not bring more throughput (this only holds
+  the limit: it falls on pushbacks alone);
 * a pause: a ``Retry-After`` (seconds or an HTTP date) holds back every thread and process until then;
 * a circuit breaker: after ``breaker_failures`` connection-level failures in a row (refused, reset, timed out, too
   slow) over at least ``breaker_outage`` seconds, requests fail at once with HostUnreachableError for
@@ -179,6 +182,8 @@ class HostLimiter:
         self._cond = threading.Condition(threading.Lock())  # this process's waiters, woken by its releases
         self._waiters = 0
         self._last_wait = -math.inf  # time.monotonic() of the last acquire that found every slot busy
+        self._fastest = math.inf  # seconds: the fastest successful request seen (drifting up slowly)
+        self._average = 0.0  # seconds: moving average of successful request times (this process's)
         self._local = threading.local()
 
     @property
@@ -295,8 +300,22 @@ class HostLimiter:
             self._update(backend, self._close_breaker)
         if outcome == "throttled":
             self._update(backend, lambda v, now: self._push_back(backend, v, now, slot))
-        elif outcome == "ok" and header[_LIMIT] < limits.ceiling and time.monotonic() - self._last_wait < 1.0:
+        elif outcome == "ok" and not self._slower(time.time() - slot.started) and header[_LIMIT] < limits.ceiling \
+                and time.monotonic() - self._last_wait < 1.0:
             self._update(backend, self._grow)  # only while the limit binds: requests waited within the last second
+
+    def _slower(self, seconds: float) -> bool:
+        """Note a successful request's time; True while requests take markedly longer than the fastest did (the
+        host slows down under what is in flight: no reason to send more). Per process; races are harmless."""
+        fastest = self._fastest
+        if seconds < fastest:
+            fastest = seconds
+        elif fastest != math.inf:
+            fastest += (seconds - fastest) * 0.002  # forget a lucky fast one over a few hundred requests
+        self._fastest = fastest
+        average = self._average = self._average * 0.9 + seconds * 0.1 if self._average else seconds
+        bound = 2 * fastest + 0.005
+        return average > bound and seconds > bound  # the trend and this request both slow
 
     @staticmethod
     def _update(backend: Any, change: Callable[[List[float], float], None]) -> None:

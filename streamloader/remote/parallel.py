@@ -44,32 +44,22 @@ def process_count(processes: Optional[int], n_paths: int, workers: int) -> int:
 
 def prefetch_in_threads(repo: RemoteRepo, paths: List[str], workers: int, record: _Record,
                         cancelled: Optional[threading.Event] = None) -> None:
-    """Fetch ``paths`` with a pool of ``workers`` threads; stops early (queued downloads dropped) once ``cancelled``."""
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="streamloader-prefetch") as pool:
-        futures = {pool.submit(_fetch, repo, p): p for p in paths}
-        for fut in as_completed(futures):
-            p = futures[fut]
-            exc = fut.exception()
-            local, cached = fut.result() if exc is None else ("", False)
-            record(p, _size_of(local) if exc is None else 0, exc, cached)
-            if cancelled is not None and cancelled.is_set():
-                pool.shutdown(wait=True, cancel_futures=True)
-                return
-
-
-def _fetch(repo: RemoteRepo, path: str) -> Tuple[str, bool]:
-    """Bring ``path`` into the cache: (its local path, whether it was there already, so nothing was downloaded)."""
-    local = repo.cached_path(path)
-    if local is not None:
-        return local, True
-    return repo.local_path(path), False
-
-
-def _size_of(local: str) -> int:
+    """Fetch ``paths`` with a pool of ``workers`` threads; stops early (queued downloads dropped) once ``cancelled``.
+    Returns once every file fetched is in place in the cache (the commits left to the background are waited for)."""
     try:
-        return os.stat(local).st_size
-    except OSError:  # evicted already by a tight cap: the count still holds
-        return 0
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="streamloader-prefetch") as pool:
+            futures = {pool.submit(repo.warm, p): p for p in paths}
+            for fut in as_completed(futures):
+                p = futures[fut]
+                exc = fut.exception()
+                size, cached = fut.result() if exc is None else (0, False)
+                record(p, size, exc, cached)
+                if cancelled is not None and cancelled.is_set():
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    return
+    finally:
+        if repo.cache is not None:
+            repo.cache.flush()
 
 
 class Halt:

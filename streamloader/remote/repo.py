@@ -447,6 +447,32 @@ class RemoteRepo:
             return self._buckets.local_path(path)
         return self._through_cache(path, self.cache.fetch)
 
+    def warm(self, path: str) -> Tuple[int, bool]:
+        """Bring ``path`` into the cache without waiting for the disk (what a prefetch does): ``(its size, whether it
+        was cached already)``. Same keys, locks and checks as :meth:`local_path`; a new entry's commit may still be
+        under way in the background when this returns (``self.cache.flush()`` waits for it)."""
+        if self.cache is None:
+            raise RuntimeError("this RemoteRepo has no cache (use_cache=False)")
+        path = safe_repo_path(path)
+        if self._buckets.handles(path):
+            local = self._buckets.cached_path(path)
+            cached = local is not None
+            local = local or self._buckets.local_path(path)
+            return _size_of(local), cached
+        cache = self.cache
+        entry, key = self._target(path)
+        found = self._cached_key(path, entry, key, settled=False)
+        if found is not None:
+            size, cached = cache.warm(found, self._fill(path, entry), entry.size if entry else None)
+            return size, cached
+        with cache.locked(CacheKey("fetch", self._location_key(path).digest)):
+            known = self.store.entry(path)  # another process may have learnt the hash meanwhile
+            if known is not None and not known.is_dir:
+                entry, key = known, self.cache_key(known)
+            found = self._cached_key(path, entry, key, settled=True)
+            size, cached = cache.warm(found or key, self._fill(path, entry), entry.size if entry else None)
+            return size, cached and found is not None
+
     def cached_path(self, path: str) -> Optional[str]:
         """The cached file's path if ``path`` is already in the cache (no download, no request), else None."""
         if self.cache is None:
@@ -509,8 +535,11 @@ class RemoteRepo:
         """Warm the cache for many files concurrently, with a progress bar; returns a PrefetchResult.
 
         ``on_error="raise"`` raises the first failure after the others finish; ``"skip"`` records failures in the
-        result (and logs them) and carries on. ``processes`` spreads the downloads over that many worker processes
-        (``max_concurrency`` requests in flight in all): one process spends ~1 ms of CPU per small file under the
+        result (and logs them) and carries on. ``max_concurrency``: at most that many requests in flight; None (the
+        default) lets the host's limiter decide: 32 at first, more while the host keeps answering as fast (up to
+        its ceiling, 128 unless ``STREAMLOADER_HOST_LIMITS`` says otherwise), fewer when it pushes back.
+        ``processes`` spreads the downloads over that many worker processes (the requests in flight are counted
+        for all of them together): one process spends ~1 ms of CPU per small file under the
         GIL, which caps a cold epoch well below what the network allows. None = 1 below
         ``PREFETCH_PROCESS_MIN_FILES`` files, else ``min(cpu_count, 4)``. ``wait=False`` returns a
         :class:`PrefetchJob` at once and downloads in the background (training starts meanwhile). Example::
@@ -520,7 +549,9 @@ class RemoteRepo:
         if on_error not in ("raise", "skip"):
             raise ValueError("on_error must be 'raise' or 'skip'")
         paths = list(dict.fromkeys(paths))
-        workers = max(1, min(max_concurrency or self.client.max_concurrency, len(paths) or 1))
+        # None: as many threads as the host's limiter may ever allow; its limit (shared by the machine's processes)
+        # then sets how many requests are in flight, growing while the host keeps up, shrinking when it pushes back
+        workers = max(1, min(max_concurrency or self.client.limiter.limits.ceiling, len(paths) or 1))
         n_procs = process_count(processes, len(paths), workers)
         if n_procs > 1 and self.cache is not None:
             try:
@@ -574,6 +605,13 @@ class RemoteRepo:
             return result
 
         return settle(PrefetchJob(run, on_error, on_cancel=halt.event.set), wait)
+
+
+def _size_of(local: str) -> int:
+    try:
+        return os.stat(local).st_size
+    except OSError:  # evicted already by a tight cap: the count still holds
+        return 0
 
 
 def _record_repo(repo_dir: str, client: DagsHubClient) -> None:
