@@ -380,6 +380,6 @@ LAIONAestheticsDataset = LaionAestheticsDataset
 
 
 def _to_tensor(image: Any) -> torch.Tensor:
-    from streamloader.data.decoder import image_to_tensor
+    from streamloader.data.images import image_to_tensor
 
     return image_to_tensor(image)

@@ -221,7 +221,7 @@ print(json.dumps({"growth_mb": growth_kib / 1024, "keys": keys, "stats": counter
 
 @pytest.mark.timeout(120)
 def test_a_huge_tar_member_is_refused_or_skipped_with_bounded_memory(bomb_repo, figures):
-    from streamloader.data.decoder import ImageEmbeddingDataset
+    from streamloader.data.tar_embeddings import ImageEmbeddingDataset
     from streamloader.data.tars import DEFAULT_MAX_MEMBER_BYTES, iter_samples, skip_and_count
 
     assert DEFAULT_MAX_MEMBER_BYTES < HUGE
