@@ -39,11 +39,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from streamloader.data.feature_cache import FeatureCache, content_identity, default_feature_dir, exists_locally
+from streamloader._realos import exists_locally
+from streamloader.data.feature_cache import FeatureCache, content_identity, default_feature_dir
 from streamloader.data.filters import FilterResult, Keywords, filter_labels
-from streamloader.data.images import decode_image, join_path, read_image_bytes, url_filesystem
+from streamloader.data.counters import SharedCounters
+from streamloader.data.images import decode_image, image_to_tensor, join_path, read_image_bytes, url_filesystem
 from streamloader.data.labels import ON_ERROR_POLICIES, LabelRow, file_name_problem
-from streamloader.data.tars import SharedCounters
 from streamloader.errors import DataFormatError
 
 log = logging.getLogger(__name__)
@@ -256,7 +257,7 @@ class LaionAestheticsDataset(Dataset):
         extractor = self.feature_extractor
         if extractor is None:
             image = self.load_image(j)
-            return (self.transform(image) if self.transform is not None else _to_tensor(image)), score
+            return (self.transform(image) if self.transform is not None else image_to_tensor(image)), score
         embedding = self._memory.get(j)  # the guide's behaviour: compute once per process, keep in memory
         if embedding is None:
             if hasattr(extractor, "extract_image"):
@@ -377,9 +378,3 @@ class LaionAestheticsDataset(Dataset):
 
 #: the guide's spelling
 LAIONAestheticsDataset = LaionAestheticsDataset
-
-
-def _to_tensor(image: Any) -> torch.Tensor:
-    from streamloader.data.images import image_to_tensor
-
-    return image_to_tensor(image)

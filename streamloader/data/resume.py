@@ -1,7 +1,7 @@
 """Mid-epoch resume for the tar-shard loader: one reader's pass over an epoch, as a cursor ``state_dict()`` captures.
 
-A reader is one (rank, DataLoader worker) slot of :class:`~streamloader.data.tar_embeddings.ImageEmbeddingDataset`. Its
-pass is: its shards in the epoch's seeded order -> the samples of each shard -> the shuffle buffer -> decode ->
+A reader is one (rank, DataLoader worker) slot of :class:`.tar_embeddings.ImageEmbeddingDataset`. Its pass is:
+its shards in the epoch's seeded order -> the samples of each shard -> the shuffle buffer -> decode ->
 yield. After any yielded sample the pass's state is small (no sample bytes) and exact:
 
     shard, offset    the position in this reader's shard sequence, and the tar offset where unread members start
@@ -176,7 +176,7 @@ class ReaderPass:
                 )
 
     def _shuffled(self, raw: Iterator[Tuple[Any, ...]]) -> Iterator[Tuple[Any, ...]]:
-        """webdataset's shuffle buffer (same draws as :func:`~streamloader.data.tar_samples.shuffle_buffer`), its contents kept in state."""
+        """webdataset's shuffle buffer (same draws as :func:`.tar_samples.shuffle_buffer`), contents kept in state."""
         buffer, size, rng = self.buffer, self.ds.shuffle_num, self.rng
         assert rng is not None
         if not self.draining:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from streamloader.data.counters import SharedCounters
 from streamloader.data.embeddings import EmbeddingFolder, ShardEmbeddings, npy_from_bytes, parse_key
 from streamloader.data.images import image_to_tensor
 from streamloader.data.tars import (
@@ -31,7 +32,6 @@ from streamloader.data.tars import (
     SKIP_REASONS,
     ErrorPolicy,
     Handler,
-    SharedCounters,
     expand_urls,
     raise_on_error,
 )

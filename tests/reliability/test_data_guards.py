@@ -209,7 +209,8 @@ def bomb_repo(tmp_path, make_server, served_env):
 
 _MEASURE_RSS = """
 import json, resource, sys
-from streamloader.data.tars import SKIP_REASONS, SharedCounters, iter_samples, skip_and_count
+from streamloader.data.counters import SharedCounters
+from streamloader.data.tars import SKIP_REASONS, iter_samples, skip_and_count
 list(iter_samples(sys.argv[2]))  # warm up: imports, the HTTP session, the cache
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 counters = SharedCounters(SKIP_REASONS)
