@@ -1,6 +1,6 @@
 """(image, embedding) pairs from webdataset ``.tar`` shards and ``.npy`` embeddings: the DALLE2 decoder's loader.
 
-Drop-in for ``dalle2_pytorch.dataloaders`` (both the seed's and the later parameter names are accepted)::
+Drop-in for ``dalle2_pytorch.dataloaders`` (both its original and its later parameter names are accepted)::
 
     loader = create_image_embedding_dataloader(
         tar_url="/data/{0000..0009}.tar", embeddings_url="/data/img_emb", shard_width=4,
@@ -350,7 +350,7 @@ def create_image_embedding_dataloader(
     max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES,
     **dataloader_kwargs: Any,
 ) -> DataLoader:
-    """Build an :class:`ImageEmbeddingDataset` and wrap it in a ``DataLoader`` (the seed's one-call helper).
+    """Build an :class:`ImageEmbeddingDataset` and wrap it in a ``DataLoader`` (DALLE2-pytorch's one-call helper).
 
     Example::
 
