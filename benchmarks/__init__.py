@@ -2,7 +2,7 @@
 
 Every figure is a ratio of two sides measured in the same run, on the same machine, against the same
 ``streamloader serve`` subprocess with injected per-request latency; each side runs in a fresh child process with
-cold caches where the case says cold. Rows: P1-P9 of issue 7 (see :data:`.cases.TITLES` and :data:`.cases.GOALS`)::
+cold caches where the case says cold. Rows: cases P1-P9 (see :data:`.cases.TITLES` and :data:`.cases.GOALS`)::
 
     from benchmarks import run_benchmarks, format_table
     print(format_table(run_benchmarks(quick=True, only=["P7"])))

@@ -31,7 +31,7 @@ CASE_IDS = ("P1", "P2", "P2n", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", 
 
 @dataclass(frozen=True)
 class BenchSizes:
-    """How big each case is. ``FULL`` is the issue's setting (about 5 minutes); ``QUICK`` runs in seconds."""
+    """How big each case is. ``FULL`` is the full-size setting (about 5 minutes); ``QUICK`` runs in seconds."""
 
     n_images: int = 2000  # P1-P3: LAION-like JPEGs in data/
     image_size: Tuple[int, int] = (200, 200)  # about 30 KB each

@@ -80,7 +80,7 @@ def tar_loaders(params: Dict[str, Any]) -> Dict[str, Any]:
     import webdataset as wds
     from torch.utils.data import DataLoader
 
-    from streamloader.data.decoder import create_image_embedding_dataloader
+    from streamloader.data.tar_embeddings import create_image_embedding_dataloader
 
     url, total = params["tar_url"], int(params["samples"])
     batch = int(params.get("batch_size", 32))

@@ -165,8 +165,7 @@ def warm_epoch(params: Dict[str, Any]) -> Dict[str, Any]:
     per-side sums of the best of ``repeats`` epochs are reported.
     """
     _import_pil()
-    from streamloader.data.decoder import image_to_tensor
-    from streamloader.data.images import decode_image, read_image_bytes
+    from streamloader.data.images import decode_image, image_to_tensor, read_image_bytes
 
     dataset = _open_dataset(params)
     local_dir = os.path.join(params["local_root"], "data")
@@ -251,7 +250,7 @@ def stream_tar(params: Dict[str, Any]) -> Dict[str, Any]:
     """Stream one tar shard through ImageEmbeddingDataset (decode included); peak RSS over the post-import baseline."""
     import torch  # noqa: F401 - part of the baseline, as in any training process
 
-    from streamloader.data.decoder import ImageEmbeddingDataset
+    from streamloader.data.tar_embeddings import ImageEmbeddingDataset
 
     dataset = ImageEmbeddingDataset(params["url"], params.get("emb_url"), shard_width=params.get("shard_width", 4),
                                     shuffle_shards=False, shuffle_num=params.get("shuffle_num") or None)

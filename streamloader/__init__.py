@@ -66,12 +66,12 @@ _EXPORTS = {
     "LaionAestheticsPyDataset": "streamloader.data.keras_dataset",
     "LAIONAestheticsDataGenerator": "streamloader.data.keras_dataset",
     # DALLE2-compatible loaders (also under streamloader.dataloaders)
-    "ImageEmbeddingDataset": "streamloader.data.decoder",
-    "create_image_embedding_dataloader": "streamloader.data.decoder",
-    "EmbeddingReader": "streamloader.data.prior",
-    "get_reader": "streamloader.data.prior",
-    "PriorEmbeddingDataset": "streamloader.data.prior",
-    "make_splits": "streamloader.data.prior",
+    "ImageEmbeddingDataset": "streamloader.data.tar_embeddings",
+    "create_image_embedding_dataloader": "streamloader.data.tar_embeddings",
+    "EmbeddingReader": "streamloader.data.embedding_reader",
+    "get_reader": "streamloader.data.embedding_reader",
+    "PriorEmbeddingDataset": "streamloader.data.embedding_splits",
+    "make_splits": "streamloader.data.embedding_splits",
     # FUSE mount (for readers that bypass Python)
     "mount": "streamloader.fusemount",
     "unmount": "streamloader.fusemount",

@@ -5,8 +5,9 @@
 """
 from __future__ import annotations
 
-from streamloader.data.decoder import ImageEmbeddingDataset, create_image_embedding_dataloader
-from streamloader.data.prior import EmbeddingReader, PriorEmbeddingDataset, get_reader, make_splits
+from streamloader.data.tar_embeddings import ImageEmbeddingDataset, create_image_embedding_dataloader
+from streamloader.data.embedding_reader import EmbeddingReader, get_reader
+from streamloader.data.embedding_splits import PriorEmbeddingDataset, make_splits
 from streamloader.data.tars import raise_on_error, skip_and_count, warn_and_continue
 
 __all__ = [

@@ -19,6 +19,7 @@ import time
 import types
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
+from streamloader import _realos
 from streamloader.remote.parallel import PrefetchJob, settle
 from streamloader.remote.repo import PrefetchResult
 
@@ -82,7 +83,6 @@ def _group(paths: Iterable[Any], storage_options: Mapping[str, Any]) -> Tuple[Di
     """Sort paths by the repository that serves them: ({key: (prefetch function, {repo path: path as given})},
     {path as given: error})."""
     from streamloader.hooks import router
-    from streamloader.hooks.patches import exists_locally
 
     groups: Dict[Any, Tuple[Any, Dict[str, str]]] = {}
     failed: Dict[str, BaseException] = {}
@@ -109,7 +109,7 @@ def _group(paths: Iterable[Any], storage_options: Mapping[str, Any]) -> Tuple[Di
         hook, rel = route
         if hook.excluded(rel):
             failed[shown] = ValueError(f"{shown!r} matches the exclude_globs of {hook.root}: it is never fetched")
-        elif not exists_locally(given):  # a local file is what open() will serve: nothing to fetch
+        elif not _realos.exists_locally(given, follow_symlinks=False):  # open() serves a local file: nothing to fetch
             groups.setdefault(("hook", hook.root), (hook.repo.prefetch, {}))[1][rel] = shown
     return groups, failed
 

@@ -17,7 +17,7 @@ from typing import Any, Dict
 
 def _dataset(config: Dict[str, Any]) -> Any:
     if config["kind"] == "tar":
-        from streamloader.data.decoder import ImageEmbeddingDataset
+        from streamloader.data.tar_embeddings import ImageEmbeddingDataset
 
         return ImageEmbeddingDataset(config["tar_url"], config["emb_url"], shard_width=4, extra_keys=("__key__",),
                                      shuffle_num=config.get("shuffle_num", 0), seed=7)

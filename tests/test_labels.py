@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import logging
 import math
 import re
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from streamloader.cli import main
 from streamloader.data.filters import FilterResult, LabelFilter, filter_labels, sample_keeps
+from streamloader.data.laion import LaionAestheticsDataset
 from streamloader.data.labels import (
     MAX_LINE_BYTES, LabelReader, LabelRow, file_name_problem, parse_label_line, read_labels, write_labels,
 )
@@ -362,6 +364,55 @@ def test_same_filter_on_rows_and_on_reader(labels):
     assert [r.file for r in rows if keep(r)] == ["00000000.jpg", "00000002.jpg"]
 
 
+def test_label_filter_is_one_frozen_normalized_value(labels):
+    keep = LabelFilter(["Squirrel", "CATS"], match="all", exclude="dogs", min_score=7, limit=3, sample=1.0)
+    assert keep.keywords == ("squirrel", "cats") and keep.exclude == ("dogs",) and keep.min_score == 7.0
+    assert keep == LabelFilter(("squirrel", "cats"), match="all", exclude=["DOGS"], min_score=7.0, limit=3,
+                               sample=1.0)
+    assert len({keep, LabelFilter(("squirrel", "cats"), match="all", exclude="dogs", min_score=7.0, limit=3,
+                                  sample=1.0)}) == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        keep.limit = 5  # type: ignore[misc]
+    assert LabelFilter(regex="sq.*rel").regex.search("SQUIRREL") is not None  # compiled, case-insensitive
+    assert repr(LabelFilter("cat", limit=2)) == "LabelFilter(keywords=('cat',), limit=2)"
+    # the same value and the same keywords select the same rows, limit and sample included
+    options = {"keywords": "squirrel", "min_score": 6.5, "limit": 2, "sample": 0.9, "seed": 4}
+    assert filter_labels(labels, label_filter=LabelFilter(**options)).rows == filter_labels(labels, **options).rows
+
+
+def test_label_filter_or_its_keywords_not_both(labels):
+    keep = LabelFilter("squirrel")
+    same = filter_labels(labels, label_filter=keep, match="any", seed=0)  # defaults are not a second filter
+    assert same.files == filter_labels(labels, "squirrel").files
+    with pytest.raises(ValueError, match=r"label_filter or the filter options \(keywords, limit\)"):
+        filter_labels(labels, "cats", label_filter=keep, limit=1)
+    with pytest.raises(TypeError, match="must be a LabelFilter"):
+        filter_labels(labels, label_filter={"keywords": "cats"})
+
+
+def test_laion_dataset_takes_a_label_filter_or_builds_one(tmp_path):
+    repo = make_laion_repo(tmp_path / "laion", n_images=12, n_squirrel=4, image_size=(8, 8), seed=1)
+    data = str(repo.root / "data")
+    by_keywords = LaionAestheticsDataset(str(repo.labels_path), data, None, 3, keywords="squirrel")
+    by_value = LaionAestheticsDataset(str(repo.labels_path), data, label_filter=LabelFilter("squirrel", limit=3))
+    assert by_keywords.label_filter == by_value.label_filter == LabelFilter("squirrel", limit=3)
+    assert by_keywords.files == by_value.files == repo.squirrel_files[:3]
+    with pytest.raises(ValueError, match="not both"):
+        LaionAestheticsDataset(str(repo.labels_path), data, None, 3, label_filter=LabelFilter("squirrel"))
+
+
+def test_int_at_least_is_the_one_integer_bound_of_the_cli():
+    import argparse
+
+    from streamloader.commands._remote import int_at_least
+
+    assert int_at_least(0)("0") == 0 and int_at_least(1)("32") == 32
+    for bound, text, message in ((0, "-1", "must be at least 0, got -1"), (1, "0", "must be at least 1, got 0"),
+                                 (1, "x", "not an integer: 'x'")):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+            int_at_least(bound)(text)
+
+
 def test_filter_counts_malformed_rows_in_the_fast_path(tmp_path):
     path = malformed_file(tmp_path)
     result = filter_labels(path, "good", on_error="skip")
@@ -490,6 +541,7 @@ def test_cli_filter_malformed_policies(tmp_path, capsys):
         ["filter", "x.tsv", "--regex", "("],
         ["filter", "x.tsv", "--on-error", "ignore"],
         ["filter", "x.tsv", "--min-score", "nan"],
+        ["prefetch", "dagshub://o/r/data", "-j", "0"],
     ],
 )
 def test_cli_filter_bad_usage_exits_2(args, capsys):

@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("torchdata.stateful_dataloader")
 
 from conftest import TOKEN  # noqa: E402
-from streamloader.data.decoder import ImageEmbeddingDataset  # noqa: E402
+from streamloader.data.tar_embeddings import ImageEmbeddingDataset  # noqa: E402
 from streamloader.data.shardgen import make_synthetic_shards  # noqa: E402
 
 JOB = Path(__file__).with_name("resume_job.py")

@@ -14,11 +14,11 @@ import fsspec
 import pytest
 import webdataset as wds
 
+from streamloader.data.counters import SharedCounters
 from streamloader.data.shardgen import write_tar
 from streamloader.data.tars import (
     SKIP_REASONS,
     ErrorPolicy,
-    SharedCounters,
     expand_urls,
     iter_samples,
     make_synthetic_shards,

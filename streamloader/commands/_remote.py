@@ -9,9 +9,9 @@ branch too); the host then comes from the URL::
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
-__all__ = ["UsageError", "add_remote_arguments", "is_remote", "positive_int", "remote_argument", "storage_options"]
+__all__ = ["UsageError", "add_remote_arguments", "int_at_least", "is_remote", "remote_argument", "storage_options"]
 
 
 class UsageError(Exception):
@@ -33,15 +33,22 @@ def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", help="commit sha (or branch or tag name) to read")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type=``: the integer in the argument, which must be ``>= minimum``.
+
+    ``parser.add_argument("--limit", type=int_at_least(0))`` turns ``--limit -1`` into a usage error (exit 2).
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def storage_options(args: argparse.Namespace) -> Dict[str, Any]:

@@ -5,9 +5,12 @@ import argparse
 import math
 import re
 import sys
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
-from streamloader.commands._remote import add_remote_arguments, is_remote, remote_argument
+from streamloader.commands._remote import UsageError, add_remote_arguments, int_at_least, is_remote, remote_argument
+
+if TYPE_CHECKING:
+    from streamloader.data.filters import LabelFilter
 
 EPILOG = """\
 output:
@@ -37,16 +40,6 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be a fraction with 0 < F <= 1, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -100,7 +93,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--regex", type=_regex, help="caption must match this Python regex (case-insensitive)")
     parser.add_argument("--min-score", type=_score, metavar="S", help="keep rows with score >= S")
     parser.add_argument("--max-score", type=_score, metavar="S", help="keep rows with score <= S")
-    parser.add_argument("--limit", type=_non_negative_int, metavar="N", help="stop after N kept rows")
+    parser.add_argument("--limit", type=int_at_least(0), metavar="N", help="stop after N kept rows")
     parser.add_argument(
         "--sample", type=_fraction, metavar="F", help="keep a deterministic fraction F (0 < F <= 1) of the matches"
     )
@@ -118,30 +111,10 @@ def run(args: argparse.Namespace) -> int:
     from streamloader.data.filters import filter_labels
     from streamloader.data.labels import write_labels
 
-    if args.min_score is not None and args.max_score is not None and args.min_score > args.max_score:
-        print(
-            f"streamloader filter: error: --min-score ({args.min_score}) is greater than --max-score "
-            f"({args.max_score})",
-            file=sys.stderr,
-        )
-        return 2
+    label_filter = _label_filter(args)
     labels, opts = remote_argument(args.labels, args) if is_remote(args.labels) else (args.labels, None)
     _refuse_binary(labels, opts)
-    result = filter_labels(
-        labels,
-        args.keyword or None,
-        match="all" if args.match_all else "any",
-        exclude=args.exclude or None,
-        whole_word=args.whole_word,
-        regex=args.regex,
-        min_score=args.min_score,
-        max_score=args.max_score,
-        limit=args.limit,
-        sample=args.sample,
-        seed=args.seed,
-        on_error=args.on_error,
-        storage_options=opts,
-    )
+    result = filter_labels(labels, label_filter=label_filter, on_error=args.on_error, storage_options=opts)
     summary = result.summary()
     if args.sample is not None:
         summary += f"; kept {len(result.rows):,} (sample {args.sample:g}, seed {args.seed})"
@@ -156,6 +129,29 @@ def run(args: argparse.Namespace) -> int:
             print(row.file)
         print(summary, file=sys.stderr)
     return 0
+
+
+def _label_filter(args: argparse.Namespace) -> "LabelFilter":
+    """The LabelFilter the flags describe; a value it refuses (e.g. --min-score above --max-score) is a
+    UsageError naming the flags."""
+    from streamloader.data.filters import LabelFilter  # noqa: F811 - imported here, not at CLI start-up
+
+    try:
+        return LabelFilter(
+            args.keyword or None, match="all" if args.match_all else "any", exclude=args.exclude or None,
+            whole_word=args.whole_word, regex=args.regex, min_score=args.min_score, max_score=args.max_score,
+            limit=args.limit, sample=args.sample, seed=args.seed,
+        )
+    except ValueError as exc:
+        message = str(exc)
+        for field_name, flag in _FLAGS.items():
+            message = message.replace(field_name, flag)
+        raise UsageError(message) from None
+
+
+# LabelFilter field -> the flag that sets it (for its error messages)
+_FLAGS = {"min_score": "--min-score", "max_score": "--max-score", "exclude keywords": "--exclude values",
+          "keywords": "--keyword values"}
 
 
 def _refuse_binary(labels: str, opts: Optional[Dict[str, Any]]) -> None:

@@ -12,7 +12,7 @@ import sys
 from typing import Any, Dict, List, Tuple
 
 from streamloader.commands._remote import (
-    UsageError, add_remote_arguments, is_remote, positive_int, remote_argument, storage_options)
+    UsageError, add_remote_arguments, int_at_least, is_remote, remote_argument, storage_options)
 
 EPILOG = """\
 examples:
@@ -41,7 +41,7 @@ def register(subparsers: Any) -> None:
                         help="remote folder the list's relative entries are in, e.g. dagshub://OWNER/REPO/data")
     add_remote_arguments(parser)
     parser.add_argument("--cache-dir", help="cache directory (default: $STREAMLOADER_CACHE or the user cache dir)")
-    parser.add_argument("-j", "--max-concurrency", type=positive_int, default=None,
+    parser.add_argument("-j", "--max-concurrency", type=int_at_least(1), default=None,
                         help="at most this many parallel downloads (default: as many as the server keeps up with, "
                              "from 32 up to 128)")
     parser.add_argument("--skip-errors", action="store_true",

@@ -30,22 +30,19 @@ import io
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any, Dict, Optional
 
 import numpy as np
 
+from streamloader import _realos
 from streamloader._files import atomic_write, makedirs_private
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureCache", "content_identity", "default_feature_dir", "exists_locally"]
+__all__ = ["FeatureCache", "content_identity", "default_feature_dir"]
 
 _STALE_TMP_AGE = 3600.0  # a temp file this old belongs to a dead writer
-# The unpatched stat: hooks may replace os.stat so that remote files look local; the posix/nt module keeps the
-# original C function, which tells whether a path really exists on this disk.
-_real_stat = (sys.modules.get("posix") or sys.modules.get("nt")).stat  # type: ignore[union-attr]
 _DIR_REALPATHS: Dict[str, str] = {}
 _READ_CHUNK = 1 << 16
 
@@ -56,14 +53,6 @@ def default_feature_dir(cache_dir: Optional[str] = None) -> str:
 
     return os.path.join(os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else default_cache_dir(),
                         "features")
-
-
-def exists_locally(path: str) -> bool:
-    """Whether a plain path is a file on this machine's disk (not merely served by hooks)."""
-    try:
-        return _real_stat(path) is not None
-    except (OSError, ValueError):
-        return False
 
 
 def content_identity(path: str, fs: Any = None, read_bytes: bool = True) -> Optional[str]:
@@ -78,7 +67,7 @@ def content_identity(path: str, fs: Any = None, read_bytes: bool = True) -> Opti
     if "://" in path:
         return _url_identity(path, fs)
     try:
-        st = _real_stat(path)
+        st = _realos.stat(path)  # hooks make served files look local: only the disk's own stat says what is here
     except (FileNotFoundError, NotADirectoryError):
         st = None
     if st is not None:
@@ -132,20 +121,15 @@ def _repo_identity(repo: Any, rel: str) -> str:
 
 def _hooked_identity(path: str) -> Optional[str]:
     """The listing identity of a path streamloader's hooks would serve from a repository, else None."""
-    router = sys.modules.get("streamloader.hooks.router")
-    if router is None:  # hooks never imported in this process: nothing can be routed
+    from streamloader.hooks.router import resolve  # None for every path while no hooks are installed
+
+    found = resolve(path)
+    if found is None:
         return None
-    try:
-        found = router.resolve(path)
-        if found is None:
-            return None
-        hook, rel = found
-        if not rel or hook.excluded(rel):
-            return None
-        return _repo_identity(hook.repo, rel)
-    except (AttributeError, TypeError):  # a different hooks version: fall back to hashing the bytes
-        log.debug("hooks router lookup unavailable for %s", path, exc_info=True)
+    hook, rel = found
+    if not rel or hook.excluded(rel):
         return None
+    return _repo_identity(hook.repo, rel)
 
 
 class FeatureCache:

@@ -15,27 +15,28 @@ import math
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Pattern, Sequence, Union
+from dataclasses import KW_ONLY, dataclass, field, fields
+from typing import (
+    Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Pattern, Sequence, Tuple, Union)
 
 from streamloader.data.labels import LabelReader, LabelRow, Source
 
-__all__ = ["LabelFilter", "FilterResult", "filter_labels", "filter_rows", "keyword_line_starts", "sample_keeps"]
+__all__ = ["LabelFilter", "as_label_filter", "FilterResult", "filter_labels", "filter_rows", "keyword_line_starts", "sample_keeps"]
 
 MATCH_MODES = ("any", "all")
 Keywords = Union[str, Sequence[str], None]
 
 
-def _keyword_list(value: Keywords, what: str) -> List[str]:
+def _keyword_list(value: Keywords, what: str) -> Tuple[str, ...]:
     if value is None:
-        return []
+        return ()
     items = [value] if isinstance(value, str) else list(value)
     for item in items:
         if not isinstance(item, str) or not item:
             raise ValueError(f"{what} must be non-empty strings; got {item!r}")
         if "\n" in item:
             raise ValueError(f"{what} cannot contain a newline (a caption never does); got {item!r}")
-    return [item.lower() for item in items]
+    return tuple(item.lower() for item in items)
 
 
 def _optional_score(value: Optional[float], what: str) -> Optional[float]:
@@ -46,39 +47,57 @@ def _optional_score(value: Optional[float], what: str) -> Optional[float]:
     return float(value)
 
 
+_NO_PATTERNS: Tuple[Pattern[str], ...] = ()
+
+
+@dataclass(frozen=True)
 class LabelFilter:
-    """A predicate on LabelRow: caption keywords, exclusions, regex and an inclusive score range (all ANDed).
+    """Which labels.tsv rows to keep: caption keywords, exclusions, regex, an inclusive score range (all ANDed),
+    then a seeded ``sample`` of the matches and a ``limit`` on the rows kept. One immutable, validated value that
+    :func:`filter_labels`, :class:`~streamloader.data.laion.LaionAestheticsDataset` and ``streamloader filter`` all
+    take; their keyword arguments of the same names build one.
 
     Keywords match like the guide's ``'squirrel' in caption.lower()`` (case-insensitive substring, so "squirrel"
     matches "Squirrels"); ``whole_word=True`` requires word boundaries (then it does not), for keywords and
-    exclusions alike. ``regex`` is searched in the caption, case-insensitively unless passed pre-compiled.
+    exclusions alike. ``match="all"`` requires every keyword instead of any. ``regex`` is searched in the caption,
+    case-insensitively unless passed pre-compiled. ``sample`` (0 < sample <= 1) keeps a deterministic fraction of
+    the matches (see :func:`sample_keeps`, seeded by ``seed``); ``limit`` stops after that many kept rows.
+
+    After construction ``keywords``/``exclude`` are tuples of lower-cased strings, ``regex`` a compiled pattern (or
+    None) and the scores floats; invalid values raise ValueError. Calling the filter tests one row against the
+    caption and score conditions (``sample`` and ``limit`` apply to a whole pass, in :func:`filter_labels`):
 
     >>> keep = LabelFilter(["squirrel", "cat"], match="all", exclude="cartoon", min_score=7)
     >>> keep(LabelRow("a.jpg", "A Squirrel and a cat", 7.5, "http://x"))
     True
+    >>> filter_labels("data/labels.tsv", label_filter=keep)    # doctest: +SKIP
     """
 
-    def __init__(
-        self,
-        keywords: Keywords = None,
-        *,
-        match: str = "any",
-        exclude: Keywords = None,
-        whole_word: bool = False,
-        regex: Union[str, Pattern[str], None] = None,
-        min_score: Optional[float] = None,
-        max_score: Optional[float] = None,
-    ):
-        if match not in MATCH_MODES:
-            raise ValueError(f"match must be 'any' or 'all'; got {match!r}")
-        self.keywords = _keyword_list(keywords, "keywords")
-        self.exclude = _keyword_list(exclude, "exclude keywords")
-        self.match = match
-        self.whole_word = bool(whole_word)
-        self.min_score = _optional_score(min_score, "min_score")
-        self.max_score = _optional_score(max_score, "max_score")
-        if self.min_score is not None and self.max_score is not None and self.min_score > self.max_score:
-            raise ValueError(f"min_score ({self.min_score}) is greater than max_score ({self.max_score})")
+    keywords: Keywords = None
+    _: KW_ONLY
+    match: str = "any"
+    exclude: Keywords = None
+    whole_word: bool = False
+    regex: Union[str, Pattern[str], None] = None
+    min_score: Optional[float] = None
+    max_score: Optional[float] = None
+    limit: Optional[int] = None
+    sample: Optional[float] = None
+    seed: int = 0
+    # whole words: one compiled pattern per keyword, searched in the lower-cased caption
+    _word_res: Tuple[Pattern[str], ...] = field(default=_NO_PATTERNS, init=False, repr=False, compare=False)
+    _exclude_res: Tuple[Pattern[str], ...] = field(default=_NO_PATTERNS, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.match not in MATCH_MODES:
+            raise ValueError(f"match must be 'any' or 'all'; got {self.match!r}")
+        keywords = _keyword_list(self.keywords, "keywords")
+        exclude = _keyword_list(self.exclude, "exclude keywords")
+        min_score = _optional_score(self.min_score, "min_score")
+        max_score = _optional_score(self.max_score, "max_score")
+        if min_score is not None and max_score is not None and min_score > max_score:
+            raise ValueError(f"min_score ({min_score}) is greater than max_score ({max_score})")
+        regex = self.regex
         if isinstance(regex, str):
             try:
                 regex = re.compile(regex, re.IGNORECASE)
@@ -86,14 +105,15 @@ class LabelFilter:
                 raise ValueError(f"invalid regex {regex!r}: {exc}") from None
         elif regex is not None and not isinstance(regex, re.Pattern):
             raise ValueError(f"regex must be a string or a compiled pattern; got {regex!r}")
-        self.regex = regex
-        # whole words: one compiled pattern per keyword, searched in the lower-cased caption
-        self._word_res = [self._word_re(k) for k in self.keywords] if self.whole_word else []
-        self._exclude_res = [self._word_re(k) for k in self.exclude] if self.whole_word else []
-
-    @staticmethod
-    def _word_re(keyword: str) -> Pattern[str]:
-        return re.compile(r"(?<!\w)" + re.escape(keyword) + r"(?!\w)")
+        _check_limit_sample(self.limit, self.sample, self.seed)
+        normalized = {
+            "keywords": keywords, "exclude": exclude, "whole_word": bool(self.whole_word), "regex": regex,
+            "min_score": min_score, "max_score": max_score,
+            "_word_res": tuple(map(_word_re, keywords)) if self.whole_word else _NO_PATTERNS,
+            "_exclude_res": tuple(map(_word_re, exclude)) if self.whole_word else _NO_PATTERNS,
+        }
+        for name, value in normalized.items():
+            object.__setattr__(self, name, value)  # frozen: the normalized values are set once, here
 
     def _has(self, low: str, keyword: str, index: int, exclusion: bool) -> bool:
         if not self.whole_word:
@@ -101,6 +121,7 @@ class LabelFilter:
         return (self._exclude_res if exclusion else self._word_res)[index].search(low) is not None
 
     def __call__(self, row: LabelRow) -> bool:
+        """Whether ``row`` passes the caption and score conditions."""
         score = row.score
         if self.min_score is not None and score < self.min_score:
             return False
@@ -112,15 +133,38 @@ class LabelFilter:
                 hits = (self._has(low, k, i, False) for i, k in enumerate(self.keywords))
                 if not (all(hits) if self.match == "all" else any(hits)):
                     return False
-            if any(self._has(low, k, i, True) for i, k in enumerate(self.exclude)):
+            if any(self._has(low, k, i, True) for i, k in enumerate(self.exclude)):  # type: ignore[arg-type]
                 return False
-        if self.regex is not None and self.regex.search(row.caption) is None:
+        if self.regex is not None and self.regex.search(row.caption) is None:  # type: ignore[union-attr]
             return False
         return True
 
     def __repr__(self) -> str:
-        parts = [f"{name}={value!r}" for name, value in vars(self).items() if not name.startswith("_") and value]
+        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                 if f.repr and getattr(self, f.name) != _DEFAULTS[f.name]]
         return f"LabelFilter({', '.join(parts)})"
+
+
+_DEFAULTS: Dict[str, Any] = {f.name: f.default for f in fields(LabelFilter) if f.init}
+_DEFAULTS.update(keywords=(), exclude=())  # None and () mean the same: no condition
+
+
+def as_label_filter(label_filter: Optional[LabelFilter] = None, **options: Any) -> LabelFilter:
+    """``label_filter`` itself, or a :class:`LabelFilter` built from ``options`` (its field names): the one place
+    where the loaders' filter keyword arguments become a filter. Passing a filter and non-default options raises
+    ValueError, since it is not clear which should win."""
+    if label_filter is None:
+        return LabelFilter(**options)
+    if not isinstance(label_filter, LabelFilter):
+        raise TypeError(f"label_filter must be a LabelFilter; got {type(label_filter).__name__}")
+    given = sorted(name for name, value in options.items() if value is not None and value != _DEFAULTS[name])
+    if given:
+        raise ValueError(f"pass label_filter or the filter options ({', '.join(given)}), not both")
+    return label_filter
+
+
+def _word_re(keyword: str) -> Pattern[str]:
+    return re.compile(r"(?<!\w)" + re.escape(keyword) + r"(?!\w)")
 
 
 def sample_keeps(file: str, fraction: float, seed: int = 0) -> bool:
@@ -216,6 +260,7 @@ def filter_labels(
     source: Union[Source, LabelReader, Iterable[LabelRow]],
     keywords: Keywords = None,
     *,
+    label_filter: Optional[LabelFilter] = None,
     match: str = "any",
     exclude: Keywords = None,
     whole_word: bool = False,
@@ -231,9 +276,10 @@ def filter_labels(
 ) -> FilterResult:
     """Rows of a labels.tsv (path, URL, LabelReader or iterable of LabelRow) that pass the filter.
 
-    ``sample`` keeps a seeded, deterministic fraction of the matches (see :func:`sample_keeps`); ``limit`` stops
-    after that many kept rows (the counts then cover the rows read up to there). ``on_error`` applies when
-    ``source`` is a path or URL.
+    The filter is ``label_filter``, or the :class:`LabelFilter` that ``keywords`` and the other filter keywords
+    (match, exclude, whole_word, regex, min_score, max_score, limit, sample, seed) make. ``sample`` keeps a seeded,
+    deterministic fraction of the matches (see :func:`sample_keeps`); ``limit`` stops after that many kept rows
+    (the counts then cover the rows read up to there). ``on_error`` applies when ``source`` is a path or URL.
 
     Usage::
 
@@ -241,11 +287,11 @@ def filter_labels(
         print(result.summary())            # 115 of 540,000 rows matched (0 malformed skipped)
         red = filter_labels(result.rows, ["red", "grey"], whole_word=True, min_score=7)   # refine in memory
     """
-    keep = LabelFilter(
-        keywords, match=match, exclude=exclude, whole_word=whole_word, regex=regex,
-        min_score=min_score, max_score=max_score,
+    keep = as_label_filter(
+        label_filter, keywords=keywords, match=match, exclude=exclude, whole_word=whole_word, regex=regex,
+        min_score=min_score, max_score=max_score, limit=limit, sample=sample, seed=seed,
     )
-    _check_limit_sample(limit, sample, seed)
+    limit, sample, seed = keep.limit, keep.sample, keep.seed
     reader: Optional[LabelReader] = None
     if isinstance(source, LabelReader):
         reader = source

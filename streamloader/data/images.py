@@ -6,6 +6,7 @@ propagate unchanged::
 
     image = load_image("data/00000007.jpg")                  # PIL.Image in RGB, fully decoded
     image = load_image("dagshub://owner/repo/data/a.jpg", storage_options={"branch": "main"})
+    tensor = image_to_tensor(image)                          # float [3, H, W] in [0, 1]
 """
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ import io
 import os
 from typing import Any, Mapping, Optional
 
+import numpy as np
+import torch
+
 from streamloader.errors import DataFormatError
 
-__all__ = ["url_filesystem", "join_path", "read_image_bytes", "decode_image", "load_image"]
+__all__ = ["url_filesystem", "join_path", "read_image_bytes", "decode_image", "load_image", "image_to_tensor"]
 
 
 def url_filesystem(url: str, storage_options: Optional[Mapping[str, Any]] = None) -> Any:
@@ -63,3 +67,15 @@ def load_image(path: str, fs: Any = None, storage_options: Optional[Mapping[str,
         fs = url_filesystem(path, storage_options)
     return decode_image(read_image_bytes(path, fs), path)
 
+
+
+def image_to_tensor(image: Any) -> torch.Tensor:
+    """PIL image -> float tensor ``[3, H, W]`` in ``[0, 1]`` (what ``torchvision.transforms.ToTensor`` gives)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    # One numpy pass does the HWC->CHW transpose and the float conversion (and gives torch a writable buffer).
+    chw = np.asarray(image).transpose(2, 0, 1).astype(np.float32, order="C")
+    # Scale in numpy, not with torch's div_: torch runs that op on its intra-op thread pool, and on a busy machine
+    # waking those threads costs ~3 ms per 200x200 image (10-30x the work). Same float32 result, bit for bit.
+    np.divide(chw, np.float32(255.0), out=chw)
+    return torch.from_numpy(chw)

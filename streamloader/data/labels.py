@@ -1,6 +1,6 @@
 """Read and write LAION-Aesthetics style ``labels.tsv`` files, fast and strictly.
 
-Format (see ``formats.md``): no header; ``file <TAB> caption <TAB> score <TAB> url``, where the caption may itself
+Format: no header; ``file <TAB> caption <TAB> score <TAB> url``, where the caption may itself
 contain tabs. The file name is the first field, score and url are the LAST two fields, the caption is everything
 in between (so ``row.split('\\t')[:2]``, as in the DagsHub guide, is wrong for such rows)::
 

@@ -16,8 +16,9 @@ model (:mod:`streamloader.data.feature_cache`). An extractor without a ``fingerp
 with only ``.extract(path)``) gets the guide's per-process in-memory cache instead.
 
 Rows: ``labels.tsv`` (path, URL, or an iterable of LabelRow such as ``filter_labels(...).rows``) filtered by
-:class:`~streamloader.data.filters.LabelFilter` (keywords, match, exclude, whole_word, regex, min/max score);
-``limit`` keeps the first N selected rows (without filters: the first N rows, as in the guide).
+:class:`~streamloader.data.filters.LabelFilter` (keywords, match, exclude, whole_word, regex, min/max score,
+sample), passed as ``label_filter=`` or built from those keywords; ``limit`` keeps the first N selected rows
+(without filters: the first N rows, as in the guide).
 
 Errors (``on_error``): malformed rows, including NaN scores, follow the label reader's policy. A missing or
 undecodable image: ``"raise"`` raises (FileNotFoundError / DataFormatError naming the file); ``"skip"`` (and
@@ -39,11 +40,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from streamloader.data.feature_cache import FeatureCache, content_identity, default_feature_dir, exists_locally
-from streamloader.data.filters import FilterResult, Keywords, filter_labels
-from streamloader.data.images import decode_image, join_path, read_image_bytes, url_filesystem
+from streamloader._realos import exists_locally
+from streamloader.data.feature_cache import FeatureCache, content_identity, default_feature_dir
+from streamloader.data.filters import FilterResult, Keywords, LabelFilter, as_label_filter, filter_labels
+from streamloader.data.counters import SharedCounters
+from streamloader.data.images import decode_image, image_to_tensor, join_path, read_image_bytes, url_filesystem
 from streamloader.data.labels import ON_ERROR_POLICIES, LabelRow, file_name_problem
-from streamloader.data.tars import SharedCounters
 from streamloader.errors import DataFormatError
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,8 @@ class LaionAestheticsDataset(Dataset):
             (or the guide's class with ``.extract(path)``) → ``(features, score)``, cached on disk by content and
             extractor fingerprint.
         limit: keep the first N selected rows (without filters: the first N rows, as in the guide).
+        label_filter: the rows to keep, as one :class:`~streamloader.data.filters.LabelFilter` value; or build it
+            from these keywords (not both):
         keywords, match ("any"/"all"), exclude, whole_word, regex, min_score, max_score: row filters, all of
             which must hold (see LabelFilter); sample, seed: keep a deterministic fraction of the matches.
         transform: ``transform(pil_image)`` instead of the default tensor conversion (images only).
@@ -94,6 +98,7 @@ class LaionAestheticsDataset(Dataset):
         feature_extractor: Any = None,
         limit: Optional[int] = None,
         *,
+        label_filter: Optional[LabelFilter] = None,
         keywords: Keywords = None,
         match: str = "any",
         exclude: Keywords = None,
@@ -121,10 +126,11 @@ class LaionAestheticsDataset(Dataset):
         self.storage_options: Dict[str, Any] = dict(storage_options or {})
         if cache_dir and "cache_dir" not in self.storage_options and self.img_dir.startswith("dagshub://"):
             self.storage_options["cache_dir"] = cache_dir  # images and features under one root
-        self.filter_result = self._select(
-            annotations_file, keywords=keywords, match=match, exclude=exclude, whole_word=whole_word, regex=regex,
+        self.label_filter: LabelFilter = as_label_filter(
+            label_filter, keywords=keywords, match=match, exclude=exclude, whole_word=whole_word, regex=regex,
             min_score=min_score, max_score=max_score, limit=limit, sample=sample, seed=seed,
         )
+        self.filter_result = self._select(annotations_file)
         self.rows: List[LabelRow] = self.filter_result.rows
         self.paths: List[str] = [join_path(self.img_dir, row.file) for row in self.rows]
         self.feature_cache: Optional[FeatureCache] = None
@@ -139,16 +145,16 @@ class LaionAestheticsDataset(Dataset):
         self._warned = 0
 
     # -- rows ---------------------------------------------------------------------------------------------------
-    def _select(self, source: Any, **options: Any) -> FilterResult:
+    def _select(self, source: Any) -> FilterResult:
         if isinstance(source, FilterResult):
             source = source.rows
         if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") or hasattr(source, "read"):
             so = dict(self.storage_options)
             if self.cache_dir and "cache_dir" not in so and str(source).startswith("dagshub://"):
                 so["cache_dir"] = self.cache_dir
-            return filter_labels(source, on_error=self.on_error, storage_options=so, **options)
+            return filter_labels(source, label_filter=self.label_filter, on_error=self.on_error, storage_options=so)
         rows, bad = self._checked_rows(source)
-        result = filter_labels(rows, **options)
+        result = filter_labels(rows, label_filter=self.label_filter)
         if bad:
             result.skipped += sum(bad.values())
             result.scanned += sum(bad.values())
@@ -256,7 +262,7 @@ class LaionAestheticsDataset(Dataset):
         extractor = self.feature_extractor
         if extractor is None:
             image = self.load_image(j)
-            return (self.transform(image) if self.transform is not None else _to_tensor(image)), score
+            return (self.transform(image) if self.transform is not None else image_to_tensor(image)), score
         embedding = self._memory.get(j)  # the guide's behaviour: compute once per process, keep in memory
         if embedding is None:
             if hasattr(extractor, "extract_image"):
@@ -377,9 +383,3 @@ class LaionAestheticsDataset(Dataset):
 
 #: the guide's spelling
 LAIONAestheticsDataset = LaionAestheticsDataset
-
-
-def _to_tensor(image: Any) -> torch.Tensor:
-    from streamloader.data.decoder import image_to_tensor
-
-    return image_to_tensor(image)

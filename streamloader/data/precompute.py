@@ -92,7 +92,7 @@ def _collate(items: List[Tuple[int, Optional[torch.Tensor], str]]) -> Tuple[torc
 
 
 def _rank_world(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int]:
-    from streamloader.data.decoder import distributed_context
+    from streamloader.data.tar_embeddings import distributed_context
 
     if (rank is None) != (world_size is None):
         raise ValueError("pass both rank and world_size, or neither")

@@ -1,7 +1,7 @@
 """Mid-epoch resume for the tar-shard loader: one reader's pass over an epoch, as a cursor ``state_dict()`` captures.
 
-A reader is one (rank, DataLoader worker) slot of :class:`~streamloader.data.decoder.ImageEmbeddingDataset`. Its
-pass is: its shards in the epoch's seeded order -> the samples of each shard -> the shuffle buffer -> decode ->
+A reader is one (rank, DataLoader worker) slot of :class:`.tar_embeddings.ImageEmbeddingDataset`. Its pass is:
+its shards in the epoch's seeded order -> the samples of each shard -> the shuffle buffer -> decode ->
 yield. After any yielded sample the pass's state is small (no sample bytes) and exact:
 
     shard, offset    the position in this reader's shard sequence, and the tar offset where unread members start
@@ -28,6 +28,7 @@ import random
 from contextlib import closing
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from streamloader.data.tar_samples import SKIP_SHARD
 from streamloader.data.tars import ErrorPolicy, is_compressed, iter_shard_samples, iter_tar_entries, open_url
 from streamloader.errors import DataFormatError
 
@@ -144,8 +145,6 @@ class ReaderPass:
 
     def _raw(self, lookups: Dict[str, Any]) -> Iterator[Tuple[Any, ...]]:
         """Good raw samples + their reference, shard by shard from the cursor, moving the cursor as it goes."""
-        from streamloader.data.decoder import _SKIP_SHARD
-
         policy, ds = self.policy, self.ds
         empty_streak = 0
         order = ds._shard_order(self.slot, self.slots, self.epoch)
@@ -160,7 +159,7 @@ class ReaderPass:
                     spans = sample.get("__spans__", [])
                     ds._io.add("members_read", len(spans))
                     checked = ds._check_sample(sample, lookups, policy)
-                    if checked is _SKIP_SHARD:
+                    if checked is SKIP_SHARD:
                         break
                     self.offset = sample.get("__end__", self.offset)
                     if checked is not None:
@@ -177,7 +176,7 @@ class ReaderPass:
                 )
 
     def _shuffled(self, raw: Iterator[Tuple[Any, ...]]) -> Iterator[Tuple[Any, ...]]:
-        """webdataset's shuffle buffer (same draws as :func:`decoder.shuffle_buffer`), its contents kept in state."""
+        """webdataset's shuffle buffer (same draws as :func:`.tar_samples.shuffle_buffer`), contents kept in state."""
         buffer, size, rng = self.buffer, self.ds.shuffle_num, self.rng
         assert rng is not None
         if not self.draining:
@@ -196,8 +195,6 @@ class ReaderPass:
 
     def _read_back(self, lookups: Dict[str, Any]) -> None:
         """Rebuild the shuffle buffer of a restored state by reading its samples' members again (by offset)."""
-        from streamloader.data.decoder import _SKIP_SHARD
-
         refs, self.pending = self.pending, []
         by_url: Dict[int, List[int]] = {}
         for position, (url_index, _key, _spans) in enumerate(refs):
@@ -220,7 +217,7 @@ class ReaderPass:
                 self.ds._io.add("members_read", len(spans))
                 sample.update({"__key__": key, "__url__": url})
                 checked = self.ds._check_sample(sample, lookups, self.policy)
-                if checked is not None and checked is not _SKIP_SHARD:
+                if checked is not None and checked is not SKIP_SHARD:
                     rebuilt[p] = (*checked, (url_index, key, [tuple(s) for s in spans]))
         self.buffer[:0] = [rebuilt[p] for p in sorted(rebuilt)]
         if len(rebuilt) < len(refs):

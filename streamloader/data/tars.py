@@ -20,14 +20,13 @@ data is passed over in bounded pieces, so a 300 KB .tar.gz holding 300 MB of zer
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import re
 import tarfile
 from collections import Counter
 from contextlib import contextmanager
-from multiprocessing.context import get_spawning_popen
-from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
+from streamloader.data.counters import SharedCounters
 from streamloader.errors import DataFormatError
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,6 @@ __all__ = [
     "skip_and_count",
     "warn_and_continue",
     "resolve_handler",
-    "SharedCounters",
     "ErrorPolicy",
     "expand_urls",
     "open_url",
@@ -129,63 +127,6 @@ def resolve_handler(handler: Optional[Handler]) -> Handler:
     if str(getattr(handler, "__module__", "")).startswith("webdataset"):
         return _WEBDATASET_EQUIVALENTS.get(getattr(handler, "__name__", ""), handler)
     return handler
-
-
-def _shared_array(values: List[int]) -> Any:
-    # A spawn-context lock also works in forked children; a fork-context one cannot go to spawned workers.
-    return multiprocessing.get_context("spawn").Array("q", values, lock=True)
-
-
-class SharedCounters:
-    """Named int64 counters shared by the DataLoader workers of one process tree.
-
-    Backed by a ``multiprocessing.Array`` so counts made in worker processes are visible in the parent. Pickled
-    outside of process spawning (``copy.deepcopy``, ``pickle.dumps``) it degrades to a detached snapshot.
-    """
-
-    def __init__(self, names: Sequence[str]):
-        self.names = tuple(names)
-        self._index = {name: i for i, name in enumerate(self.names)}
-        self._values: Any = _shared_array([0] * len(self.names))
-
-    def add(self, name: str, n: int = 1) -> None:
-        """Add ``n`` to counter ``name``."""
-        i = self._index[name]
-        with self._values.get_lock():
-            self._values[i] += n
-
-    def set(self, name: str, value: int) -> None:
-        """Set counter ``name`` to ``value``."""
-        with self._values.get_lock():
-            self._values[self._index[name]] = value
-
-    def get(self, name: str) -> int:
-        """Current value of counter ``name``."""
-        return int(self._values[self._index[name]])
-
-    def as_dict(self) -> Dict[str, int]:
-        """Snapshot of all counters."""
-        with self._values.get_lock():
-            return {name: int(self._values[i]) for i, name in enumerate(self.names)}
-
-    def reset(self) -> None:
-        """Set every counter to zero."""
-        with self._values.get_lock():
-            for i in range(len(self.names)):
-                self._values[i] = 0
-
-    def __getstate__(self) -> Dict[str, Any]:
-        if get_spawning_popen() is not None:  # handing over to a child process: share the memory
-            return {"names": self.names, "values": self._values}
-        return {"names": self.names, "snapshot": [int(v) for v in self._values]}
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.names = state["names"]
-        self._index = {name: i for i, name in enumerate(self.names)}
-        if "values" in state:
-            self._values = state["values"]
-        else:
-            self._values = _shared_array(state["snapshot"])
 
 
 class ErrorPolicy:

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["open", "stat", "lstat", "listdir", "scandir", "mkdir", "originals", "capture_originals", "exists_locally"]
+__all__ = ["open", "stat", "lstat", "listdir", "scandir", "mkdir", "originals", "capture_originals"]
 
 Route = Tuple["HookedRoot", str]
 
@@ -116,15 +116,6 @@ def _make_local_parent(hook: "HookedRoot", rel: str) -> bool:
         os.makedirs(_local_path(hook, parent), exist_ok=True)
     log.debug("created local directory %s (it exists in the repository)", _local_path(hook, parent))
     return True
-
-
-def exists_locally(path: Any) -> bool:
-    """Whether ``path`` exists on the local disk (never asks the repository)."""
-    try:
-        _lstat(path)
-        return True
-    except (OSError, ValueError):
-        return False
 
 
 def _errno_error(cls: type, code: int, filename: Any) -> OSError:

@@ -1,8 +1,9 @@
 """DagsHub REST client: one pooled ``requests.Session``, retries, typed errors, a pinned revision.
 
-Only the endpoints in ``shared/reference/dagshub-api.md`` are used, so the client works against real DagsHub and
-against ``streamloader serve``. Credentials (:mod:`.credentials`): the token that is found, else none (public repos),
-and a token after all once the server refuses an anonymous request. Usage::
+Only a few REST endpoints are used (repository, branch and commit records, folder listings, raw file bytes,
+storage buckets), all of which ``streamloader serve`` implements too, so the client works against real DagsHub and
+against it. Credentials (:mod:`.credentials`): the token that is found, else none (public repos), and a token after
+all once the server refuses an anonymous request. Usage::
 
     client = DagsHubClient("https://dagshub.com/DagsHub-Datasets/LAION-Aesthetics-V2-6.5plus", branch="main")
     client.resolve_revision()            # branch -> commit sha, once; every later call reads that snapshot

@@ -1,7 +1,7 @@
 """The local DagsHub-compatible test server (``streamloader serve DIR``).
 
-It serves a folder as a one-branch DagsHub repository, speaking the REST subset in
-shared/reference/dagshub-api.md well enough for the official ``dagshub`` client, with fault knobs for tests::
+It serves a folder as a one-branch DagsHub repository, speaking the subset of DagsHub's REST API listed in
+:mod:`.handler` well enough for the official ``dagshub`` client, with fault knobs for tests::
 
     from streamloader.server import DagsHubServer, ServerFaults, ServerProcess
 

@@ -1,6 +1,7 @@
 """HTTP request handling for the local DagsHub-compatible server: routing, auth, faults, JSON and file answers.
 
-Routes (see shared/reference/dagshub-api.md); ``{base}`` is ``/api/v1/repos/{owner}/{repo}``::
+Routes (the DagsHub REST API paths streamloader and the official client use); ``{base}`` is
+``/api/v1/repos/{owner}/{repo}``::
 
     GET  /api/v1/user, /api/v1/users/{name}        user record
     GET  {base}                                      repo record

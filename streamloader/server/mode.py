@@ -1,5 +1,5 @@
 """DagsHubLike: knobs that make the local server answer the way dagshub.com really does (not the way our client
-would like), so tests and benchmarks can meet dagshub.com's behaviour on loopback (shared/reference/dagshub-api.md).
+would like), so tests and benchmarks can meet dagshub.com's behaviour on loopback.
 
 Pass one to ``DagsHubServer(root, dagshub_like=DagsHubLike(...))`` (``True`` = every default). Like ServerFaults it
 is plain data that may be mutated while the server runs (``srv.dagshub_like.max_in_flight = 8``). Every behaviour

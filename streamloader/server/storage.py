@@ -1,4 +1,4 @@
-"""Connected storage buckets of the local server, as dagshub.com serves them (shared/reference/dagshub-api.md).
+"""Connected storage buckets of the local server, served under the same API paths as dagshub.com serves them.
 
 ``DagsHubServer(root, storage={"s3/my-bucket": DIR})`` (CLI: ``--storage s3/my-bucket=DIR``) serves DIR as the bucket
 ``my-bucket`` of protocol ``s3``; with the dagshub-like mode on, every name in its ``storage_buckets`` knob is

@@ -2,7 +2,7 @@
 or a silent wrong answer (one corrupt shard must not kill a skipping run: mosaicml/streaming #759).
 
 Local, unit-level versions: tests/test_labels.py (TSV policies), tests/test_tars.py (truncation), tests/
-test_decoder.py (embeddings), tests/test_client.py (status codes). Here everything is read through ``dagshub://``
+test_tar_embeddings.py (embeddings), tests/test_client.py (status codes). Here everything is read through ``dagshub://``
 URLs from a served repo, with DataLoader workers where the loader has them.
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ def test_malformed_tsv_rows_raise_with_the_line_or_are_counted(srv, figures):
 def test_bad_shards_are_typed_errors_or_counted_skips_across_workers(srv, figures):
     from torch.utils.data import DataLoader
 
-    from streamloader.data.decoder import ImageEmbeddingDataset
+    from streamloader.data.tar_embeddings import ImageEmbeddingDataset
     from streamloader.data.tars import skip_and_count
 
     tars = "dagshub://user/repo/shards/{0000..0004}.tar"

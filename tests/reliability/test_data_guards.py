@@ -209,7 +209,8 @@ def bomb_repo(tmp_path, make_server, served_env):
 
 _MEASURE_RSS = """
 import json, resource, sys
-from streamloader.data.tars import SKIP_REASONS, SharedCounters, iter_samples, skip_and_count
+from streamloader.data.counters import SharedCounters
+from streamloader.data.tars import SKIP_REASONS, iter_samples, skip_and_count
 list(iter_samples(sys.argv[2]))  # warm up: imports, the HTTP session, the cache
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 counters = SharedCounters(SKIP_REASONS)
@@ -221,7 +222,7 @@ print(json.dumps({"growth_mb": growth_kib / 1024, "keys": keys, "stats": counter
 
 @pytest.mark.timeout(120)
 def test_a_huge_tar_member_is_refused_or_skipped_with_bounded_memory(bomb_repo, figures):
-    from streamloader.data.decoder import ImageEmbeddingDataset
+    from streamloader.data.tar_embeddings import ImageEmbeddingDataset
     from streamloader.data.tars import DEFAULT_MAX_MEMBER_BYTES, iter_samples, skip_and_count
 
     assert DEFAULT_MAX_MEMBER_BYTES < HUGE

@@ -87,7 +87,7 @@ def test_tar_epoch_under_faults_delivers_every_sample_once_and_intact(
         shard_repo, make_server, served_env, range_reads, isolated_env, figures):
     from torch.utils.data import DataLoader
 
-    from streamloader.data.decoder import ImageEmbeddingDataset
+    from streamloader.data.tar_embeddings import ImageEmbeddingDataset
     from streamloader.data.tars import iter_samples
 
     root, info, members = shard_repo
@@ -140,7 +140,7 @@ def test_permanently_failing_shard_ends_the_epoch_with_an_error_naming_it(
         shard_repo, make_server, served_env, range_reads, figures):
     from torch.utils.data import DataLoader
 
-    from streamloader.data.decoder import ImageEmbeddingDataset
+    from streamloader.data.tar_embeddings import ImageEmbeddingDataset
 
     root, _info, _members = shard_repo
     srv = make_server(root, token=TOKEN, faults=unreliable(seed=9))

@@ -141,7 +141,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes = b"", **attrs) -> None:
 
 def test_tar_members_escaping_or_linking_out_are_never_read_or_extracted(world, make_server_process, isolated_env,
                                                                          served_env, figures):
-    from streamloader.data.decoder import ImageEmbeddingDataset
+    from streamloader.data.tar_embeddings import ImageEmbeddingDataset
 
     jpeg = make_jpeg(world["tmp"] / "j.jpg", seed=2)
     buf = io.BytesIO()

@@ -19,7 +19,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from streamloader.data.decoder import ImageEmbeddingDataset, create_image_embedding_dataloader, shuffle_buffer
+from streamloader.data.tar_embeddings import ImageEmbeddingDataset, create_image_embedding_dataloader
+from streamloader.data.tar_samples import shuffle_buffer
 from streamloader.data.shardgen import make_synthetic_shards, write_tar
 from streamloader.data.tars import skip_and_count, warn_and_continue
 from streamloader.errors import DataFormatError

@@ -1,6 +1,6 @@
-"""DALLE2-compatible decoder data: (image, embedding) pairs from webdataset tars and ``.npy`` embeddings.
+"""(image, embedding) pairs from webdataset ``.tar`` shards and ``.npy`` embeddings: the DALLE2 decoder's loader.
 
-Drop-in for ``dalle2_pytorch.dataloaders`` (both the seed's and the later parameter names are accepted)::
+Drop-in for ``dalle2_pytorch.dataloaders`` (both its original and its later parameter names are accepted)::
 
     loader = create_image_embedding_dataloader(
         tar_url="/data/{0000..0009}.tar", embeddings_url="/data/img_emb", shard_width=4,
@@ -14,43 +14,33 @@ skips are counted in ``dataset.stats``.
 """
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
 import random
 import warnings
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from streamloader.data.counters import SharedCounters
 from streamloader.data.embeddings import EmbeddingFolder, ShardEmbeddings, npy_from_bytes, parse_key
+from streamloader.data.images import image_to_tensor
 from streamloader.data.tars import (
     DEFAULT_MAX_MEMBER_BYTES,
     SKIP_REASONS,
     ErrorPolicy,
     Handler,
-    SharedCounters,
     expand_urls,
     raise_on_error,
 )
+from streamloader.data.tar_samples import IMAGE_EXTS, SKIP_SHARD, decode_extra, open_image
 from streamloader.errors import DataFormatError
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "ImageEmbeddingDataset",
-    "create_image_embedding_dataloader",
-    "distributed_context",
-    "image_to_tensor",
-]
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
-_TEXT_EXTS = ("txt", "text", "caption")
-_INT_EXTS = ("cls", "cls2", "index", "inx", "id")
-_SKIP_SHARD = object()  # sentinel: drop the rest of the current shard
+__all__ = ["ImageEmbeddingDataset", "create_image_embedding_dataloader", "distributed_context"]
 
 
 def distributed_context(fallback: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
@@ -62,57 +52,6 @@ def distributed_context(fallback: Optional[Tuple[int, int]] = None) -> Tuple[int
     if fallback is not None:
         return fallback
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def image_to_tensor(image: Any) -> torch.Tensor:
-    """PIL image -> float tensor ``[3, H, W]`` in ``[0, 1]`` (what ``torchvision.transforms.ToTensor`` gives)."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    # One numpy pass does the HWC->CHW transpose and the float conversion (and gives torch a writable buffer).
-    chw = np.asarray(image).transpose(2, 0, 1).astype(np.float32, order="C")
-    # Scale in numpy, not with torch's div_: torch runs that op on its intra-op thread pool, and on a busy machine
-    # waking those threads costs ~3 ms per 200x200 image (10-30x the work). Same float32 result, bit for bit.
-    np.divide(chw, np.float32(255.0), out=chw)
-    return torch.from_numpy(chw)
-
-
-def _open_image(data: bytes) -> Any:
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(data))
-    image.load()  # decode now so a corrupt image fails here, inside the handler's reach
-    return image
-
-
-def _decode_extra(ext: str, value: Any) -> Any:
-    last = ext.rsplit(".", 1)[-1]
-    if ext.startswith("__"):
-        return value
-    if last in IMAGE_EXTS:
-        return image_to_tensor(_open_image(value))
-    if last in _TEXT_EXTS:
-        return value.decode("utf-8")
-    if last == "json":
-        return json.loads(value)
-    if last in _INT_EXTS:
-        return int(value)
-    if last == "npy":
-        return np.load(io.BytesIO(value), allow_pickle=False)
-    return value
-
-
-def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    """Yield ``items`` in a random order using a buffer of ``size`` items (webdataset-style)."""
-    buffer: List[Any] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        i = rng.randrange(size)
-        yield buffer[i]
-        buffer[i] = item
-    rng.shuffle(buffer)
-    yield from buffer
 
 
 class ImageEmbeddingDataset(IterableDataset):
@@ -266,42 +205,42 @@ class ImageEmbeddingDataset(IterableDataset):
     def _embedding(
         self, sample: Dict[str, Any], lookups: Dict[str, ShardEmbeddings], policy: ErrorPolicy
     ) -> Any:
-        """The sample's embedding(s), None to skip the sample, or _SKIP_SHARD to drop the rest of the shard."""
+        """The sample's embedding(s), None to skip the sample, or SKIP_SHARD to drop the rest of the shard."""
         url, key = sample["__url__"], sample["__key__"]
         found: Dict[str, np.ndarray] = {}
         if lookups:
             try:
                 shard, index = parse_key(key, url, self.shard_width, self.index_width)
             except DataFormatError as exc:
-                return None if policy.skip("bad_key", exc) else _SKIP_SHARD
+                return None if policy.skip("bad_key", exc) else SKIP_SHARD
             for name, lookup in lookups.items():
                 try:
                     rows = lookup.rows_for(shard)
                 except FileNotFoundError as exc:
                     policy.skip("missing_embedding_file", exc)
-                    return _SKIP_SHARD
+                    return SKIP_SHARD
                 except DataFormatError as exc:  # the whole file is unusable: count it once, drop the shard
                     policy.skip("bad_embedding", exc)
-                    return _SKIP_SHARD
+                    return SKIP_SHARD
                 try:
                     found[name] = rows.row(index)
                 except DataFormatError as exc:
-                    return None if policy.skip("bad_embedding", exc) else _SKIP_SHARD
+                    return None if policy.skip("bad_embedding", exc) else SKIP_SHARD
         elif "npy" in sample:
             try:
                 found["img"] = npy_from_bytes(sample["npy"], f"{url}:{key}.npy")
             except DataFormatError as exc:
-                return None if policy.skip("bad_embedding", exc) else _SKIP_SHARD
+                return None if policy.skip("bad_embedding", exc) else SKIP_SHARD
         else:
             exc = DataFormatError(f"{url}: sample {key!r} has no .npy embedding; did you set embedding_folder_url?")
-            return None if policy.skip("incomplete_sample", exc) else _SKIP_SHARD
+            return None if policy.skip("incomplete_sample", exc) else SKIP_SHARD
         for name, vector in found.items():
             if self.embedding_dim is not None and vector.shape[-1] != self.embedding_dim:
                 exc = DataFormatError(
                     f"{url}: sample {key!r} {name} embedding has dimension {vector.shape[-1]}, "
                     f"expected {self.embedding_dim}"
                 )
-                return None if policy.skip("bad_embedding", exc) else _SKIP_SHARD
+                return None if policy.skip("bad_embedding", exc) else SKIP_SHARD
             if not np.any(vector):
                 policy.always_skip("missing_embedding", f"{url}: sample {key!r} has an all-zero {name} embedding")
                 return None
@@ -319,17 +258,17 @@ class ImageEmbeddingDataset(IterableDataset):
     def _check_sample(
         self, sample: Dict[str, Any], lookups: Dict[str, ShardEmbeddings], policy: ErrorPolicy
     ) -> Any:
-        """``(key, url, image bytes, embeddings, extras)`` for a good raw sample, None to skip it, or _SKIP_SHARD
+        """``(key, url, image bytes, embeddings, extras)`` for a good raw sample, None to skip it, or SKIP_SHARD
         to drop the rest of its shard (also when a handler said "stop")."""
         found = self._embedding(sample, lookups, policy)
-        if found is _SKIP_SHARD or policy.stopped:
-            return _SKIP_SHARD
+        if found is SKIP_SHARD or policy.stopped:
+            return SKIP_SHARD
         image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
         missing = [k for k in self.extra_keys if k not in sample]
         if found is not None and (image_ext is None or missing):
             what = "an image" if image_ext is None else f"extra key(s) {missing}"
             exc = DataFormatError(f"{sample['__url__']}: sample {sample['__key__']!r} has no {what}")
-            return None if policy.skip("incomplete_sample", exc) else _SKIP_SHARD
+            return None if policy.skip("incomplete_sample", exc) else SKIP_SHARD
         if found is None:
             return None
         extras = {k: sample[k] for k in self.extra_keys}
@@ -338,12 +277,12 @@ class ImageEmbeddingDataset(IterableDataset):
     def _decoded(self, raw: Iterator[Tuple[Any, ...]], policy: ErrorPolicy) -> Iterator[Tuple[Any, ...]]:
         for key, url, image_bytes, found, extras, *_ref in raw:
             try:
-                image = _open_image(image_bytes)
+                image = open_image(image_bytes)
                 if self.img_preproc is not None:
                     image = self.img_preproc(image if image.mode == "RGB" else image.convert("RGB"))
                 else:
                     image = image_to_tensor(image)
-                extra_values = [_decode_extra(k, v) for k, v in extras.items()]
+                extra_values = [decode_extra(k, v) for k, v in extras.items()]
             except Exception as exc:  # noqa: BLE001 - any decode/preproc failure goes to the handler
                 wrapped = DataFormatError(f"{url}: sample {key!r} could not be decoded ({exc!r})")
                 wrapped.__cause__ = exc
@@ -411,7 +350,7 @@ def create_image_embedding_dataloader(
     max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES,
     **dataloader_kwargs: Any,
 ) -> DataLoader:
-    """Build an :class:`ImageEmbeddingDataset` and wrap it in a ``DataLoader`` (the seed's one-call helper).
+    """Build an :class:`ImageEmbeddingDataset` and wrap it in a ``DataLoader`` (DALLE2-pytorch's one-call helper).
 
     Example::
 

@@ -14,13 +14,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from streamloader.data.prior import (
-    PriorEmbeddingDataset,
-    check_paired,
-    get_reader,
-    make_splits,
-    rank_share,
-)
+from streamloader.data.embedding_reader import check_paired, get_reader
+from streamloader.data.embedding_splits import PriorEmbeddingDataset, make_splits, rank_share
 from streamloader.errors import DataFormatError
 
 # File numbers deliberately sort differently as strings ("10" < "2").
