@@ -33,9 +33,9 @@ _EXPORTS = {
     "install_hooks": "streamloader.hooks",
     "uninstall_hooks": "streamloader.hooks",
     "activate_from_env": "streamloader.hooks",
-    "prefetch": "streamloader.prefetch",
-    "PrefetchJob": "streamloader.remote.parallel",
-    "PrefetchResult": "streamloader.remote.repo",
+    "prefetch": "streamloader.hooks.warmup",
+    "PrefetchJob": "streamloader.remote.prefetch",
+    "PrefetchResult": "streamloader.remote.prefetch",
     # auth / cache
     "login": "streamloader.auth",
     "resolve_token": "streamloader.auth",

@@ -1,14 +1,13 @@
-"""streamloader.prefetch: concurrent cache warm-up for hooked paths and dagshub:// URLs (streamloader/prefetch.py)."""
+"""streamloader.prefetch: concurrent cache warm-up for hooked paths and dagshub:// URLs (hooks/warmup.py)."""
 from __future__ import annotations
 
 import os
 
 import pytest
 
-import streamloader.prefetch
 from conftest import TOKEN
 from streamloader.hooks import install_hooks
-from streamloader.prefetch import prefetch
+from streamloader import prefetch
 from test_hooks import _no_hooks_leak, hooked, project, remote  # noqa: F401 - shared fixtures
 
 IMAGES = [os.path.join("data", f"{i:04d}.jpg") for i in range(4)]
@@ -75,9 +74,12 @@ def test_local_and_excluded_paths(remote, project):
             prefetch(["data/emb/img_emb_0.npy"], progress=False)
 
 
-def test_the_module_name_is_callable_too(hooked, remote):
-    import streamloader
+def test_the_package_name_is_the_function(hooked, remote):
+    import inspect
 
-    assert callable(streamloader.prefetch) and callable(streamloader.prefetch.prefetch)
+    import streamloader
+    from streamloader.hooks.warmup import prefetch as warm
+
+    assert inspect.isfunction(streamloader.prefetch) and streamloader.prefetch is warm is prefetch
     assert streamloader.prefetch([IMAGES[0]], progress=False).files == 1
-    assert streamloader.prefetch.prefetch([IMAGES[1]], progress=False).files == 1
+    assert prefetch([IMAGES[1]], progress=False).files == 1

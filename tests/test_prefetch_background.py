@@ -10,7 +10,7 @@ import pytest
 
 from conftest import TOKEN
 from streamloader.errors import RemoteFileNotFoundError
-from streamloader.remote.parallel import PrefetchJob
+from streamloader.remote.prefetch import PrefetchJob
 from streamloader.server import ServerFaults
 from streamloader.synthetic import make_laion_repo
 from test_prefetch_processes import _children, make_files, open_repo
@@ -111,7 +111,7 @@ def test_dataset_epoch_starts_while_the_job_downloads(tmp_path: Path, make_serve
 
 
 def test_hooked_prefetch_in_background(tmp_path: Path, make_server: Callable[..., Any], monkeypatch: Any) -> None:
-    import streamloader.prefetch as sp
+    import streamloader as sp
     from streamloader.hooks import install_hooks
 
     repo_dir = tmp_path / "repo"

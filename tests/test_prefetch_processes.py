@@ -160,7 +160,7 @@ def _children(pid: int) -> list:
 
 
 def _count_in_daemon(out):
-    from streamloader.remote.parallel import process_count
+    from streamloader.remote.prefetch import process_count
 
     out.put((process_count(None, 1000, 32), process_count(4, 1000, 32)))
 
@@ -169,7 +169,7 @@ def test_daemonic_processes_fall_back_to_threads():
     """A DataLoader worker is daemonic and may not start children: prefetch there must stay in-process."""
     import multiprocessing as mp
 
-    from streamloader.remote.parallel import process_count
+    from streamloader.remote.prefetch import process_count
 
     assert process_count(4, 1000, 32) == 4 and process_count(None, 10, 32) == 1
     ctx = mp.get_context("fork")

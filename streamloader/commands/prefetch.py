@@ -102,7 +102,7 @@ class _FailuresReportedHere(logging.Filter):
 
 def run(args: argparse.Namespace) -> int:
     from streamloader.errors import HostUnreachableError
-    from streamloader.prefetch import prefetch
+    from streamloader.hooks.warmup import prefetch
 
     urls, opts = _targets(args)
     if not urls:

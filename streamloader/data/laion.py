@@ -326,8 +326,7 @@ class LaionAestheticsDataset(Dataset):
                 ...
             job.result()
         """
-        from streamloader.remote.parallel import PrefetchJob, settle
-        from streamloader.remote.repo import PrefetchResult
+        from streamloader.remote.prefetch import PrefetchJob, PrefetchResult, settle
 
         on_error = on_error or ("raise" if self.on_error == "raise" else "skip")
 
@@ -349,7 +348,7 @@ class LaionAestheticsDataset(Dataset):
         remote = [p for p in paths if not exists_locally(p)]
         if not remote:
             return nothing()
-        from streamloader.prefetch import prefetch  # the hooks' prefetch (imported only when needed)
+        from streamloader.hooks.warmup import prefetch  # the hooks' prefetch (imported only when needed)
 
         return prefetch(remote, max_concurrency=max_concurrency, progress=progress, on_error=on_error,
                         processes=processes, wait=wait)

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 if TYPE_CHECKING:
-    from streamloader.remote.repo import PrefetchResult, RemoteRepo
+    from streamloader.remote.prefetch import PrefetchResult
+    from streamloader.remote.repo import RemoteRepo
 
 __all__ = ["HookConfig", "HookedRoot", "RouteTable", "resolve", "hooked", "add", "remove", "lock"]
 
@@ -138,7 +139,7 @@ class HookedRoot:
     def prefetch(self, paths: Any, max_concurrency: Optional[int] = None, progress: bool = True,
                  on_error: str = "raise") -> "PrefetchResult":
         """Warm the cache for ``paths`` (as you would pass them to open()); see :func:`streamloader.prefetch`."""
-        from streamloader.prefetch import prefetch
+        from streamloader.hooks.warmup import prefetch  # the lifecycle sits above the routing table
 
         return prefetch(paths, max_concurrency=max_concurrency, progress=progress, on_error=on_error)
 

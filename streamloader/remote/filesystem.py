@@ -227,8 +227,7 @@ class DagsHubFileSystem(AbstractFileSystem, metaclass=_ResolveHostFirst):
         if len(repos) > 1:
             raise ValueError("prefetch: all paths must belong to one repository")
         if not resolved:
-            from streamloader.remote.parallel import PrefetchJob, settle
-            from streamloader.remote.repo import PrefetchResult
+            from streamloader.remote.prefetch import PrefetchJob, PrefetchResult, settle
 
             return settle(PrefetchJob.finished(PrefetchResult()), wait)
         repo = resolved[0][0]

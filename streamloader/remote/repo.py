@@ -22,7 +22,6 @@ import re
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Tuple
 
 from streamloader._entrylock import EntryLock
@@ -33,49 +32,15 @@ from streamloader.remote.buckets import Buckets, is_bucket_path
 from streamloader.remote.client import DagsHubClient
 from streamloader.remote.entries import RemoteEntry
 from streamloader.remote.listings import DirListing, ListingStore
-from streamloader.remote.parallel import (  # noqa: F401 - PREFETCH_PROCESS_MIN_FILES, PrefetchJob re-exported
-    PREFETCH_PROCESS_MIN_FILES, Halt, PrefetchJob, ProcessPrefetch, prefetch_in_threads, process_count, settle)
+from streamloader.remote.prefetch import fetch_to_cache
 from streamloader.remote.urls import safe_repo_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RemoteRepo", "PrefetchResult"]
+__all__ = ["RemoteRepo"]
 
 _LIVE_REPOS: "weakref.WeakSet[RemoteRepo]" = weakref.WeakSet()
 _MISSING_TTL = 30.0  # seconds a path found missing (404) is believed missing without asking again
-
-
-@dataclass
-class PrefetchResult:
-    """What a prefetch did: ``files`` now in the cache (``bytes`` in all), of which ``cached`` (``cached_bytes``)
-    were there already, wall time and the paths that failed (with their errors)."""
-
-    files: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    failed: Dict[str, BaseException] = field(default_factory=dict)
-    cached: int = 0
-    cached_bytes: int = 0
-
-    @property
-    def downloaded(self) -> int:
-        """Files downloaded by this prefetch."""
-        return self.files - self.cached
-
-    @property
-    def downloaded_bytes(self) -> int:
-        return self.bytes - self.cached_bytes
-
-    @property
-    def files_per_s(self) -> float:
-        """Files downloaded per second (files already cached cost nothing and are not counted)."""
-        return self.downloaded / self.seconds if self.seconds > 0 else float("inf")
-
-    def __str__(self) -> str:
-        from streamloader._units import human_size
-
-        return (f"{self.downloaded:,} downloaded ({human_size(self.downloaded_bytes)}), {self.cached:,} already "
-                f"cached, {len(self.failed):,} failed in {self.seconds:.2f} s")
 
 
 class RemoteRepo:
@@ -546,65 +511,8 @@ class RemoteRepo:
 
             repo.prefetch([e.path for e in repo.ls("data")], max_concurrency=32, on_error="skip")
         """
-        if on_error not in ("raise", "skip"):
-            raise ValueError("on_error must be 'raise' or 'skip'")
-        paths = list(dict.fromkeys(paths))
-        # None: as many threads as the host's limiter may ever allow; its limit (shared by the machine's processes)
-        # then sets how many requests are in flight, growing while the host keeps up, shrinking when it pushes back
-        workers = max(1, min(max_concurrency or self.client.limiter.limits.ceiling, len(paths) or 1))
-        n_procs = process_count(processes, len(paths), workers)
-        if n_procs > 1 and self.cache is not None:
-            try:
-                self.revision()  # resolved once here, not once per worker process
-            except Exception:  # noqa: BLE001 - every path would fail alike: let the in-process path report it
-                n_procs = 1
-        else:
-            n_procs = 1
-        result = PrefetchResult()
-        started = time.perf_counter()
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(paths), unit="file", desc="prefetch", leave=False)
-
-        halt = Halt()  # an unreachable host ends the prefetch at once, with one message
-
-        def record(path: str, size: int, exc: Optional[BaseException], cached: bool) -> None:
-            stops = halt.note(path, exc)
-            if exc is None:
-                result.files += 1
-                result.bytes += size
-                result.cached += cached
-                result.cached_bytes += size if cached else 0
-            else:
-                result.failed[path] = exc
-                if not stops:
-                    log.warning("prefetch of %s failed: %s", path, exc, extra={"prefetch_failure": path})
-            if bar is not None:
-                bar.update(1)
-
-        try:  # worker processes start here, in the caller's thread; the job's thread only collects their reports
-            fanout = ProcessPrefetch(self, paths, workers, n_procs) if n_procs > 1 else None
-        except BaseException:
-            if bar is not None:
-                bar.close()
-            raise
-
-        def run(cancelled: threading.Event) -> PrefetchResult:
-            try:
-                if fanout is not None:
-                    fanout.collect(record, halt.event)
-                else:
-                    prefetch_in_threads(self, paths, workers, record, halt.event)
-            finally:
-                if bar is not None:
-                    bar.close()
-            halt.finish(paths, result.failed, log_it=on_error == "skip")
-            result.seconds = time.perf_counter() - started
-            return result
-
-        return settle(PrefetchJob(run, on_error, on_cancel=halt.event.set), wait)
+        return fetch_to_cache(self, paths, max_concurrency=max_concurrency, progress=progress, on_error=on_error,
+                              processes=processes, wait=wait)
 
 
 def _size_of(local: str) -> int:

@@ -1,4 +1,7 @@
-"""Prefetch fan-out: a thread pool in one process, or several worker processes each with its own pool.
+"""Concurrent fetching into the cache — the one home of prefetch: :func:`fetch_to_cache` (the engine behind every
+``prefetch(...)``: ``RemoteRepo``, ``fs``, the hooks' ``streamloader.prefetch``, datasets, the CLI), what it returns
+(:class:`PrefetchResult`, or a background :class:`PrefetchJob`; :func:`settle` picks) and its fan-out: a thread pool
+in one process, or several worker processes each with its own pool.
 
 One process spends ~1 ms of CPU per small file (HTTP library, verified cache write) under the GIL, which caps a cold
 epoch well below what the network allows; worker processes lift that cap. The cache is multi-process safe (per-entry
@@ -17,21 +20,56 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from streamloader.errors import HostUnreachableError, RemoteError, RemoteFileNotFoundError
 
 if TYPE_CHECKING:
-    from streamloader.remote.repo import PrefetchResult, RemoteRepo
+    from streamloader.remote.repo import RemoteRepo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PREFETCH_PROCESS_MIN_FILES", "Halt", "PrefetchJob", "ProcessPrefetch", "process_count",
-           "prefetch_in_threads", "settle"]
+__all__ = ["PREFETCH_PROCESS_MIN_FILES", "Halt", "PrefetchJob", "PrefetchResult", "ProcessPrefetch",
+           "fetch_to_cache", "process_count", "prefetch_in_threads", "settle"]
 
 #: below this many files a prefetch stays in one process (starting workers costs more than it saves)
 PREFETCH_PROCESS_MIN_FILES = 200
 _Record = Callable[[str, int, Optional[BaseException], bool], None]  # (path, size, error, was already cached)
+
+
+@dataclass
+class PrefetchResult:
+    """What a prefetch did: ``files`` now in the cache (``bytes`` in all), of which ``cached`` (``cached_bytes``)
+    were there already, wall time and the paths that failed (with their errors)."""
+
+    files: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    failed: Dict[str, BaseException] = field(default_factory=dict)
+    cached: int = 0
+    cached_bytes: int = 0
+
+    @property
+    def downloaded(self) -> int:
+        """Files downloaded by this prefetch."""
+        return self.files - self.cached
+
+    @property
+    def downloaded_bytes(self) -> int:
+        return self.bytes - self.cached_bytes
+
+    @property
+    def files_per_s(self) -> float:
+        """Files downloaded per second (files already cached cost nothing and are not counted)."""
+        return self.downloaded / self.seconds if self.seconds > 0 else float("inf")
+
+    def __str__(self) -> str:
+        from streamloader._units import human_size
+
+        return (f"{self.downloaded:,} downloaded ({human_size(self.downloaded_bytes)}), {self.cached:,} already "
+                f"cached, {len(self.failed):,} failed in {self.seconds:.2f} s")
+
 
 
 def process_count(processes: Optional[int], n_paths: int, workers: int) -> int:
@@ -259,6 +297,72 @@ class PrefetchJob:
 def settle(job: PrefetchJob, wait: bool) -> Any:
     """``job`` itself when not waiting, else its result (what every ``prefetch(..., wait=...)`` returns)."""
     return job.result() if wait else job
+
+
+def fetch_to_cache(repo: RemoteRepo, paths: Iterable[str], max_concurrency: Optional[int] = None,
+                   progress: bool = True, on_error: str = "raise", processes: Optional[int] = None,
+                   wait: bool = True) -> Any:
+    """The engine behind :meth:`RemoteRepo.prefetch <streamloader.remote.repo.RemoteRepo.prefetch>` (see there):
+    ``paths`` of ``repo`` into its cache, in threads or worker processes; a PrefetchResult, or a PrefetchJob."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError("on_error must be 'raise' or 'skip'")
+    paths = list(dict.fromkeys(paths))
+    # None: as many threads as the host's limiter may ever allow; its limit (shared by the machine's processes)
+    # then sets how many requests are in flight, growing while the host keeps up, shrinking when it pushes back
+    workers = max(1, min(max_concurrency or repo.client.limiter.limits.ceiling, len(paths) or 1))
+    n_procs = process_count(processes, len(paths), workers)
+    if n_procs > 1 and repo.cache is not None:
+        try:
+            repo.revision()  # resolved once here, not once per worker process
+        except Exception:  # noqa: BLE001 - every path would fail alike: let the in-process path report it
+            n_procs = 1
+    else:
+        n_procs = 1
+    result = PrefetchResult()
+    started = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(paths), unit="file", desc="prefetch", leave=False)
+
+    halt = Halt()  # an unreachable host ends the prefetch at once, with one message
+
+    def record(path: str, size: int, exc: Optional[BaseException], cached: bool) -> None:
+        stops = halt.note(path, exc)
+        if exc is None:
+            result.files += 1
+            result.bytes += size
+            result.cached += cached
+            result.cached_bytes += size if cached else 0
+        else:
+            result.failed[path] = exc
+            if not stops:
+                log.warning("prefetch of %s failed: %s", path, exc, extra={"prefetch_failure": path})
+        if bar is not None:
+            bar.update(1)
+
+    try:  # worker processes start here, in the caller's thread; the job's thread only collects their reports
+        fanout = ProcessPrefetch(repo, paths, workers, n_procs) if n_procs > 1 else None
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        raise
+
+    def run(cancelled: threading.Event) -> PrefetchResult:
+        try:
+            if fanout is not None:
+                fanout.collect(record, halt.event)
+            else:
+                prefetch_in_threads(repo, paths, workers, record, halt.event)
+        finally:
+            if bar is not None:
+                bar.close()
+        halt.finish(paths, result.failed, log_it=on_error == "skip")
+        result.seconds = time.perf_counter() - started
+        return result
+
+    return settle(PrefetchJob(run, on_error, on_cancel=halt.event.set), wait)
 
 
 def _prefetch_worker(repo: RemoteRepo, paths: List[str], workers: int, queue: Any, index: int, parent: int) -> None:

@@ -1,4 +1,5 @@
-"""Warm the cache for many files at once, so that the training loop's ``open()`` calls never wait on the network.
+"""``streamloader.prefetch``: warm the cache for many files at once, so that the training loop's ``open()`` calls
+never wait on the network.
 
 Paths are given the way the training code opens them — relative to the cwd or absolute, under a root hooked with
 ``install_hooks`` — or as ``dagshub://owner/repo/path`` URLs::
@@ -7,25 +8,23 @@ Paths are given the way the training code opens them — relative to the cwd or 
     streamloader.prefetch([os.path.join("data", f) for f in squirrel_files])   # many downloads in flight
     Image.open(os.path.join("data", squirrel_files[0]))                        # served from the cache
 
-``streamloader.prefetch`` is both this module and its function: the module is callable, so the name works
-whichever of the two an import left on the package.
+Each path is routed to the repository that serves it (a hooked root's, or the ``dagshub://`` filesystem's), and
+each repository fetches its share with :meth:`RemoteRepo.prefetch` (:mod:`streamloader.remote.prefetch`).
 """
 from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
-import types
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 from streamloader import _realos
-from streamloader.remote.parallel import PrefetchJob, settle
-from streamloader.remote.repo import PrefetchResult
+from streamloader.hooks import router
+from streamloader.remote.prefetch import PrefetchJob, PrefetchResult, settle
 
 log = logging.getLogger(__name__)
 
-__all__ = ["prefetch", "PrefetchJob", "PrefetchResult"]
+__all__ = ["prefetch"]
 
 _URL_PREFIX = "dagshub://"
 
@@ -82,8 +81,6 @@ def _group(paths: Iterable[Any], storage_options: Mapping[str, Any]) -> Tuple[Di
                                                                                Dict[str, BaseException]]:
     """Sort paths by the repository that serves them: ({key: (prefetch function, {repo path: path as given})},
     {path as given: error})."""
-    from streamloader.hooks import router
-
     groups: Dict[Any, Tuple[Any, Dict[str, str]]] = {}
     failed: Dict[str, BaseException] = {}
     filesystem = None
@@ -113,12 +110,3 @@ def _group(paths: Iterable[Any], storage_options: Mapping[str, Any]) -> Tuple[Di
             groups.setdefault(("hook", hook.root), (hook.repo.prefetch, {}))[1][rel] = shown
     return groups, failed
 
-
-class _CallableModule(types.ModuleType):
-    """Lets ``streamloader.prefetch(...)`` work even when the import system bound the module to that name."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return prefetch(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
