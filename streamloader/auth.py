@@ -28,13 +28,11 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from streamloader._files import atomic_write
 from streamloader.errors import AuthenticationError, DataFormatError, InvalidTokenError, RemoteError
-from streamloader.remote.urls import normalize_host
+from streamloader.remote.urls import default_host, normalize_host
 
 __all__ = [
-    "DEFAULT_HOST",
     "Token",
     "auth_headers",
-    "default_host",
     "find_token",
     "is_interactive",
     "login",
@@ -45,12 +43,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOST = "https://dagshub.com"
-HOST_ENV = "DAGSHUB_CLIENT_HOST"
 TOKEN_ENV = "DAGSHUB_TOKEN"
 USER_TOKEN_ENV = "DAGSHUB_USER_TOKEN"
 TOKENS_CACHE_ENV = "DAGSHUB_CLIENT_TOKENS_CACHE"
 NONINTERACTIVE_ENV = "STREAMLOADER_NONINTERACTIVE"
+# the token `streamloader serve` requires, handed over by ServerProcess in the environment (never in argv: ps)
+SERVER_TOKEN_ENV = "STREAMLOADER_SERVER_TOKEN"
 CACHE_SOURCE = "dagshub token cache"
 OAUTH_SOURCE = "oauth"
 ARGUMENT_SOURCE = "argument"
@@ -112,11 +110,6 @@ def _describe(char: str) -> str:
     if char.isspace():
         return "whitespace"
     return "a non-ASCII character" if ord(char) > 0x7E else "a control character"
-
-
-def default_host() -> str:
-    """``$DAGSHUB_CLIENT_HOST`` (as the official client reads it) else ``https://dagshub.com``, no trailing slash."""
-    return normalize_host(os.environ.get(HOST_ENV) or DEFAULT_HOST)
 
 
 def token_cache_path() -> str:

@@ -118,9 +118,11 @@ def test_token_object_argument_is_returned_as_is():
 
 def test_default_host_reads_dagshub_client_host(monkeypatch):
     monkeypatch.delenv("DAGSHUB_CLIENT_HOST", raising=False)
-    assert auth.default_host() == "https://dagshub.com"
+    from streamloader.remote.urls import default_host
+
+    assert default_host() == "https://dagshub.com"
     monkeypatch.setenv("DAGSHUB_CLIENT_HOST", "http://127.0.0.1:1234/")
-    assert auth.default_host() == "http://127.0.0.1:1234"
+    assert default_host() == "http://127.0.0.1:1234"
     write_cache({"http://127.0.0.1:1234": [app_token("for-default-host")]})
     assert auth.resolve_token(interactive=False).reveal() == "for-default-host"
 

@@ -54,9 +54,9 @@ def _read_token(option: Optional[str]) -> Optional[str]:
 def run(args: argparse.Namespace) -> int:
     """Validate and store the token; print one line (never the token)."""
     from streamloader import auth
-    from streamloader.remote.urls import normalize_host
+    from streamloader.remote.urls import default_host, normalize_host
 
-    host = normalize_host(args.host) if args.host else auth.default_host()
+    host = normalize_host(args.host) if args.host else default_host()
     token = auth.login(_read_token(args.token), host, validate=not args.no_validate)
     who = f" as {token.user}" if token.user else ""
     if token.source in (auth.ARGUMENT_SOURCE, auth.OAUTH_SOURCE):

@@ -29,9 +29,10 @@ import sys
 import threading
 from typing import Any, Dict, Optional
 
+from streamloader.auth import SERVER_TOKEN_ENV as TOKEN_ENV
+
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "STREAMLOADER_SERVER_TOKEN"
 DEMO_OWNER, DEMO_REPO = "DagsHub-Datasets", "LAION-Aesthetics-V2-6.5plus"
 ANY_TOKEN = "any-token"  # what the export line suggests when the server accepts every token
 

@@ -132,9 +132,9 @@ class HookedRoot:
 
     def uninstall(self) -> None:
         """Remove this root's hooks (no-op when already removed)."""
-        from streamloader.hooks import _uninstall_one
+        from streamloader.hooks.install import uninstall_one  # the lifecycle sits above the routing table
 
-        _uninstall_one(self)
+        uninstall_one(self)
 
     def prefetch(self, paths: Any, max_concurrency: Optional[int] = None, progress: bool = True,
                  on_error: str = "raise") -> "PrefetchResult":

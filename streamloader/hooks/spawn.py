@@ -46,7 +46,7 @@ class _Activation:
 
 def _activate(hooks: List["HookedRoot"]) -> None:
     """Install hooks received from the parent process (runs in a freshly spawned child)."""
-    from streamloader.hooks import adopt
+    from streamloader.hooks.install import adopt  # the lifecycle ships itself: see tests/test_layers.py
 
     for hook in hooks:
         adopt(hook)
@@ -89,7 +89,7 @@ def activate_from_env() -> List["HookedRoot"]:
     raw = os.environ.get(ENV_VAR)
     if not raw:
         return []
-    from streamloader.hooks import _install_config
+    from streamloader.hooks.install import install_config
     from streamloader.hooks.router import HookConfig
 
     try:
@@ -97,4 +97,4 @@ def activate_from_env() -> List["HookedRoot"]:
         configs = [HookConfig.from_json(item) for item in items]
     except (ValueError, TypeError, AttributeError) as exc:
         raise DataFormatError(f"${ENV_VAR} does not hold a valid hooks configuration ({type(exc).__name__})") from None
-    return [_install_config(config, inherited=True) for config in configs]
+    return [install_config(config, inherited=True) for config in configs]

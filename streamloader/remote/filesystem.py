@@ -44,7 +44,7 @@ class _ResolveHostFirst(type(AbstractFileSystem)):  # type: ignore[misc]
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         if not args and kwargs.get("host") is None:
-            from streamloader.auth import default_host
+            from streamloader.remote.urls import default_host
 
             kwargs["host"] = default_host()
         host = args[0] if args else kwargs.get("host")
@@ -72,7 +72,7 @@ class DagsHubFileSystem(AbstractFileSystem, metaclass=_ResolveHostFirst):
                  **kwargs: Any):
         super().__init__(**kwargs)
         if host is None:
-            from streamloader.auth import default_host
+            from streamloader.remote.urls import default_host
 
             host = default_host()
         self.host = normalize_host(host)

@@ -1,17 +1,20 @@
 """Repository references: parse ``https://host/owner/repo`` and ``dagshub://owner/repo/path`` forms."""
 from __future__ import annotations
 
+import os
 import posixpath
 from dataclasses import dataclass
 from typing import Optional, Tuple
 from urllib.parse import SplitResult, quote, unquote, urlsplit
 
-__all__ = ["REPO_URL_FORMS", "RepoLocation", "RepoRef", "normalize_host", "parse_repo_location", "safe_repo_path",
+__all__ = ["DEFAULT_HOST", "HOST_ENV", "REPO_URL_FORMS", "RepoLocation", "RepoRef", "default_host", "normalize_host", "parse_repo_location", "safe_repo_path",
            "split_credentials", "split_repo_path"]
 
 #: how a place in a repository may be written (for error messages)
 REPO_URL_FORMS = "dagshub://OWNER/REPO[/PATH] or https://HOST/OWNER/REPO[/PATH]"
 _WEB_VIEWS = ("src", "raw")  # https://HOST/OWNER/REPO/src/BRANCH/PATH: DagsHub's file browser and raw addresses
+DEFAULT_HOST = "https://dagshub.com"
+HOST_ENV = "DAGSHUB_CLIENT_HOST"
 
 
 def split_credentials(url: str) -> Tuple[str, Optional[str]]:
@@ -36,6 +39,11 @@ def normalize_host(host: str) -> str:
     if "://" not in host:
         host = "https://" + host
     return host.rstrip("/")
+
+
+def default_host() -> str:
+    """``$DAGSHUB_CLIENT_HOST`` (as the official client reads it) else ``https://dagshub.com``, no trailing slash."""
+    return normalize_host(os.environ.get(HOST_ENV) or DEFAULT_HOST)
 
 
 def safe_repo_path(path: str) -> str:
@@ -86,8 +94,6 @@ class RepoRef:
             segments = [s for s in parts.path.split("/") if s]
         else:
             if host is None:
-                from streamloader.auth import default_host
-
                 host = default_host()
             base = host
             segments = [s for s in repo_url.replace("dagshub://", "", 1).split("/") if s]
@@ -148,8 +154,6 @@ def parse_repo_location(url: str, host: Optional[str] = None) -> RepoLocation:
         segments = [s for s in parts.path.split("/") if s]
     elif text.startswith("dagshub://"):
         if host is None:
-            from streamloader.auth import default_host
-
             host = default_host()
         base, segments = host, [s for s in text[len("dagshub://"):].split("/") if s]
     else:

@@ -23,14 +23,14 @@ import urllib.request
 from typing import IO, Any, Dict, List, Optional, Sequence, Union
 
 # the subprocess reads its token from TOKEN_ENV, so it never appears in the process arguments (ps, /proc/*/cmdline)
-from streamloader.commands.serve import TOKEN_ENV
+from streamloader.auth import SERVER_TOKEN_ENV as TOKEN_ENV
 from streamloader.errors import StreamloaderError
 from streamloader.server.faults import ServerFaults
 from streamloader.server.mode import DagsHubLike
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ServerProcess", "TOKEN_ENV"]
+__all__ = ["ServerProcess"]
 
 # admin calls go straight to the loopback server, whatever proxy the environment configures
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
