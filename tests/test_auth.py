@@ -320,7 +320,7 @@ def test_login_does_not_persist_env_tokens(url, monkeypatch):
 
 
 def test_public_names_are_exported():
-    assert streamloader.login is auth.login and streamloader.resolve_token is auth.resolve_token
+    assert streamloader.login is auth.login
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------
