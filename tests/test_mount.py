@@ -135,6 +135,19 @@ def test_big_folder_lists_every_entry(shared):
 
 
 @needs_fuse
+def test_listed_attributes_are_the_real_ones_on_every_page(shared):
+    """A listing hands the kernel each file's attributes (readdirplus, page by page): what `find -printf` shows
+    for a folder of 2500 entries and for one of 40 must be the source's sizes, modes and types."""
+    repo, mnt = shared["repo"], shared["mnt"]
+    for folder in ("big", "many"):
+        proc = subprocess.run(["find", str(mnt / folder), "-mindepth", "1", "-printf", "%f %s %m %y\\n"],
+                              capture_output=True, text=True, timeout=120, check=True)
+        shown = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+        source = {p.name: f"{p.stat().st_size} 444 f" for p in (repo / folder).iterdir()}
+        assert shown == source
+
+
+@needs_fuse
 def test_every_file_has_the_source_bytes_read_by_a_c_program(shared):
     repo, mnt, server = shared["repo"], shared["mnt"], shared["server"]
     proc = subprocess.run(["diff", "-r", "-x", "big", "-x", "many", "-x", "seq", str(repo), str(mnt)],

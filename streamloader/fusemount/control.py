@@ -162,7 +162,7 @@ def serve(options: MountOptions) -> None:
             mtime = repo.client.commit_time()
         except Exception as exc:  # noqa: BLE001 - the time is cosmetic: fall back to the mount's start
             log.debug("no commit time: %s", exc)
-    from streamloader.fusemount.ops import RepoOperations
+    from streamloader.fusemount.ops import RepoFUSE, RepoOperations
     from streamloader.remote.filesystem import WHOLE_FILE_MAX
 
     ops = RepoOperations(repo, root, whole_file_max=options.whole_file_max or WHOLE_FILE_MAX,
@@ -173,7 +173,7 @@ def serve(options: MountOptions) -> None:
                     **options.fuse_options}
     log.info("mounting %s at %s (commit %s)", options.url, mountpoint, repo.revision())
     try:
-        mfusepy.FUSE(ops, mountpoint, foreground=True, nothreads=False, **fuse_options)
+        RepoFUSE(ops, mountpoint, foreground=True, nothreads=False, **fuse_options)
     except RuntimeError as exc:  # libfuse exits with 1 after SIGINT/SIGTERM too: only a mount never made fails
         if not ops.started:
             raise MountError(f"libfuse could not mount {mountpoint} (status {exc}); see its message above") from None

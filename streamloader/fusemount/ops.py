@@ -16,6 +16,8 @@ This module imports ``mfusepy`` (and so libfuse) at import time: load it through
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -36,12 +38,19 @@ from streamloader.remote.repo import RemoteRepo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RepoOperations", "file_size"]
+__all__ = ["RepoFUSE", "RepoOperations", "file_size"]
 
 RANGE_BLOCK = 4 * 1024 * 1024  # bytes fetched per HTTP range request of a big uncached file
 OPEN_FILES = 512  # cached files kept open for reads (least recently used closed first)
 RANGE_FILES = 16  # big uncached files kept (each holds one RANGE_BLOCK)
+LOCAL_PATHS = 1 << 16  # cached copies found ahead of a file's first read (a lookup, readdir, read-ahead check)
+LISTED_FOLDERS = 8  # readdir answers kept
+PLUS_CACHE_LOOKUPS = 20_000  # files of unknown size per readdir whose attributes are taken from the cache
 _CAP_NO_OPEN_SUPPORT = 1 << 17  # libfuse 3's FUSE_CAP_NO_OPEN_SUPPORT
+_CAP_READDIRPLUS = 1 << 13  # libfuse 3's FUSE_CAP_READDIRPLUS
+_CAP_READDIRPLUS_AUTO = 1 << 14  # ... and FUSE_CAP_READDIRPLUS_AUTO (plus for a folder's first page only)
+_READDIR_PLUS = 1  # libfuse 3: the kernel asks for attributes with the names (fuse_readdir_flags)
+_FILL_DIR_PLUS = 2  # libfuse 3: this entry's attributes are complete (fuse_fill_dir_flags)
 
 
 def file_size(repo: RemoteRepo, entry: RemoteEntry, local: Optional[str] = None) -> int:
@@ -143,6 +152,7 @@ class RepoOperations(mfusepy.Operations):
         self._local: Dict[str, str] = {}  # repo path -> its cached copy, found by a lookup, until the first read
         self._files: "OrderedDict[str, Any]" = OrderedDict()  # repo path -> open cached file (LRU)
         self._ranges: "OrderedDict[str, _RangeFile]" = OrderedDict()
+        self._listed: "OrderedDict[str, List[Any]]" = OrderedDict()  # readdir's answers, last few folders
         self._files_lock = threading.Lock()
         self._folder_lock = threading.Lock()
         self.started = False
@@ -162,7 +172,8 @@ class RepoOperations(mfusepy.Operations):
     # -- metadata -------------------------------------------------------------------------------------------------
     @_fuse_errors
     def getattr(self, path: str, fh: Optional[int] = None) -> Dict[str, Any]:
-        """Real size, mode and the commit's time; served from memory after the first lookup."""
+        """Real size, mode and the commit's time; served from memory after the first lookup (or the folder's
+        listing: see :meth:`readdir`)."""
         attrs = self._attrs.get(path)
         if attrs is not None:
             return attrs
@@ -172,18 +183,65 @@ class RepoOperations(mfusepy.Operations):
         if not entry.is_dir:
             local = None if entry.size else self.repo.cached_path(rel)
             if local is not None:
-                self._local[rel] = local  # the first read opens it without looking again
+                self._remember_local(rel, local)  # the first read opens it without looking again
             attrs.update(st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=file_size(self.repo, entry, local))
         self._attrs[path] = attrs
         return attrs
 
+    def _file_attrs(self, size: int) -> Dict[str, Any]:
+        attrs = self._dir_attrs()
+        attrs.update(st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=size)
+        return attrs
+
     @_fuse_errors
     def readdir(self, path: str, fh: int) -> List[Any]:
-        """The folder in listing order, with each entry's type (``find`` needs no stat per entry)."""
+        """The folder in listing order, each entry with its type and, where its size is known without a request
+        (the listing says it, or the file is cached), all its attributes.
+
+        Those attributes are remembered for :meth:`getattr` and, with :class:`RepoFUSE` on libfuse 3, handed to
+        the kernel in the listing itself (readdirplus): ``find DIR | xargs cat`` then costs no lookup per file.
+        Up to ``PLUS_CACHE_LOOKUPS`` files of unknown size (dagshub.com lists no sizes) are looked up in the cache
+        for it; the others get a lookup (getattr) when a program stats them, as before. The last few folders'
+        answers are kept (the kernel reads a big folder in pages of a few dozen entries).
+        """
+        with self._folder_lock:
+            listed = self._listed.get(path)
+            if listed is not None:
+                self._listed.move_to_end(path)
+                return listed
+        listed = self._list(path)
+        with self._folder_lock:
+            self._listed[path] = listed
+            while len(self._listed) > LISTED_FOLDERS:
+                self._listed.popitem(last=False)
+        return listed
+
+    def _list(self, path: str) -> List[Any]:
         entries = self.repo.ls(self._repo_path(path))
-        out: List[Any] = [".", ".."]
+        prefix = path.rstrip("/") + "/"
+        out: List[Any] = [(".", stat.S_IFDIR, 0), ("..", stat.S_IFDIR, 0)]
+        known: Dict[str, RemoteEntry] = {}
+        lookups = PLUS_CACHE_LOOKUPS if self.repo.cache is not None else 0
         for entry in entries:
-            out.append((entry.name, stat.S_IFDIR if entry.is_dir else stat.S_IFREG, 0))
+            if entry.is_dir:
+                out.append((entry.name, self._attrs.setdefault(prefix + entry.name, self._dir_attrs()), 0))
+                continue
+            known[entry.path] = entry
+            attrs = self._attrs.get(prefix + entry.name)
+            if attrs is None:
+                size = entry.size
+                if not size and lookups > 0:
+                    lookups -= 1
+                    local = self.repo.cached_path(entry.path)
+                    if local is not None:
+                        with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: a lookup finds out
+                            size = os.stat(local).st_size
+                            self._remember_local(entry.path, local)
+                if size:
+                    attrs = self._attrs.setdefault(prefix + entry.name, self._file_attrs(int(size)))
+            out.append((entry.name, attrs if attrs is not None else stat.S_IFREG, 0))
+        with self._folder_lock:
+            self._entries.update(known)
         return out
 
     def statfs(self, path: str) -> Dict[str, int]:
@@ -203,8 +261,7 @@ class RepoOperations(mfusepy.Operations):
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         """Bytes at ``offset`` from the cached file (whole-file download on first read) or by HTTP ranges."""
         rel = self._repo_path(path)
-        with self._files_lock:
-            handle = self._files.get(rel) or self._ranges.get(rel)
+        handle = self._files.get(rel) or self._ranges.get(rel)  # dict reads are atomic: no lock needed
         if handle is None:
             handle = self._open_file(rel)
         if isinstance(handle, _RangeFile):
@@ -212,7 +269,7 @@ class RepoOperations(mfusepy.Operations):
         return os.pread(handle.fileno(), size, offset)
 
     def _open_file(self, rel: str) -> Any:
-        entry = self.repo.info(rel)
+        entry = self._entries.get(rel) or self.repo.info(rel)
         if entry.is_dir:
             raise IsADirectoryError(errno.EISDIR, "Is a directory", rel)
         if self._ahead is not None:
@@ -264,7 +321,18 @@ class RepoOperations(mfusepy.Operations):
         entry = self._entries.get(rel) or self.repo.info(rel)
         if entry.size and entry.size > self.whole_file_max:
             return True
-        return self.repo.cache is None or rel in self._local or self.repo.cached_path(rel) is not None
+        if self.repo.cache is None or rel in self._local or rel in self._files:
+            return True
+        local = self.repo.cached_path(rel)
+        if local is None:
+            return False
+        self._remember_local(rel, local)  # cached already: its first read opens it without looking again
+        return True
+
+    def _remember_local(self, rel: str, local: str) -> None:
+        if len(self._local) >= LOCAL_PATHS:
+            self._local.clear()  # only a shortcut: a read that finds nothing here looks in the cache itself
+        self._local[rel] = local
 
     def _prefetch_one(self, rel: str) -> None:
         if file_size(self.repo, self.repo.info(rel)) <= self.whole_file_max:
@@ -276,6 +344,9 @@ class RepoOperations(mfusepy.Operations):
         self.started = True
         self.no_open = bool(mfusepy.fuse_version_major >= 3 and conn is not None
                             and conn.capable & _CAP_NO_OPEN_SUPPORT)
+        if mfusepy.fuse_version_major >= 3 and conn is not None and conn.want & _CAP_READDIRPLUS:
+            # every page of a listing with attributes (the tree is pinned): no lookup per file afterwards
+            conn.want &= ~_CAP_READDIRPLUS_AUTO
         log.debug("mounted; kernel skips opens: %s", self.no_open)
 
     def destroy(self, path: str) -> None:
@@ -291,3 +362,35 @@ class RepoOperations(mfusepy.Operations):
 
 def _unbuffered(path: str) -> Any:
     return open(path, "rb", buffering=0)
+
+
+class RepoFUSE(mfusepy.FUSE):
+    """mfusepy's FUSE, answering libfuse 3's readdir with offsets and, for readdirplus, with the attributes
+    :meth:`RepoOperations.readdir` knows, so that the kernel needs no lookup per listed file.
+
+    mfusepy hands libfuse names and types only, at offset 0; libfuse 3.14 then buffers the whole folder and
+    sends the kernel plus-entries without an inode, which it ignores. With offsets libfuse registers each entry
+    (no callback) and the kernel keeps its attributes for ``attr_timeout``.
+    """
+
+    def readdir_fuse_3(self, path: Optional[bytes], buf: Any, filler: Any, offset: int, fip: Any,
+                       flags: int) -> int:
+        items = self.operations.readdir(None if path is None else path.decode(self.encoding, self.errors),
+                                        fip.contents.fh)
+        plus = flags & _READDIR_PLUS
+        st = mfusepy.c_stat()
+        for index in range(offset, len(items)):
+            name, attrs, _ = items[index]
+            ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
+            fill = 0
+            if isinstance(attrs, dict):
+                if plus:
+                    mfusepy.set_st_attrs(st, attrs, use_ns=self.use_ns)
+                    fill = _FILL_DIR_PLUS
+                else:
+                    st.st_mode = attrs["st_mode"]
+            else:
+                st.st_mode = attrs
+            if filler(buf, name.encode(self.encoding, self.errors), st, index + 1, fill) != 0:
+                break
+        return 0
