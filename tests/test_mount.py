@@ -345,6 +345,24 @@ def test_unknown_size_is_asked_for_that_one_path(server):
     assert file_size(repo, RemoteEntry("README.md", "file", 12)) == 12  # a known size: no question at all
 
 
+def test_cached_copy_of_a_listed_entry_is_checked_like_any_cache_lookup(server, tmp_path):
+    """What the mount uses for listed files: the cached copy without a store lookup, None until it is cached, and
+    a copy whose size disagrees with the entry is no answer."""
+    from streamloader.cache import FileCache
+    from streamloader.remote.client import DagsHubClient, RemoteEntry
+    from streamloader.remote.repo import RemoteRepo
+
+    repo = RemoteRepo(DagsHubClient(server.repo_url), FileCache(str(tmp_path / "cache")))
+    entry = next(e for e in repo.ls("data") if e.name == "0002.jpg")
+    assert repo.cached_copy(entry) is None
+    local = repo.local_path(entry.path)
+    assert repo.cached_copy(entry) == local
+    assert Path(local).read_bytes() == Path(server.folder.root, "data", "0002.jpg").read_bytes()
+    assert repo.cached_copy(next(e for e in repo.ls("data") if e.is_dir)) is None
+    wrong = RemoteEntry(entry.path, "file", (entry.size or 0) + 1, entry.hash, entry.versioning)
+    assert repo.cached_copy(wrong) is None
+
+
 def test_read_ahead_cancels_what_has_not_started_on_a_jump():
     from streamloader.fusemount.readahead import ReadAhead
 

@@ -44,6 +44,7 @@ RANGE_BLOCK = 4 * 1024 * 1024  # bytes fetched per HTTP range request of a big u
 OPEN_FILES = 512  # cached files kept open for reads (least recently used closed first)
 RANGE_FILES = 16  # big uncached files kept (each holds one RANGE_BLOCK)
 LOCAL_PATHS = 1 << 16  # cached copies found ahead of a file's first read (a lookup, readdir, read-ahead check)
+KEPT_THREAD_STATES = 64  # libfuse worker threads whose Python thread state lives between callbacks
 LISTED_FOLDERS = 8  # readdir answers kept
 PLUS_CACHE_LOOKUPS = 20_000  # files of unknown size per readdir whose attributes are taken from the cache
 _CAP_NO_OPEN_SUPPORT = 1 << 17  # libfuse 3's FUSE_CAP_NO_OPEN_SUPPORT
@@ -232,7 +233,7 @@ class RepoOperations(mfusepy.Operations):
                 size = entry.size
                 if not size and lookups > 0:
                     lookups -= 1
-                    local = self.repo.cached_path(entry.path)
+                    local = self.repo.cached_copy(entry)
                     if local is not None:
                         with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: a lookup finds out
                             size = os.stat(local).st_size
@@ -279,7 +280,7 @@ class RepoOperations(mfusepy.Operations):
         handle: Any = None
         cache = self.repo.cache
         if cache is not None:
-            local = local or self.repo.cached_path(rel)
+            local = local or self.repo.cached_copy(entry)
             if local is not None:
                 try:
                     handle = _unbuffered(local)
@@ -323,7 +324,7 @@ class RepoOperations(mfusepy.Operations):
             return True
         if self.repo.cache is None or rel in self._local or rel in self._files:
             return True
-        local = self.repo.cached_path(rel)
+        local = self.repo.cached_copy(entry)
         if local is None:
             return False
         self._remember_local(rel, local)  # cached already: its first read opens it without looking again
@@ -365,13 +366,41 @@ def _unbuffered(path: str) -> Any:
 
 
 class RepoFUSE(mfusepy.FUSE):
-    """mfusepy's FUSE, answering libfuse 3's readdir with offsets and, for readdirplus, with the attributes
-    :meth:`RepoOperations.readdir` knows, so that the kernel needs no lookup per listed file.
+    """mfusepy's FUSE with two costs of a warm read removed.
 
-    mfusepy hands libfuse names and types only, at offset 0; libfuse 3.14 then buffers the whole folder and
-    sends the kernel plus-entries without an inode, which it ignores. With offsets libfuse registers each entry
-    (no callback) and the kernel keeps its attributes for ``attr_timeout``.
+    Readdir with offsets and attributes: mfusepy hands libfuse names and types only, at offset 0; libfuse 3.14
+    then buffers the whole folder and sends the kernel plus-entries without an inode, which it ignores. With
+    offsets libfuse registers each entry (no callback) and the kernel keeps the attributes :meth:`RepoOperations
+    .readdir` knows for ``attr_timeout``: no lookup (getattr) per listed file.
+
+    Thread states kept: libfuse's worker threads are not Python threads, so ctypes makes a Python thread state
+    for each callback and deletes it on return (about 50 us per callback, measured: more than a warm read's own
+    work). The first callback on a worker thread takes one more reference on its state so that it survives
+    between callbacks; at most ``KEPT_THREAD_STATES`` are kept (libfuse 3's pool has up to 10 workers, so a
+    pool that replaces its threads cannot leak more than that many).
     """
+
+    def __init__(self, operations: Any, mountpoint: str, **kwargs: Any):
+        self._local = threading.local()
+        self._kept_lock = threading.Lock()
+        self.kept_thread_states = 0
+        super().__init__(operations, mountpoint, **kwargs)  # runs the mount until it ends
+
+    def _wrapper(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not getattr(self._local, "kept", False):
+            self._keep_thread_state()
+        return super()._wrapper(func, *args, **kwargs)
+
+    def _keep_thread_state(self) -> None:
+        self._local.kept = True
+        if threading.get_ident() == threading.main_thread().ident:
+            return  # a Python thread: its state lives as long as it does
+        with self._kept_lock:
+            if self.kept_thread_states >= KEPT_THREAD_STATES:
+                return
+            self.kept_thread_states += 1
+        # this thread holds the GIL (a callback is running): Ensure only counts one more user of its state
+        ctypes.pythonapi.PyGILState_Ensure()
 
     def readdir_fuse_3(self, path: Optional[bytes], buf: Any, filler: Any, offset: int, fip: Any,
                        flags: int) -> int:

@@ -450,6 +450,15 @@ class RemoteRepo:
             raise IsADirectoryError(21, "Is a directory", path)
         return self._cached_file(path, entry)
 
+    def cached_copy(self, entry: RemoteEntry) -> Optional[str]:
+        """:meth:`cached_path` for an entry the caller has from a listing (no store lookup): the cached file's
+        path, checked against the entry's size like every cache lookup, or None."""
+        if self.cache is None or entry.is_dir:
+            return None
+        if self._buckets.handles(entry.path):
+            return self._buckets.cached_path(entry.path)
+        return self._cached_file(entry.path, entry)
+
     def open(self, path: str, opener: Optional[Callable[[str], IO]] = None) -> IO:
         """An open file with the whole content of ``path`` through the cache (binary; ``opener(local_path)``
         opens it otherwise). Without a cache: an in-memory binary file (``opener`` is not allowed then)."""
