@@ -7,9 +7,11 @@ The commit is pinned for the life of the mount, so the kernel may keep names, at
 as it likes (long timeouts, ``kernel_cache``): a second read of a file never reaches this process.
 
 Opens cost nothing here: with libfuse 3 on a kernel that allows it, ``open`` answers ENOSYS once and the kernel
-stops sending opens and releases at all (a warm read of a small file is then one lookup and one read in this
-process, a re-read none). Files are therefore fetched on their first read and kept open in a bounded table keyed
-by path; a download error shows as EIO on read, a missing file as ENOENT on lookup.
+stops sending opens and releases at all. Lookups too: a listing carries every attribute it knows (readdirplus,
+see :class:`RepoFUSE`), so a warm read of a small file found by ``find`` or ``ls`` is one read callback in this
+process, a re-read none. Files are therefore fetched on their first read and kept open in a bounded table keyed
+by path; a download error shows as EIO on read, a missing file as ENOENT on lookup. Serve with
+:class:`RepoFUSE`, not mfusepy's FUSE.
 
 This module imports ``mfusepy`` (and so libfuse) at import time: load it through
 :func:`streamloader.fusemount.control.load_binding`, which turns a missing library into a clear MountError.
