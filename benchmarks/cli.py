@@ -10,6 +10,8 @@ import logging
 import sys
 from typing import List, Optional
 
+from streamloader.commands.bench import add_bench_options
+
 __all__ = ["build_parser", "main"]
 
 DESCRIPTION = ("Generate synthetic data, start a local server with injected latency, run each case (P1-P11) and print "
@@ -19,14 +21,9 @@ DESCRIPTION = ("Generate synthetic data, start a local server with injected late
 
 
 def build_parser(prog: str = "scripts/bench.py") -> argparse.ArgumentParser:
-    """The bench's options (``streamloader bench`` declares the same ones and forwards them)."""
+    """The bench's options (declared once, in ``streamloader.commands.bench``, which forwards them here)."""
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
-    parser.add_argument("--json-out", metavar="FILE", help="also write the JSON results to FILE")
-    parser.add_argument("--only", metavar="P1,P3", help="run only these cases (comma-separated ids)")
-    parser.add_argument("--workdir", metavar="DIR", help="where data and caches go (default: a temp dir)")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
+    add_bench_options(parser)
     parser.add_argument("--debug", action="store_true", help="debug logging")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does (INFO)")
     return parser

@@ -25,13 +25,18 @@ def register(subparsers: Any) -> None:
                     "several minutes; --quick takes seconds (tiny sizes: the figures only show that every case "
                     "works). Exit code 1 if a case failed to run, else 0, whether or not the goals were met; 2 when "
                     "streamloader is not installed from a source checkout.")
+    add_bench_options(parser)
+    parser.set_defaults(func=run)
+
+
+def add_bench_options(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's own options; ``benchmarks/cli.py`` declares its parser with this same function."""
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     parser.add_argument("--json-out", metavar="FILE", help="also write the JSON results to FILE")
     parser.add_argument("--only", metavar="P1,P3", help="run only these cases (comma-separated ids)")
     parser.add_argument("--workdir", metavar="DIR", help="where data and caches go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
-    parser.set_defaults(func=run)
 
 
 def bench_script() -> Optional[str]:
