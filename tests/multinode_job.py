@@ -2,13 +2,14 @@
 
 ``torchrun --nnodes 2 --node_rank N --nproc_per_node 2 ... multinode_job.py OUT_DIR``: with gloo, every rank runs
 precompute_features (split over all ranks, then over this node's ranks into a second extractor's cache), reads
-one epoch of tar shards and its make_splits share, and writes ``OUT_DIR/rank<R>.json``.
+one epoch of tar shards and its make_splits share, and writes ``OUT_DIR/rank<R>.json`` (tests/_helpers.py).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
+
+from _helpers import write_rank_report  # tests/ is this script's folder
 
 
 def main() -> None:
@@ -46,8 +47,7 @@ def main() -> None:
     report["prior_rows"] = [[int(v) for v in img[:, 0].tolist()] for split in splits for img, _txt in split]
     report["prior_batches"] = [len(split) for split in splits]
 
-    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
-        json.dump(report, f)
+    write_rank_report(sys.argv[1], rank, report)
     dist.barrier()
     dist.destroy_process_group()
 

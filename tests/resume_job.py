@@ -3,8 +3,8 @@
 ``python resume_job.py CONFIG.json``. Phase "first" checkpoints ``{"keys", "loader"}`` atomically after every
 batch (as a training loop saves model + loader state) and prints READY after ``stop_after`` batches, then waits
 to be killed. Phase "resume" loads the checkpoint into a fresh StatefulDataLoader, finishes the epoch and writes
-``{"before", "after", "io"}`` as JSON. With ``ranks`` > 1 every rank (gloo, mp.spawn) does the same with its own
-files.
+``{"before", "after", "io"}`` as ``OUT/rank<R>.json`` (tests/_helpers.py). With ``ranks`` > 1 every rank (gloo,
+forked by torch.multiprocessing) does the same with its own files.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import os
 import sys
 import time
 from typing import Any, Dict
+
+from _helpers import write_rank_report  # tests/ is this script's folder
 
 
 def _dataset(config: Dict[str, Any]) -> Any:
@@ -62,9 +64,8 @@ def run(rank: int, config: Dict[str, Any]) -> None:
     saved = torch.load(ckpt, weights_only=True)
     loader.load_state_dict(saved["loader"])
     after = [key for batch in loader for key in batch[-1]]
-    io = getattr(dataset, "io_stats", {})
-    with open(f"{config['out']}.{rank}", "w") as f:
-        json.dump({"before": saved["keys"], "after": after, "io": io}, f)
+    write_rank_report(config["out"], rank, {"before": saved["keys"], "after": after,
+                                            "io": getattr(dataset, "io_stats", {})})
 
 
 def main() -> None:

@@ -12,12 +12,9 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from _helpers import git_key
 from streamloader.cache import CacheKey, FileCache, cache_info, parse_size, prune
 from streamloader.errors import IntegrityError
-
-
-def git_key(data: bytes) -> CacheKey:
-    return CacheKey.from_hash("git", hashlib.sha1(b"blob %d\x00" % len(data) + data).hexdigest())
 
 
 def writer(data: bytes, counter: list = None, chunk: int = 1000, delay: float = 0.0):

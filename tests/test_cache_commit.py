@@ -6,7 +6,6 @@ that a failed commit only loses the cached copy, and that forks and process exit
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import multiprocessing as mp
 import os
@@ -18,14 +17,11 @@ import time
 
 import pytest
 
+from _helpers import git_key
 from streamloader._offpath import QUEUE, OffPathQueue, OffPathTask
-from streamloader.cache import CacheKey, FileCache
+from streamloader.cache import FileCache
 
 REAL_FSYNC = os.fsync
-
-
-def git_key(data: bytes) -> CacheKey:
-    return CacheKey.from_hash("git", hashlib.sha1(b"blob %d\x00" % len(data) + data).hexdigest())
 
 
 def counting_fill(data: bytes, calls: list):

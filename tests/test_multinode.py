@@ -7,16 +7,12 @@ the four ranks, and a node must download each file it needs once (its two ranks 
 from __future__ import annotations
 
 import collections
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from _helpers import finish_job, free_port, job_env, kill_job, rank_reports, start_job
 from conftest import TOKEN
 from streamloader.data.feature_cache import FeatureCache
 from streamloader.data.features import tiny_cnn_extractor
@@ -25,12 +21,6 @@ from streamloader.synthetic import make_laion_repo
 
 JOB = Path(__file__).with_name("multinode_job.py")
 N_IMAGES, N_SHARDS, PER_SHARD, N_ROWS = 24, 8, 3, 60
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _repo(root: Path):
@@ -59,20 +49,21 @@ def test_two_nodes_each_sample_once_and_each_file_once_per_node(tmp_path, make_s
     servers = [make_server(tmp_path / "repo", token=TOKEN) for _ in range(2)]
     out = tmp_path / "out"
     out.mkdir()
-    port = _free_port()
+    port = free_port()
     agents = []
-    for node in range(2):
-        env = {**os.environ, "DAGSHUB_TOKEN": TOKEN, "DAGSHUB_CLIENT_HOST": servers[node].url,
-               "STREAMLOADER_CACHE": str(tmp_path / f"node{node}-cache"), "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join([str(JOB.parents[1]), os.environ.get("PYTHONPATH", "")])}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-               "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-               str(JOB), str(out)]
-        agents.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for agent in agents:
-        output, _ = agent.communicate(timeout=240)
-        assert agent.returncode == 0, output[-4000:]
-    reports = sorted((json.loads(p.read_text()) for p in out.glob("rank*.json")), key=lambda r: r["rank"])
+    try:
+        for node in range(2):
+            env = job_env(tmp_path / f"node{node}-cache", TOKEN, DAGSHUB_CLIENT_HOST=servers[node].url)
+            agents.append(start_job(["-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", node,
+                                     "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", port,
+                                     JOB, out], env, merge_stderr=True))
+        for agent in agents:
+            finish_job(agent, timeout=240)
+    finally:
+        for agent in agents:  # one failed: the other would wait for it until its rendezvous timeout
+            if agent.poll() is None:
+                kill_job(agent)
+    reports = rank_reports(out, 4)
     assert [(r["rank"], r["node"]) for r in reports] == [(0, 0), (1, 0), (2, 1), (3, 1)]
     ranks_of = {0: (0, 1), 1: (2, 3)}
 

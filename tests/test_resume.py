@@ -12,9 +12,7 @@ import collections
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import pytest
 
 pytest.importorskip("torchdata.stateful_dataloader")
 
+from _helpers import finish_job, free_port, job_env, kill_job, rank_reports, start_job  # noqa: E402
 from conftest import TOKEN  # noqa: E402
 from streamloader.data.tar_embeddings import ImageEmbeddingDataset  # noqa: E402
 from streamloader.data.shardgen import make_synthetic_shards  # noqa: E402
@@ -30,23 +29,14 @@ JOB = Path(__file__).with_name("resume_job.py")
 MEMBERS_PER_SAMPLE = 3  # make_synthetic_shards: jpg, txt, json (embeddings outside the tars)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _shards(root, n_shards=6, per_shard=5):
     return make_synthetic_shards(root, n_shards, per_shard, image_size=8, emb_dim=4, external_embeddings=True)
 
 
-def _job(config: dict, tmp_path: Path, name: str, cache: Path, timeout: float = 90) -> subprocess.Popen:
+def _job(config: dict, tmp_path: Path, name: str, cache: Path) -> subprocess.Popen:
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(config))
-    env = {**os.environ, "DAGSHUB_TOKEN": TOKEN, "STREAMLOADER_CACHE": str(cache), "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, str(JOB), str(path)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return start_job([JOB, path], job_env(cache, TOKEN))
 
 
 def _kill_when_ready(proc: subprocess.Popen, ready: int, timeout: float = 90) -> None:
@@ -62,24 +52,23 @@ def _kill_when_ready(proc: subprocess.Popen, ready: int, timeout: float = 90) ->
                 raise AssertionError(f"the job ended before its kill point: {proc.stderr.read()[-3000:]}")
             seen += line.strip() == "READY"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        kill_job(proc)
     assert proc.returncode == -signal.SIGKILL
 
 
 def _kill_and_resume(tmp_path, srv, base: dict, ranks: int = 1):
     """Run the job, kill it after ``stop_after`` batches, resume it on a fresh cache; per-rank reports."""
-    config = {**base, "ranks": ranks, "host": srv.url, "ckpt": str(tmp_path / "ckpt"), "out": str(tmp_path / "out")}
+    out = tmp_path / "out"
+    out.mkdir()
+    config = {**base, "ranks": ranks, "host": srv.url, "ckpt": str(tmp_path / "ckpt"), "out": str(out)}
     if ranks > 1:
-        config["port"] = _free_port()
+        config["port"] = free_port()
     _kill_when_ready(_job({**config, "phase": "first"}, tmp_path, "first", tmp_path / "cache-a"), ranks)
     srv.reset_counts()
     if ranks > 1:
-        config["port"] = _free_port()
-    proc = _job({**config, "phase": "resume"}, tmp_path, "resume", tmp_path / "cache-b")
-    _out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
-    return [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in range(ranks)]
+        config["port"] = free_port()
+    finish_job(_job({**config, "phase": "resume"}, tmp_path, "resume", tmp_path / "cache-b"), timeout=120)
+    return rank_reports(out, ranks)
 
 
 def _check_exactly_once(reports, epoch_keys):

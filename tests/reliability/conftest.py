@@ -5,7 +5,6 @@ would shadow ``tests/conftest.py`` for every ``from conftest import ...`` in the
 
 Helpers
     FAST                 a RetryPolicy with small backoffs, for clients the tests build themselves
-    git_blob_sha1        what the server's listing hash (and the cache's "git" key) is for some bytes
     injected_faults      Counter of the faults a server really injected, from its request log
     check_cache          walk a cache root: every finished object verifies, returns (objects, temp files)
 Fixtures
@@ -26,17 +25,13 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 
+from _helpers import git_blob_sha1
 from streamloader.remote.client import RetryPolicy
 
 FAST = RetryPolicy(attempts=8, max_time=30.0, initial_backoff=0.01, max_backoff=0.1, max_retry_after=0.5)
 
 # one row per test that recorded figures, printed by pytest_terminal_summary
 _FIGURES: List[Tuple[str, Dict[str, Any], float]] = []
-
-
-def git_blob_sha1(data: bytes) -> str:
-    """The git blob id of ``data`` (the listing hash and the cache key of a file with these bytes)."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def sha256(data: bytes) -> str:

@@ -33,18 +33,14 @@ from typing import Callable, List
 import numpy as np
 import pytest
 
+from _helpers import git_blob_sha1, git_key
 from conftest import TOKEN
 from reliability import workers
-from reliability.conftest import git_blob_sha1
 from reliability.hostile import HostileProxy
 from streamloader._offpath import QUEUE
 from streamloader.cache import CacheKey, FileCache
 from streamloader.errors import CacheError
 from streamloader.remote.filesystem import DagsHubFileSystem
-
-
-def git_key(data: bytes) -> CacheKey:
-    return CacheKey.from_hash("git", git_blob_sha1(data))
 
 
 def writer(data: bytes, calls: list = None) -> Callable:

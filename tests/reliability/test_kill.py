@@ -17,8 +17,9 @@ from typing import Dict, List
 
 import pytest
 
+from _helpers import git_blob_sha1
 from conftest import TOKEN
-from reliability.conftest import check_cache, git_blob_sha1
+from reliability.conftest import check_cache
 
 N_FILES = 160
 FILE_SIZE = 48_000

@@ -89,7 +89,8 @@ def capped_filler(root: str, cap: int, files: int, seed: int, go: Any) -> None:
     import os
     import time
 
-    from streamloader.cache import CacheKey, FileCache
+    from _helpers import git_key  # tests/ is on a spawned child's sys.path, as on its parent's
+    from streamloader.cache import FileCache
 
     rng = random.Random(seed)
     cache = FileCache(root, max_size=cap)
@@ -104,7 +105,7 @@ def capped_filler(root: str, cap: int, files: int, seed: int, go: Any) -> None:
     go.wait(60)
     for _ in range(files):
         data = os.urandom(rng.randint(2_000, 6_000))
-        key = CacheKey.from_hash("git", hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
+        key = git_key(data)
         if rng.random() < 0.5:
             cache.fetch(key, fill(data), len(data))
         else:
