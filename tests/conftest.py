@@ -8,22 +8,42 @@ Fixtures
     make_server             factory ``make_server(root, **DagsHubServer kwargs) -> DagsHubServer``, started; every
                             server it made is stopped at teardown.
     make_server_process     the same for ``ServerProcess`` (a ``streamloader serve`` subprocess).
-    server                  ``DagsHubServer(repo_dir, token=TOKEN)``, started, with env DAGSHUB_TOKEN=TOKEN.
+    serve                   factory ``serve(**kwargs) -> make_server(repo_dir, token=TOKEN, **kwargs)``; it also
+                            sets env DAGSHUB_TOKEN=TOKEN for the test.
+    server                  ``serve()``: ``DagsHubServer(repo_dir, token=TOKEN)``, started, DAGSHUB_TOKEN=TOKEN.
+    _no_hooks_leak (autouse) whatever hooks a test installed (even one that failed midway) are removed after it.
+    project                 an empty local project folder ``tmp_path / "work"``, made the cwd.
+    hook_project            factory ``hook_project(srv, **install_hooks kwargs) -> HookedRoot``: hooks for
+                            ``project`` -> ``srv`` at branch main, uninstalled at teardown.
+    remote                  the standard repo plus tables/scores.csv (``CSV``) and shards/000.tar (``TAR_MEMBERS``),
+                            served by ``serve()`` (the hooks tests' server).
+    hooked                  ``hook_project(remote)``, with the server's counters reset after installing.
 
-Helpers: ``TOKEN``, ``LABEL_ROWS``, ``make_jpeg``, ``write_labels``, ``make_repo``, ``rewrite_file``.
+Helpers: ``TOKEN``, ``AUTH`` (its request headers), ``api_get`` (a GET of the repo API with ``AUTH``),
+``LABEL_ROWS``, ``make_jpeg``, ``write_labels``, ``make_repo``, ``rewrite_file``, ``remote_repo`` (a RemoteRepo on a
+test server), ``on_disk``, ``pixels``, ``run_official`` / ``official_hooks_script`` (the official dagshub client in
+a fresh interpreter), ``why_no_mount``. Fixture-free helpers that spawned processes import too (git blob ids, job
+launching) live in tests/_helpers.py.
 """
 from __future__ import annotations
 
+import io
+import json
 import os
+import subprocess
+import sys
+import tarfile
+import textwrap
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple, Union
 
 import pytest
 
 from streamloader.server import DagsHubServer, ServerProcess
 
 TOKEN = "sl-test-token-3f9a1c"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}  # the request headers of a client holding TOKEN
 
 # The dagshub package reads its settings when first imported: keep its analytics off for the whole session,
 # even for a module that imports it before any fixture runs.
@@ -40,6 +60,12 @@ LABEL_ROWS: List[Tuple[str, str, str, str]] = [
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+# the extra files of the hooks tests' ``remote`` repo
+CSV = b"name,score\n0000.jpg,6.8\n0001.jpg,7.1\n"
+TAR_MEMBERS = {"a.txt": b"alpha\n", "b/c.bin": bytes(range(256))}
+
+_REAL_LSTAT = os.lstat  # captured before any hook: what is really on the local disk
 
 
 def make_jpeg(path: PathLike, seed: int = 0, size: Tuple[int, int] = (32, 32)) -> bytes:
@@ -164,11 +190,151 @@ def make_server_process() -> Any:
 
 
 @pytest.fixture
-def server(repo_dir: Path, make_server: Callable[..., DagsHubServer], monkeypatch: pytest.MonkeyPatch) -> DagsHubServer:
+def serve(repo_dir: Path, make_server: Callable[..., DagsHubServer],
+          monkeypatch: pytest.MonkeyPatch) -> Callable[..., DagsHubServer]:
+    """Factory: ``serve(**kwargs)`` -> ``make_server(repo_dir, token=TOKEN, **kwargs)``; sets DAGSHUB_TOKEN=TOKEN."""
+
+    def factory(**kwargs: Any) -> DagsHubServer:
+        monkeypatch.setenv("DAGSHUB_TOKEN", TOKEN)
+        return make_server(repo_dir, token=TOKEN, **kwargs)
+
+    return factory
+
+
+@pytest.fixture
+def server(serve: Callable[..., DagsHubServer]) -> DagsHubServer:
     """``DagsHubServer(repo_dir, token=TOKEN)``, started; DAGSHUB_TOKEN=TOKEN is set for the test."""
-    srv = make_server(repo_dir, token=TOKEN)
-    monkeypatch.setenv("DAGSHUB_TOKEN", TOKEN)
-    return srv
+    return serve()
+
+
+# --- hooks ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _no_hooks_leak() -> Iterator[None]:
+    """Hooks are process-wide: whatever a test installed (even one that failed midway) goes away after it."""
+    yield
+    hooks = sys.modules.get("streamloader.hooks")  # never imported: nothing can be installed
+    if hooks is not None:
+        hooks.uninstall_hooks()
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty local project folder, made the cwd."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work
+
+
+@pytest.fixture
+def hook_project(project: Path) -> Iterator[Callable[..., Any]]:
+    """Factory: ``hook_project(srv, **kwargs)`` -> the HookedRoot of hooks for ``project`` -> ``srv`` (branch main)."""
+    from streamloader.hooks import install_hooks, uninstall_hooks
+
+    def factory(srv: DagsHubServer, **kwargs: Any) -> Any:
+        return install_hooks(project_root=str(project), repo_url=srv.repo_url, **{"branch": "main", **kwargs})
+
+    yield factory
+    uninstall_hooks()
+
+
+@pytest.fixture
+def remote(repo_dir: Path, serve: Callable[..., DagsHubServer]) -> DagsHubServer:
+    """The standard repo plus tables/scores.csv and shards/000.tar, served with TOKEN; DAGSHUB_TOKEN=TOKEN."""
+    (repo_dir / "tables").mkdir()
+    (repo_dir / "tables" / "scores.csv").write_bytes(CSV)
+    (repo_dir / "shards").mkdir()
+    with tarfile.open(repo_dir / "shards" / "000.tar", "w") as tar:
+        for name, data in TAR_MEMBERS.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return serve()
+
+
+@pytest.fixture
+def hooked(remote: DagsHubServer, hook_project: Callable[..., Any]) -> Any:
+    """Hooks installed for ``project`` -> ``remote`` at branch main; server counters reset afterwards."""
+    handle = hook_project(remote)
+    remote.reset_counts()
+    return handle
+
+
+def api_get(srv: Any, path: str, **kwargs: Any) -> Any:
+    """``requests.get`` of ``<srv.api_url>/<path>`` with TOKEN's ``AUTH`` headers (unless ``headers=``) and a 10 s
+    timeout (unless ``timeout=``); other ``kwargs`` as requests.get's."""
+    import requests
+
+    kwargs.setdefault("headers", AUTH)
+    kwargs.setdefault("timeout", 10)
+    return requests.get(f"{srv.api_url}/{path}", **kwargs)
+
+
+def remote_repo(srv: Any, cache_dir: PathLike, retry: Any = None, **kwargs: Any) -> Any:
+    """A RemoteRepo on ``srv`` (a DagsHubServer or ServerProcess) at branch main with TOKEN, caching in a FileCache
+    at ``cache_dir``; ``retry`` (a RetryPolicy; None: the client's default) and ``kwargs`` as RemoteRepo's."""
+    from streamloader.cache import FileCache
+    from streamloader.remote.client import DagsHubClient
+    from streamloader.remote.repo import RemoteRepo
+
+    options = {} if retry is None else {"retry": retry}
+    client = DagsHubClient(srv.repo_url, token=TOKEN, branch="main", **options)
+    return RemoteRepo(client, FileCache(str(cache_dir)), **kwargs)
+
+
+def on_disk(path: PathLike) -> bool:
+    """Whether ``path`` really exists on the local disk (an lstat taken before any hook was installed)."""
+    try:
+        _REAL_LSTAT(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def pixels(path: PathLike) -> Any:
+    """The RGB pixels of an image file, as a numpy array."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+# --- the official dagshub client ------------------------------------------------------------------------------------
+def official_hooks_script(body: str) -> str:
+    """A script for :func:`run_official`: ``repo_url, mount, out_path = sys.argv[1:4]``, the official client's hooks
+    installed for ``mount``; ``body`` (source at column 0; ``os``, ``hashlib`` imported) fills the dict ``res``,
+    which is written as JSON to ``out_path`` after the hooks are uninstalled."""
+    head = textwrap.dedent("""
+        import hashlib, json, os, sys
+        repo_url, mount, out_path = sys.argv[1:4]
+        from dagshub.streaming import install_hooks, uninstall_hooks
+        install_hooks(project_root=mount, repo_url=repo_url, branch="main")
+        res = {}
+        try:
+        """)
+    tail = textwrap.dedent("""
+        finally:
+            uninstall_hooks()
+        with open(out_path, "w") as f:
+            json.dump(res, f)
+        """)
+    return head + textwrap.indent(textwrap.dedent(body).strip("\n"), "    ") + tail
+
+
+def run_official(script: str, args: Sequence[Any], env_extra: Dict[str, str], tmp_path: Path, name: str) -> Any:
+    """Run a script with the official client in a fresh interpreter (no DAGSHUB_* variables but ``env_extra``, its
+    own token cache); the script's last argument is an output path, whose JSON this returns."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(script)
+    out = tmp_path / f"{name}.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSHUB_")}
+    env.update({"DAGSHUB_DISABLE_ANALYTICS": "1", "DAGSHUB_CLIENT_TOKENS_CACHE": str(tmp_path / "tokens.yaml"),
+                **env_extra})
+    proc = subprocess.run([sys.executable, str(path), *map(str, args), str(out)], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=str(tmp_path))
+    assert proc.returncode == 0, f"official client failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(out.read_text())
 
 
 def why_no_mount() -> str:

@@ -12,19 +12,16 @@ import textwrap
 
 import fsspec
 import pytest
-import requests
 from PIL import Image
 
 import streamloader
-from streamloader.cache import FileCache
+from conftest import (AUTH, TOKEN, api_get, make_jpeg, official_hooks_script, remote_repo, rewrite_file, run_official,
+                      write_labels)
 from streamloader.errors import PagingError, RemoteError
-from streamloader.remote.client import DagsHubClient, RetryPolicy
-from streamloader.remote.repo import RemoteRepo
+from streamloader.remote.client import RetryPolicy
 from streamloader.server import DagsHubLike
-from tests.conftest import TOKEN, make_jpeg, rewrite_file, write_labels
 
 FAST = RetryPolicy(attempts=3, initial_backoff=0.01, max_backoff=0.05)
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BUCKET = ".dagshub/storage/s3/my-bucket"
 N_IMAGES = 250
 
@@ -52,23 +49,13 @@ def bucket_dir(bucket_template, tmp_path):
 
 
 @pytest.fixture
-def srv(repo_dir, bucket_dir, make_server, monkeypatch):
-    monkeypatch.setenv("DAGSHUB_TOKEN", TOKEN)
-    return make_server(repo_dir, token=TOKEN, storage={"s3/my-bucket": str(bucket_dir)})
+def srv(serve, bucket_dir):
+    return serve(storage={"s3/my-bucket": str(bucket_dir)})
 
 
 @pytest.fixture
-def hooked(srv, tmp_path, monkeypatch):
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    hook = streamloader.install_hooks(str(work), repo_url=srv.repo_url, branch="main")
-    yield hook
-    streamloader.uninstall_hooks()
-
-
-def _repo(srv, cache_dir) -> RemoteRepo:
-    return RemoteRepo(DagsHubClient(srv.repo_url, token=TOKEN, branch="main", retry=FAST), FileCache(str(cache_dir)))
+def hooked(srv, hook_project):
+    return hook_project(srv)
 
 
 def _storage(srv, prefix):
@@ -105,18 +92,17 @@ def test_a_folder_of_250_objects_lists_in_three_pages_once_per_run(hooked, srv):
 def test_workers_share_the_runs_listings_and_offline_mode_refuses_buckets(srv, tmp_path):
     import pickle
 
-    repo = _repo(srv, tmp_path / "cache")
+    repo = remote_repo(srv, tmp_path / "cache", FAST)
     assert len(repo.listing(f"{BUCKET}/images")) == N_IMAGES
     before = srv.request_count(kind="storage")
     worker = pickle.loads(pickle.dumps(repo))  # what a spawned DataLoader / prefetch worker receives
     assert worker.buckets.run_id == repo.buckets.run_id and worker.buckets.store.path == repo.buckets.store.path
     assert len(worker.listing(f"{BUCKET}/images")) == N_IMAGES and worker.info(f"{BUCKET}/images/0001.jpg").size
     assert srv.request_count(kind="storage") == before  # no listing asked again
-    later = _repo(srv, tmp_path / "cache")  # a new run asks again
+    later = remote_repo(srv, tmp_path / "cache", FAST)  # a new run asks again
     assert later.buckets.store.path != repo.buckets.store.path
     assert len(later.listing(f"{BUCKET}/images")) == N_IMAGES and srv.request_count(kind="storage") > before
-    offline = RemoteRepo(DagsHubClient(srv.repo_url, token=TOKEN, branch="main"), FileCache(str(tmp_path / "cache")),
-                         offline=True)
+    offline = remote_repo(srv, tmp_path / "cache", offline=True)
     with pytest.raises(RemoteError, match="offline"):
         offline.listing(f"{BUCKET}/images")
     with pytest.raises(RemoteError, match="offline"):
@@ -224,7 +210,7 @@ def test_four_processes_download_each_object_once(repo_dir, bucket_dir, make_ser
 
     # objects opened without a listing: prefetch workers (processes) share their parent's run
     proc.reset_counts()
-    repo = RemoteRepo(DagsHubClient(proc.repo_url, token=TOKEN, branch="main"), FileCache(str(tmp_path / "c2")))
+    repo = remote_repo(proc, tmp_path / "c2")
     paths = [f"{BUCKET}/images/{i:04d}.jpg" for i in range(60)]
     result = repo.prefetch(paths, processes=4, progress=False)
     assert result.files == 60 and not result.failed
@@ -237,7 +223,7 @@ def test_four_processes_download_each_object_once(repo_dir, bucket_dir, make_ser
 # -- objects that change ----------------------------------------------------------------------------------------
 def test_an_object_changed_between_runs_is_fetched_again_and_never_served_stale(srv, bucket_dir, tmp_path):
     a, b, c = (f"{BUCKET}/notes/{n}.txt" for n in "abc")
-    first = _repo(srv, tmp_path / "cache")
+    first = remote_repo(srv, tmp_path / "cache", FAST)
     first.ls(f"{BUCKET}/notes")
     assert first.read_bytes(a) == b"first version\n"
     rewrite_file(bucket_dir / "notes" / "a.txt", b"other version\n")  # same size, new content
@@ -247,16 +233,16 @@ def test_an_object_changed_between_runs_is_fetched_again_and_never_served_stale(
         first.read_bytes(b)
 
     srv.reset_counts()
-    second = _repo(srv, tmp_path / "cache")  # a later run asks again, and sees the change
+    second = remote_repo(srv, tmp_path / "cache", FAST)  # a later run asks again, and sees the change
     second.ls(f"{BUCKET}/notes")
     assert second.read_bytes(a) == b"other version\n" and second.read_bytes(b) == b"b two, longer\n"
     assert srv.request_count("raw/s3/my-bucket/notes/a.txt", kind="storage") == 1
     # an object opened before its folder is listed is cached for this run only: a later run downloads it again,
     # and once this run's listing names a newer version, that copy is not served any more
-    third = _repo(srv, tmp_path / "cache")
+    third = remote_repo(srv, tmp_path / "cache", FAST)
     with open(third.local_path(c), "rb") as f:
         assert f.read() == b"c one\n"
-    fourth = _repo(srv, tmp_path / "cache")
+    fourth = remote_repo(srv, tmp_path / "cache", FAST)
     assert fourth.read_bytes(c) == b"c one\n"
     assert srv.request_count("raw/s3/my-bucket/notes/c.txt", kind="storage") == 2
     rewrite_file(bucket_dir / "notes" / "c.txt", b"c two\n")
@@ -264,7 +250,7 @@ def test_an_object_changed_between_runs_is_fetched_again_and_never_served_stale(
     assert fourth.read_bytes(c) == b"c two\n"
 
     srv.reset_counts()
-    fifth = _repo(srv, tmp_path / "cache")
+    fifth = remote_repo(srv, tmp_path / "cache", FAST)
     fifth.ls(f"{BUCKET}/notes")
     assert [fifth.read_bytes(p) for p in (a, b, c)] == [b"other version\n", b"b two, longer\n", b"c two\n"]
     assert _storage(srv, "raw/") == {}  # nothing changed since the last listing: all from the cache
@@ -272,7 +258,7 @@ def test_an_object_changed_between_runs_is_fetched_again_and_never_served_stale(
 
 def test_a_repeating_next_token_is_a_paging_error_not_an_endless_loop(hooked, srv, tmp_path):
     srv.faults.storage_token_repeats = True
-    repo = _repo(srv, tmp_path / "cache")
+    repo = remote_repo(srv, tmp_path / "cache", FAST)
     with pytest.raises(PagingError):
         repo.listing(f"{BUCKET}/images")
     assert len(_pages(srv, "s3/my-bucket/images")) == 2
@@ -283,78 +269,59 @@ def test_a_repeating_next_token_is_a_paging_error_not_an_endless_loop(hooked, sr
 
 
 # -- the server -----------------------------------------------------------------------------------------------------
-def _get(srv, path, **kw):
-    kw.setdefault("headers", AUTH)
-    return requests.get(f"{srv.api_url}/{path}", timeout=10, **kw)
-
-
 def test_the_server_pages_lists_and_serves_buckets_the_way_the_official_client_parses_them(srv, bucket_dir):
     dacite = pytest.importorskip("dacite")
     from dagshub.common.api.responses import ContentAPIEntry, StorageAPIEntry, StorageContentAPIResult
 
-    storages = [dacite.from_dict(StorageAPIEntry, s) for s in _get(srv, "storage").json()]
+    storages = [dacite.from_dict(StorageAPIEntry, s) for s in api_get(srv, "storage").json()]
     assert [str(s.path_in_mount) for s in storages] == [BUCKET]
     assert storages[0].list_path == f"{srv.api_url}/storage/content/s3/my-bucket"
-    root = [dacite.from_dict(ContentAPIEntry, e) for e in _get(srv, "content/main/").json()]
+    root = [dacite.from_dict(ContentAPIEntry, e) for e in api_get(srv, "content/main/").json()]
     assert [(e.path, e.versioning) for e in root if e.type == "storage"] == [("s3/my-bucket", "bucket")]
-    first = _get(srv, "storage/content/s3/my-bucket/images", params={"paging": "true"}).json()
+    first = api_get(srv, "storage/content/s3/my-bucket/images", params={"paging": "true"}).json()
     page = dacite.from_dict(StorageContentAPIResult, first)
     assert len(page.entries) == 100 and page.next_token == "100"
     entry = page.entries[0]
     data = (bucket_dir / "images" / "0000.jpg").read_bytes()
     assert (entry.path, entry.type, entry.size, entry.hash, entry.versioning) == (
         "s3/my-bucket/images/0000.jpg", "file", len(data), hashlib.md5(data).hexdigest(), "bucket")
-    last = _get(srv, "storage/content/s3/my-bucket/images", params={"paging": "true", "from_token": "200"}).json()
+    last = api_get(srv, "storage/content/s3/my-bucket/images", params={"paging": "true", "from_token": "200"}).json()
     assert len(last["entries"]) == 50 and last["next_token"] is None
-    assert len(_get(srv, "storage/content/s3/my-bucket/images", params={"limit": "7"}).json()["entries"]) == 7
-    top = _get(srv, "storage/content/s3/my-bucket/").json()
+    assert len(api_get(srv, "storage/content/s3/my-bucket/images", params={"limit": "7"}).json()["entries"]) == 7
+    top = api_get(srv, "storage/content/s3/my-bucket/").json()
     assert [(e["path"], e["type"]) for e in top["entries"]][:2] == [("s3/my-bucket/images", "dir"),
                                                                      ("s3/my-bucket/labels.tsv", "file")]
-    raw = _get(srv, "storage/raw/s3/my-bucket/images/0000.jpg")
+    raw = api_get(srv, "storage/raw/s3/my-bucket/images/0000.jpg")
     assert raw.content == data and raw.headers["ETag"] == f'"{hashlib.md5(data).hexdigest()}"'
-    ranged = _get(srv, "storage/raw/s3/my-bucket/images/0000.jpg", headers={**AUTH, "Range": "bytes=0-3"})
+    ranged = api_get(srv, "storage/raw/s3/my-bucket/images/0000.jpg", headers={**AUTH, "Range": "bytes=0-3"})
     assert (ranged.status_code, ranged.content) == (206, data[:4])
-    assert _get(srv, "storage/content/s3/my-bucket/notes/a.txt").json()["path"] == "s3/my-bucket/notes/a.txt"
+    assert api_get(srv, "storage/content/s3/my-bucket/notes/a.txt").json()["path"] == "s3/my-bucket/notes/a.txt"
     for missing in ("storage/content/s3/nope/", "storage/raw/s3/my-bucket/nope.jpg", "storage/raw/s3/my-bucket/notes"):
-        assert _get(srv, missing).status_code == 404, missing
+        assert api_get(srv, missing).status_code == 404, missing
     # the dagshub-like mode's own bucket is connected too (empty), in every place that names buckets
     srv.dagshub_like = DagsHubLike(max_in_flight=0)
-    names = sorted(f"{s['protocol']}/{s['name']}" for s in _get(srv, "storage").json())
+    names = sorted(f"{s['protocol']}/{s['name']}" for s in api_get(srv, "storage").json())
     assert names == ["s3/my-bucket", "s3/streamloader-bucket"]
-    assert sorted(e["path"] for e in _get(srv, "content/main/").json() if e["type"] == "storage") == names
-    assert _get(srv, "storage/content/s3/streamloader-bucket").json() == {"entries": [], "next_token": None}
-    assert len(_get(srv, "storage/content/s3/my-bucket/images", params={"paging": "true"}).json()["entries"]) == 100
+    assert sorted(e["path"] for e in api_get(srv, "content/main/").json() if e["type"] == "storage") == names
+    assert api_get(srv, "storage/content/s3/streamloader-bucket").json() == {"entries": [], "next_token": None}
+    assert len(api_get(srv, "storage/content/s3/my-bucket/images", params={"paging": "true"}).json()["entries"]) == 100
 
 
 # -- the official client ------------------------------------------------------------------------------------------
-OFFICIAL_SCRIPT = textwrap.dedent(
-    """
-    import hashlib, json, os, sys
-    repo_url, mount, out_path = sys.argv[1:4]
-    from dagshub.streaming import install_hooks, uninstall_hooks
-    install_hooks(project_root=mount, repo_url=repo_url, branch="main")
+OFFICIAL_SCRIPT = official_hooks_script("""
     bucket = os.path.join(mount, ".dagshub", "storage", "s3", "my-bucket")
-    res = {}
-    try:
-        res["root"] = sorted(os.listdir(mount))
-        res["buckets"] = sorted(os.listdir(os.path.join(mount, ".dagshub", "storage", "s3")))
-        res["images"] = sorted(os.listdir(os.path.join(bucket, "images")))
-        with open(os.path.join(bucket, "images", "0003.jpg"), "rb") as f:
-            res["jpg_sha256"] = hashlib.sha256(f.read()).hexdigest()
-        with open(os.path.join(bucket, "notes", "a.txt")) as f:
-            res["text"] = f.read()
-    finally:
-        uninstall_hooks()
-    with open(out_path, "w") as f:
-        json.dump(res, f)
-    """
-)
+    res["root"] = sorted(os.listdir(mount))
+    res["buckets"] = sorted(os.listdir(os.path.join(mount, ".dagshub", "storage", "s3")))
+    res["images"] = sorted(os.listdir(os.path.join(bucket, "images")))
+    with open(os.path.join(bucket, "images", "0003.jpg"), "rb") as f:
+        res["jpg_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    with open(os.path.join(bucket, "notes", "a.txt")) as f:
+        res["text"] = f.read()
+    """)
 
 
 def test_the_official_client_lists_and_reads_a_bucket_through_its_hooks(srv, bucket_dir, tmp_path):
     pytest.importorskip("dagshub")
-    from tests.test_official_client import run_official
-
     (tmp_path / "mount").mkdir()
     env = {"DAGSHUB_CLIENT_HOST": srv.url, "DAGSHUB_USER_TOKEN": TOKEN}
     srv.reset_counts()

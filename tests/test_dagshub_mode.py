@@ -13,42 +13,28 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import streamloader
-from conftest import TOKEN, make_jpeg
+from conftest import TOKEN, make_jpeg, remote_repo
 from streamloader.errors import RemoteError
 from streamloader.remote import repo as repo_module
-from streamloader.remote.client import DagsHubClient, RetryPolicy
+from streamloader.remote.client import RetryPolicy
 from streamloader.remote.filesystem import DagsHubFileSystem
-from streamloader.remote.repo import RemoteRepo
-from streamloader.cache import FileCache
 from streamloader.server import DagsHubLike
 
 FAST = RetryPolicy(attempts=6, initial_backoff=0.01, max_backoff=0.1, max_retry_after=1.5)
 
 
 @pytest.fixture
-def like(repo_dir, make_server, monkeypatch):
-    monkeypatch.setenv("DAGSHUB_TOKEN", TOKEN)
-    return make_server(repo_dir, token=TOKEN, dagshub_like=DagsHubLike(max_in_flight=0))
+def like(serve):
+    return serve(dagshub_like=DagsHubLike(max_in_flight=0))
+
+
+@pytest.fixture
+def hooked(like, hook_project):
+    return hook_project(like)
 
 
 def _requests(srv, kind=None):
     return [e for e in srv.request_log if kind is None or e["kind"] == kind]
-
-
-def _repo(srv, tmp_path, **kwargs) -> RemoteRepo:
-    client = DagsHubClient(srv.repo_url, token=TOKEN, branch="main", retry=FAST)
-    return RemoteRepo(client, FileCache(str(tmp_path / "cache")), **kwargs)
-
-
-@pytest.fixture
-def hooked(like, tmp_path, monkeypatch):
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    hook = streamloader.install_hooks(str(work), repo_url=like.repo_url, branch="main")
-    yield hook
-    streamloader.uninstall_hooks()
 
 
 def test_the_guides_first_steps_take_three_requests_and_never_list_the_folder(hooked, like, repo_dir):
@@ -118,7 +104,7 @@ def test_crlf_text_hashed_by_dvc_as_dos2unix_verifies(tmp_path, make_server):
     crlf = b"a.jpg\ta caption\t6.5\r\nb.jpg\tanother\t7.0\r\n"
     (root / "data" / "labels.tsv").write_bytes(crlf)
     srv = make_server(root, token=TOKEN, dagshub_like=DagsHubLike(max_in_flight=0))
-    repo = _repo(srv, tmp_path)
+    repo = remote_repo(srv, tmp_path / "cache", FAST)
     entry = repo.ls("data")[0]
     assert entry.versioning == "dvc" and entry.size is None
     assert repo.read_bytes("data/labels.tsv") == crlf  # verified against the md5 of the LF form
@@ -129,7 +115,7 @@ def test_crlf_text_hashed_by_dvc_as_dos2unix_verifies(tmp_path, make_server):
 
 def test_expired_presigned_links_are_asked_for_again(like, tmp_path, repo_dir):
     like.dagshub_like.expire_first = 2
-    repo = _repo(like, tmp_path)
+    repo = remote_repo(like, tmp_path / "cache", FAST)
     assert repo.read_bytes("data/0003.jpg") == (repo_dir / "data" / "0003.jpg").read_bytes()
     assert like.request_count("data/0003.jpg", kind="raw") == 3
     like.dagshub_like.expire_first = 100
@@ -150,18 +136,18 @@ def test_a_server_that_ignores_range_serves_slices_and_range_reads(like, tmp_pat
 def test_rate_limits_with_an_http_date_retry_after_are_waited_out(like, tmp_path, repo_dir):
     like.dagshub_like.retry_after = 1.0
     like.dagshub_like.rate_limit_first = 3
-    repo = _repo(like, tmp_path)
+    repo = remote_repo(like, tmp_path / "cache", FAST)
     assert repo.read_bytes("README.md") == (repo_dir / "README.md").read_bytes()
 
 
 def test_a_server_error_on_the_branch_lookup_is_retried_not_reported_missing(like, tmp_path):
     like.faults.apply_to = ("branches",)
     like.faults.error_rate, like.faults.seed = 0.6, 3  # some branch lookups answer 5xx: retried
-    repo = _repo(like, tmp_path)
+    repo = remote_repo(like, tmp_path / "cache", FAST)
     assert len(repo.revision()) == 40
     assert sum(1 for e in like.request_log if e["kind"] == "branches" and e["fault"]) >= 1
     like.faults.error_rate = 1.0  # every one does: a server error, never "branch not found"
-    repo2 = _repo(like, tmp_path / "2")
+    repo2 = remote_repo(like, tmp_path / "2" / "cache", FAST)
     with pytest.raises(RemoteError) as err:
         repo2.revision()
     assert "not found" not in str(err.value)
@@ -169,7 +155,7 @@ def test_a_server_error_on_the_branch_lookup_is_retried_not_reported_missing(lik
 
 def test_a_missing_path_is_asked_again_after_a_while(like, tmp_path, repo_dir, monkeypatch):
     monkeypatch.setattr(repo_module, "_MISSING_TTL", 0.2)
-    repo = _repo(like, tmp_path)
+    repo = remote_repo(like, tmp_path / "cache", FAST)
     with pytest.raises(FileNotFoundError):
         repo.info("data/new.jpg")
     with pytest.raises(FileNotFoundError):
@@ -187,7 +173,7 @@ def test_one_image_of_a_large_synthetic_folder_without_listing_it(tmp_path, make
     root = tmp_path / "repo"
     root.mkdir()
     srv = make_server(root, token=TOKEN, dagshub_like=DagsHubLike(max_in_flight=0, synthetic={"data": 200_000}))
-    repo = _repo(srv, tmp_path)
+    repo = remote_repo(srv, tmp_path / "cache", FAST)
     with repo.open("data/000123456.jpg") as f:
         assert Image.open(f).size == (32, 32)
     assert repo.stat("data/000199999.jpg").size > 0  # what it is (a file), then its size: for that path only

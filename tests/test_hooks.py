@@ -1,9 +1,8 @@
 """install_hooks: unchanged file-access code reads a repo served by the local DagsHub server (streamloader/hooks/).
 
 The project root is an empty local folder; the repo (tests/conftest.py ``make_repo`` + a CSV and a tar) lives only
-on the server, so every read below that succeeds went through the hooks. Fixtures defined here (``remote``,
-``project``, ``hooked``) and ``on_disk`` are shared with test_hooks_install.py, test_hooks_workers.py and
-test_prefetch.py.
+on the server, so every read below that succeeds went through the hooks. The fixtures (``remote``, ``project``,
+``hooked``) and ``on_disk`` / ``pixels`` come from tests/conftest.py.
 """
 from __future__ import annotations
 
@@ -19,70 +18,9 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import LABEL_ROWS, TOKEN
+from conftest import LABEL_ROWS, TAR_MEMBERS, pixels
 from streamloader.errors import AuthenticationError
-from streamloader.hooks import install_hooks, uninstall_hooks
-
-_REAL_LSTAT = os.lstat  # captured before any hook: what is really on the local disk
-
-
-def on_disk(path) -> bool:
-    try:
-        _REAL_LSTAT(path)
-        return True
-    except FileNotFoundError:
-        return False
-
-
-CSV = b"name,score\n0000.jpg,6.8\n0001.jpg,7.1\n"
-TAR_MEMBERS = {"a.txt": b"alpha\n", "b/c.bin": bytes(range(256))}
-
-
-@pytest.fixture(autouse=True)
-def _no_hooks_leak():
-    """Hooks are process-wide: whatever a test installed (even one that failed midway) goes away after it."""
-    yield
-    uninstall_hooks()
-
-
-@pytest.fixture
-def remote(repo_dir, make_server, monkeypatch):
-    """The standard repo plus tables/scores.csv and shards/000.tar, served with TOKEN; DAGSHUB_TOKEN=TOKEN."""
-    (repo_dir / "tables").mkdir()
-    (repo_dir / "tables" / "scores.csv").write_bytes(CSV)
-    (repo_dir / "shards").mkdir()
-    with tarfile.open(repo_dir / "shards" / "000.tar", "w") as tar:
-        for name, data in TAR_MEMBERS.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    monkeypatch.setenv("DAGSHUB_TOKEN", TOKEN)
-    return make_server(repo_dir, token=TOKEN)
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    """An empty local project folder, made the cwd."""
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return work
-
-
-@pytest.fixture
-def hooked(remote, project):
-    """Hooks installed for ``project`` → ``remote`` at branch main; server counters reset afterwards."""
-    handle = install_hooks(project_root=str(project), repo_url=remote.repo_url, branch="main")
-    remote.reset_counts()
-    yield handle
-    uninstall_hooks()
-
-
-def pixels(path):
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+from streamloader.hooks import install_hooks
 
 
 # --- open -----------------------------------------------------------------------------------------------------------

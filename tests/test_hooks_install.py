@@ -17,10 +17,9 @@ import tokenize
 
 import pytest
 
-from conftest import TOKEN
+from conftest import TOKEN, on_disk
 from streamloader.errors import AuthenticationError, RepositoryNotFoundError, RevisionNotFoundError
 from streamloader.hooks import ENV_VAR, hooked_roots, install_hooks, uninstall_hooks
-from test_hooks import _no_hooks_leak, hooked, on_disk, project, remote  # noqa: F401 - shared fixtures
 
 ORIGINALS = {
     (builtins, "open"): builtins.open, (io, "open"): io.open, (os, "stat"): os.stat, (os, "lstat"): os.lstat,

@@ -11,9 +11,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import TOKEN
+from conftest import TOKEN, pixels
 from streamloader.hooks import ENV_VAR, hooked_roots, install_hooks
-from test_hooks import _no_hooks_leak, hooked, pixels, project, remote  # noqa: F401 - shared fixtures
 
 IMAGES = [f"{i:04d}.jpg" for i in range(4)]
 

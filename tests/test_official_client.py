@@ -8,17 +8,14 @@ writes its observations to a JSON file that the test then checks against the ser
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 pytest.importorskip("dagshub")
 
-from tests.conftest import TOKEN  # noqa: E402
+from conftest import TOKEN, run_official  # noqa: E402
 
 STREAMING_SCRIPT = textwrap.dedent(
     """
@@ -115,20 +112,6 @@ OAUTH_SCRIPT = textwrap.dedent(
         json.dump(res, f)
     """
 )
-
-
-def run_official(script: str, args, env_extra: dict, tmp_path, name: str) -> dict:
-    """Run a script with the official client in a fresh interpreter; returns the JSON it wrote."""
-    path = tmp_path / f"{name}.py"
-    path.write_text(script)
-    out = tmp_path / f"{name}.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSHUB_")}
-    env.update({"DAGSHUB_DISABLE_ANALYTICS": "1", "DAGSHUB_CLIENT_TOKENS_CACHE": str(tmp_path / "tokens.yaml"),
-                **env_extra})
-    proc = subprocess.run([sys.executable, str(path), *map(str, args), str(out)], env=env, capture_output=True,
-                          text=True, timeout=120, cwd=str(tmp_path))
-    assert proc.returncode == 0, f"official client failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return json.loads(out.read_text())
 
 
 def api_requests(srv):

@@ -8,7 +8,6 @@ import pytest
 from conftest import TOKEN
 from streamloader.hooks import install_hooks
 from streamloader import prefetch
-from test_hooks import _no_hooks_leak, hooked, project, remote  # noqa: F401 - shared fixtures
 
 IMAGES = [os.path.join("data", f"{i:04d}.jpg") for i in range(4)]
 

@@ -5,7 +5,6 @@ Requests go through ``requests`` or, where the exact bytes of the request line m
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -19,22 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from _helpers import git_blob_sha1
+from conftest import AUTH, LABEL_ROWS, TOKEN, api_get, make_jpeg, rewrite_file
 from streamloader.server import DagsHubServer, ServerFaults, ServerProcess
 from streamloader.server.routes import Unsatisfiable, parse_range
-from tests.conftest import LABEL_ROWS, TOKEN, make_jpeg, rewrite_file
 
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SECRET = b"TOP-SECRET-outside-the-served-folder"
-
-
-def git_blob(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def get(srv, path, **kw):
-    kw.setdefault("headers", AUTH)
-    kw.setdefault("timeout", 10)
-    return requests.get(f"{srv.api_url}/{path}", **kw)
 
 
 def raw_request(srv, target, method="GET", headers=None):
@@ -66,88 +55,88 @@ def test_user_and_repo_records_have_every_key_the_official_client_needs(server):
     assert required <= set(repo)
     assert {"id", "login", "full_name", "username"} <= set(repo["owner"])
     assert (repo["full_name"], repo["default_branch"], repo["html_url"]) == ("user/repo", "main", server.repo_url)
-    assert get(server, "storage").json() == []
-    assert get(server, "storage/content/s3/bucket/x").status_code == 404
+    assert api_get(server, "storage").json() == []
+    assert api_get(server, "storage/content/s3/bucket/x").status_code == 404
     assert requests.get(f"{server.url}/api/v1/repos/user/other", headers=AUTH, timeout=10).status_code == 404
 
 
 def test_branch_and_commit_endpoints(server):
-    branch = get(server, "branches/main").json()
+    branch = api_get(server, "branches/main").json()
     sha = branch["commit"]["id"]
     assert branch["name"] == "main" and re.fullmatch(r"[0-9a-f]{40}", sha)
     assert {"id", "message", "url", "timestamp"} <= set(branch["commit"])
     assert sha == server.head_sha()
-    assert get(server, "branches").json()[0]["name"] == "main"
-    assert get(server, "branches/nope").status_code == 404
-    assert get(server, f"commits/{sha}").json()["commit"]["id"] == sha
-    assert get(server, "commits/" + "0" * 40).status_code == 404
+    assert api_get(server, "branches").json()[0]["name"] == "main"
+    assert api_get(server, "branches/nope").status_code == 404
+    assert api_get(server, f"commits/{sha}").json()["commit"]["id"] == sha
+    assert api_get(server, "commits/" + "0" * 40).status_code == 404
 
 
 def test_commit_sha_is_stable_and_follows_changes(server, repo_dir):
     first = server.head_sha()
     assert server.head_sha() == first
     rewrite_file(repo_dir / "data" / "labels.tsv", b"x.jpg\tnew caption\t7\thttp://x\n")
-    second = get(server, "branches/main").json()["commit"]["id"]
+    second = api_get(server, "branches/main").json()["commit"]["id"]
     assert second != first
     # an issued sha stays valid (no history is kept: it serves the current folder)
-    assert get(server, f"commits/{first}").status_code == 200
-    assert get(server, f"raw/{first}/data/labels.tsv").content == b"x.jpg\tnew caption\t7\thttp://x\n"
+    assert api_get(server, f"commits/{first}").status_code == 200
+    assert api_get(server, f"raw/{first}/data/labels.tsv").content == b"x.jpg\tnew caption\t7\thttp://x\n"
     (repo_dir / "data" / "added.txt").write_bytes(b"new")
     assert server.head_sha() not in (first, second)
     # a sha the server never issued is unknown everywhere
     for path in ("commits/", "content/", "raw/"):
-        assert get(server, path + "f" * 40 + ("/README.md" if path == "raw/" else "")).status_code == 404
+        assert api_get(server, path + "f" * 40 + ("/README.md" if path == "raw/" else "")).status_code == 404
 
 
 # --- listings ----------------------------------------------------------------------------------------------------
 
 
 def test_listing_shapes_sizes_and_hashes(server, repo_dir):
-    root = get(server, "content/main/").json()
+    root = api_get(server, "content/main/").json()
     assert [(e["path"], e["type"], e["size"]) for e in root] == [("README.md", "file", 12), ("data", "dir", 0)]
-    data = {e["path"]: e for e in get(server, "content/main/data", params={"include_size": "true"}).json()}
+    data = {e["path"]: e for e in api_get(server, "content/main/data", params={"include_size": "true"}).json()}
     assert sorted(data) == ["data/0000.jpg", "data/0001.jpg", "data/0002.jpg", "data/0003.jpg", "data/emb",
                             "data/labels.tsv", "data/nested"]
     for path, entry in data.items():
         assert entry["versioning"] == "git" and isinstance(entry["hash"], str) and entry["hash"]
         if entry["type"] == "file":
             content = (repo_dir / path).read_bytes()
-            assert (entry["size"], entry["hash"]) == (len(content), git_blob(content))
+            assert (entry["size"], entry["hash"]) == (len(content), git_blob_sha1(content))
             # download_url points back at this server
             assert requests.get(entry["download_url"], headers=AUTH, timeout=10).content == content
         else:
             assert entry["size"] == 0
             listing = requests.get(entry["content_url"], headers=AUTH, timeout=10).json()
             assert all(e["path"].startswith(path + "/") for e in listing)
-    assert [e["path"] for e in get(server, "content/main/data/nested/deeper").json()] == [
+    assert [e["path"] for e in api_get(server, "content/main/data/nested/deeper").json()] == [
         "data/nested/deeper/note.txt"]
     sha = server.head_sha()
-    assert [e["path"] for e in get(server, f"content/{sha}/data").json()] == sorted(data)
-    one = get(server, "content/main/data/labels.tsv")  # a file path answers with that file's own entry
+    assert [e["path"] for e in api_get(server, f"content/{sha}/data").json()] == sorted(data)
+    one = api_get(server, "content/main/data/labels.tsv")  # a file path answers with that file's own entry
     assert one.status_code == 200 and one.json()["path"] == "data/labels.tsv" and one.json()["type"] == "file"
-    assert get(server, "content/main/nope").status_code == 404
-    assert get(server, "content/nobranch/data").status_code == 404
+    assert api_get(server, "content/main/nope").status_code == 404
+    assert api_get(server, "content/nobranch/data").status_code == 404
 
 
 def test_listing_pages(server):
-    full = get(server, "content/main/data").json()
+    full = api_get(server, "content/main/data").json()
     pages, token = [], None
     while True:
         params = {"paging": "true", "limit": "3", **({"from_token": token} if token else {})}
-        body = get(server, "content/main/data", params=params).json()
+        body = api_get(server, "content/main/data", params=params).json()
         pages.append(body["entries"])
         token = body["next_token"]
         if token is None:
             break
     assert [len(p) for p in pages] == [3, 3, 1]
     assert [e for p in pages for e in p] == full
-    assert set(get(server, "content/main/data", params={"limit": 100}).json()) == {"entries", "next_token"}
-    assert get(server, "content/main/data", params={"paging": "true", "from_token": "x"}).status_code == 400
+    assert set(api_get(server, "content/main/data", params={"limit": 100}).json()) == {"entries", "next_token"}
+    assert api_get(server, "content/main/data", params={"paging": "true", "from_token": "x"}).status_code == 400
 
 
 def test_names_that_need_quoting_round_trip(server, repo_dir):
     (repo_dir / "data" / "odd name #1 & ?.txt").write_bytes(b"odd")
-    entry = next(e for e in get(server, "content/main/data").json() if e["path"].endswith(".txt"))
+    entry = next(e for e in api_get(server, "content/main/data").json() if e["path"].endswith(".txt"))
     assert entry["path"] == "data/odd name #1 & ?.txt"
     assert requests.get(entry["download_url"], headers=AUTH, timeout=10).content == b"odd"
 
@@ -157,17 +146,17 @@ def test_names_that_need_quoting_round_trip(server, repo_dir):
 
 def test_raw_bytes_headers_and_head(server, repo_dir):
     content = (repo_dir / "data" / "0000.jpg").read_bytes()
-    resp = get(server, "raw/main/data/0000.jpg")
+    resp = api_get(server, "raw/main/data/0000.jpg")
     assert resp.status_code == 200 and resp.content == content
     assert int(resp.headers["Content-Length"]) == len(content)
-    assert resp.headers["ETag"] == f'"{git_blob(content)}"' and resp.headers["Accept-Ranges"] == "bytes"
+    assert resp.headers["ETag"] == f'"{git_blob_sha1(content)}"' and resp.headers["Accept-Ranges"] == "bytes"
     head = requests.head(f"{server.api_url}/raw/main/data/0000.jpg", headers=AUTH, timeout=10)
     assert head.status_code == 200 and head.content == b""
     assert head.headers["Content-Length"] == str(len(content))
-    assert get(server, f"raw/{server.head_sha()}/data/0000.jpg").content == content
-    assert get(server, "raw/main/data/missing.jpg").status_code == 404
-    assert get(server, "raw/main/data").status_code == 404
-    assert get(server, "raw/other-branch/data/0000.jpg").status_code == 404
+    assert api_get(server, f"raw/{server.head_sha()}/data/0000.jpg").content == content
+    assert api_get(server, "raw/main/data/missing.jpg").status_code == 404
+    assert api_get(server, "raw/main/data").status_code == 404
+    assert api_get(server, "raw/other-branch/data/0000.jpg").status_code == 404
     assert requests.post(f"{server.api_url}/raw/main/README.md", headers=AUTH, timeout=10).status_code == 405
 
 
@@ -185,7 +174,7 @@ def test_raw_bytes_headers_and_head(server, repo_dir):
 )
 def test_range_requests(server, repo_dir, header, status, span):
     content = (repo_dir / "data" / "labels.tsv").read_bytes()
-    resp = get(server, "raw/main/data/labels.tsv", headers={**AUTH, "Range": header})
+    resp = api_get(server, "raw/main/data/labels.tsv", headers={**AUTH, "Range": header})
     assert resp.status_code == status
     if span is None:
         assert resp.content == content and "Content-Range" not in resp.headers
@@ -201,7 +190,7 @@ def test_range_requests(server, repo_dir, header, status, span):
 @pytest.mark.parametrize("header", ["bytes=100000-", "bytes=-0", "bytes=100000-100010"])
 def test_unsatisfiable_range_is_416(server, repo_dir, header):
     size = (repo_dir / "data" / "labels.tsv").stat().st_size
-    resp = get(server, "raw/main/data/labels.tsv", headers={**AUTH, "Range": header})
+    resp = api_get(server, "raw/main/data/labels.tsv", headers={**AUTH, "Range": header})
     assert resp.status_code == 416 and resp.headers["Content-Range"] == f"bytes */{size}"
 
 
@@ -222,11 +211,11 @@ def test_token_is_required_bearer_or_basic(server):
     endpoints = ["", "branches/main", "content/main/", "raw/main/README.md", "storage"]
     for path in endpoints:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Token{TOKEN}"}):
-            resp = get(server, path, headers=headers)
+            resp = api_get(server, path, headers=headers)
             assert resp.status_code == 401 and "message" in resp.json(), (path, headers)
-        assert get(server, path).status_code == 200
-        assert get(server, path, auth=("anyone", TOKEN)).status_code == 200
-        assert get(server, path, auth=(TOKEN, "not-it")).status_code == 401
+        assert api_get(server, path).status_code == 200
+        assert api_get(server, path, auth=("anyone", TOKEN)).status_code == 200
+        assert api_get(server, path, auth=(TOKEN, "not-it")).status_code == 401
     assert requests.get(f"{server.url}/api/v1/user", timeout=10).status_code == 401
     # the rejected requests were counted and logged, with what they carried
     log = [e for e in server.request_log if e["status"] == 401]
@@ -237,7 +226,7 @@ def test_token_is_required_bearer_or_basic(server):
 def test_server_without_token_accepts_anything(make_server, repo_dir):
     srv = make_server(repo_dir)
     assert requests.get(f"{srv.url}/api/v1/user", timeout=10).json()["login"] == "user"
-    assert get(srv, "raw/main/README.md", headers={"Authorization": "Bearer whatever"}).content == b"# test repo\n"
+    assert api_get(srv, "raw/main/README.md", headers={"Authorization": "Bearer whatever"}).content == b"# test repo\n"
 
 
 # --- security ----------------------------------------------------------------------------------------------------
@@ -283,9 +272,9 @@ def test_traversal_attempts_never_leak(server, hostile_tree, target):
 
 
 def test_listings_omit_links_out_and_git_but_serve_links_in(server, hostile_tree):
-    names = [e["path"] for e in get(server, "content/main/").json()]
+    names = [e["path"] for e in api_get(server, "content/main/").json()]
     assert names == ["README.md", "data", "link_in.md"]
-    assert get(server, "raw/main/link_in.md").content == b"# test repo\n"
+    assert api_get(server, "raw/main/link_in.md").content == b"# test repo\n"
     # changes inside .git never move the branch
     sha = server.head_sha()
     (hostile_tree / ".git" / "HEAD").write_bytes(b"ref: refs/heads/main\n")
@@ -303,7 +292,7 @@ def test_refuses_to_serve_a_missing_folder(tmp_path):
 def test_latency_delays_every_request(server):
     server.faults.latency = 0.2
     started = time.monotonic()
-    assert get(server, "content/main/").status_code == 200
+    assert api_get(server, "content/main/").status_code == 200
     assert time.monotonic() - started >= 0.2
     server.faults.latency = 0.0
 
@@ -312,7 +301,7 @@ def test_concurrent_requests_are_not_serialized(server):
     server.faults.latency = 0.2
     started = time.monotonic()
     with ThreadPoolExecutor(64) as pool:
-        statuses = list(pool.map(lambda i: get(server, f"raw/main/data/{i % 4:04d}.jpg").status_code, range(64)))
+        statuses = list(pool.map(lambda i: api_get(server, f"raw/main/data/{i % 4:04d}.jpg").status_code, range(64)))
     elapsed = time.monotonic() - started
     assert statuses == [200] * 64
     assert elapsed < 5.0, f"64 requests with 0.2 s latency took {elapsed:.1f} s: the server serializes them"
@@ -321,17 +310,17 @@ def test_concurrent_requests_are_not_serialized(server):
 
 def test_error_rate_hits_only_the_chosen_kinds(server):
     server.faults.error_rate = 1.0
-    assert {get(server, "raw/main/README.md").status_code for _ in range(10)} <= {500, 502, 503}
-    assert get(server, "content/main/").status_code == 200
+    assert {api_get(server, "raw/main/README.md").status_code for _ in range(10)} <= {500, 502, 503}
+    assert api_get(server, "content/main/").status_code == 200
     server.faults.apply_to = ("raw", "content")
-    assert get(server, "content/main/").status_code in (500, 502, 503)
-    assert get(server, "branches/main").status_code == 200
+    assert api_get(server, "content/main/").status_code in (500, 502, 503)
+    assert api_get(server, "branches/main").status_code == 200
 
 
 def test_random_rates_are_reproducible_with_a_seed(make_server, repo_dir):
     def statuses(seed):
         srv = make_server(repo_dir, faults=ServerFaults(error_rate=0.3, throttle_rate=0.3, seed=seed))
-        return [get(srv, "raw/main/README.md").status_code for _ in range(40)]
+        return [api_get(srv, "raw/main/README.md").status_code for _ in range(40)]
 
     first = statuses(1)
     assert first == statuses(1)
@@ -342,7 +331,7 @@ def test_random_rates_are_reproducible_with_a_seed(make_server, repo_dir):
 def test_throttle_answers_429_with_retry_after(server, retry_after, header):
     server.faults.throttle_rate = 1.0
     server.faults.retry_after = retry_after
-    resp = get(server, "raw/main/README.md")
+    resp = api_get(server, "raw/main/README.md")
     assert resp.status_code == 429 and resp.headers["Retry-After"] == header
 
 
@@ -359,23 +348,23 @@ def test_drop_sends_half_the_body_then_closes(server, repo_dir):
     assert server.request_log[-1]["fault"] == "drop"
     conn.close()
     with pytest.raises(requests.exceptions.RequestException):
-        get(server, "raw/main/data/0000.jpg")
+        api_get(server, "raw/main/data/0000.jpg")
     # HEAD and listings are not dropped
     assert requests.head(f"{server.api_url}/raw/main/data/0000.jpg", headers=AUTH, timeout=10).status_code == 200
-    assert get(server, "content/main/data").status_code == 200
+    assert api_get(server, "content/main/data").status_code == 200
 
 
 def test_fail_paths_and_fail_first(server):
     server.faults.fail_paths = {"data/0001.jpg": 500, "README.md": 404}
-    assert [get(server, "raw/main/data/0001.jpg").status_code for _ in range(3)] == [500, 500, 500]
-    assert get(server, "raw/main/README.md").status_code == 404
-    assert get(server, "raw/main/data/0002.jpg").status_code == 200
+    assert [api_get(server, "raw/main/data/0001.jpg").status_code for _ in range(3)] == [500, 500, 500]
+    assert api_get(server, "raw/main/README.md").status_code == 404
+    assert api_get(server, "raw/main/data/0002.jpg").status_code == 200
     server.faults.fail_first = {"data/0000.jpg": 2}
-    assert [get(server, "raw/main/data/0000.jpg").status_code for _ in range(3)] == [503, 503, 200]
+    assert [api_get(server, "raw/main/data/0000.jpg").status_code for _ in range(3)] == [503, 503, 200]
     server.faults.fail_first = {"data/0000.jpg": 1}  # a new dict re-arms
-    assert [get(server, "raw/main/data/0000.jpg").status_code for _ in range(2)] == [503, 200]
+    assert [api_get(server, "raw/main/data/0000.jpg").status_code for _ in range(2)] == [503, 200]
     server.reset_counts()  # so does reset_counts
-    assert [get(server, "raw/main/data/0000.jpg").status_code for _ in range(2)] == [503, 200]
+    assert [api_get(server, "raw/main/data/0000.jpg").status_code for _ in range(2)] == [503, 200]
     assert server.request_count("data/0000.jpg", kind="raw") == 2
     assert [e["fault"] for e in server.request_log] == ["fail_first", None]
 
@@ -383,10 +372,10 @@ def test_fail_paths_and_fail_first(server):
 def test_redirect_sends_the_client_to_another_origin(server, make_server, repo_dir):
     other = make_server(repo_dir)  # another origin (different port), recording what it receives
     server.faults.redirect_raw_to = other.url
-    resp = get(server, "raw/main/README.md?x=1", allow_redirects=False)
+    resp = api_get(server, "raw/main/README.md?x=1", allow_redirects=False)
     assert resp.status_code == 307
     assert resp.headers["Location"] == f"{other.url}/api/v1/repos/user/repo/raw/main/README.md?x=1"
-    assert get(server, "raw/main/README.md").content == b"# test repo\n"
+    assert api_get(server, "raw/main/README.md").content == b"# test repo\n"
     received = [e for e in other.request_log if e["kind"] == "raw"]
     assert len(received) == 1 and received[0]["auth"] is None  # requests drops the token across origins
     assert server.request_count("README.md", kind="raw") == 2
@@ -411,16 +400,16 @@ def test_fault_knobs_are_validated():
 
 
 def test_counts_and_request_log(server):
-    get(server, "raw/main/data/0000.jpg", headers={**AUTH, "Range": "bytes=0-3"})
-    get(server, "raw/main/data/0000.jpg")
-    get(server, "content/main/data")
-    get(server, "branches/main")
+    api_get(server, "raw/main/data/0000.jpg", headers={**AUTH, "Range": "bytes=0-3"})
+    api_get(server, "raw/main/data/0000.jpg")
+    api_get(server, "content/main/data")
+    api_get(server, "branches/main")
     assert server.request_count("data/0000.jpg", kind="raw") == 2
     assert server.request_count("data/0000.jpg") == 2
     assert server.request_count(kind="content") == 1 and server.request_count() == 4
     assert server.get_counts("raw") == {"data/0000.jpg": 2}
     assert server.get_counts("branches") == {"main": 1}
-    get(server, "content/main/data/")  # one directory, one key
+    api_get(server, "content/main/data/")  # one directory, one key
     assert server.get_counts("content") == {"data": 2}
     server.request_log.clear()  # a copy: the server's own log is untouched
     entry = server.request_log[0]
@@ -432,13 +421,13 @@ def test_counts_and_request_log(server):
 
 
 def test_admin_endpoints(server):
-    get(server, "raw/main/README.md")
+    api_get(server, "raw/main/README.md")
     admin = f"{server.url}/_streamloader"
     assert requests.get(f"{admin}/counts", timeout=10).json() == {"counts": {"raw": {"README.md": 1}}}
     assert requests.get(f"{admin}/head", timeout=10).json() == {"sha": server.head_sha()}
     resp = requests.post(f"{admin}/faults", json={"fail_paths": {"README.md": 502}, "latency": 0.01}, timeout=10)
     assert resp.status_code == 200 and server.faults.fail_paths == {"README.md": 502}
-    assert get(server, "raw/main/README.md").status_code == 502
+    assert api_get(server, "raw/main/README.md").status_code == 502
     assert requests.post(f"{admin}/faults", json={"bogus": 1}, timeout=10).status_code == 400
     assert requests.post(f"{admin}/faults", json={"_replace": True}, timeout=10).status_code == 200
     assert server.faults == ServerFaults()
@@ -473,14 +462,14 @@ def test_keep_alive_and_stop_closes_idle_connections(make_server, repo_dir):
         conn.getresponse().read()
     conn.close()
     with pytest.raises(requests.ConnectionError):
-        get(srv, "raw/main/README.md")
+        api_get(srv, "raw/main/README.md")
 
 
 def test_large_file_streams_intact(server, repo_dir):
     big = os.urandom(3 * 1024 * 1024 + 17)
     (repo_dir / "big.bin").write_bytes(big)
-    assert get(server, "raw/main/big.bin").content == big
-    tail = get(server, "raw/main/big.bin", headers={**AUTH, "Range": "bytes=1048576-"}).content
+    assert api_get(server, "raw/main/big.bin").content == big
+    tail = api_get(server, "raw/main/big.bin", headers={**AUTH, "Range": "bytes=1048576-"}).content
     assert tail == big[1048576:]
 
 
