@@ -6,6 +6,8 @@ script or a spawned worker (``tests/`` is on their ``sys.path``: it is their scr
 Hashes
     git_blob_sha1(data)     the git blob id of some bytes: the server's listing hash of a git-tracked file
     git_key(data)           the cache's "git" CacheKey of a file with these bytes
+Processes
+    child_pids(pid)         the live (not zombie) child processes of ``pid``, from /proc
 Jobs (a real training job in its own processes: tests/resume_job.py, tests/multinode_job.py)
     free_port()             a TCP port free on 127.0.0.1 just now (for a gloo / torchrun rendezvous)
     job_env(cache, ...)     the environment of a job: this checkout first on PYTHONPATH, its own cache, a token
@@ -40,6 +42,23 @@ def git_key(data: bytes) -> Any:
     from streamloader.cache import CacheKey
 
     return CacheKey.from_hash("git", git_blob_sha1(data))
+
+
+def child_pids(pid: int) -> List[int]:
+    """Pids of the live (not zombie) child processes of ``pid``, read from /proc (Linux)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ Fixtures
     hooked                  ``hook_project(remote)``, with the server's counters reset after installing.
 
 Helpers: ``TOKEN``, ``AUTH`` (its request headers), ``api_get`` (a GET of the repo API with ``AUTH``),
-``LABEL_ROWS``, ``make_jpeg``, ``write_labels``, ``make_repo``, ``rewrite_file``, ``remote_repo`` (a RemoteRepo on a
+``LABEL_ROWS``, ``make_jpeg``, ``write_labels``, ``make_repo``, ``make_random_files``, ``rewrite_file``, ``remote_repo`` (a RemoteRepo on a
 test server), ``on_disk``, ``pixels``, ``run_official`` / ``official_hooks_script`` (the official dagshub client in
 a fresh interpreter), ``why_no_mount``. Fixture-free helpers that spawned processes import too (git blob ids, job
 launching) live in tests/_helpers.py.
@@ -121,6 +121,17 @@ def make_repo(root: PathLike) -> Path:
     (root / "data" / "nested" / "deeper" / "note.txt").write_bytes(b"nested file\n")
     (root / "README.md").write_bytes(b"# test repo\n")
     return root
+
+
+def make_random_files(root: PathLike, count: int = 60) -> Dict[str, bytes]:
+    """``count`` small files of distinct random content, ``root/data/f000.bin`` ...; returns {repo path: bytes}."""
+    files = {}
+    (Path(root) / "data").mkdir(parents=True)
+    for i in range(count):
+        data = os.urandom(1000 + 37 * i)
+        (Path(root) / "data" / f"f{i:03d}.bin").write_bytes(data)
+        files[f"data/f{i:03d}.bin"] = data
+    return files
 
 
 def rewrite_file(path: PathLike, data: bytes) -> None:
@@ -270,15 +281,16 @@ def api_get(srv: Any, path: str, **kwargs: Any) -> Any:
     return requests.get(f"{srv.api_url}/{path}", **kwargs)
 
 
-def remote_repo(srv: Any, cache_dir: PathLike, retry: Any = None, **kwargs: Any) -> Any:
-    """A RemoteRepo on ``srv`` (a DagsHubServer or ServerProcess) at branch main with TOKEN, caching in a FileCache
-    at ``cache_dir``; ``retry`` (a RetryPolicy; None: the client's default) and ``kwargs`` as RemoteRepo's."""
+def remote_repo(srv: Any, cache_dir: PathLike, retry: Any = None, token: Any = TOKEN, **kwargs: Any) -> Any:
+    """A RemoteRepo on ``srv`` (a DagsHubServer or ServerProcess) at branch main with ``token`` (False: none),
+    caching in a FileCache at ``cache_dir``; ``retry`` (a RetryPolicy; None: the client's default) and ``kwargs``
+    as RemoteRepo's."""
     from streamloader.cache import FileCache
     from streamloader.remote.client import DagsHubClient
     from streamloader.remote.repo import RemoteRepo
 
     options = {} if retry is None else {"retry": retry}
-    client = DagsHubClient(srv.repo_url, token=TOKEN, branch="main", **options)
+    client = DagsHubClient(srv.repo_url, token=token, branch="main", **options)
     return RemoteRepo(client, FileCache(str(cache_dir)), **kwargs)
 
 

@@ -8,19 +8,19 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import TOKEN
+from _helpers import child_pids
+from conftest import TOKEN, make_random_files, remote_repo
 from streamloader.errors import RemoteFileNotFoundError
 from streamloader.remote.prefetch import PrefetchJob
 from streamloader.server import ServerFaults
 from streamloader.synthetic import make_laion_repo
-from test_prefetch_processes import _children, make_files, open_repo
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork with threads (Python 3.12+)
 
 
 @pytest.fixture
 def slow(tmp_path: Path, make_server_process: Callable[..., Any]) -> Any:
-    files = make_files(tmp_path / "repo")
+    files = make_random_files(tmp_path / "repo")
     srv = make_server_process(tmp_path / "repo", faults=ServerFaults(latency=0.05))
     return srv, files
 
@@ -28,7 +28,7 @@ def slow(tmp_path: Path, make_server_process: Callable[..., Any]) -> Any:
 @pytest.mark.parametrize("processes", [1, 2])
 def test_reader_and_background_job_fetch_every_file_once(slow: Any, tmp_path: Path, processes: int) -> None:
     srv, files = slow
-    repo = open_repo(srv, tmp_path)
+    repo = remote_repo(srv, tmp_path / "cache", token=False)
     repo.listing("data")
     srv.reset_counts()
     started = time.monotonic()
@@ -47,9 +47,9 @@ def test_reader_and_background_job_fetch_every_file_once(slow: Any, tmp_path: Pa
 def test_cancel_stops_the_job_and_leaves_only_whole_files(slow: Any, tmp_path: Path, processes: int) -> None:
     srv, files = slow
     srv.set_faults(latency=0.3)
-    repo = open_repo(srv, tmp_path)
+    repo = remote_repo(srv, tmp_path / "cache", token=False)
     repo.listing("data")
-    before = set(_children(os.getpid()))
+    before = set(child_pids(os.getpid()))
     job = repo.prefetch(sorted(files), max_concurrency=2, progress=False, processes=processes, wait=False)
     time.sleep(0.5)
     job.cancel()
@@ -59,16 +59,16 @@ def test_cancel_stops_the_job_and_leaves_only_whole_files(slow: Any, tmp_path: P
     assert len(cached) >= result.files and len(cached) < len(files)
     assert all(Path(repo.cached_path(p)).read_bytes() == files[p] for p in cached)
     deadline = time.monotonic() + 10
-    while set(_children(os.getpid())) - before and time.monotonic() < deadline:
+    while set(child_pids(os.getpid())) - before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not set(_children(os.getpid())) - before  # worker processes are gone
+    assert not set(child_pids(os.getpid())) - before  # worker processes are gone
     assert repo.prefetch(sorted(files), progress=False).files == len(files)  # a later run completes
 
 
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
 def test_failures_surface_in_result(slow: Any, tmp_path: Path, on_error: str) -> None:
     srv, files = slow
-    repo = open_repo(srv, tmp_path)
+    repo = remote_repo(srv, tmp_path / "cache", token=False)
     job = repo.prefetch(sorted(files) + ["data/missing.bin"], progress=False, processes=2, on_error=on_error,
                         wait=False)
     if on_error == "raise":
@@ -82,7 +82,7 @@ def test_failures_surface_in_result(slow: Any, tmp_path: Path, on_error: str) ->
 
 def test_result_timeout_is_a_timeout_error(slow: Any, tmp_path: Path) -> None:
     srv, files = slow
-    job = open_repo(srv, tmp_path).prefetch(sorted(files), max_concurrency=1, progress=False, wait=False)
+    job = remote_repo(srv, tmp_path / "cache", token=False).prefetch(sorted(files), max_concurrency=1, progress=False, wait=False)
     with pytest.raises(TimeoutError):
         job.result(timeout=0.05)
     job.cancel()

@@ -6,44 +6,25 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, List, Set, Tuple
 
 import pytest
 
-from streamloader.cache import FileCache
+from _helpers import child_pids
+from conftest import make_random_files, remote_repo
 from streamloader.errors import RemoteFileNotFoundError
-from streamloader.remote.client import DagsHubClient
-from streamloader.remote.repo import RemoteRepo
 from streamloader.server import ServerFaults
-
-N_FILES = 60
-
-
-def make_files(root: Path) -> Dict[str, bytes]:
-    """N_FILES small files of distinct content under root/data."""
-    files = {}
-    (root / "data").mkdir(parents=True)
-    for i in range(N_FILES):
-        data = os.urandom(1000 + 37 * i)
-        (root / "data" / f"f{i:03d}.bin").write_bytes(data)
-        files[f"data/f{i:03d}.bin"] = data
-    return files
-
-
-def open_repo(srv: Any, tmp_path: Path) -> RemoteRepo:
-    return RemoteRepo(DagsHubClient(srv.repo_url, branch="main", token=False), cache=FileCache(str(tmp_path / "cache")))
-
 
 @pytest.fixture
 def served(tmp_path: Path, make_server_process: Callable[..., Any]) -> Any:
-    files = make_files(tmp_path / "repo")
+    files = make_random_files(tmp_path / "repo")
     srv = make_server_process(tmp_path / "repo")
     return srv, files
 
 
 def test_every_file_fetched_exactly_once_and_byte_identical(served: Any, tmp_path: Path) -> None:
     srv, files = served
-    repo = open_repo(srv, tmp_path)
+    repo = remote_repo(srv, tmp_path / "cache", token=False)
     repo.listing("data")
     srv.reset_counts()
     result = repo.prefetch(sorted(files), max_concurrency=6, progress=False, processes=3)
@@ -64,14 +45,14 @@ def test_every_file_fetched_exactly_once_and_byte_identical(served: Any, tmp_pat
 
 def test_with_progress_bar(served: Any, tmp_path: Path) -> None:
     srv, files = served
-    result = open_repo(srv, tmp_path).prefetch(sorted(files), progress=True, processes=2)
+    result = remote_repo(srv, tmp_path / "cache", token=False).prefetch(sorted(files), progress=True, processes=2)
     assert (result.files, result.failed) == (len(files), {})
 
 
 @pytest.mark.parametrize("on_error", ["skip", "raise"])
 def test_failures_follow_on_error(served: Any, tmp_path: Path, on_error: str) -> None:
     srv, files = served
-    repo = open_repo(srv, tmp_path)
+    repo = remote_repo(srv, tmp_path / "cache", token=False)
     wanted = sorted(files) + ["data/missing-1.bin", "data/missing-2.bin"]
     if on_error == "raise":
         with pytest.raises(FileNotFoundError):
@@ -84,79 +65,56 @@ def test_failures_follow_on_error(served: Any, tmp_path: Path, on_error: str) ->
     assert all(isinstance(e, RemoteFileNotFoundError) for e in result.failed.values())
 
 
+def _signal_new_workers(sig: int, count: int, settle: float = 0.0) -> Tuple[threading.Thread, List[int], Set[int]]:
+    """Start a thread that sends ``sig`` to the first ``count`` child processes of this one started from now on
+    (each ``settle`` s after it is seen; within 20 s). Returns (the thread, the pids signalled so far, the
+    children there were before: servers and whatever else this test process runs)."""
+    own_pid = os.getpid()
+    before = set(child_pids(own_pid))
+    signalled: List[int] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 20
+        while len(signalled) < count and time.monotonic() < deadline:
+            for pid in sorted(set(child_pids(own_pid)) - before - set(signalled))[:count - len(signalled)]:
+                time.sleep(settle)
+                os.kill(pid, sig)
+                signalled.append(pid)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread, signalled, before
+
+
 def test_killed_worker_process_fails_its_files_without_hanging(tmp_path: Path,
                                                               make_server_process: Callable[..., Any]) -> None:
-    files = make_files(tmp_path / "repo")
+    files = make_random_files(tmp_path / "repo")
     srv = make_server_process(tmp_path / "repo", faults=ServerFaults(latency=0.2))
-    repo = open_repo(srv, tmp_path)
+    repo = remote_repo(srv, tmp_path / "cache", token=False)
     repo.listing("data")
-    own_pid = os.getpid()
-    before = set(_children(own_pid))  # servers and whatever else this test process runs
-    killed = []
-
-    def kill_a_worker() -> None:
-        deadline = time.monotonic() + 20
-        while not killed and time.monotonic() < deadline:
-            for pid in set(_children(own_pid)) - before:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                break
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_a_worker)
-    killer.start()
+    killer, killed, before = _signal_new_workers(signal.SIGKILL, 1)
     result = repo.prefetch(sorted(files), max_concurrency=2, progress=False, on_error="skip", processes=2)
     killer.join()
     assert killed, "no worker process was seen"
     assert result.failed, "the killed worker's files must be reported as failed"
     assert result.files + len(result.failed) == len(files)
     assert all("exited" in str(e) for e in result.failed.values())
-    assert set(_children(own_pid)) <= before  # no worker left behind
+    assert set(child_pids(os.getpid())) <= before  # no worker left behind
 
 
 def test_workers_leave_ctrl_c_to_the_parent(tmp_path: Path, make_server_process: Callable[..., Any]) -> None:
     """Ctrl-C reaches the whole process group; a worker must not die of it (nor print anything): the parent
     decides (KeyboardInterrupt there cancels the job, which stops the workers)."""
-    files = make_files(tmp_path / "repo")
+    files = make_random_files(tmp_path / "repo")
     srv = make_server_process(tmp_path / "repo", faults=ServerFaults(latency=0.1))
-    repo = open_repo(srv, tmp_path)
+    repo = remote_repo(srv, tmp_path / "cache", token=False)
     repo.listing("data")
-    own_pid = os.getpid()
-    before = set(_children(own_pid))
-    interrupted: list = []
-
-    def interrupt_the_workers() -> None:
-        deadline = time.monotonic() + 20
-        while len(interrupted) < 2 and time.monotonic() < deadline:
-            for pid in set(_children(own_pid)) - before - set(interrupted):
-                time.sleep(0.2)  # past the worker's start-up: into its downloads
-                os.kill(pid, signal.SIGINT)
-                interrupted.append(pid)
-            time.sleep(0.02)
-
-    sender = threading.Thread(target=interrupt_the_workers)
-    sender.start()
+    sender, interrupted, _before = _signal_new_workers(signal.SIGINT, 2, settle=0.2)
     result = repo.prefetch(sorted(files), max_concurrency=4, progress=False, on_error="skip", processes=2)
     sender.join()
     assert interrupted, "no worker process was seen"
     assert (result.files, result.failed) == (len(files), {})
-
-
-def _children(pid: int) -> list:
-    """Pids of the live prefetch worker processes of ``pid`` (from /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
 
 
 def _count_in_daemon(out):
