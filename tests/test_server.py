@@ -354,6 +354,27 @@ def test_drop_sends_half_the_body_then_closes(server, repo_dir):
     assert api_get(server, "content/main/data").status_code == 200
 
 
+@pytest.mark.parametrize("dagshub_like", [False, True])
+def test_drip_sends_the_body_one_byte_at_a_time_in_both_modes(repo_dir, make_server, dagshub_like):
+    srv = make_server(repo_dir, token=TOKEN, dagshub_like=dagshub_like,
+                      faults=ServerFaults(drip_rate=1.0, drip_interval=0.02))
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    conn.request("GET", "/api/v1/repos/user/repo/raw/main/README.md", headers=AUTH)  # git-tracked in both modes
+    resp = conn.getresponse()
+    started = time.monotonic()
+    pieces = []
+    while True:
+        piece = resp.read1(64)
+        if not piece:
+            break
+        pieces.append(piece)
+    elapsed = time.monotonic() - started
+    conn.close()
+    assert b"".join(pieces) == b"# test repo\n" and resp.status == 200
+    assert len(pieces) >= 6 and elapsed >= 0.1, (pieces, elapsed)  # 12 bytes, 20 ms apart: no single write
+    assert srv.request_log[-1]["fault"] == "drip"
+
+
 def test_fail_paths_and_fail_first(server):
     server.faults.fail_paths = {"data/0001.jpg": 500, "README.md": 404}
     assert [api_get(server, "raw/main/data/0001.jpg").status_code for _ in range(3)] == [500, 500, 500]

@@ -1,11 +1,13 @@
-"""Sending file bodies (from disk or from memory) with optional Range support, for the dagshub-like raw route and
-the presigned origin. The handler must offer ``send_response/send_header/_end_headers(status)/wfile/command``."""
+"""Sending file bodies (from disk or from memory) with optional Range support, for every raw route (default and
+dagshub-like modes, buckets) and the presigned origin; the handler is one :func:`httpd.send_head` takes."""
 from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, BinaryIO, Dict, Iterator, Optional
 
+from streamloader.server.httpd import send_head
 from streamloader.server.routes import HTTPError, Unsatisfiable, parse_range
 
 log = logging.getLogger(__name__)
@@ -30,16 +32,16 @@ class Blob:
         except PermissionError:
             raise HTTPError(403, "permission denied") from None
 
-    def chunks(self, start: int, length: int) -> Iterator[bytes]:
-        """``length`` bytes from ``start``, in pieces (fewer if the file shrank meanwhile)."""
+    def chunks(self, start: int, length: int, piece: int = _CHUNK) -> Iterator[bytes]:
+        """``length`` bytes from ``start``, in pieces of ``piece`` bytes (fewer if the file shrank meanwhile)."""
         if self.data is not None:
-            for pos in range(start, start + length, _CHUNK):
-                yield self.data[pos : min(pos + _CHUNK, start + length)]
+            for pos in range(start, start + length, piece):
+                yield self.data[pos : min(pos + piece, start + length)]
             return
         assert self.fh is not None
         self.fh.seek(start)
         while length > 0:
-            chunk = self.fh.read(min(_CHUNK, length))
+            chunk = self.fh.read(min(piece, length))
             if not chunk:
                 return
             yield chunk
@@ -58,8 +60,9 @@ class Blob:
 
 
 def send_blob(handler: Any, blob: Blob, honour_range: bool, headers: Optional[Dict[str, str]] = None,
-              drop: bool = False) -> None:
-    """Answer 200 with the whole blob, or 206/416 for a Range when ``honour_range``; ``drop``: cut after half."""
+              drop: bool = False, drip: Optional[float] = None) -> None:
+    """Answer 200 with the whole blob, or 206/416 for a Range when ``honour_range``. Faults: ``drop`` sends half
+    the body and closes the connection; ``drip`` sends it one byte every ``drip`` seconds."""
     size = blob.size
     span = None
     if honour_range:
@@ -69,21 +72,16 @@ def send_blob(handler: Any, blob: Blob, honour_range: bool, headers: Optional[Di
             raise HTTPError(416, "range not satisfiable", {"Content-Range": f"bytes */{size}"}) from None
     start, end = span if span is not None else (0, size - 1)
     length = end - start + 1
-    status = 206 if span is not None else 200
-    handler.send_response(status)
-    handler.send_header("Content-Type", "application/octet-stream")
-    handler.send_header("Content-Length", str(length))
-    if honour_range:
-        handler.send_header("Accept-Ranges", "bytes")
+    fields = {"Accept-Ranges": "bytes"} if honour_range else {}
     if span is not None:
-        handler.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-    for name, value in (headers or {}).items():
-        handler.send_header(name, value)
-    handler._end_headers(status)
-    if handler.command == "HEAD":
+        fields["Content-Range"] = f"bytes {start}-{end}/{size}"
+    if not send_head(handler, 206 if span is not None else 200, "application/octet-stream", length,
+                     {**fields, **(headers or {})}):
         return
-    for chunk in blob.chunks(start, length // 2 if drop else length):
+    for chunk in blob.chunks(start, length // 2 if drop else length, _CHUNK if drip is None else 1):
         handler.wfile.write(chunk)
+        if drip is not None:  # a slow drip: the connection lives on, the body barely moves
+            time.sleep(drip)
     if drop:
         log.debug("drop fault: closed after half of the body")
         handler.close_connection = True

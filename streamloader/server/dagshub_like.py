@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from streamloader.server import payloads, storage
 from streamloader.server.blobs import Blob, send_blob
+from streamloader.server.httpd import send_head
 from streamloader.server.repo import RepoEntry, RepoPathError, split_repo_path
 from streamloader.server.routes import HTTPError, Route, page_bounds
 from streamloader.server.synth import SyntheticFolder
@@ -29,8 +30,6 @@ __all__ = ["serve_content", "serve_raw", "open_blob"]
 
 _JSON = "application/json; charset=utf-8"
 _CHUNK_CHARS = 1 << 20
-# as in handler.py: above this size a raw answer carries an ETag only once a listing has hashed the file
-_ETAG_HASH_LIMIT = 64 * 1024 * 1024
 _HASH_SLOT = "@@streamloader-hash@@"
 
 
@@ -183,23 +182,28 @@ class _Rows:
             yield json.dumps(storage.root_row(self.handler, bucket))
 
 
-def _send_rows(handler: Any, rows: Iterator[str]) -> None:
-    """Write ``[row, row, ...]``: with a Content-Length when small, else streamed in chunks."""
-    head: List[str] = []
+def _batches(rows: Iterator[str]) -> Iterator[List[str]]:
+    """``rows`` in lists of about ``_CHUNK_CHARS`` characters; only the last one can be shorter."""
+    batch: List[str] = []
     size = 0
     for row in rows:
-        head.append(row)
+        batch.append(row)
         size += len(row)
         if size >= _CHUNK_CHARS:
-            break
-    else:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _send_rows(handler: Any, rows: Iterator[str]) -> None:
+    """Write ``[row, row, ...]``: with a Content-Length when small, else streamed in chunks."""
+    batches = _batches(rows)
+    head = next(batches, [])
+    if sum(map(len, head)) < _CHUNK_CHARS:  # the rows ran out before one chunk's worth
         handler._send(200, ("[" + ", ".join(head) + "]").encode("utf-8"), _JSON)
         return
-    handler.send_response(200)
-    handler.send_header("Content-Type", _JSON)
-    handler.send_header("Transfer-Encoding", "chunked")
-    handler._end_headers(200)
-    if handler.command == "HEAD":
+    if not send_head(handler, 200, _JSON, None, {"Transfer-Encoding": "chunked"}):
         return
     write = handler.wfile.write
 
@@ -208,15 +212,9 @@ def _send_rows(handler: Any, rows: Iterator[str]) -> None:
         write(b"%x\r\n%s\r\n" % (len(data), data))
 
     chunk("[" + ", ".join(head))
-    buf: List[str] = []
-    size = 0
-    for row in rows:
-        buf.append(row)
-        size += len(row)
-        if size >= _CHUNK_CHARS:
-            chunk(", " + ", ".join(buf))
-            buf, size = [], 0
-    chunk((", " + ", ".join(buf) if buf else "") + "]")
+    for batch in batches:
+        chunk(", " + ", ".join(batch))
+    chunk("]")
     write(b"0\r\n\r\n")
 
 
@@ -252,9 +250,7 @@ def serve_raw(handler: Any, route: Route, drop: bool) -> None:
     real, found = _locate(app, mode, route.key)
     if found is None and (real is None or os.path.isdir(real)):
         raise HTTPError(404, "is a directory")
-    if app.faults.redirect_raw_to:
-        handler._fault = "redirect"
-        handler._send(307, b"", "text/plain", {"Location": app.faults.redirect_raw_to.rstrip("/") + handler.path})
+    if handler._redirect_fault():
         return
     path = found[0].repo_path(found[1]) if found is not None else "/".join(split_repo_path(route.key))
     if mode.presign_dvc_raw and mode.is_dvc(path):
@@ -267,8 +263,7 @@ def serve_raw(handler: Any, route: Route, drop: bool) -> None:
     else:
         assert real is not None
         blob = Blob.open(real)
-        st = os.fstat(blob.fh.fileno())  # type: ignore[union-attr]
-        sha = app.folder.blob_sha(real, st) if st.st_size <= _ETAG_HASH_LIMIT else app.folder.cached_blob_sha(real, st)
+        sha = app.folder.etag_sha(real, os.fstat(blob.fh.fileno()))  # type: ignore[union-attr]
     with blob:
         send_blob(handler, blob, honour_range=not mode.ignore_range, headers={"ETag": f'"{sha}"'} if sha else None,
-                  drop=drop)
+                  drop=drop, drip=handler._drip)

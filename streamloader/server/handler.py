@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 from urllib.parse import parse_qs, unquote
 
 from streamloader.server import dagshub_like, payloads, storage
+from streamloader.server.blobs import Blob, send_blob
+from streamloader.server.httpd import send_answer
 from streamloader.server.oauth import approval_page
 from streamloader.server.repo import RepoEntry, RepoPathError, split_repo_path
-from streamloader.server.routes import HTTPError, Route, Unsatisfiable, page_bounds, parse_range, parse_route
+from streamloader.server.routes import HTTPError, Route, page_bounds, parse_route
 
 if TYPE_CHECKING:  # pragma: no cover
     from streamloader.server.app import DagsHubServer
@@ -38,11 +40,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DagsHubRequestHandler", "HTTPError"]
 
-_CHUNK = 256 * 1024
 _MAX_BODY = 1024 * 1024
-# Raw answers carry the blob sha as ETag. Hashing a big file on its first (maybe 1 KB Range) request would stall
-# it, so above this size the ETag is sent only once a listing has hashed the file.
-_ETAG_HASH_LIMIT = 64 * 1024 * 1024
 
 
 class DagsHubRequestHandler(BaseHTTPRequestHandler):
@@ -124,14 +122,7 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
         )
 
     def _send(self, status: int, body: bytes, content_type: str, headers: Optional[Dict[str, str]] = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self._end_headers(status)
-        if self.command != "HEAD" and body:
-            self.wfile.write(body)
+        send_answer(self, status, body, content_type, headers)
 
     def _send_json(self, status: int, obj: Any, headers: Optional[Dict[str, str]] = None) -> None:
         self._send(status, json.dumps(obj).encode("utf-8"), "application/json; charset=utf-8", headers)
@@ -298,49 +289,21 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
         real = app.folder.resolve(route.key)
         if os.path.isdir(real):
             raise HTTPError(404, "is a directory")
-        if app.faults.redirect_raw_to:
-            target = app.faults.redirect_raw_to.rstrip("/") + self.path
-            self._fault = "redirect"
-            self._send(307, b"", "text/plain", {"Location": target})
+        if self._redirect_fault():
             return
-        try:
-            fh = open(real, "rb")
-        except PermissionError:
-            raise HTTPError(403, "permission denied") from None
-        with fh:
-            st = os.fstat(fh.fileno())
-            size = st.st_size
-            sha = app.folder.blob_sha(real, st) if size <= _ETAG_HASH_LIMIT else app.folder.cached_blob_sha(real, st)
-            try:
-                span = parse_range(self.headers.get("Range"), size)
-            except Unsatisfiable:
-                raise HTTPError(416, "range not satisfiable", {"Content-Range": f"bytes */{size}"}) from None
-            start, end = span if span is not None else (0, size - 1)
-            length = end - start + 1
-            headers = {"Accept-Ranges": "bytes", **({"ETag": f'"{sha}"'} if sha else {})}
-            if span is not None:
-                headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-            self.send_response(206 if span is not None else 200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(length))
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self._end_headers(206 if span is not None else 200)
-            if self.command == "HEAD":
-                return
-            remaining = length // 2 if drop else length
-            fh.seek(start)
-            while remaining > 0:
-                chunk = fh.read(min(_CHUNK if self._drip is None else 1, remaining))
-                if not chunk:
-                    break
-                self.wfile.write(chunk)
-                remaining -= len(chunk)
-                if self._drip is not None:  # a slow drip: the connection lives on, the body barely moves
-                    time.sleep(self._drip)
-        if drop:
-            log.debug("drop fault: closed %s after half of the body", route.key)
-            self.close_connection = True
+        with Blob.open(real) as blob:
+            sha = app.folder.etag_sha(real, os.fstat(blob.fh.fileno()))  # type: ignore[union-attr]
+            send_blob(self, blob, honour_range=True, headers={"ETag": f'"{sha}"'} if sha else None, drop=drop,
+                      drip=self._drip)
+
+    def _redirect_fault(self) -> bool:
+        """The redirect fault (``faults.redirect_raw_to``): answer 307 to the same path there; False when off."""
+        target = self.app.faults.redirect_raw_to
+        if not target:
+            return False
+        self._fault = "redirect"
+        self._send(307, b"", "text/plain", {"Location": target.rstrip("/") + self.path})
+        return True
 
     # -- OAuth ----------------------------------------------------------------------------------------------
     def _oauth(self, method: str, action: str, query: Dict[str, List[str]], body: bytes) -> None:
@@ -387,17 +350,11 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
                 mode = app.dagshub_like
                 self._send_json(200, mode.to_dict() if mode is not None else None)
             elif method == "POST" and name == "dagshub_like":
-                values = json.loads(body or b"{}")
-                if not isinstance(values, dict):
-                    raise ValueError("expected a JSON object of DagsHubLike fields")
-                app.update_dagshub_like(values)
+                app.update_dagshub_like(_json_object(body, "DagsHubLike"))
                 mode = app.dagshub_like
                 self._send_json(200, mode.to_dict() if mode is not None else None)
             elif method == "POST" and name == "faults":
-                values = json.loads(body or b"{}")
-                if not isinstance(values, dict):
-                    raise ValueError("expected a JSON object of ServerFaults fields")
-                app.update_faults(values)
+                app.update_faults(_json_object(body, "ServerFaults"))
                 self._send_json(200, app.faults.to_dict())
             else:
                 raise HTTPError(404, "unknown admin endpoint")
@@ -405,3 +362,11 @@ class DagsHubRequestHandler(BaseHTTPRequestHandler):
             self._send_json(400, {"message": str(exc)})
         except HTTPError as exc:
             self._send_json(exc.status, {"message": exc.message}, exc.headers)
+
+
+def _json_object(body: bytes, of: str) -> Dict[str, Any]:
+    """An admin POST's body: a JSON object of ``of``'s fields (empty body: none); ValueError otherwise."""
+    values = json.loads(body or b"{}")
+    if not isinstance(values, dict):
+        raise ValueError(f"expected a JSON object of {of} fields")
+    return values

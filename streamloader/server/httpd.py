@@ -1,4 +1,9 @@
-"""The HTTP listener under the local server's origins (the API origin and the presigned-download origin)."""
+"""The HTTP listener under the local server's origins (the API origin and the presigned-download origin), and the
+one way their handlers start an answer (:func:`send_head`) or send a whole small one (:func:`send_answer`).
+
+A handler passed to these offers BaseHTTPRequestHandler's ``send_response/send_header/wfile/command`` plus
+``_end_headers(status)``, which logs the request before its headers leave (so a client holding its answer finds
+it in the request log)."""
 from __future__ import annotations
 
 import logging
@@ -7,11 +12,32 @@ import socketserver
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Set, Type
+from typing import Any, Dict, Optional, Set, Type
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoopbackHTTPServer"]
+__all__ = ["LoopbackHTTPServer", "send_head", "send_answer"]
+
+
+def send_head(handler: Any, status: int, content_type: str, length: Optional[int],
+              headers: Optional[Dict[str, str]] = None) -> bool:
+    """Send the status line, Content-Type, Content-Length (unless ``length`` is None: the caller sends its own
+    framing header, e.g. Transfer-Encoding) and ``headers``; True when a body must follow (not a HEAD)."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    if length is not None:
+        handler.send_header("Content-Length", str(length))
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
+    handler._end_headers(status)
+    return handler.command != "HEAD"
+
+
+def send_answer(handler: Any, status: int, body: bytes, content_type: str,
+                headers: Optional[Dict[str, str]] = None) -> None:
+    """A whole answer held in memory: :func:`send_head` with ``len(body)``, then the body (none for HEAD)."""
+    if send_head(handler, status, content_type, len(body), headers) and body:
+        handler.wfile.write(body)
 
 
 class LoopbackHTTPServer(ThreadingHTTPServer):

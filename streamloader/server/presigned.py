@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import parse_qs
 
 from streamloader.server.blobs import send_blob
+from streamloader.server.httpd import send_answer
 from streamloader.server.httpd import LoopbackHTTPServer
 from streamloader.server.routes import HTTPError
 
@@ -149,12 +150,7 @@ class _PresignedHandler(BaseHTTPRequestHandler):
         code, _, text = message.partition(": ")
         body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
                 f"<Message>{text or code}</Message></Error>").encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/xml")
-        self.send_header("Content-Length", str(len(body)))
-        self._end_headers(status)
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        send_answer(self, status, body, "application/xml")
 
     def _serve(self) -> None:
         from streamloader.server import dagshub_like  # the answers of the mode (imports this module)

@@ -48,6 +48,9 @@ class RepoEntry:
     versioning: str = "git"  # "git" | "dvc"
 
 
+# raw answers carry the blob sha as ETag; above this size only once a listing has hashed the file (etag_sha)
+ETAG_HASH_LIMIT = 64 * 1024 * 1024
+
 def git_blob_sha1(path: str) -> str:
     """The git blob id of a file: sha1(b"blob <size>\\0" + content), as 40 hex digits."""
     size = os.path.getsize(path)
@@ -132,6 +135,12 @@ class RepoFolder:
         return real
 
     # -- hashes ---------------------------------------------------------------------------------------------
+    def etag_sha(self, real_path: str, st: os.stat_result) -> Optional[str]:
+        """The blob sha a raw answer sends as its ETag: hashed now up to ``ETAG_HASH_LIMIT`` bytes; above that only
+        once a listing has hashed the file (hashing a big file on its first, maybe 1 KB Range, request would
+        stall it), else None."""
+        return self.blob_sha(real_path, st) if st.st_size <= ETAG_HASH_LIMIT else self.cached_blob_sha(real_path, st)
+
     def cached_blob_sha(self, real_path: str, st: os.stat_result) -> Optional[str]:
         """The blob sha if it was computed for the file in this exact state, else None (never hashes)."""
         cached = self._hash_cache.get(real_path)
