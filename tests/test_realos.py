@@ -7,7 +7,6 @@ import os
 import pytest
 
 from streamloader import _realos
-from test_hooks import _no_hooks_leak, hooked, project, remote  # noqa: F401 - shared fixtures
 
 
 def test_under_a_hooked_root_it_sees_only_the_disk_and_sends_no_request(hooked, remote, project):
