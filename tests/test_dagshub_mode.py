@@ -124,6 +124,18 @@ def test_expired_presigned_links_are_asked_for_again(like, tmp_path, repo_dir):
     assert err.value.status == 403 and "DAGSHUB_TOKEN" not in str(err.value)  # not a credentials problem
 
 
+def test_du_of_a_folder_listed_without_sizes_asks_each_file_its_size(like, tmp_path, repo_dir):
+    fs = DagsHubFileSystem(host=like.url, token=TOKEN, cache_dir=str(tmp_path / "c"), skip_instance_cache=True,
+                           retry=FAST)
+    listed = fs.ls("user/repo/data/emb")
+    assert listed and all(e["size"] is None for e in listed if e["type"] == "file")  # the server said nothing
+    local = {p.name: p.stat().st_size for p in (repo_dir / "data" / "emb").iterdir() if p.is_file()}
+    sizes = fs.du("user/repo/data/emb", total=False)
+    assert {name.rsplit("/", 1)[1]: size for name, size in sizes.items()} == local
+    assert fs.du("user/repo/data/emb") == sum(local.values())
+    assert like.request_count(kind="content") >= len(local)  # one question per file whose size was unknown
+
+
 def test_a_server_that_ignores_range_serves_slices_and_range_reads(like, tmp_path, repo_dir):
     fs = DagsHubFileSystem(host=like.url, token=TOKEN, cache_dir=str(tmp_path / "c"), skip_instance_cache=True,
                            retry=FAST, whole_file_max=16)
