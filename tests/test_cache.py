@@ -244,7 +244,7 @@ def test_a_capped_cache_does_not_rescan_itself_for_every_stored_file(tmp_path, m
 
 
 def test_a_capped_cache_sees_what_other_processes_added_after_the_rescan_interval(tmp_path, monkeypatch):
-    import streamloader.cache as cache_module
+    import streamloader.cache.writing as cache_module
 
     monkeypatch.setattr(cache_module, "_USAGE_RESCAN", 0.2)
     root = str(tmp_path / "c")

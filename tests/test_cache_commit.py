@@ -18,8 +18,8 @@ import time
 import pytest
 
 from _helpers import git_key
-from streamloader._offpath import QUEUE, OffPathQueue, OffPathTask
 from streamloader.cache import FileCache
+from streamloader.cache.commit_queue import QUEUE, OffPathQueue, OffPathTask
 
 REAL_FSYNC = os.fsync
 
@@ -236,7 +236,7 @@ def test_a_failing_task_is_logged_and_the_queue_keeps_going(caplog):
         def run(self):
             done.append(1)
 
-    with caplog.at_level(logging.WARNING, logger="streamloader._offpath"):
+    with caplog.at_level(logging.WARNING, logger="streamloader.cache.commit_queue"):
         queue.submit(Boom())
         queue.submit(Fine())
         assert queue.drain(10)

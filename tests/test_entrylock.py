@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from streamloader import _entrylock
-from streamloader._entrylock import SHARED_LOCK_FILE, EntryLock, Timeout
+from streamloader.cache import entrylock as _entrylock
+from streamloader.cache.entrylock import SHARED_LOCK_FILE, EntryLock, Timeout
 
 DIGEST_A = "a" * 40
 DIGEST_B = "b" * 40

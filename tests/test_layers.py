@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "streamloader"
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("bottom", ("streamloader._[!_]*", "streamloader.errors", "streamloader.auth", "streamloader.remote.urls",
                 "streamloader.remote.transport")),
-    ("cache", ("streamloader.cache", "streamloader.cache.*", "streamloader.cache_report")),
+    ("cache", ("streamloader.cache", "streamloader.cache.*")),
     ("remote", ("streamloader.remote", "streamloader.remote.*")),
     ("features", ("streamloader.hooks", "streamloader.hooks.*", "streamloader.data", "streamloader.data.*",
                   "streamloader.dataloaders", "streamloader.fusemount", "streamloader.fusemount.*",
@@ -39,7 +39,7 @@ ALLOWED: Dict[Tuple[str, str], str] = {
     ("streamloader.hooks.spawn", "streamloader.hooks.install"):
         "a spawned child unpickles the parent's hooks as a call that installs them (the lifecycle ships itself "
         "through the multiprocessing patch it installs)",
-    ("streamloader.cache", "streamloader.cache_report"):
+    ("streamloader.cache.store", "streamloader.cache.report"):
         "FileCache.info()/clear(): the report reads the cache folder layout the cache defines",
 }
 

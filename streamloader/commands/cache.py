@@ -38,7 +38,7 @@ def _root(cache_dir: Optional[str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from streamloader._units import plural
-    from streamloader.cache_report import cache_report, clear_cache
+    from streamloader.cache.report import cache_report, clear_cache
 
     root = _root(args.cache_dir)
     if args.action == "info":

@@ -199,7 +199,7 @@ def _store_downloads(timeout: float = 60.0) -> None:
     The cache renames a download into place off the reader's path; Keras's process pool is dropped at the end of
     each epoch and terminates its workers, which would lose those pending renames (and download again next epoch).
     """
-    from streamloader._offpath import QUEUE
+    from streamloader.cache.commit_queue import QUEUE
 
     if not QUEUE.drain(timeout):
         log.warning("cache writes still pending after %.0f s in a Keras worker process", timeout)

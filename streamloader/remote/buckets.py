@@ -35,7 +35,7 @@ import uuid
 import weakref
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from streamloader._entrylock import EntryLock
+from streamloader.cache.entrylock import EntryLock
 from streamloader.cache import CacheKey
 from streamloader.errors import RemoteError, RemoteFileNotFoundError
 from streamloader.remote.entries import RemoteEntry

@@ -24,7 +24,7 @@ import time
 import weakref
 from typing import IO, Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Tuple
 
-from streamloader._entrylock import EntryLock
+from streamloader.cache.entrylock import EntryLock
 from streamloader._files import atomic_write
 from streamloader.cache import CacheKey, FileCache
 from streamloader.errors import IntegrityError, RemoteError, RemoteFileNotFoundError

@@ -37,7 +37,7 @@ from _helpers import git_blob_sha1, git_key
 from conftest import TOKEN
 from reliability import workers
 from reliability.hostile import HostileProxy
-from streamloader._offpath import QUEUE
+from streamloader.cache.commit_queue import QUEUE
 from streamloader.cache import CacheKey, FileCache
 from streamloader.errors import CacheError
 from streamloader.remote.filesystem import DagsHubFileSystem
@@ -192,7 +192,7 @@ def test_get_with_the_expected_size_drops_a_damaged_entry(tmp_path):
 
 
 def test_verify_full_rehashes_each_entry_once_per_process(tmp_path, monkeypatch):
-    from streamloader import _verify
+    from streamloader.cache import verify as _verify
 
     root = str(tmp_path / "c")
     path = FileCache(root).fetch(git_key(GOOD), writer(GOOD), len(GOOD))
@@ -297,7 +297,7 @@ def test_laion_skip_never_mistakes_a_deleted_cache_dir_for_missing_images(tmp_pa
 
 @pytest.mark.parametrize("sub", ["tmp", "locks", "objects", ""])
 def test_fetch_and_open_recreate_a_deleted_cache_directory(tmp_path, sub):
-    from streamloader import _entrylock
+    from streamloader.cache import entrylock as _entrylock
 
     cache = FileCache(str(tmp_path / "c"))
     first = os.urandom(3000)
@@ -467,7 +467,7 @@ def _hung_download(root: str, byte: str = "x") -> subprocess.Popen:
 
 
 def _age_sweep_stamp(root: str) -> None:
-    from streamloader import _cachescan
+    from streamloader.cache import scan as _cachescan
 
     stamp = os.path.join(root, _cachescan.SWEEP_STAMP)
     old = time.time() - _cachescan.SWEEP_INTERVAL - 1

@@ -6,7 +6,7 @@ Layout under the root (default: ``$STREAMLOADER_CACHE`` or the platform's user c
     tmp/<kind>-<d>.<pid>.<random>.part     downloads in progress (never read; swept once nobody writes them)
     locks/entries.lock                     one byte-range lock per entry (released by the kernel if the holder
                                            dies; per-entry files locks/<d[:2]>/<kind>-<d>.lock where such locks
-                                           are missing); locks/usage, locks/last-sweep: see streamloader._cachescan
+                                           are missing); locks/usage, locks/last-sweep: see streamloader.cache.scan
 
 Guarantees: a reader sees a whole verified file or nothing (download to a unique temp file, verify size and hash,
 fsync, atomic rename); concurrent processes download an entry once (per-entry lock, re-checked after locking);
@@ -20,7 +20,7 @@ entry; unlinking needs only the directory's permission); a root others can write
 (:func:`streamloader._files.secure_private_dir`). Deleted directories (``tmp/``, ``locks/``, the whole root) are
 made again when needed; a failure of the cache itself is a CacheError, never a FileNotFoundError ("no such file").
 
-Usage::
+Writing new entries is :mod:`streamloader.cache.writing` (a mixin of :class:`FileCache`). Usage::
 
     cache = FileCache()                         # or FileCache("/scratch/cache", max_size="50GB")
     key = CacheKey.from_hash("git", blob_sha1)
@@ -37,20 +37,19 @@ import time
 import weakref
 from typing import IO, BinaryIO, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
-from streamloader import _cachescan
-from streamloader._cachekey import HEX, CacheKey, file_matches
-from streamloader._entrylock import EntryLock, Timeout
-from streamloader._files import TempFileVanished, makedirs_private, rename_into_place, secure_private_dir
-from streamloader._offpath import QUEUE, OffPathTask
-from streamloader._verify import HashingWriter
-from streamloader.errors import CacheError, IntegrityError
+from streamloader._files import TempFileVanished, makedirs_private, secure_private_dir
+from streamloader.cache import scan as _cachescan
+from streamloader.cache.commit_queue import QUEUE
+from streamloader.cache.entrylock import EntryLock, Timeout
+from streamloader.cache.key import HEX, CacheKey, file_matches
+from streamloader.cache.writing import CacheWriter
+from streamloader.errors import IntegrityError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("streamloader.cache")
 
 __all__ = ["CacheKey", "FileCache", "cache_info", "default_cache_dir", "parse_size", "prune"]
 
 _TOUCH_INTERVAL = 60.0  # seconds between LRU timestamp updates of one entry
-_USAGE_RESCAN = 10.0  # seconds: how stale the shared running total of the cache size may get (see _land)
 
 
 def default_cache_dir() -> str:
@@ -74,13 +73,13 @@ def parse_size(size: Union[int, str, None]) -> Optional[int]:
     return int(float(m.group(1)) * base ** " kmgtp".index(m.group(2) or " "))
 
 
-class FileCache:
+class FileCache(CacheWriter):
     """The shared on-disk cache (see module docstring). ``max_size`` (bytes or "10GB") enables LRU eviction.
 
     ``verify``: True (default) checks downloads against size and hash and every use against the size; "full" also
     re-hashes an entry ("git", "md5" keys) on its first use in this process; False checks sizes only.
     ``corrupt_entries`` counts entries dropped. Starting sweeps dead temp files (at most every
-    ``_cachescan.SWEEP_INTERVAL`` seconds per root).
+    ``scan.SWEEP_INTERVAL`` seconds per root).
     """
 
     def __init__(self, root: Optional[str] = None, max_size: Union[int, str, None] = None,
@@ -258,38 +257,6 @@ class FileCache:
                 continue  # evicted between get() and open by another process: fetch again
         raise IntegrityError(f"cache entry {key.digest} keeps disappearing; is the cache cap too small?")
 
-    def _download_and_open(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int],
-                           opener: Callable[[str], IO]) -> Optional[IO]:
-        thread_lock = self._thread_lock(key)
-        thread_lock.acquire()
-        entry_lock: Optional[EntryLock] = self._file_lock(key)
-        try:
-            try:
-                entry_lock.acquire()
-            except Timeout:
-                raise self._lock_timeout_error(key) from None
-            if self._lookup(key, size, True) is not None:
-                return None
-            tmp, raw = self._write_temp(key, fill, size)
-            commit = _PendingCommit(self, key, tmp, raw, entry_lock, thread_lock)
-            entry_lock = None  # the commit releases both locks once the entry is in place
-            try:
-                handle = opener(tmp)
-            except FileNotFoundError:
-                commit.run()
-                if os.path.exists(tmp):
-                    raise
-                return None  # the temp file vanished (tmp/ deleted): nothing was stored; the caller tries again
-            except BaseException:
-                commit.run()
-                raise
-            QUEUE.submit(commit)
-            return handle
-        finally:
-            if entry_lock is not None:
-                entry_lock.release()
-                thread_lock.release()
-
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait until entries this process downloaded through :meth:`open` are stored; False on timeout."""
         return QUEUE.drain(timeout)
@@ -330,121 +297,9 @@ class FileCache:
                 return stored, False
         raise IntegrityError(f"cache entry {key.digest} keeps disappearing; is the cache cap too small?")
 
-    def _download_and_commit(self, key: CacheKey, fill: Callable[[BinaryIO], None],
-                             size: Optional[int]) -> Optional[int]:
-        """Download ``key`` under its locks and queue its commit: its size, or None when another thread or process
-        stored it meanwhile."""
-        thread_lock = self._thread_lock(key)
-        thread_lock.acquire()
-        entry_lock: Optional[EntryLock] = self._file_lock(key)
-        try:
-            try:
-                entry_lock.acquire()
-            except Timeout:
-                raise self._lock_timeout_error(key) from None
-            if self._lookup(key, size, True) is not None:
-                return None
-            tmp, raw = self._write_temp(key, fill, size)
-            stored = raw.tell()
-            commit = _PendingCommit(self, key, tmp, raw, entry_lock, thread_lock)
-            entry_lock = None  # the commit releases both locks once the entry is in place
-            QUEUE.submit(commit)
-            return stored
-        finally:
-            if entry_lock is not None:
-                entry_lock.release()
-                thread_lock.release()
-
     def _lock_timeout_error(self, key: CacheKey) -> IntegrityError:
         return IntegrityError(f"timed out after {self.lock_timeout}s waiting for another process to download "
                               f"cache entry {key.digest}")
-
-    def _store(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int]) -> str:
-        try:
-            return self._publish(key, *self._write_temp(key, fill, size))
-        except TempFileVanished:  # tmp/ was deleted under the download: once more, then it is a CacheError
-            self._ensure_dirs()
-            return self._publish(key, *self._write_temp(key, fill, size))
-
-    def _create_temp(self, key: CacheKey) -> Tuple[str, BinaryIO]:
-        tmp = os.path.join(self.root, "tmp", _cachescan.temp_name(key.kind, key.digest))
-        for _attempt in range(2):
-            try:
-                # unbuffered: downloads write whole chunks (a buffer would copy them, and ask isatty)
-                return tmp, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb", buffering=0)
-            except FileNotFoundError:
-                self._ensure_dirs()  # deleted under a running process: make it again
-        raise CacheError(f"cannot create a temp file in {os.path.dirname(tmp)}: the directory keeps disappearing")
-
-    def _write_temp(self, key: CacheKey, fill: Callable[[BinaryIO], None],
-                    size: Optional[int]) -> Tuple[str, BinaryIO]:
-        """Download into a new temp file and verify size and hash; returns its path and still-open file."""
-        verifier = key.hasher() if self.verify else None
-        tmp, raw = self._create_temp(key)
-        try:
-            streamed = verifier is not None and verifier.can_stream(size)
-            target: BinaryIO = HashingWriter(raw, verifier, size) if streamed else raw  # type: ignore[arg-type]
-            fill(target)
-            raw.flush()
-            got = raw.tell()
-            if size is not None and got != size:
-                raise IntegrityError(f"downloaded {got} bytes, expected {size} (cache entry {key.digest})")
-            try:
-                matches = verifier is None or verifier.verify(tmp, streamed)
-            except FileNotFoundError:  # it re-reads the temp file, which tmp/ being deleted took away
-                raise TempFileVanished(f"the temp file of cache entry {key.digest} vanished ({tmp})") from None
-            if not matches:
-                raise IntegrityError(f"content hash mismatch for cache entry {key.digest} ({key.kind})")
-        except BaseException:
-            _discard(tmp, raw)
-            raise
-        return tmp, raw
-
-    def _publish(self, key: CacheKey, tmp: str, raw: BinaryIO) -> str:
-        """Make a verified temp file durable and move it into place (readers see all of it or nothing)."""
-        final = self.path_for(key)
-        try:
-            if hasattr(os, "fchmod"):
-                os.fchmod(raw.fileno(), 0o400)  # read-only: writing to a cached file's path cannot corrupt it
-            os.fsync(raw.fileno())
-            size = os.fstat(raw.fileno()).st_size
-            raw.close()
-            if self.max_size is None:
-                rename_into_place(tmp, final)
-            else:
-                self._land(size, lambda: rename_into_place(tmp, final))
-        except BaseException:
-            _discard(tmp, raw)
-            raise
-        if self._full:
-            self._checked.add(key)
-        return final
-
-    def _land(self, size: int, rename: Callable[[], None]) -> None:
-        """Enforce ``max_size`` for a new ``size``-byte entry, then ``rename`` it into place, both under the lock of
-        the running total every process shares (:class:`~streamloader._cachescan.SharedUsage`; scanning costs
-        ~3 us per entry, 1.5 s for 500k files, so the cache is scanned only when the total would pass the cap or
-        the last scan is ``_USAGE_RESCAN`` seconds old). The new entry then finds the cache at most 90% full."""
-        cap = self.max_size
-        assert cap is not None
-
-        def scan() -> int:
-            entries = list(self._entries())
-            total = sum(st.st_size for _p, st in entries)
-            target = int(cap * 0.9) - size
-            return _cachescan.evict(entries, total, target, self._lock_for)[1] if total > target else total
-
-        self._usage.add(size, cap, _USAGE_RESCAN, scan, self.lock_timeout, rename)
-
-    def put_file(self, key: CacheKey, src_path: str) -> str:
-        """Copy a local file into the cache under ``key`` (verified like a download)."""
-        import shutil
-
-        def fill(f: BinaryIO) -> None:
-            with open(src_path, "rb") as src:
-                shutil.copyfileobj(src, f, 1 << 20)
-
-        return self.fetch(key, fill, os.path.getsize(src_path))
 
     # -- maintenance ----------------------------------------------------------------------------------------------
     def _entries(self) -> Iterator[Tuple[str, os.stat_result]]:
@@ -452,19 +307,19 @@ class FileCache:
 
     def info(self) -> Dict[str, object]:
         """``{"root", "files", "bytes", "max_size", "temp_files", "total_files", "total_bytes", "parts", ...}``:
-        ``files``/``bytes`` count finished entries, the rest every part (:mod:`streamloader.cache_report`)."""
-        from streamloader.cache_report import cache_report
+        ``files``/``bytes`` count finished entries, the rest every part (:mod:`streamloader.cache.report`)."""
+        from streamloader.cache.report import cache_report
 
         self.flush()
         return dict(cache_report(self.root, by_repo=False).as_dict(), max_size=self.max_size)
 
     def _evict(self, entries: List[Tuple[str, os.stat_result]], total: int, target: int) -> Tuple[int, int]:
-        """:func:`streamloader._cachescan.evict` with this cache's locks: (entries removed, bytes left)."""
+        """:func:`streamloader.cache.scan.evict` with this cache's locks: (entries removed, bytes left)."""
         return _cachescan.evict(entries, total, target, self._lock_for)
 
     def sweep_temp(self) -> int:
         """Delete temp files that nobody writes any more (their process is gone, or their entry's lock is free).
-        Returns how many were removed. Runs on start too, at most every ``_cachescan.SWEEP_INTERVAL`` seconds."""
+        Returns how many were removed. Runs on start too, at most every ``scan.SWEEP_INTERVAL`` seconds."""
         return _cachescan.sweep_temp(self.root, self._lock_for)
 
     def prune(self, max_size: Union[int, str, None] = None) -> Dict[str, int]:
@@ -482,55 +337,13 @@ class FileCache:
 
     def clear(self) -> int:
         """Remove every cached file, listing, feature vector and dead temp file (not downloads in progress)."""
-        from streamloader.cache_report import clear_parts
+        from streamloader.cache.report import clear_parts
 
         return sum(clear_parts(self).values())
 
 
 def _open_binary(path: str) -> IO[bytes]:
     return open(path, "rb")
-
-
-def _close_quietly(raw: BinaryIO) -> None:
-    try:
-        raw.close()
-    except OSError:
-        pass
-
-
-def _discard(tmp: str, raw: BinaryIO) -> None:
-    _close_quietly(raw)
-    try:
-        os.unlink(tmp)
-    except OSError:
-        pass
-
-
-class _PendingCommit(OffPathTask):
-    """A verified download already handed to its reader: fsync, rename into place, then release the entry's locks."""
-
-    def __init__(self, cache: FileCache, key: CacheKey, tmp: str, raw: BinaryIO, entry_lock: EntryLock,
-                 thread_lock: threading.Lock):
-        self.cache, self.key, self.tmp, self.raw = cache, key, tmp, raw
-        self.entry_lock, self.thread_lock = entry_lock, thread_lock
-
-    def __repr__(self) -> str:
-        return f"<cache commit {self.key.kind}/{self.key.digest} in {self.cache.root}>"
-
-    def run(self) -> None:
-        try:
-            self.cache._publish(self.key, self.tmp, self.raw)
-        except Exception as exc:
-            # The reader already has the verified bytes; only the cached copy is lost (the next read downloads it).
-            log.warning("could not store cache entry %s/%s: %s", self.key.kind, self.key.digest, exc)
-        finally:
-            self.entry_lock.release()
-            self.thread_lock.release()
-
-    def abandon(self) -> None:
-        # In a forked child: close the inherited copies of the fds (never unlock: the lock is the parent's).
-        self.entry_lock.forget()
-        _close_quietly(self.raw)
 
 
 _LIVE_CACHES: "weakref.WeakSet[FileCache]" = weakref.WeakSet()
@@ -546,7 +359,7 @@ os.register_at_fork(after_in_child=_renew_locks_after_fork)
 
 def cache_info(cache_dir: Optional[str] = None) -> Dict[str, object]:
     """Summary of the cache at ``cache_dir`` (default cache dir), as :meth:`FileCache.info`; creates nothing."""
-    from streamloader.cache_report import cache_report
+    from streamloader.cache.report import cache_report
 
     QUEUE.drain()
     return dict(cache_report(cache_dir, by_repo=False).as_dict(), max_size=None)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Set, Tuple
 from streamloader._units import human_size, plural
 
 if TYPE_CHECKING:
-    from streamloader.cache import FileCache
+    from streamloader.cache.store import FileCache
 
 __all__ = ["CachePart", "CacheReport", "RepoUsage", "cache_report", "clear_cache", "clear_parts", "PARTS",
            "REPO_RECORD"]
@@ -110,7 +110,7 @@ class CacheReport:
 
 
 def _root(cache_dir: Optional[str]) -> str:
-    from streamloader.cache import default_cache_dir
+    from streamloader.cache.store import default_cache_dir
 
     return os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else default_cache_dir()
 
@@ -231,7 +231,7 @@ def _object_paths(root: str, ident: Optional[dict], sha: str, parent: str, name:
                   versioning: Optional[str]) -> List[str]:
     """Where the cache may keep that file (RemoteRepo: under its content hash, or under its location when it was
     downloaded before the hash was known)."""
-    from streamloader.cache import CacheKey
+    from streamloader.cache.key import CacheKey
 
     keys = [CacheKey.from_hash(versioning, str(digest))] if digest else []
     if ident is not None:
@@ -305,6 +305,6 @@ def clear_cache(cache_dir: Optional[str] = None) -> Dict[str, int]:
     root = _root(cache_dir)
     if not os.path.isdir(root):
         return {}
-    from streamloader.cache import FileCache
+    from streamloader.cache.store import FileCache
 
     return clear_parts(FileCache(root))

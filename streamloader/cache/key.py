@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-from streamloader._verify import Verifier
+from streamloader.cache.verify import Verifier
 
 __all__ = ["CacheKey", "HEX", "file_matches"]
 

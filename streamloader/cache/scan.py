@@ -1,8 +1,8 @@
 """The cache's housekeeping, off the read path: walking objects/, sweeping dead temp files, the shared size total.
 
 Package-internal: :class:`streamloader.cache.FileCache` is the only user. Everything here works on a cache root
-and the entry locks (``lock_for(kind, digest)`` returns an :class:`~streamloader._entrylock.EntryLock`), never on
-the FileCache itself, so the cache can move into a package without dragging these along.
+and the entry locks (``lock_for(kind, digest)`` returns an :class:`~streamloader.cache.entrylock.EntryLock`), never
+on the FileCache itself.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Callable, Iterator, List, Optional, Tuple
 
-from streamloader._entrylock import EntryLock, Timeout
+from streamloader.cache.entrylock import EntryLock, Timeout
 
 log = logging.getLogger("streamloader.cache")
 

@@ -1,0 +1,236 @@
+"""The write path of :class:`~streamloader.cache.store.FileCache`: download into a temp file, verify, make it
+durable and rename it into place, enforcing the size cap on the way in.
+
+:class:`CacheWriter` is a mixin of ``FileCache`` (it uses the store's layout, locks and lookups, declared below for
+type checkers only); :class:`_PendingCommit` is the part of a miss that a reader need not wait for, handed to the
+background :data:`~streamloader.cache.commit_queue.QUEUE`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import IO, TYPE_CHECKING, BinaryIO, Callable, Iterator, Optional, Set, Tuple
+
+from streamloader._files import TempFileVanished, rename_into_place
+from streamloader.cache import scan as _cachescan
+from streamloader.cache.commit_queue import QUEUE, OffPathTask
+from streamloader.cache.entrylock import EntryLock, Timeout
+from streamloader.cache.key import CacheKey
+from streamloader.cache.verify import HashingWriter
+from streamloader.errors import CacheError, IntegrityError
+
+log = logging.getLogger("streamloader.cache")
+
+__all__ = ["CacheWriter"]
+
+_USAGE_RESCAN = 10.0  # seconds: how stale the shared running total of the cache size may get (see _land)
+
+
+class CacheWriter:
+    """Storing new entries: the methods of :class:`~streamloader.cache.store.FileCache` that write."""
+
+    if TYPE_CHECKING:  # provided by FileCache
+        root: str
+        max_size: Optional[int]
+        verify: object
+        lock_timeout: float
+        _full: bool
+        _checked: Set[CacheKey]
+        _usage: _cachescan.SharedUsage
+
+        def _ensure_dirs(self) -> None: ...
+        def path_for(self, key: CacheKey) -> str: ...
+        def _lock_for(self, kind: str, digest: str) -> EntryLock: ...
+        def _file_lock(self, key: CacheKey) -> EntryLock: ...
+        def _thread_lock(self, key: CacheKey) -> threading.Lock: ...
+        def _lookup(self, key: CacheKey, size: Optional[int], locked: bool) -> Optional[str]: ...
+        def _lock_timeout_error(self, key: CacheKey) -> IntegrityError: ...
+        def _entries(self) -> Iterator[Tuple[str, os.stat_result]]: ...
+        def fetch(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int] = None) -> str: ...
+
+    def _download_and_open(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int],
+                           opener: Callable[[str], IO]) -> Optional[IO]:
+        thread_lock = self._thread_lock(key)
+        thread_lock.acquire()
+        entry_lock: Optional[EntryLock] = self._file_lock(key)
+        try:
+            try:
+                entry_lock.acquire()
+            except Timeout:
+                raise self._lock_timeout_error(key) from None
+            if self._lookup(key, size, True) is not None:
+                return None
+            tmp, raw = self._write_temp(key, fill, size)
+            commit = _PendingCommit(self, key, tmp, raw, entry_lock, thread_lock)
+            entry_lock = None  # the commit releases both locks once the entry is in place
+            try:
+                handle = opener(tmp)
+            except FileNotFoundError:
+                commit.run()
+                if os.path.exists(tmp):
+                    raise
+                return None  # the temp file vanished (tmp/ deleted): nothing was stored; the caller tries again
+            except BaseException:
+                commit.run()
+                raise
+            QUEUE.submit(commit)
+            return handle
+        finally:
+            if entry_lock is not None:
+                entry_lock.release()
+                thread_lock.release()
+
+    def _download_and_commit(self, key: CacheKey, fill: Callable[[BinaryIO], None],
+                             size: Optional[int]) -> Optional[int]:
+        """Download ``key`` under its locks and queue its commit: its size, or None when another thread or process
+        stored it meanwhile."""
+        thread_lock = self._thread_lock(key)
+        thread_lock.acquire()
+        entry_lock: Optional[EntryLock] = self._file_lock(key)
+        try:
+            try:
+                entry_lock.acquire()
+            except Timeout:
+                raise self._lock_timeout_error(key) from None
+            if self._lookup(key, size, True) is not None:
+                return None
+            tmp, raw = self._write_temp(key, fill, size)
+            stored = raw.tell()
+            commit = _PendingCommit(self, key, tmp, raw, entry_lock, thread_lock)
+            entry_lock = None  # the commit releases both locks once the entry is in place
+            QUEUE.submit(commit)
+            return stored
+        finally:
+            if entry_lock is not None:
+                entry_lock.release()
+                thread_lock.release()
+
+    def _store(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int]) -> str:
+        try:
+            return self._publish(key, *self._write_temp(key, fill, size))
+        except TempFileVanished:  # tmp/ was deleted under the download: once more, then it is a CacheError
+            self._ensure_dirs()
+            return self._publish(key, *self._write_temp(key, fill, size))
+
+    def _create_temp(self, key: CacheKey) -> Tuple[str, BinaryIO]:
+        tmp = os.path.join(self.root, "tmp", _cachescan.temp_name(key.kind, key.digest))
+        for _attempt in range(2):
+            try:
+                # unbuffered: downloads write whole chunks (a buffer would copy them, and ask isatty)
+                return tmp, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb", buffering=0)
+            except FileNotFoundError:
+                self._ensure_dirs()  # deleted under a running process: make it again
+        raise CacheError(f"cannot create a temp file in {os.path.dirname(tmp)}: the directory keeps disappearing")
+
+    def _write_temp(self, key: CacheKey, fill: Callable[[BinaryIO], None],
+                    size: Optional[int]) -> Tuple[str, BinaryIO]:
+        """Download into a new temp file and verify size and hash; returns its path and still-open file."""
+        verifier = key.hasher() if self.verify else None
+        tmp, raw = self._create_temp(key)
+        try:
+            streamed = verifier is not None and verifier.can_stream(size)
+            target: BinaryIO = HashingWriter(raw, verifier, size) if streamed else raw  # type: ignore[arg-type]
+            fill(target)
+            raw.flush()
+            got = raw.tell()
+            if size is not None and got != size:
+                raise IntegrityError(f"downloaded {got} bytes, expected {size} (cache entry {key.digest})")
+            try:
+                matches = verifier is None or verifier.verify(tmp, streamed)
+            except FileNotFoundError:  # it re-reads the temp file, which tmp/ being deleted took away
+                raise TempFileVanished(f"the temp file of cache entry {key.digest} vanished ({tmp})") from None
+            if not matches:
+                raise IntegrityError(f"content hash mismatch for cache entry {key.digest} ({key.kind})")
+        except BaseException:
+            _discard(tmp, raw)
+            raise
+        return tmp, raw
+
+    def _publish(self, key: CacheKey, tmp: str, raw: BinaryIO) -> str:
+        """Make a verified temp file durable and move it into place (readers see all of it or nothing)."""
+        final = self.path_for(key)
+        try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(raw.fileno(), 0o400)  # read-only: writing to a cached file's path cannot corrupt it
+            os.fsync(raw.fileno())
+            size = os.fstat(raw.fileno()).st_size
+            raw.close()
+            if self.max_size is None:
+                rename_into_place(tmp, final)
+            else:
+                self._land(size, lambda: rename_into_place(tmp, final))
+        except BaseException:
+            _discard(tmp, raw)
+            raise
+        if self._full:
+            self._checked.add(key)
+        return final
+
+    def _land(self, size: int, rename: Callable[[], None]) -> None:
+        """Enforce ``max_size`` for a new ``size``-byte entry, then ``rename`` it into place, both under the lock of
+        the running total every process shares (:class:`~streamloader.cache.scan.SharedUsage`; scanning costs
+        ~3 us per entry, 1.5 s for 500k files, so the cache is scanned only when the total would pass the cap or
+        the last scan is ``_USAGE_RESCAN`` seconds old). The new entry then finds the cache at most 90% full."""
+        cap = self.max_size
+        assert cap is not None
+
+        def scan() -> int:
+            entries = list(self._entries())
+            total = sum(st.st_size for _p, st in entries)
+            target = int(cap * 0.9) - size
+            return _cachescan.evict(entries, total, target, self._lock_for)[1] if total > target else total
+
+        self._usage.add(size, cap, _USAGE_RESCAN, scan, self.lock_timeout, rename)
+
+    def put_file(self, key: CacheKey, src_path: str) -> str:
+        """Copy a local file into the cache under ``key`` (verified like a download)."""
+        import shutil
+
+        def fill(f: BinaryIO) -> None:
+            with open(src_path, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 20)
+
+        return self.fetch(key, fill, os.path.getsize(src_path))
+
+
+def _close_quietly(raw: BinaryIO) -> None:
+    try:
+        raw.close()
+    except OSError:
+        pass
+
+
+def _discard(tmp: str, raw: BinaryIO) -> None:
+    _close_quietly(raw)
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
+class _PendingCommit(OffPathTask):
+    """A verified download already handed to its reader: fsync, rename into place, then release the entry's locks."""
+
+    def __init__(self, cache: CacheWriter, key: CacheKey, tmp: str, raw: BinaryIO, entry_lock: EntryLock,
+                 thread_lock: threading.Lock):
+        self.cache, self.key, self.tmp, self.raw = cache, key, tmp, raw
+        self.entry_lock, self.thread_lock = entry_lock, thread_lock
+
+    def __repr__(self) -> str:
+        return f"<cache commit {self.key.kind}/{self.key.digest} in {self.cache.root}>"
+
+    def run(self) -> None:
+        try:
+            self.cache._publish(self.key, self.tmp, self.raw)
+        except Exception as exc:
+            # The reader already has the verified bytes; only the cached copy is lost (the next read downloads it).
+            log.warning("could not store cache entry %s/%s: %s", self.key.kind, self.key.digest, exc)
+        finally:
+            self.entry_lock.release()
+            self.thread_lock.release()
+
+    def abandon(self) -> None:
+        # In a forked child: close the inherited copies of the fds (never unlock: the lock is the parent's).
+        self.entry_lock.forget()
+        _close_quietly(self.raw)
