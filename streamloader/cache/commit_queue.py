@@ -18,6 +18,8 @@ import os
 import threading
 from typing import Deque, Optional
 
+from streamloader import _forksafe
+
 log = logging.getLogger(__name__)
 
 __all__ = ["OffPathTask", "OffPathQueue", "QUEUE"]
@@ -143,5 +145,5 @@ def _run_logged(task: OffPathTask) -> None:
 
 
 QUEUE = OffPathQueue()
-os.register_at_fork(before=QUEUE._before_fork, after_in_parent=QUEUE._after_fork_in_parent,
-                    after_in_child=QUEUE._after_fork_in_child)
+_forksafe.register(before=QUEUE._before_fork, after_in_parent=QUEUE._after_fork_in_parent,
+                   after_in_child=QUEUE._after_fork_in_child)

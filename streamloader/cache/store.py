@@ -37,6 +37,7 @@ import time
 import weakref
 from typing import IO, BinaryIO, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
+from streamloader import _forksafe
 from streamloader._files import TempFileVanished, makedirs_private, secure_private_dir
 from streamloader.cache import scan as _cachescan
 from streamloader.cache.commit_queue import QUEUE
@@ -354,7 +355,7 @@ def _renew_locks_after_fork() -> None:
         cache._after_fork()
 
 
-os.register_at_fork(after_in_child=_renew_locks_after_fork)
+_forksafe.register(after_in_child=_renew_locks_after_fork)
 
 
 def cache_info(cache_dir: Optional[str] = None) -> Dict[str, object]:

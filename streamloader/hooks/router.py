@@ -16,6 +16,8 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
+from streamloader import _forksafe
+
 if TYPE_CHECKING:
     from streamloader.remote.prefetch import PrefetchResult
     from streamloader.remote.repo import RemoteRepo
@@ -226,8 +228,7 @@ def _reset_lock_after_fork() -> None:
     _lock = threading.RLock()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_lock_after_fork)
+_forksafe.register(after_in_child=_reset_lock_after_fork)
 
 
 def resolve(path: Any) -> Optional[Tuple[HookedRoot, str]]:

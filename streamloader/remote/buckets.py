@@ -35,8 +35,9 @@ import uuid
 import weakref
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from streamloader.cache.entrylock import EntryLock
+from streamloader import _forksafe
 from streamloader.cache import CacheKey
+from streamloader.cache.entrylock import EntryLock
 from streamloader.errors import RemoteError, RemoteFileNotFoundError
 from streamloader.remote.entries import RemoteEntry
 from streamloader.remote.listings import DirListing, ListingStore
@@ -434,4 +435,4 @@ def _renew_locks_after_fork() -> None:
         buckets._after_fork()
 
 
-os.register_at_fork(before=_prepare_fork, after_in_child=_renew_locks_after_fork)
+_forksafe.register(before=_prepare_fork, after_in_child=_renew_locks_after_fork)

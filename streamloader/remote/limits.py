@@ -44,6 +44,7 @@ from dataclasses import dataclass, fields, replace
 from datetime import timezone
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from streamloader import _forksafe
 from streamloader._files import makedirs_private
 from streamloader.errors import HostUnreachableError, RemoteError
 from streamloader.remote._slots import HEADER_SIZE, OFD_LOCKS, FileSlots, LocalSlots
@@ -399,5 +400,4 @@ def _after_fork_in_child() -> None:
         limiter._after_fork()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_forksafe.register(after_in_child=_after_fork_in_child)

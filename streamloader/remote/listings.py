@@ -30,6 +30,7 @@ import time
 import weakref
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
+from streamloader import _forksafe
 from streamloader._files import makedirs_private
 from streamloader.remote.entries import RemoteEntry
 
@@ -304,8 +305,7 @@ def _after_fork_in_child() -> None:
         store._renew()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_forksafe.register(after_in_child=_after_fork_in_child)
 
 
 def _remove_tree(path: str, owner_pid: int) -> None:

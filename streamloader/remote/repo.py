@@ -24,9 +24,10 @@ import time
 import weakref
 from typing import IO, Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Tuple
 
-from streamloader.cache.entrylock import EntryLock
+from streamloader import _forksafe
 from streamloader._files import atomic_write
 from streamloader.cache import CacheKey, FileCache
+from streamloader.cache.entrylock import EntryLock
 from streamloader.errors import IntegrityError, RemoteError, RemoteFileNotFoundError
 from streamloader.remote.buckets import Buckets, is_bucket_path
 from streamloader.remote.client import DagsHubClient
@@ -549,4 +550,4 @@ def _renew_locks_after_fork() -> None:
         repo._after_fork()
 
 
-os.register_at_fork(after_in_child=_renew_locks_after_fork)
+_forksafe.register(after_in_child=_renew_locks_after_fork)
