@@ -1,4 +1,4 @@
-"""The nine benchmark cases: each runs its sides (in child processes) and turns them into table rows.
+"""The benchmark cases (P10 in :mod:`.cases_scale`, P11 in :mod:`.cases_mount`, P12-P14 in :mod:`.cases_fetch`): each runs its sides (in child processes) and turns them into table rows.
 
 Ratios are always "how many times better streamloader is", so a goal reads the same way for every row, except
 P4 (time with hooks / time without: lower is better) and the absolute goals (P7, P8, P9).
@@ -12,7 +12,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Dict, List
 
-from benchmarks import cases_mount, cases_scale
+from benchmarks import cases_fetch, cases_mount, cases_scale
+from benchmarks.cases_fetch import case_p12, case_p13, case_p14
 from benchmarks.cases_mount import case_p11
 from benchmarks.cases_scale import case_p10
 from benchmarks.report import CaseResult
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from benchmarks.runner import BenchContext
 
 __all__ = ["TITLES", "GOALS", "case_p1", "case_p2", "case_p2n", "case_p3", "case_p4", "case_p5", "case_p6", "case_p7",
-           "case_p8", "case_p9", "case_p10", "case_p11"]
+           "case_p8", "case_p9", "case_p10", "case_p11", "case_p12", "case_p13", "case_p14"]
 
 TITLES = {
     "P1": "cold epoch, streamloader dataset (background prefetch) vs guide loop + official hooks",
@@ -36,11 +37,12 @@ TITLES = {
     "P9": "processes cold-reading the same files through one cache: file GETs",
     "P10": cases_scale.TITLE,
     "P11": cases_mount.TITLE,
+    **cases_fetch.TITLES,
 }
 GOALS = {
     "P1": ">= 30x", "P2": ">= 2x", "P2n": ">= 2x", "P3": ">= 0.9x", "P4": "<= 1.05x", "P5": ">= 50x", "P6": ">= 1.0x",
     "P7": ">= 500k rows/s", "P8": "<= 200 MB", "P9": "== files", "P10": cases_scale.GOAL,
-    "P11": cases_mount.GOAL,
+    "P11": cases_mount.GOAL, **cases_fetch.GOALS,
 }
 
 def _guide_loop(ctx: "BenchContext", client: str) -> Dict[str, Any]:

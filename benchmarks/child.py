@@ -34,7 +34,7 @@ class ChildError(RuntimeError):
 
 
 def _tasks() -> Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]:
-    from benchmarks import sides_local, sides_mount, sides_remote, sides_scale
+    from benchmarks import sides_fetch, sides_local, sides_mount, sides_remote, sides_scale
 
     return {
         "guide_loop": sides_remote.guide_loop,
@@ -54,12 +54,13 @@ def _tasks() -> Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]]:
         "local_read": sides_mount.local_read,
         "official_mount_read": sides_mount.official_mount_read,
         "official_hooks_read": sides_mount.official_hooks_read,
+        "cold_fetch": sides_fetch.cold_fetch,
     }
 
 
 TASKS = ("guide_loop", "one_get_floor", "dataset_epoch", "warm_epoch", "shared_cache_reader", "stream_tar",
          "hook_overhead", "feature_epoch", "tar_loaders", "labels_speed", "scale_first_image", "scale_listdir",
-         "scale_loader", "mount_read", "local_read", "official_mount_read", "official_hooks_read")
+         "scale_loader", "mount_read", "local_read", "official_mount_read", "official_hooks_read", "cold_fetch")
 
 
 def run_child(task: str, params: Mapping[str, Any], out_path: str, *, env: Optional[Mapping[str, str]] = None,

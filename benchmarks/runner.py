@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["BenchSizes", "FULL", "QUICK", "BenchContext", "run_benchmarks", "CASE_IDS", "parse_only"]
 
-CASE_IDS = ("P1", "P2", "P2n", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P11")
+CASE_IDS = ("P1", "P2", "P2n", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P11", "P12", "P13", "P14")
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,14 @@ class BenchSizes:
     p10_images: int = 64  # images P10c's DataLoader reads
     p11_official_files: int = 300  # JPEGs the official hooks read one by one for P11 (per-file time x n_images)
     p11_warm_mounts: int = 3  # fresh mounts over the warm cache for P11b; the median counts
+    p12_files: int = 1500  # P12: small files fetched cold by fs.prefetch and by fsspec's filecache (per server mode)
+    p12_rounds: int = 3  # interleaved rounds of both sides; the medians count
+    p13_files: int = 2000  # P13: a fixed 32 in flight takes ~6 s for these at 100 ms
+    p13_latency: float = 0.1
+    p13_server_limit: int = 128  # the server answers 429 above this many requests in flight
+    p13_rounds: int = 2
+    p14_files: int = 1500  # P14: client CPU per file, no latency
+    p14_rounds: int = 2
 
 
 FULL = BenchSizes()
@@ -65,7 +73,8 @@ QUICK = BenchSizes(n_images=24, p2_floor_files=24, p3_repeats=1, p3_processes=1,
                    p4_helper_n=2000, p5_images=8, p6_shards=2, p6_per_shard=32, p6_repeats=1, p7_rows=20_000,
                    p8_samples=40, p8_sample_bytes=100_000, p9_files=24, p9_processes=4,
                    p10_files=3000, p10_images=8, p2n_files=24,
-                   p11_official_files=24, p11_warm_mounts=1)
+                   p11_official_files=24, p11_warm_mounts=1, p12_files=24, p12_rounds=1, p13_files=24,
+                   p13_rounds=1, p14_files=24, p14_rounds=1)
 
 
 def parse_only(text: Optional[str]) -> List[str]:

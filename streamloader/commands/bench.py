@@ -21,7 +21,7 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "bench", help="measure streamloader side by side with the official client and local baselines (checkout only)",
         description="Run the source checkout's scripts/bench.py: generate synthetic data, start a local server with "
-                    "injected latency, run each case (P1-P11) and print one table of ratios. The full run takes "
+                    "injected latency, run each case (P1-P14) and print one table of ratios. The full run takes "
                     "several minutes; --quick takes seconds (tiny sizes: the figures only show that every case "
                     "works). Exit code 1 if a case failed to run, else 0, whether or not the goals were met; 2 when "
                     "streamloader is not installed from a source checkout.")

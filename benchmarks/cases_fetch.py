@@ -1,0 +1,180 @@
+"""P12-P14: cold fetch of many small files, side by side with fsspec and with a fixed concurrency.
+
+* P12: ``fs.prefetch`` vs fsspec's ``filecache`` over its ``http`` filesystem (aiohttp), ``fs.cat(urls)`` of the
+  same files' raw URLs, at the bench's latency, against the default server and against one that leaves Nagle's
+  algorithm on (P12n); P12b: streamloader's fetch phase against the bound N x latency / 32.
+* P13: 100 ms latency, a server that accepts 128 requests in flight (429 above): the default (adaptive) prefetch vs
+  ``max_concurrency=32``; the peak in flight is the server's count.
+* P14: client CPU per file of a concurrent fetch, no latency (server in another process), fsspec's beside it.
+
+Every side runs in a fresh process with a fresh cache (and so a fresh host limiter); the sides take turns round by
+round (alternating who goes first) and the medians count. The sides are in :mod:`.sides_fetch`.
+"""
+from __future__ import annotations
+
+import statistics
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from benchmarks.report import CaseResult
+from benchmarks.sides_fetch import fsspec_http_missing
+
+if TYPE_CHECKING:
+    from benchmarks.runner import BenchContext
+
+__all__ = ["TITLES", "GOALS", "case_p12", "case_p13", "case_p14"]
+
+TITLES = {
+    "P12": "cold fetch of small files: fs.prefetch vs fsspec filecache over http (aiohttp), fs.cat(urls)",
+    "P13": "100 ms latency, server accepting 128 in flight: prefetch, adaptive (default) vs max_concurrency=32",
+    "P14": "client CPU per small file, concurrent fetch, no latency (fsspec filecache as baseline)",
+}
+GOALS = {"P12": ">= 1.5x", "P13": ">= 2.5x", "P14": "<= 0.5 ms"}
+FETCH_PHASE_GOAL = 0.85  # P12b: fraction of the bound N x latency / C
+
+
+def _paths(ctx: "BenchContext", n: int) -> List[str]:
+    return [f"data/{i:08d}.jpg" for i in range(min(n, ctx.sizes.n_images))]
+
+
+def _peak_in_flight(ctx: "BenchContext") -> int:
+    """The most raw GETs the server had in flight at once since the last reset (its own count)."""
+    return max((int(e.get("in_flight") or 0) for e in ctx.server.request_log
+                if e["kind"] == "raw" and e["method"] == "GET"), default=0)
+
+
+def _rounds(ctx: "BenchContext", sides: Mapping[str, Mapping[str, Any]], paths: Sequence[str],
+            rounds: int) -> Dict[str, List[Dict[str, Any]]]:
+    """Run every side once per round, in fresh processes and caches, alternating the order; each run gets the
+    server's peak in flight and the raw GETs it made added to its figures."""
+    runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in sides}
+    names = list(sides)
+    for number in range(rounds):
+        for name in (names if number % 2 == 0 else names[::-1]):
+            ctx.server.reset_counts()
+            result = ctx.child("cold_fetch", {**sides[name], "repo_url": ctx.repo_url, "paths": list(paths)})
+            result["peak_in_flight"] = _peak_in_flight(ctx)
+            result["raw_gets"] = sum(ctx.raw_gets().values())
+            runs[name].append(result)
+    reference = {(run["files"], run["bytes"]) for side in runs.values() for run in side}
+    if len(reference) != 1:
+        raise RuntimeError(f"the sides fetched different files/bytes: {sorted(reference)}")
+    return runs
+
+
+def _of_rounds(n: int) -> str:
+    return f"median of {n} rounds" if n > 1 else "1 round"
+
+
+def _median(runs: Sequence[Mapping[str, Any]], key: str) -> float:
+    return float(statistics.median(run[key] for run in runs))
+
+
+def _ratio(baseline: float, ours: float) -> float:
+    return baseline / ours if ours > 0 else float("inf")
+
+
+def _fetch_sides(missing: Optional[str]) -> Dict[str, Dict[str, Any]]:
+    sides: Dict[str, Dict[str, Any]] = {"streamloader": {"engine": "streamloader"}}
+    if missing is None:
+        sides["fsspec"] = {"engine": "fsspec"}
+    return sides
+
+
+def _p12_mode(ctx: "BenchContext", mode: str, paths: Sequence[str], missing: Optional[str]) -> Tuple[CaseResult,
+                                                                                                      Dict[str, Any]]:
+    sizes = ctx.sizes
+    if mode == "nagle":
+        ctx.server.set_faults(nagle=True)  # new connections only: every side is a new process
+    try:
+        runs = _rounds(ctx, _fetch_sides(missing), paths, sizes.p12_rounds)
+    finally:
+        if mode == "nagle":
+            ctx.server.set_faults(nagle=False)
+    ours = _median(runs["streamloader"], "seconds")
+    peak = int(statistics.median(run["peak_in_flight"] for run in runs["streamloader"]))
+    row_id = "P12" if mode == "default" else "P12n"
+    where = "default server" if mode == "default" else "server with Nagle on"
+    base = (f"{TITLES['P12']} ({len(paths)} JPEGs, {sizes.latency * 1e3:.0f} ms, {where}, "
+            f"{_of_rounds(sizes.p12_rounds)}; server-side peak in flight {peak}")
+    details: Dict[str, Any] = {"mode": mode, "runs": runs, "ours_s": ours, "ours_peak_in_flight": peak}
+    if missing is not None:
+        return (CaseResult(row_id, f"{base}) -- fsspec side NOT RUN: {missing}", ours, None, "s", None,
+                           GOALS["P12"], None, details=details), details)
+    theirs = _median(runs["fsspec"], "seconds")
+    their_peak = int(statistics.median(run["peak_in_flight"] for run in runs["fsspec"]))
+    ratio = _ratio(theirs, ours)
+    details.update(fsspec_s=theirs, fsspec_peak_in_flight=their_peak,
+                   round_ratios=[_ratio(t["seconds"], o["seconds"])
+                                 for t, o in zip(runs["fsspec"], runs["streamloader"])])
+    return (CaseResult(row_id, f"{base} vs {their_peak})", ours, theirs, "s", ratio, GOALS["P12"], ratio >= 1.5,
+                       details=details), details)
+
+
+def case_p12(ctx: "BenchContext") -> List[CaseResult]:
+    """P12 (default server), P12n (Nagle on) and P12b (P12's fetch phase vs N x latency / 32)."""
+    sizes = ctx.sizes
+    paths = _paths(ctx, sizes.p12_files)
+    missing = fsspec_http_missing()
+    default_row, default = _p12_mode(ctx, "default", paths, missing)
+    nagle_row, _nagle = _p12_mode(ctx, "nagle", paths, missing)
+    concurrency = sizes.concurrency
+    bound = len(paths) * sizes.latency / concurrency
+    fraction = bound / default["ours_s"] if default["ours_s"] > 0 else float("inf")
+    at_ceiling = len(paths) * sizes.latency / 128
+    extra = (f"; fsspec: {bound / default['fsspec_s']:.2f} of it" if "fsspec_s" in default else "")
+    bound_row = CaseResult(
+        "P12b", f"P12 fetch phase (default server) vs bound N*latency/{concurrency} = {bound:.2f} s (vs N*latency/128 "
+                f"= {at_ceiling:.2f} s: {at_ceiling / default['ours_s']:.2f}{extra})",
+        default["ours_s"], bound, "s", fraction, f">= {FETCH_PHASE_GOAL}x", fraction >= FETCH_PHASE_GOAL,
+        details={"bound_s": bound, "bound_at_128_s": at_ceiling, "ours_s": default["ours_s"]})
+    return [default_row, nagle_row, bound_row]
+
+
+def case_p13(ctx: "BenchContext") -> List[CaseResult]:
+    """100 ms per request, the server answers 429 above 128 in flight: adaptive prefetch vs a fixed 32."""
+    sizes = ctx.sizes
+    paths = _paths(ctx, sizes.p13_files)
+    sides = {"adaptive": {"engine": "streamloader"}, "fixed32": {"engine": "streamloader", "concurrency": 32}}
+    ctx.server.set_faults(latency=sizes.p13_latency, concurrency_limit=sizes.p13_server_limit)
+    try:
+        runs = _rounds(ctx, sides, paths, sizes.p13_rounds)
+    finally:
+        ctx.server.set_faults(latency=sizes.latency, concurrency_limit=0)
+    adaptive, fixed = _median(runs["adaptive"], "seconds"), _median(runs["fixed32"], "seconds")
+    peaks = {name: max(run["peak_in_flight"] for run in side) for name, side in runs.items()}
+    throttled = {name: sum(run["raw_gets"] - run["files"] for run in side) for name, side in runs.items()}
+    ratio = _ratio(fixed, adaptive)
+    n = len(paths)
+    title = (f"{TITLES['P13']} ({n} JPEGs, {_of_rounds(sizes.p13_rounds)}; {n / adaptive:.0f} vs "
+             f"{n / fixed:.0f} files/s; server-side peak in flight {peaks['adaptive']} vs {peaks['fixed32']}; "
+             f"extra GETs (429s retried) {throttled['adaptive']})")
+    return [CaseResult("P13", title, adaptive, fixed, "s", ratio, GOALS["P13"], ratio >= 2.5,
+                       details={"runs": runs, "peak_in_flight": peaks, "extra_gets": throttled,
+                                "latency": sizes.p13_latency, "server_limit": sizes.p13_server_limit})]
+
+
+def case_p14(ctx: "BenchContext") -> List[CaseResult]:
+    """Client CPU per file of a concurrent cold fetch with no latency (server in another process)."""
+    sizes = ctx.sizes
+    paths = _paths(ctx, sizes.p14_files)
+    missing = fsspec_http_missing()
+    sides = _fetch_sides(missing)
+    sides["one_process"] = {"engine": "streamloader", "processes": 1}
+    ctx.server.set_faults(latency=0.0)
+    try:
+        runs = _rounds(ctx, sides, paths, sizes.p14_rounds)
+    finally:
+        ctx.server.set_faults(latency=sizes.latency)
+    ours = _median(runs["streamloader"], "cpu_ms_per_file")
+    one = _median(runs["one_process"], "cpu_ms_per_file")
+    parent = statistics.median(run["self_cpu_s"] for run in runs["streamloader"]) / max(1, len(paths)) * 1e3
+    title = (f"{TITLES['P14']} ({len(paths)} JPEGs, {_of_rounds(sizes.p14_rounds)}; CPU of the client's "
+             f"process + its prefetch workers; parent alone {parent:.2f} ms, processes=1: {one:.2f} ms")
+    goal = float(GOALS["P14"].split()[1])
+    details: Dict[str, Any] = {"runs": runs, "one_process_ms": one, "parent_only_ms": parent}
+    if missing is not None:
+        return [CaseResult("P14", f"{title}) -- fsspec side NOT RUN: {missing}", ours, None, "ms", None,
+                           GOALS["P14"], ours <= goal, details=details)]
+    theirs = _median(runs["fsspec"], "cpu_ms_per_file")
+    return [CaseResult("P14", f"{title})", ours, theirs, "ms", _ratio(theirs, ours), GOALS["P14"], ours <= goal,
+                       details={**details, "fsspec_ms": theirs})]
