@@ -107,8 +107,9 @@ def _same_repo(a: str, b: str) -> bool:
 def install_config(config: HookConfig, token: Any = None, inherited: bool = False) -> HookedRoot:
     """Build the remote side of ``config``, resolve its commit, then register it and patch (first root only)."""
     from streamloader.cache import FileCache
-    from streamloader.remote.client import DagsHubClient, RetryPolicy
+    from streamloader.remote.client import DagsHubClient
     from streamloader.remote.repo import RemoteRepo
+    from streamloader.remote.retry import RetryPolicy
 
     with router.lock():
         existing = _overlapping(config.project_root, config.repo_url)

@@ -25,9 +25,10 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from streamloader.cache import FileCache
-from streamloader.remote.client import DagsHubClient, RetryPolicy
+from streamloader.remote.client import DagsHubClient
 from streamloader.remote.entries import RemoteEntry
 from streamloader.remote.repo import RemoteRepo
+from streamloader.remote.retry import RetryPolicy
 from streamloader.remote.urls import RepoRef, normalize_host, split_credentials, split_repo_path
 
 __all__ = ["DagsHubFileSystem"]
