@@ -24,7 +24,7 @@ import requests
 from streamloader.errors import AuthenticationError, RemoteError, RemoteFileNotFoundError, RepositoryNotFoundError
 from streamloader.remote.answers import follow_pages, json_values, stream_json
 from streamloader.remote.credentials import Credentials, OriginBearerAuth, TokenAcquired, take_url_token
-from streamloader.remote.download import copy_body, plan_body
+from streamloader.remote.download import receive_body
 from streamloader.remote.entries import RemoteEntry, file_entry, parse_entries
 from streamloader.remote.limits import HostLimiter, host_limiter, parse_retry_after
 from streamloader.remote.retry import RETRY_STATUSES, RetryPolicy, Transient, retrying
@@ -396,22 +396,8 @@ class DagsHubClient:
                     # a presigned storage URL that expired (or was refused): ask the raw URL again for a new one
                     raise Transient(f"HTTP 403 from the storage host {origin_of(body.url)} (expired link?)", 403)
                 self._raise_for_status(body.status, body.headers, url, path)
-                skip, want, total = plan_body(body, path, start, end, ranged)
-                if total is not None and on_size is not None:
-                    on_size(total)
-                limit = want if want is not None else expected_size if not ranged else None
-                if expected_size is not None and not ranged and want is not None and want != expected_size:
-                    mismatches.append(want)
-                    message = f"{path!r} is {want} bytes on the server, {expected_size} expected"
-                    if len(mismatches) > 1:  # said twice: not a passing glitch
-                        raise RemoteError(message, url=url)
-                    raise Transient(message)
-                written = copy_body(body, fileobj, skip, limit, ranged and body.status == 200, path, url)
-                if want is not None and written != want:
-                    raise Transient(f"short body: {written} of {want} bytes")
-                if expected_size is not None and not ranged and written != expected_size:
-                    raise Transient(f"size mismatch: got {written} bytes, expected {expected_size}")
-                return written
+                return receive_body(body, fileobj, path, url, start, end, ranged, expected_size, on_size,
+                                    mismatches)
 
         return self._call(attempt, f"download of {path!r}", url)
 

@@ -1,19 +1,20 @@
-"""Reading response bodies: a file download's body checked and copied (:func:`plan_body`, :func:`copy_body`).
+"""Reading a file download's body: each answer planned (bytes to skip and to keep, from its ``Content-Length`` and,
+for a 206, its ``Content-Range`` checked against the range asked for; a 200 to a ranged request is sliced), copied,
+and checked against the size expected (:func:`receive_body`, on :func:`plan_body` and :func:`copy_body`).
 
-:meth:`~streamloader.remote.client.DagsHubClient.download` plans each answer (bytes to skip and to keep, from its
-``Content-Length`` and, for a 206, its ``Content-Range`` checked against the range asked for; a 200 to a ranged
-request is sliced) and copies it; every mismatch is a :class:`~streamloader.remote.retry.Transient` failure.
+:meth:`~streamloader.remote.client.DagsHubClient.download` runs one attempt per answer under its retry policy:
+every mismatch here is a :class:`~streamloader.remote.retry.Transient` failure, tried again from the start.
 """
 from __future__ import annotations
 
 import re
-from typing import Any, BinaryIO, Optional
+from typing import Any, BinaryIO, Callable, List, Optional
 
 from streamloader.errors import RemoteError
 from streamloader.remote.retry import Transient
 from streamloader.remote.transport import TransportError
 
-__all__ = ["CHUNK", "copy_body", "plan_body"]
+__all__ = ["CHUNK", "copy_body", "plan_body", "receive_body"]
 
 CHUNK = 1 << 18
 
@@ -81,4 +82,27 @@ def copy_body(body: Any, fileobj: BinaryIO, skip: int, limit: Optional[int], sli
                 return written
     except TransportError as exc:
         raise Transient(str(exc), outcome=exc.outcome) from None
+    return written
+
+
+def receive_body(body: Any, fileobj: BinaryIO, path: str, url: str, start: int, end: Optional[int], ranged: bool,
+                 expected_size: Optional[int], on_size: Optional[Callable[[int], None]], mismatches: List[int]) -> int:
+    """One download attempt's answer (its status already checked) copied into ``fileobj``, checked on the way
+    (see :meth:`~streamloader.remote.client.DagsHubClient.download`); returns the byte count. ``mismatches``: the
+    sizes the server stated that differ from ``expected_size``, over the attempts so far (a second one is final)."""
+    skip, want, total = plan_body(body, path, start, end, ranged)
+    if total is not None and on_size is not None:
+        on_size(total)
+    limit = want if want is not None else expected_size if not ranged else None
+    if expected_size is not None and not ranged and want is not None and want != expected_size:
+        mismatches.append(want)
+        message = f"{path!r} is {want} bytes on the server, {expected_size} expected"
+        if len(mismatches) > 1:  # said twice: not a passing glitch
+            raise RemoteError(message, url=url)
+        raise Transient(message)
+    written = copy_body(body, fileobj, skip, limit, ranged and body.status == 200, path, url)
+    if want is not None and written != want:
+        raise Transient(f"short body: {written} of {want} bytes")
+    if expected_size is not None and not ranged and written != expected_size:
+        raise Transient(f"size mismatch: got {written} bytes, expected {expected_size}")
     return written
