@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import TOKEN, make_jpeg, remote_repo
 from streamloader.errors import RemoteError
-from streamloader.remote import repo as repo_module
+from streamloader.remote import lookups as lookups_module
 from streamloader.remote.client import RetryPolicy
 from streamloader.remote.filesystem import DagsHubFileSystem
 from streamloader.server import DagsHubLike
@@ -166,7 +166,7 @@ def test_a_server_error_on_the_branch_lookup_is_retried_not_reported_missing(lik
 
 
 def test_a_missing_path_is_asked_again_after_a_while(like, tmp_path, repo_dir, monkeypatch):
-    monkeypatch.setattr(repo_module, "_MISSING_TTL", 0.2)
+    monkeypatch.setattr(lookups_module, "_MISSING_TTL", 0.2)
     repo = remote_repo(like, tmp_path / "cache", FAST)
     with pytest.raises(FileNotFoundError):
         repo.info("data/new.jpg")
