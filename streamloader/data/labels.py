@@ -18,8 +18,9 @@ start of the file only: a BOM starting a later line (two files concatenated) is 
 
 Speed: the file is read in blocks of whole lines; each block is checked for UTF-8 and line structure by a few
 vectorised numpy passes (:mod:`streamloader.data.labelscan`), and only the lines those checks cannot vouch for go
-through the per-line parser that names the reason. The vectorised rules accept a strict subset of what the per-line
-parser accepts, so a line they accept needs no per-line check; a keyword filter then parses only candidate lines.
+through the per-line parser that names the reason (:mod:`streamloader.data.labelrows`, with :class:`LabelRow`).
+The vectorised rules accept a strict subset of what the per-line parser accepts, so a line they accept needs no
+per-line check; a keyword filter then parses only candidate lines.
 """
 from __future__ import annotations
 
@@ -27,12 +28,13 @@ import builtins
 import codecs
 import contextlib
 import logging
-import math
 import os
 import re
 from collections import Counter
 from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Tuple, Union
 
+from streamloader.data.labelrows import (LabelRow, fast_rows, file_name_problem, parse_checked, parse_label_line,
+                                          preview, row_problem)
 from streamloader.data.labelscan import scan_block
 from streamloader.errors import DataFormatError
 
@@ -55,76 +57,7 @@ MAX_LINE_BYTES = 16 << 20  # a longer "line" means this is not a labels file; ra
 
 Source = Union[str, "os.PathLike[str]", IO[bytes]]
 
-
-class LabelRow(NamedTuple):
-    """One labels.tsv row: image file name (relative to ``data/``), caption, aesthetic score, source URL."""
-
-    file: str
-    caption: str
-    score: float
-    url: str
-
-
-# tuple.__new__ is a C call; LabelRow(...) goes through a Python-level __new__ and is ~3x slower in the hot loop.
-_new_tuple = tuple.__new__
-
-# --- per-line parsing: the authority on what is valid and why not --------------------------------------------------
-_SCORE_RE = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*")
-_NAN_RE = re.compile(r"\s*[+-]?nan\s*", re.IGNORECASE)
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-_SEPARATOR_RE = re.compile(r"[/\\]")
 _USERINFO_RE = re.compile(r"(://)[^/@]*@")
-
-def file_name_problem(name: str) -> Optional[str]:
-    """Why ``name`` is not a safe relative file name, or None when it is (absolute, ``..``, control chars or a
-    leading BOM are not)."""
-    if not name.strip():
-        return "empty file name"
-    if name[0] == "\ufeff":  # a BOM left at the start of a later line, e.g. by concatenating two labels files
-        return "BOM at start of file name"
-    if _CONTROL_RE.search(name):
-        return "control character in file name"
-    if name[0] in "/\\" or (len(name) >= 2 and name[1] == ":" and name[0].isascii() and name[0].isalpha()):
-        return "absolute file name"
-    if ".." in _SEPARATOR_RE.split(name):
-        return "'..' in file name"
-    return None
-
-
-def _parse_checked(line: str) -> Union[LabelRow, str]:
-    """The row for one line (no line end), or the reason it is malformed."""
-    parts = line.rsplit("\t", 2)
-    if len(parts) < 3 or "\t" not in parts[0]:
-        return "too few fields"
-    head, score_text, url = parts
-    file, _, caption = head.partition("\t")
-    problem = file_name_problem(file)
-    if problem:
-        return problem
-    if not _SCORE_RE.fullmatch(score_text):
-        return "nan score" if _NAN_RE.fullmatch(score_text) else "non-numeric score"
-    score = float(score_text)
-    if not math.isfinite(score):
-        return "non-finite score"
-    return _new_tuple(LabelRow, (file, caption, score, url))
-
-
-def parse_label_line(line: str) -> LabelRow:
-    """Parse one labels.tsv line (a trailing ``\\n``, ``\\r\\n`` or ``\\r`` is ignored); raise DataFormatError if
-    malformed, or if the text holds a line end before that (it is more than one line).
-
-    >>> parse_label_line("a.jpg\\tA cat\\twith tabs\\t7.5\\thttp://x/a.jpg")
-    LabelRow(file='a.jpg', caption='A cat\\twith tabs', score=7.5, url='http://x/a.jpg')
-    """
-    text = line.removesuffix("\n").removesuffix("\r")
-    result = "line end inside the line" if "\r" in text or "\n" in text else _parse_checked(text)
-    if isinstance(result, str):
-        raise DataFormatError(f"{result}: {_preview(line)}")
-    return result
-
-
-def _preview(line: str, width: int = 80) -> str:
-    return repr(line if len(line) <= width else line[:width] + "...")
 
 
 # A line the vectorised checks did not vouch for: (start, end incl. "\n", 1-based line number, row, reason, text).
@@ -155,23 +88,12 @@ def _classify(prepared: _Prepared, line_base: int, encoding: str) -> _Block:
             specials.append((start, line_end, lineno, None, f"undecodable bytes ({encoding})", raw))
             continue
         line = data[start : line_end - 1].decode("utf-8")
-        result = _parse_checked(line) if line.strip() else None
+        result = parse_checked(line) if line.strip() else None
         if isinstance(result, str):
             specials.append((start, line_end, lineno, None, result, line))
         else:
             specials.append((start, line_end, lineno, result, None, line))
     return _Block(data, ends, specials)
-
-
-def _fast_rows(data: bytes, start: int, end: int) -> List[LabelRow]:
-    """Rows of the lines data[start:end] (end just past a "\\n") that the vectorised checks vouched for."""
-    rows = []
-    append = rows.append
-    for line in data[start : end - 1].decode("utf-8").split("\n"):
-        head, score, url = line.rsplit("\t", 2)
-        file, _, caption = head.partition("\t")
-        append(_new_tuple(LabelRow, (file, caption, float(score), url)))
-    return rows
 
 
 @contextlib.contextmanager
@@ -352,11 +274,11 @@ class LabelReader:
 
     def _malformed(self, lineno: int, reason: str, line: str) -> None:
         if self.on_error == "raise":
-            raise DataFormatError(f"{self.name}: line {lineno}: {reason}: {_preview(line)}")
+            raise DataFormatError(f"{self.name}: line {lineno}: {reason}: {preview(line)}")
         self._skipped += 1
         self._reasons[reason] += 1
         if self.on_error == "warn" and self._skipped <= WARN_LIMIT:
-            log.warning("%s: line %d: %s (row skipped): %s", self.name, lineno, reason, _preview(line))
+            log.warning("%s: line %d: %s (row skipped): %s", self.name, lineno, reason, preview(line))
 
     def _special(self, special: _Special) -> Optional[LabelRow]:
         """Account for one rejected line; return its row when the per-line parser found it valid after all."""
@@ -374,7 +296,7 @@ class LabelReader:
         for special in specials + [(len(data), len(data), 0, None, None, "")]:
             start = special[0]
             if start > pos:
-                for row in _fast_rows(data, pos, start):
+                for row in fast_rows(data, pos, start):
                     self._rows += 1  # per row, so stats stay exact when the consumer stops early
                     yield row
             if start == len(data):
@@ -409,7 +331,7 @@ class LabelReader:
             count_up_to(end, index + 1)
             special = by_start.get(start)
             if special is None:
-                yield _fast_rows(data, start, end)[0]
+                yield fast_rows(data, start, end)[0]
             elif special[3] is not None:
                 yield special[3]
         count_up_to(len(data), len(ends))
@@ -431,21 +353,6 @@ def read_labels(
         reader.stats["skipped"], reader.stats["reasons"]
     """
     return LabelReader(path_or_url, on_error, storage_options=storage_options, encoding=encoding)
-
-
-def _row_problem(row: LabelRow) -> Optional[str]:
-    """Why ``row`` cannot be written so that it reads back identically (None when it can)."""
-    file, caption, score, url = row
-    problem = file_name_problem(file)
-    if problem:
-        return problem
-    if "\n" in caption or "\r" in caption:
-        return "line end (LF or CR) in caption"
-    if "\t" in url or "\n" in url or "\r" in url:
-        return "tab or line end (LF or CR) in url"
-    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-        return f"score must be a finite number, got {score!r}"
-    return None
 
 
 def write_labels(rows: Iterable[LabelRow], path_or_fileobj: Union[str, "os.PathLike[str]", IO[str]]) -> int:
@@ -471,7 +378,7 @@ def write_labels(rows: Iterable[LabelRow], path_or_fileobj: Union[str, "os.PathL
 def _write_rows(rows: Iterable[LabelRow], handle: IO[str]) -> int:
     count = 0
     for count, row in enumerate(rows, 1):
-        problem = _row_problem(row)
+        problem = row_problem(row)
         if problem:
             raise DataFormatError(f"cannot write row {count} ({problem}): {row!r}")
         # repr() of a float reads back to the identical float

@@ -7,7 +7,7 @@ step per line (well under 0.5 µs per line instead of ~1 µs for the regex)::
     ends, suspects = scan_block(block)   # offsets of every "\\n"; indices of the lines to parse one by one
     scan_block(block) is None            # block.decode("utf-8") would fail: decode line by line instead
 
-The rules are a strict subset of the per-line parser's (``labels._parse_checked``, the authority): a line that is
+The rules are a strict subset of the per-line parser's (``labelrows.parse_checked``, the authority): a line that is
 not a suspect is a valid row whose fields are ``line.rsplit("\\t", 2)`` and ``head.partition("\\t")``. A suspect is
 not necessarily malformed (blank lines, a score like ``-1e3``, a ``..`` inside a file name): the parser decides.
 """

@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from streamloader.cache import FileCache
-from streamloader.data.labels import LabelReader, LabelRow, _fast_rows, _parse_checked, file_name_problem
+from streamloader.data.labelrows import fast_rows, parse_checked
+from streamloader.data.labels import LabelReader, LabelRow, file_name_problem
 from streamloader.data.labelscan import scan_block
 from streamloader.data.tars import ErrorPolicy, group_members, iter_tar_members, skip_and_count, split_key
 from streamloader.errors import DataFormatError
@@ -139,13 +140,13 @@ def test_vectorised_scan_vouches_only_for_what_the_parser_accepts(data):
     for index, line in enumerate(text.split("\n")[:-1]):
         end = start + len(line.encode("utf-8")) + 1
         if index not in suspects:  # vouched for: a valid row, and the fast split gives the parser's row
-            expected = _parse_checked(line)
+            expected = parse_checked(line)
             assert isinstance(expected, LabelRow), (line, expected)
-            assert _fast_rows(block, start, end) == [expected]
+            assert fast_rows(block, start, end) == [expected]
         start = end
     # and the rows a reader yields for it are the per-line parser's
     lines = text.removeprefix("\ufeff").split("\n")[:-1]  # the reader strips a BOM starting the block
-    rows = [row for row in map(_parse_checked, lines) if isinstance(row, LabelRow)]
+    rows = [row for row in map(parse_checked, lines) if isinstance(row, LabelRow)]
     assert list(LabelReader(io.BytesIO(block), on_error="skip")) == rows
 
 
