@@ -2,7 +2,7 @@
 learnt from the store, the cached copy or the content API about that path alone, never by listing its folder.
 
 :class:`PathLookups` holds these methods of :class:`~streamloader.remote.repo.RemoteRepo` (which mixes it in and
-provides the attributes declared below); folders found missing are believed missing for :data:`_MISSING_TTL` s.
+provides the attributes declared below); a path found missing is believed missing for ``_MISSING_TTL`` s.
 """
 from __future__ import annotations
 
