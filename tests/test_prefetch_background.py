@@ -51,7 +51,9 @@ def test_cancel_stops_the_job_and_leaves_only_whole_files(slow: Any, tmp_path: P
     repo.listing("data")
     before = set(child_pids(os.getpid()))
     job = repo.prefetch(sorted(files), max_concurrency=2, progress=False, processes=processes, wait=False)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 20  # workers may take a while to start on a loaded machine: wait for a first file
+    while not any(repo.cached_path(p) for p in files) and time.monotonic() < deadline:
+        time.sleep(0.05)
     job.cancel()
     result = job.result(timeout=30)  # returns soon, with what was fetched until then
     assert job.cancelled and 0 < result.files < len(files)
