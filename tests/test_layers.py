@@ -34,8 +34,6 @@ ALLOWED: Dict[Tuple[str, str], str] = {
     ("streamloader.hooks.router", "streamloader.hooks.install"):
         "HookedRoot.uninstall(): the handle install_hooks returns removes itself through the lifecycle, which is "
         "built on the routing table the handle is defined with",
-    ("streamloader.hooks.router", "streamloader.hooks.warmup"):
-        "HookedRoot.prefetch(): the handle's shortcut to streamloader.prefetch, which routes through the table",
     ("streamloader.hooks.spawn", "streamloader.hooks.install"):
         "a spawned child unpickles the parent's hooks as a call that installs them (the lifecycle ships itself "
         "through the multiprocessing patch it installs)",

@@ -73,6 +73,26 @@ def test_local_and_excluded_paths(remote, project):
             prefetch(["data/emb/img_emb_0.npy"], progress=False)
 
 
+def test_a_handle_prefetches_its_own_root_only(remote, project, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    with install_hooks(project_root=project, repo_url=remote.repo_url, exclude_globs=["*.npy"]) as handle, \
+            install_hooks(project_root=other, repo_url=remote.repo_url):
+        remote.reset_counts()
+        outside = str(other / "data" / "0002.jpg")  # hooked, but by the other handle
+        with pytest.raises(ValueError, match="not under the hooked project root"):
+            handle.prefetch(["data/0000.jpg", outside], progress=False)
+        assert remote.request_count(kind="raw") == 0  # refused before any download
+        given = [str(project / "data" / "0000.jpg"), "data/../data/0001.jpg", outside, "data/emb/img_emb_0.npy"]
+        job = handle.prefetch(given, progress=False, on_error="skip", wait=False)
+        result = job.result(timeout=60)
+        assert result.files == 2 and sorted(result.failed) == sorted(given[2:]), result
+        assert "exclude_globs" in str(result.failed["data/emb/img_emb_0.npy"])
+        assert remote.request_count(kind="raw") == 2
+        assert handle.relative(project) == "" and handle.relative(outside) is None
+        assert handle.relative(b"data/x.jpg") == "data/x.jpg" and handle.relative(3) is None
+
+
 def test_the_package_name_is_the_function(hooked, remote):
     import inspect
 

@@ -14,9 +14,9 @@ import os
 import posixpath
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple
 
-from streamloader import _forksafe
+from streamloader import _forksafe, _realos
 
 if TYPE_CHECKING:
     from streamloader.remote.prefetch import PrefetchResult
@@ -138,12 +138,49 @@ class HookedRoot:
 
         uninstall_one(self)
 
-    def prefetch(self, paths: Any, max_concurrency: Optional[int] = None, progress: bool = True,
-                 on_error: str = "raise") -> "PrefetchResult":
-        """Warm the cache for ``paths`` (as you would pass them to open()); see :func:`streamloader.prefetch`."""
-        from streamloader.hooks.warmup import prefetch  # the lifecycle sits above the routing table
+    def relative(self, path: Any) -> Optional[str]:
+        """``path`` (as given to open()) relative to this root ("" for the root itself); None outside it."""
+        full = _absolute(path)
+        if full is None:
+            return None
+        for alias in self.aliases:
+            if full == alias:
+                return ""
+            if full.startswith(alias) and full[len(alias)] == "/":
+                return full[len(alias) + 1:]
+        return None
 
-        return prefetch(paths, max_concurrency=max_concurrency, progress=progress, on_error=on_error)
+    def prefetch(self, paths: Iterable[Any], max_concurrency: Optional[int] = None, progress: bool = True,
+                 on_error: str = "raise", processes: Optional[int] = None, wait: bool = True) -> Any:
+        """Warm the cache for ``paths`` under this root (as you would pass them to open()): local files are
+        skipped; a path outside the root or matching ``exclude_globs`` is a failure (ValueError), raised or, with
+        ``on_error="skip"``, recorded in ``result.failed`` under the path as given. Other arguments: see
+        :meth:`RemoteRepo.prefetch` (``wait=False`` returns a PrefetchJob)."""
+        from streamloader.remote.prefetch import PrefetchJob, settle  # the fetching stack loads only when used
+
+        if on_error not in ("raise", "skip"):
+            raise ValueError("on_error must be 'raise' or 'skip'")
+        rels: Dict[str, str] = {}
+        failed: Dict[str, BaseException] = {}
+        for given in paths:
+            shown = os.fsdecode(os.fspath(given))
+            rel = self.relative(given)
+            if rel is None:
+                failed[shown] = ValueError(f"{shown!r} is not under the hooked project root {self.root}")
+            elif self.excluded(rel):
+                failed[shown] = ValueError(f"{shown!r} matches the exclude_globs of {self.root}: it is never fetched")
+            elif not _realos.exists_locally(given, follow_symlinks=False):  # open() serves a local file
+                rels[rel] = shown
+        if failed and on_error == "raise":
+            raise next(iter(failed.values()))
+        job = self.repo.prefetch(list(rels), max_concurrency, progress, "skip", processes=processes, wait=False)
+
+        def merge(_cancelled: Any) -> "PrefetchResult":
+            result = job.result()
+            result.failed = {**failed, **{rels[rel]: exc for rel, exc in result.failed.items()}}
+            return result
+
+        return settle(PrefetchJob(merge, on_error, on_cancel=job.cancel), wait)
 
     def __enter__(self) -> "HookedRoot":
         return self
@@ -231,14 +268,9 @@ def _reset_lock_after_fork() -> None:
 _forksafe.register(after_in_child=_reset_lock_after_fork)
 
 
-def resolve(path: Any) -> Optional[Tuple[HookedRoot, str]]:
-    """``(hook, "data/x.jpg")`` when ``path`` (str, bytes or PathLike) lies under a hooked root, else None.
-
-    ``rel`` is "" for the root itself. Ints (file descriptors), empty paths and paths outside every root give None.
-    """
-    table = _table
-    if table is None:
-        return None
+def _absolute(path: Any, prefixes: Optional[Tuple[str, ...]] = None) -> Optional[str]:
+    """``path`` (str, bytes or PathLike) as a normalized absolute POSIX path; None for ints, empty paths, a
+    relative path when the cwd is gone, and (given ``prefixes``) an absolute one that cannot lie under any of them."""
     if type(path) is not str:
         if isinstance(path, int):
             return None
@@ -255,15 +287,27 @@ def resolve(path: Any) -> Optional[Tuple[HookedRoot, str]]:
     if path[0] == "/":
         # One C call settles the common miss; only a spelling that normalizes differently ("..", "./", "//") may
         # still lead into a root without starting with it.
-        if not path.startswith(table.prefixes) and "/." not in path and "//" not in path:
+        if prefixes is not None and not path.startswith(prefixes) and "/." not in path and "//" not in path:
             return None
-        full = posixpath.normpath(path)
-    else:
-        try:
-            cwd = os.getcwd()  # read per call, not cached: only listings and local misses get this far
-        except OSError:  # the cwd was deleted: a relative path means nothing remote
-            return None
-        full = posixpath.normpath(cwd + "/" + path)
+        return posixpath.normpath(path)
+    try:
+        cwd = os.getcwd()  # read per call, not cached: only listings and local misses get this far
+    except OSError:  # the cwd was deleted: a relative path means nothing remote
+        return None
+    return posixpath.normpath(cwd + "/" + path)
+
+
+def resolve(path: Any) -> Optional[Tuple[HookedRoot, str]]:
+    """``(hook, "data/x.jpg")`` when ``path`` (str, bytes or PathLike) lies under a hooked root, else None.
+
+    ``rel`` is "" for the root itself. Ints (file descriptors), empty paths and paths outside every root give None.
+    """
+    table = _table
+    if table is None:
+        return None
+    full = _absolute(path, table.prefixes)
+    if full is None:
+        return None
     for alias, hook in table.roots:
         if full.startswith(alias):
             if len(full) == len(alias):
