@@ -19,7 +19,7 @@ import pytest
 
 from _helpers import git_key
 from streamloader.cache import FileCache
-from streamloader.cache.commit_queue import QUEUE, OffPathQueue, OffPathTask
+from streamloader.cache.commit_queue import QUEUE, CommitQueue, CommitTask
 
 REAL_FSYNC = os.fsync
 
@@ -199,7 +199,7 @@ def _read_all(cache, blobs, fill_for):
             assert f.read() == data
 
 
-class _Blocking(OffPathTask):
+class _Blocking(CommitTask):
     def __init__(self, gate, ran):
         self.gate, self.ran = gate, ran
 
@@ -209,7 +209,7 @@ class _Blocking(OffPathTask):
 
 
 def test_backlog_is_bounded_extra_work_runs_in_the_caller():
-    queue = OffPathQueue(max_pending=2)
+    queue = CommitQueue(max_pending=2)
     gate, ran = threading.Event(), []
     queue.submit(_Blocking(gate, ran))
     queue.submit(_Blocking(gate, ran))
@@ -224,15 +224,15 @@ def test_backlog_is_bounded_extra_work_runs_in_the_caller():
 
 
 def test_a_failing_task_is_logged_and_the_queue_keeps_going(caplog):
-    queue = OffPathQueue()
+    queue = CommitQueue()
 
-    class Boom(OffPathTask):
+    class Boom(CommitTask):
         def run(self):
             raise RuntimeError("boom")
 
     done = []
 
-    class Fine(OffPathTask):
+    class Fine(CommitTask):
         def run(self):
             done.append(1)
 

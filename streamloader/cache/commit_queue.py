@@ -22,13 +22,13 @@ from streamloader import _forksafe
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OffPathTask", "OffPathQueue", "QUEUE"]
+__all__ = ["CommitTask", "CommitQueue", "QUEUE"]
 
 _FORK_DRAIN_TIMEOUT = 60.0  # a fork waits this long for pending tasks (a hung disk must not hang the fork forever)
 _EXIT_DRAIN_TIMEOUT = 60.0  # and so does a process exit
 
 
-class OffPathTask:
+class CommitTask:
     """One unit of work. ``run`` does it; ``abandon`` drops it in a forked child that inherited it undone."""
 
     def run(self) -> None:  # pragma: no cover - interface
@@ -38,8 +38,8 @@ class OffPathTask:
         """Called in a forked child for a task the parent still owns: release inherited resources, do nothing else."""
 
 
-class OffPathQueue:
-    """A bounded FIFO of :class:`OffPathTask` run by one lazily started daemon thread (see the module docstring)."""
+class CommitQueue:
+    """A bounded FIFO of :class:`CommitTask` run by one lazily started daemon thread (see the module docstring)."""
 
     def __init__(self, max_pending: int = 32):
         self.max_pending = max_pending
@@ -47,13 +47,13 @@ class OffPathQueue:
 
     def _reset(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._tasks: Deque[OffPathTask] = collections.deque()
+        self._tasks: Deque[CommitTask] = collections.deque()
         self._unfinished = 0  # queued + running
-        self._running: Optional[OffPathTask] = None
+        self._running: Optional[CommitTask] = None
         self._thread: Optional[threading.Thread] = None
         self._exit_hooks_pid: Optional[int] = None
 
-    def submit(self, task: OffPathTask) -> None:
+    def submit(self, task: CommitTask) -> None:
         """Queue ``task``; when the backlog is full (or no thread can be started) run it here and now."""
         with self._cond:
             if self._unfinished < self.max_pending and self._ensure_thread():
@@ -81,7 +81,7 @@ class OffPathQueue:
         # called with self._cond held
         if self._thread is not None:
             return True
-        thread = threading.Thread(target=self._loop, name="streamloader-offpath", daemon=True)
+        thread = threading.Thread(target=self._loop, name="streamloader-cache-commit", daemon=True)
         try:
             thread.start()
         except RuntimeError:  # interpreter shutting down: callers run tasks themselves
@@ -137,13 +137,13 @@ class OffPathQueue:
                 log.debug("abandoning an inherited task failed", exc_info=True)
 
 
-def _run_logged(task: OffPathTask) -> None:
+def _run_logged(task: CommitTask) -> None:
     try:
         task.run()
     except Exception:
         log.warning("background task %r failed", task, exc_info=True)
 
 
-QUEUE = OffPathQueue()
+QUEUE = CommitQueue()
 _forksafe.register(before=QUEUE._before_fork, after_in_parent=QUEUE._after_fork_in_parent,
                    after_in_child=QUEUE._after_fork_in_child)

@@ -14,7 +14,7 @@ from typing import IO, TYPE_CHECKING, BinaryIO, Callable, Iterator, Optional, Se
 
 from streamloader._files import TempFileVanished, rename_into_place
 from streamloader.cache import scan as _cachescan
-from streamloader.cache.commit_queue import QUEUE, OffPathTask
+from streamloader.cache.commit_queue import QUEUE, CommitTask
 from streamloader.cache.entrylock import EntryLock, Timeout
 from streamloader.cache.key import CacheKey
 from streamloader.cache.verify import HashingWriter
@@ -209,7 +209,7 @@ def _discard(tmp: str, raw: BinaryIO) -> None:
         pass
 
 
-class _PendingCommit(OffPathTask):
+class _PendingCommit(CommitTask):
     """A verified download already handed to its reader: fsync, rename into place, then release the entry's locks."""
 
     def __init__(self, cache: CacheWriter, key: CacheKey, tmp: str, raw: BinaryIO, entry_lock: EntryLock,
