@@ -42,12 +42,17 @@ class EntryLock:
 
     def __init__(self, locks_dir: str, kind: str, digest: str, timeout: float):
         self.locks_dir, self.timeout = locks_dir, timeout
+        self._kind, self._digest = kind, digest
         self.shared_path = os.path.join(locks_dir, SHARED_LOCK_FILE)
-        self.path = os.path.join(locks_dir, digest[:2], f"{kind}-{digest}.lock")  # the per-entry fallback
-        self._offset = int(hashlib.sha1(f"{kind}/{digest}".encode()).hexdigest()[:15], 16)
+        self._offset = int.from_bytes(hashlib.sha1(f"{kind}/{digest}".encode()).digest()[:8], "big") >> 4
         self._fd: Optional[int] = None
         self._unlock = _flock_unlock
         self._slow: Optional[FileLock] = None
+
+    @property
+    def path(self) -> str:
+        """The entry's own lock file: the fallback where open-file-description locks are missing."""
+        return os.path.join(self.locks_dir, self._digest[:2], f"{self._kind}-{self._digest}.lock")
 
     def acquire(self, timeout: Optional[float] = None) -> None:
         """Take the lock; raise filelock.Timeout after ``timeout`` seconds (default: the cache's lock timeout)."""

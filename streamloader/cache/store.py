@@ -51,6 +51,8 @@ log = logging.getLogger("streamloader.cache")
 __all__ = ["CacheKey", "FileCache", "cache_info", "default_cache_dir", "parse_size", "prune"]
 
 _TOUCH_INTERVAL = 60.0  # seconds between LRU timestamp updates of one entry
+_KIND = re.compile(r"[a-z0-9]+")
+_PATHS_MAX = 1 << 16  # entry paths a FileCache remembers (FileCache.path_for)
 
 
 def default_cache_dir() -> str:
@@ -96,6 +98,7 @@ class FileCache(CacheWriter):
         self._checked: Set[CacheKey] = set()  # verify="full": entries this process hashed or downloaded
         self._local_locks: Dict[str, threading.Lock] = {}
         self._local_guard = threading.Lock()
+        self._paths: Dict[CacheKey, str] = {}  # see path_for
         self._usage = _cachescan.SharedUsage(self.root)
         _LIVE_CACHES.add(self)
         makedirs_private(self.root)
@@ -110,6 +113,7 @@ class FileCache(CacheWriter):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_local_locks"] = {}
+        state["_paths"] = {}
         state["_local_guard"] = state["_usage"] = None
         state["_checked"] = set()
         return state
@@ -133,9 +137,16 @@ class FileCache(CacheWriter):
 
     def path_for(self, key: CacheKey) -> str:
         """Where the finished file for ``key`` lives (always inside the cache root)."""
-        if not HEX.match(key.digest) or not re.fullmatch(r"[a-z0-9]+", key.kind):
-            raise ValueError(f"invalid cache key {key!r}")
-        return os.path.join(self.root, "objects", key.kind, key.digest[:2], key.digest)
+        paths = self._paths
+        path = paths.get(key)
+        if path is None:  # (validated and joined once per key: a prefetch asks ~4 times per file)
+            if not HEX.match(key.digest) or not _KIND.fullmatch(key.kind):
+                raise ValueError(f"invalid cache key {key!r}")
+            path = os.path.join(self.root, "objects", key.kind, key.digest[:2], key.digest)
+            if len(paths) >= _PATHS_MAX:
+                paths.clear()
+            paths[key] = path
+        return path
 
     def _lock_for(self, kind: str, digest: str) -> EntryLock:
         return EntryLock(os.path.join(self.root, "locks"), kind, digest, self.lock_timeout)
@@ -276,14 +287,16 @@ class FileCache(CacheWriter):
         with self.locked(key):
             return self._lookup(key, size, True) or self._store(key, fill, size)
 
-    def warm(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int] = None) -> Tuple[int, bool]:
+    def warm(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int] = None,
+             looked: bool = False) -> Tuple[int, bool]:
         """Make sure ``key`` is cached, like :meth:`fetch`, without waiting for the disk: ``(its size, whether it was
         there already)``. A new entry is verified before this returns; making it durable (``fsync``) and renaming it
         into place is left to a background thread (the entry's locks stay held until then, so every other thread
         and process that asks for it waits and never downloads it twice). :meth:`flush` waits for those commits.
-        What a prefetch uses: it needs no path, and ``fsync`` costs ~0.3-3 ms per file."""
-        for _ in range(3):
-            path = self.get(key, size)
+        What a prefetch uses: it needs no path, and ``fsync`` costs ~0.3-3 ms per file. ``looked``: the caller found
+        no entry for ``key`` just now (the first unlocked look is skipped; the look under the entry's lock stays)."""
+        for attempt in range(3):
+            path = None if looked and attempt == 0 else self.get(key, size)
             if path is not None:
                 try:
                     return os.stat(path).st_size, True

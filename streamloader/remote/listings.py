@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 import weakref
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
 from streamloader import _forksafe
 from streamloader._files import makedirs_private
@@ -73,6 +73,8 @@ class ListingStore:
             atexit.register(_remove_tree, self._tmpdir, self._owner_pid)
         self.path = path
         self._memo: Dict[str, RemoteEntry] = {}
+        self._listed: Set[str] = set()  # folders known to be listed (a stored listing is never taken back)
+        self._unlisted: Dict[str, float] = {}  # folder -> time.monotonic() it was last found not listed
         self._renew()
 
     def _renew(self) -> None:
@@ -98,6 +100,8 @@ class ListingStore:
         self._owner_pid = -1
         self._tmpdir = None
         self._memo = {}
+        self._listed = set()
+        self._unlisted = {}
         self._connection = None
         self._renew()
 
@@ -164,9 +168,27 @@ class ListingStore:
         memo[path] = found  # rows only ever gain facts: a memo can be stale only by a size learnt elsewhere
         return found
 
-    def is_listed(self, path: str) -> bool:
-        """Whether the complete listing of folder ``path`` is stored."""
-        return self._conn().execute("SELECT 1 FROM dirs WHERE dir=?", (path,)).fetchone() is not None
+    def is_listed(self, path: str, max_age: float = 0.0) -> bool:
+        """Whether the complete listing of folder ``path`` is stored. A yes is remembered (listings of a commit are
+        only ever added); a no is trusted for ``max_age`` seconds when the caller allows it (a hint that may lag
+        behind another process's listing by that long), so a prefetch asking per file pays one query per folder
+        and period, not per file."""
+        if path in self._listed:
+            return True
+        if max_age > 0:
+            seen = self._unlisted.get(path)
+            if seen is not None and time.monotonic() - seen < max_age:
+                return False
+        if self._conn().execute("SELECT 1 FROM dirs WHERE dir=?", (path,)).fetchone() is None:
+            if max_age > 0:
+                if len(self._unlisted) >= _MEMO_MAX:
+                    self._unlisted.clear()
+                self._unlisted[path] = time.monotonic()
+            return False
+        if len(self._listed) >= _MEMO_MAX:
+            self._listed.clear()
+        self._listed.add(path)
+        return True
 
     def count(self, path: str) -> int:
         row = self._conn().execute("SELECT n FROM dirs WHERE dir=?", (path,)).fetchone()
@@ -194,6 +216,7 @@ class ListingStore:
         conn = self._conn()
         count = 0
         self._memo.clear()
+        self._unlisted.clear()
         conn.execute("BEGIN IMMEDIATE")
         try:
             if conn.execute("SELECT 1 FROM dirs WHERE dir=?", (path,)).fetchone() is None:

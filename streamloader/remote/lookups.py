@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["PathLookups"]
 
 _MISSING_TTL = 30.0  # seconds a path found missing (404) is believed missing without asking again
+_UNLISTED_TTL = 1.0  # seconds a folder found not listed is believed so by _proven_missing (a hint: see there)
 
 
 class PathLookups:
@@ -66,7 +67,9 @@ class PathLookups:
         store = self.store
         parts = path.split("/")
         for depth in range(len(parts)):
-            if store.is_listed("/".join(parts[:depth])):
+            # a "not listed" up to _UNLISTED_TTL s old only makes this say "not proven" a little longer: the
+            # download that follows then finds out (a 404), as it does for any path nothing is known of
+            if store.is_listed("/".join(parts[:depth]), max_age=_UNLISTED_TTL):
                 child = store.entry("/".join(parts[:depth + 1]))
                 if child is None or (not child.is_dir and depth + 1 < len(parts)):
                     return True

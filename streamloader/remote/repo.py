@@ -248,7 +248,8 @@ class RemoteRepo(PathLookups):
             if known is not None and not known.is_dir:
                 entry, key = known, self.cache_key(known)
             found = self._cached_key(path, entry, key, settled=True)
-            size, cached = cache.warm(found or key, self._fill(path, entry), entry.size if entry else None)
+            size, cached = cache.warm(found or key, self._fill(path, entry), entry.size if entry else None,
+                                      looked=found is None)
             return size, cached and found is not None
 
     def cached_path(self, path: str) -> Optional[str]:
