@@ -7,10 +7,11 @@ background :data:`~streamloader.cache.commit_queue.QUEUE`.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
-from typing import IO, TYPE_CHECKING, BinaryIO, Callable, Iterator, Optional, Set, Tuple
+from typing import IO, TYPE_CHECKING, BinaryIO, Callable, Iterator, Optional, Set, Tuple, cast
 
 from streamloader._files import TempFileVanished, rename_into_place
 from streamloader.cache import scan as _cachescan
@@ -118,7 +119,7 @@ class CacheWriter:
         for _attempt in range(2):
             try:
                 # unbuffered: downloads write whole chunks (a buffer would copy them, and ask isatty)
-                return tmp, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb", buffering=0)
+                return tmp, cast(BinaryIO, io.FileIO(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb"))
             except FileNotFoundError:
                 self._ensure_dirs()  # deleted under a running process: make it again
         raise CacheError(f"cannot create a temp file in {os.path.dirname(tmp)}: the directory keeps disappearing")
