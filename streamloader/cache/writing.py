@@ -50,8 +50,11 @@ class CacheWriter:
         def _entries(self) -> Iterator[Tuple[str, os.stat_result]]: ...
         def fetch(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int] = None) -> str: ...
 
-    def _download_and_open(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int],
-                           opener: Callable[[str], IO]) -> Optional[IO]:
+    def _download_locked(self, key: CacheKey, fill: Callable[[BinaryIO], None],
+                         size: Optional[int]) -> Optional["_PendingCommit"]:
+        """Download ``key`` into a verified temp file under its thread and entry locks: the pending commit, which
+        holds both locks until it runs, or None (locks released) when another thread or process stored it
+        meanwhile."""
         thread_lock = self._thread_lock(key)
         thread_lock.acquire()
         entry_lock: Optional[EntryLock] = self._file_lock(key)
@@ -65,47 +68,40 @@ class CacheWriter:
             tmp, raw = self._write_temp(key, fill, size)
             commit = _PendingCommit(self, key, tmp, raw, entry_lock, thread_lock)
             entry_lock = None  # the commit releases both locks once the entry is in place
-            try:
-                handle = opener(tmp)
-            except FileNotFoundError:
-                commit.run()
-                if os.path.exists(tmp):
-                    raise
-                return None  # the temp file vanished (tmp/ deleted): nothing was stored; the caller tries again
-            except BaseException:
-                commit.run()
-                raise
-            QUEUE.submit(commit)
-            return handle
+            return commit
         finally:
             if entry_lock is not None:
                 entry_lock.release()
                 thread_lock.release()
 
+    def _download_and_open(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int],
+                           opener: Callable[[str], IO]) -> Optional[IO]:
+        commit = self._download_locked(key, fill, size)
+        if commit is None:
+            return None
+        try:
+            handle = opener(commit.tmp)
+        except FileNotFoundError:
+            commit.run()
+            if os.path.exists(commit.tmp):
+                raise
+            return None  # the temp file vanished (tmp/ deleted): nothing was stored; the caller tries again
+        except BaseException:
+            commit.run()
+            raise
+        QUEUE.submit(commit)
+        return handle
+
     def _download_and_commit(self, key: CacheKey, fill: Callable[[BinaryIO], None],
                              size: Optional[int]) -> Optional[int]:
         """Download ``key`` under its locks and queue its commit: its size, or None when another thread or process
         stored it meanwhile."""
-        thread_lock = self._thread_lock(key)
-        thread_lock.acquire()
-        entry_lock: Optional[EntryLock] = self._file_lock(key)
-        try:
-            try:
-                entry_lock.acquire()
-            except Timeout:
-                raise self._lock_timeout_error(key) from None
-            if self._lookup(key, size, True) is not None:
-                return None
-            tmp, raw = self._write_temp(key, fill, size)
-            stored = raw.tell()
-            commit = _PendingCommit(self, key, tmp, raw, entry_lock, thread_lock)
-            entry_lock = None  # the commit releases both locks once the entry is in place
-            QUEUE.submit(commit)
-            return stored
-        finally:
-            if entry_lock is not None:
-                entry_lock.release()
-                thread_lock.release()
+        commit = self._download_locked(key, fill, size)
+        if commit is None:
+            return None
+        stored = commit.raw.tell()
+        QUEUE.submit(commit)
+        return stored
 
     def _store(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int]) -> str:
         try:
