@@ -363,6 +363,10 @@ class HostLimiter:
             log.info("%s answers again", self.origin)
         v[_FAILURES] = v[_FIRST_FAILURE] = v[_OPEN_UNTIL] = 0.0
 
+    def current_limit(self) -> int:
+        """How many requests the host may have in flight now (the shared limit; one read of the header)."""
+        return int(_HEADER.unpack_from(self._state().header)[_LIMIT])
+
     def state(self) -> Dict[str, float]:
         """The shared state now: ``limit``, ``paused_for`` (s), ``failures``, ``open_for`` (s, 0 = closed),
         ``in_flight`` (slots held by every process)."""

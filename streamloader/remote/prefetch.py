@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -82,20 +82,67 @@ def process_count(processes: Optional[int], n_paths: int, workers: int) -> int:
 
 def prefetch_in_threads(repo: RemoteRepo, paths: List[str], workers: int, record: _Record,
                         cancelled: Optional[threading.Event] = None) -> None:
-    """Fetch ``paths`` with a pool of ``workers`` threads; stops early (queued downloads dropped) once ``cancelled``.
-    Returns once every file fetched is in place in the cache (the commits left to the background are waited for)."""
+    """Fetch ``paths`` with up to ``workers`` threads; stops early (downloads not started are dropped) once
+    ``cancelled``. Returns once every file fetched is in place in the cache (the commits left to the background are
+    waited for).
+
+    Threads are started as the host's limiter allows requests in flight (its limit plus a quarter, so that some
+    always wait and the limit can grow), not all at once: a thread with no slot to take only adds GIL hand-offs
+    (128 threads cost ~1 ms more CPU per small file than 32 on 2 cores)."""
+    limiter = repo.client.limiter
+    pending = iter(paths)
+    take = threading.Lock()
+    done: "_queue.SimpleQueue[Tuple[str, int, Optional[BaseException], bool]]" = _queue.SimpleQueue()
+    stop = threading.Event()
+    threads: List[threading.Thread] = []
+
+    def work() -> None:
+        while not stop.is_set():
+            with take:
+                path = next(pending, None)
+            if path is None:
+                return
+            try:
+                size, cached = repo.warm(path)
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller through record()
+                done.put((path, 0, exc, False))
+            else:
+                done.put((path, size, None, cached))
+
+    def wanted() -> int:
+        try:
+            limit = limiter.current_limit()
+        except Exception:  # noqa: BLE001 - no shared state: every thread at once, as before
+            return workers
+        return min(workers, limit + max(4, limit // 4))
+
+    def grow() -> None:
+        while len(threads) < wanted():
+            thread = threading.Thread(target=work, name=f"streamloader-prefetch_{len(threads)}", daemon=True)
+            thread.start()
+            threads.append(thread)
+
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="streamloader-prefetch") as pool:
-            futures = {pool.submit(repo.warm, p): p for p in paths}
-            for fut in as_completed(futures):
-                p = futures[fut]
-                exc = fut.exception()
-                size, cached = fut.result() if exc is None else (0, False)
-                record(p, size, exc, cached)
-                if cancelled is not None and cancelled.is_set():
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    return
+        grow()
+        for _ in range(len(paths)):
+            while True:
+                try:
+                    path, size, exc, cached = done.get(timeout=0.1)
+                    break
+                except _queue.Empty:
+                    if not any(t.is_alive() for t in threads) and done.empty():
+                        return  # every thread ended (cancelled): nothing more will come
+                    grow()
+            record(path, size, exc, cached)
+            if cancelled is not None and cancelled.is_set():
+                stop.set()
+                return
+            if len(threads) < workers:
+                grow()
     finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
         if repo.cache is not None:
             repo.cache.flush()
 

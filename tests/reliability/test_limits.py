@@ -232,3 +232,29 @@ def test_left_to_the_limiter_a_prefetch_backs_off_to_what_the_server_takes(tmp_p
     late = statistics.median(e["in_flight"] for e in raw[len(raw) // 2:])
     assert throttled > 0 and late <= 20, (throttled, late)
     figures.update(files=len(files), requests=len(raw), throttled=throttled, in_flight_median_2nd_half=late)
+
+
+def test_a_prefetch_starts_threads_as_the_limiter_allows_requests_not_all_at_once(tmp_path, make_server_process,
+                                                                                   figures):
+    """Left to the limiter, a prefetch may use up to its ceiling (128) of threads, but runs only the limit plus a
+    quarter (32 + 8 at first): a thread with no slot to take would only add GIL hand-offs. As answers come back
+    fast and the limit grows, more threads start."""
+    root = tmp_path / "repo"
+    files = _tree(root, 600)
+    srv = make_server_process(root, token=TOKEN, faults=ServerFaults(latency=0.2, concurrency_limit=128))
+    repo = RemoteRepo(DagsHubClient(srv.repo_url, token=TOKEN, retry=FAST), FileCache(str(tmp_path / "cache")))
+    repo.revision()
+    assert repo.client.limiter.current_limit() == 32  # a fresh host starts there
+    counts = []
+    job = repo.prefetch(sorted(files), progress=False, processes=1, wait=False)
+    started = time.monotonic()
+    while not job.done():
+        alive = sum(t.name.startswith("streamloader-prefetch_") for t in threading.enumerate())
+        counts.append((time.monotonic() - started, alive))
+        time.sleep(0.01)
+    result = job.result()
+    assert result.failed == {} and result.downloaded == len(files), result
+    early = [n for t, n in counts if t < 0.15]  # before any answer (200 ms each) could raise the limit
+    assert early and max(early) <= 40, counts[:20]
+    assert max(n for _t, n in counts) > 40, counts  # and more once the limit grew
+    figures.update(files=len(files), threads_first_150ms=max(early), threads_max=max(n for _t, n in counts))
