@@ -423,6 +423,12 @@ def _prefetch_worker(repo: RemoteRepo, paths: List[str], workers: int, queue: An
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent while it started us
+    def stopped(_signum: int, _frame: Any) -> None:  # the parent's terminate(): a cancel or the job's end
+        if repo.cache is not None:
+            repo.cache.flush(4.0)  # a file already reported stays true: its commit lands before the worker goes
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stopped)
     threading.Thread(target=watch_parent, name="streamloader-prefetch-watch", daemon=True).start()
     prefetch_in_threads(repo, paths, workers,
                          lambda path, size, exc, cached: queue.put((index, path, size, _portable_error(exc), cached)))
