@@ -14,6 +14,8 @@ Jobs (a real training job in its own processes: tests/resume_job.py, tests/multi
     start_job(argv, env)    ``python argv...`` in a new session (so the whole job can be killed), output piped
     finish_job(proc)        wait for a job; assert it succeeded (with the tail of its output); returns the output
     write_rank_report / rank_reports   each rank's JSON report in a folder: written by a rank, read by the test
+    gather_from_gloo_ranks(dir, body, world, *args)   ``work(rank, world, *args)`` of ``body`` in ``world`` gloo
+                            ranks (torch.multiprocessing.spawn, fresh interpreter); what each rank returned
 """
 from __future__ import annotations
 
@@ -122,3 +124,38 @@ def rank_reports(out_dir: PathLike, ranks: Optional[int] = None) -> List[Dict[st
     missing = [r for r in range(ranks) if not (folder / f"rank{r}.json").exists()]
     assert ranks and not missing, f"no report from ranks {missing or 'any'} in {folder}"
     return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+_GLOO_HARNESS = """
+import datetime, json, os, sys
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+{body}
+
+def _rank(rank, world, port, out, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    mine = work(rank, world, *args)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(gathered, f)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    mp.spawn(_rank, args=(world, port, out, sys.argv[4:]), nprocs=world)
+"""
+
+
+def gather_from_gloo_ranks(folder: PathLike, body: str, world: int, *args: str, timeout: float = 120) -> List[Any]:
+    """Run ``work(rank, world, *args)`` (defined by the source ``body``; ``args`` are strings) in ``world`` ranks of
+    a gloo process group on 127.0.0.1, started by ``torch.multiprocessing.spawn`` in a fresh interpreter; returns
+    what each rank's ``work`` returned (JSON), by rank. A failing rank fails the run (CalledProcessError)."""
+    script, out = Path(folder) / "gloo_ranks.py", Path(folder) / "gloo_ranks.json"
+    script.write_text(_GLOO_HARNESS.format(body=body))
+    subprocess.run([sys.executable, str(script), str(world), str(free_port()), str(out), *map(str, args)],
+                   check=True, timeout=timeout)
+    return json.loads(out.read_text())

@@ -1,10 +1,6 @@
 """Prior embedding reader, PriorEmbeddingDataset and make_splits (disjoint, covering, equal batches per rank)."""
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import sys
 import textwrap
 
 import fsspec
@@ -14,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from _helpers import gather_from_gloo_ranks
 from streamloader.data.embedding_reader import check_paired, get_reader
 from streamloader.data.embedding_splits import PriorEmbeddingDataset, make_splits, rank_share
 from streamloader.errors import DataFormatError
@@ -178,16 +175,12 @@ def test_make_splits_without_text_conditioning(tmp_path):
     assert sum(len(i) for i, _ in test) == 27 - 16 - 5
 
 
-SPLIT_SCRIPT = textwrap.dedent(
+SPLIT_RANK = textwrap.dedent(
     """
-    import datetime, json, os, sys
     import torch
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
-    def main(rank, world, port, img, meta, out):
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    def work(rank, world, img, meta):
         from streamloader.dataloaders import get_reader, make_splits
         reader = get_reader(text_conditioned=True, img_url=img, meta_url=meta)
         loaders = make_splits(text_conditioned=True, batch_size=2, num_data_points=25, train_split=0.5,
@@ -200,29 +193,14 @@ SPLIT_SCRIPT = textwrap.dedent(
                 rows += [int(r) for r in emb[:, 0]]
                 assert captions == ["row %d" % int(r) for r in emb[:, 0]]
             mine.append(rows)
-        gathered = [None] * world
-        dist.all_gather_object(gathered, mine)
-        if rank == 0:
-            json.dump(gathered, open(out, "w"))
-        dist.destroy_process_group()
-
-    if __name__ == "__main__":
-        port, img, meta, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-        mp.spawn(main, args=(3, port, img, meta, out), nprocs=3)
+        return mine
     """
 )
 
 
 def test_three_ranks_get_disjoint_covering_splits_with_equal_steps(tmp_path):
     img, _, meta = _write(tmp_path / "data")
-    script = tmp_path / "splits.py"
-    script.write_text(SPLIT_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "rows.json"
-    subprocess.run([sys.executable, str(script), str(port), img, meta, str(out)], check=True, timeout=120)
-    per_rank = json.loads(out.read_text())
+    per_rank = gather_from_gloo_ranks(tmp_path, SPLIT_RANK, 3, img, meta)
     edges = [2, 14, 20, 27]
     for split in range(3):
         rows = sorted(r for rank in per_rank for r in rank[split])

@@ -3,11 +3,7 @@ from __future__ import annotations
 
 import collections
 import io
-import json
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import fsspec
@@ -19,6 +15,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from _helpers import gather_from_gloo_ranks
 from streamloader.data.tar_embeddings import ImageEmbeddingDataset, create_image_embedding_dataloader
 from streamloader.data.tar_samples import shuffle_buffer
 from streamloader.data.shardgen import make_synthetic_shards, write_tar
@@ -344,49 +341,20 @@ def test_dataset_pickles_for_spawned_workers(tmp_path):
     assert sorted(item[-1] for item in loader) == info.keys
 
 
-RANK_SCRIPT = textwrap.dedent(
+RANK_WORK = textwrap.dedent(
     """
-    import json, os, sys
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-    from torch.utils.data import DataLoader
-
-    def main(rank, world, port, tar_url, emb_url, out):
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+    def work(rank, world, tar_url, emb_url):
         from streamloader.dataloaders import create_image_embedding_dataloader
         loader = create_image_embedding_dataloader(tar_url=tar_url, embeddings_url=emb_url, num_workers=2,
                                                    batch_size=4, shard_width=4, shuffle_num=5,
                                                    extra_keys=("__key__",))
-        keys = [k for batch in loader for k in batch[-1]]
-        gathered = [None] * world
-        dist.all_gather_object(gathered, keys)
-        if rank == 0:
-            json.dump(gathered, open(out, "w"))
-        dist.destroy_process_group()
-
-    if __name__ == "__main__":
-        port, tar_url, emb_url, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-        mp.spawn(main, args=(2, port, tar_url, emb_url, out), nprocs=2)
+        return [k for batch in loader for k in batch[-1]]
     """
 )
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_two_workers_see_every_sample_once(tmp_path):
     info = _shards(tmp_path / "data", n_shards=6, per_shard=5)
-    script = tmp_path / "ranks.py"
-    script.write_text(RANK_SCRIPT)
-    out = tmp_path / "keys.json"
-    subprocess.run(
-        [sys.executable, str(script), str(_free_port()), info.tar_url, info.embeddings_url, str(out)],
-        check=True, timeout=120,
-    )
-    per_rank = json.loads(out.read_text())
+    per_rank = gather_from_gloo_ranks(tmp_path, RANK_WORK, 2, info.tar_url, info.embeddings_url)
     flat = [k for keys in per_rank for k in keys]
     assert all(per_rank) and sorted(flat) == sorted(info.keys) and len(set(flat)) == len(flat)
