@@ -11,7 +11,8 @@ from streamloader.errors import CacheError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["makedirs_private", "atomic_write", "rename_into_place", "secure_private_dir", "TempFileVanished"]
+__all__ = ["makedirs_private", "atomic_write", "rename_into_place", "secure_private_dir", "sync_files",
+           "TempFileVanished"]
 
 
 def makedirs_private(path: str) -> None:
@@ -28,6 +29,50 @@ def makedirs_private(path: str) -> None:
             os.mkdir(directory, 0o700)
         except FileExistsError:  # another process or thread made it first
             pass
+
+
+_syncfs = None  # libc's syncfs, looked up once (Linux); False where there is none
+
+
+def _libc_syncfs():
+    global _syncfs
+    if _syncfs is None:
+        _syncfs = False
+        if hasattr(os, "sched_getaffinity"):  # Linux (glibc, musl) only: elsewhere every file is fsync'ed
+            try:
+                import ctypes
+
+                function = ctypes.CDLL(None, use_errno=True).syncfs
+                function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
+                _syncfs = function
+            except (OSError, AttributeError):
+                pass
+    return _syncfs
+
+
+def sync_files(fds: "list[int]") -> None:
+    """Make the written data of every open file in ``fds`` durable, as ``os.fsync`` on each would.
+
+    Several files are synced with one ``syncfs`` per file system (Linux) where they share one: one journal commit
+    for the lot, where an ``fsync`` each costs a commit each (0.4-0.9 ms per small file on ext4, and file creation
+    in the same file system waits behind every one). OSError if that fails.
+    """
+    syncfs = _libc_syncfs() if len(fds) > 1 else False
+    if not syncfs:
+        for fd in fds:
+            os.fsync(fd)
+        return
+    done = set()
+    for fd in fds:
+        device = os.fstat(fd).st_dev
+        if device in done:
+            continue
+        if syncfs(fd) != 0:
+            import ctypes
+
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs failed: {os.strerror(err)}")
+        done.add(device)
 
 
 class TempFileVanished(CacheError):

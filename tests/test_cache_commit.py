@@ -241,3 +241,50 @@ def test_a_failing_task_is_logged_and_the_queue_keeps_going(caplog):
         queue.submit(Fine())
         assert queue.drain(10)
     assert done == [1] and "boom" in caplog.text
+
+
+def _warm_many(cache, n):
+    blobs = [os.urandom(5000 + i) for i in range(n)]
+    for data in blobs:
+        size, cached = cache.warm(git_key(data), counting_fill(data, []), len(data))
+        assert (size, cached) == (len(data), False)
+    return blobs
+
+
+def test_commits_waiting_in_a_row_land_together_with_one_sync(tmp_path, held_fsync, monkeypatch):
+    from streamloader.cache import writing
+
+    entered, release = held_fsync
+    batches = []
+    real = writing.sync_files
+    monkeypatch.setattr(writing, "sync_files", lambda fds: (batches.append(len(fds)), real(fds))[1])
+    cache = FileCache(str(tmp_path / "c"))
+    first = _warm_many(cache, 1)
+    assert entered.wait(10)  # the commit thread is inside the first entry's fsync
+    rest = _warm_many(cache, 20)  # these wait in line meanwhile
+    assert all(cache.get(git_key(data)) is None for data in rest)  # nothing visible before it is durable
+    release.set()
+    assert cache.flush(10)
+    assert batches == [20], batches  # one sync for the twenty, not twenty fsyncs
+    for data in first + rest:
+        with open(cache.get(git_key(data), len(data)), "rb") as f:
+            assert f.read() == data
+    assert os.listdir(os.path.join(cache.root, "tmp")) == []
+
+
+def test_when_the_sync_of_a_batch_fails_each_entry_is_fsynced_on_its_own(tmp_path, held_fsync, monkeypatch):
+    from streamloader.cache import writing
+
+    entered, release = held_fsync
+    synced = []
+    monkeypatch.setattr(writing, "sync_files", lambda fds: (_ for _ in ()).throw(OSError(5, "EIO")))
+    cache = FileCache(str(tmp_path / "c"))
+    first = _warm_many(cache, 1)
+    assert entered.wait(10)
+    rest = _warm_many(cache, 10)  # a batch of ten waits in line
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or REAL_FSYNC(fd))
+    release.set()
+    assert cache.flush(10)
+    assert len(synced) == 10  # the batch's one sync failed: each entry was fsynced on its own
+    for data in first + rest:
+        assert cache.get(git_key(data), len(data)) is not None

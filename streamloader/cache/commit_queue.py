@@ -16,7 +16,7 @@ import collections
 import logging
 import os
 import threading
-from typing import Deque, Optional
+from typing import Deque, List, Optional
 
 from streamloader import _forksafe
 
@@ -29,10 +29,22 @@ _EXIT_DRAIN_TIMEOUT = 60.0  # and so does a process exit
 
 
 class CommitTask:
-    """One unit of work. ``run`` does it; ``abandon`` drops it in a forked child that inherited it undone."""
+    """One unit of work. ``run`` does it; ``abandon`` drops it in a forked child that inherited it undone.
+
+    Tasks of a class that defines ``run_batch(tasks)`` (a classmethod) are handed over together when several of
+    them wait in a row (at most ``batch_max``): the cache makes a whole batch of new entries durable with one
+    journal commit instead of one ``fsync`` each."""
+
+    batch_max = 1
 
     def run(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
+
+    @classmethod
+    def run_batch(cls, tasks: List["CommitTask"]) -> None:
+        """Run ``tasks`` (all of this class); the default runs them one by one."""
+        for task in tasks:
+            _run_logged(task)
 
     def abandon(self) -> None:
         """Called in a forked child for a task the parent still owns: release inherited resources, do nothing else."""
@@ -41,7 +53,7 @@ class CommitTask:
 class CommitQueue:
     """A bounded FIFO of :class:`CommitTask` run by one lazily started daemon thread (see the module docstring)."""
 
-    def __init__(self, max_pending: int = 32):
+    def __init__(self, max_pending: int = 128):
         self.max_pending = max_pending
         self._reset()
 
@@ -49,7 +61,7 @@ class CommitQueue:
         self._cond = threading.Condition(threading.Lock())
         self._tasks: Deque[CommitTask] = collections.deque()
         self._unfinished = 0  # queued + running
-        self._running: Optional[CommitTask] = None
+        self._running: List[CommitTask] = []
         self._thread: Optional[threading.Thread] = None
         self._exit_hooks_pid: Optional[int] = None
 
@@ -108,13 +120,24 @@ class CommitQueue:
             with self._cond:
                 while not self._tasks:
                     self._cond.wait()
-                task = self._running = self._tasks.popleft()
+                task = self._tasks.popleft()
+                batch = [task]
+                kind = type(task)
+                while self._tasks and len(batch) < kind.batch_max and type(self._tasks[0]) is kind:
+                    batch.append(self._tasks.popleft())
+                self._running = batch
             try:
-                _run_logged(task)
+                if len(batch) == 1:
+                    _run_logged(task)
+                else:
+                    try:
+                        kind.run_batch(batch)
+                    except Exception:
+                        log.warning("background batch of %d tasks %r failed", len(batch), task, exc_info=True)
             finally:
                 with self._cond:
-                    self._running = None
-                    self._unfinished -= 1
+                    self._running = []
+                    self._unfinished -= len(batch)
                     self._cond.notify_all()
 
     # -- fork -----------------------------------------------------------------------------------------------------
@@ -128,7 +151,7 @@ class CommitQueue:
         self._cond.release()
 
     def _after_fork_in_child(self) -> None:
-        inherited = ([self._running] if self._running is not None else []) + list(self._tasks)
+        inherited = list(self._running) + list(self._tasks)
         self._reset()
         for task in inherited:
             try:

@@ -13,7 +13,7 @@ import os
 import threading
 from typing import IO, TYPE_CHECKING, BinaryIO, Callable, Iterator, Optional, Set, Tuple, cast
 
-from streamloader._files import TempFileVanished, rename_into_place
+from streamloader._files import TempFileVanished, rename_into_place, sync_files
 from streamloader.cache import scan as _cachescan
 from streamloader.cache.commit_queue import QUEUE, CommitTask
 from streamloader.cache.entrylock import EntryLock, Timeout
@@ -23,7 +23,7 @@ from streamloader.errors import CacheError, IntegrityError
 
 log = logging.getLogger("streamloader.cache")
 
-__all__ = ["CacheWriter"]
+__all__ = ["CacheWriter", "DownloadClaim", "HeldLocks"]
 
 _USAGE_RESCAN = 10.0  # seconds: how stale the shared running total of the cache size may get (see _land)
 
@@ -73,6 +73,40 @@ class CacheWriter:
             if entry_lock is not None:
                 entry_lock.release()
                 thread_lock.release()
+
+    def try_lock(self, key: CacheKey) -> Optional["HeldLocks"]:
+        """:meth:`~streamloader.cache.store.FileCache.locked` without waiting (for an event loop): ``key``'s
+        thread and entry locks, now held (``release()`` them), or None while any other thread or process holds
+        them."""
+        thread_lock = self._thread_lock(key)
+        if not thread_lock.acquire(blocking=False):
+            return None
+        entry_lock = self._file_lock(key)
+        try:
+            taken = entry_lock._try() == "held"  # "busy", or "unsupported" (filelock's fallbacks may block)
+        except BaseException:
+            thread_lock.release()
+            raise
+        if not taken:
+            thread_lock.release()
+            return None
+        return HeldLocks(entry_lock, thread_lock)
+
+    def try_claim(self, key: CacheKey, size: Optional[int]) -> Tuple[str, Optional["DownloadClaim"]]:
+        """Start a download of ``key`` without waiting (for an event loop): ``("claimed", claim)`` with the entry's
+        locks held by the claim, ``("cached", None)`` when it is stored already, or ``("busy", None)`` when another
+        thread or process holds its locks (most likely downloading it: :meth:`warm` waits for that)."""
+        held = self.try_lock(key)
+        if held is None:
+            return "busy", None
+        try:
+            if self._lookup(key, size, True) is not None:
+                held.release()
+                return "cached", None
+        except BaseException:
+            held.release()
+            raise
+        return "claimed", DownloadClaim(self, key, size, held)
 
     def _download_and_open(self, key: CacheKey, fill: Callable[[BinaryIO], None], size: Optional[int],
                            opener: Callable[[str], IO]) -> Optional[IO]:
@@ -144,13 +178,15 @@ class CacheWriter:
             raise
         return tmp, raw
 
-    def _publish(self, key: CacheKey, tmp: str, raw: BinaryIO) -> str:
-        """Make a verified temp file durable and move it into place (readers see all of it or nothing)."""
+    def _publish(self, key: CacheKey, tmp: str, raw: BinaryIO, synced: bool = False) -> str:
+        """Make a verified temp file durable (unless ``synced``: it is already) and move it into place (readers see
+        all of it or nothing)."""
         final = self.path_for(key)
         try:
             if hasattr(os, "fchmod"):
                 os.fchmod(raw.fileno(), 0o400)  # read-only: writing to a cached file's path cannot corrupt it
-            os.fsync(raw.fileno())
+            if not synced:
+                os.fsync(raw.fileno())
             size = os.fstat(raw.fileno()).st_size
             raw.close()
             if self.max_size is None:
@@ -207,7 +243,10 @@ def _discard(tmp: str, raw: BinaryIO) -> None:
 
 
 class _PendingCommit(CommitTask):
-    """A verified download already handed to its reader: fsync, rename into place, then release the entry's locks."""
+    """A verified download already handed to its reader: fsync, rename into place, then release the entry's locks.
+    Several waiting in a row are made durable together (:meth:`run_batch`)."""
+
+    batch_max = 64
 
     def __init__(self, cache: CacheWriter, key: CacheKey, tmp: str, raw: BinaryIO, entry_lock: EntryLock,
                  thread_lock: threading.Lock):
@@ -217,9 +256,9 @@ class _PendingCommit(CommitTask):
     def __repr__(self) -> str:
         return f"<cache commit {self.key.kind}/{self.key.digest} in {self.cache.root}>"
 
-    def run(self) -> None:
+    def run(self, synced: bool = False) -> None:
         try:
-            self.cache._publish(self.key, self.tmp, self.raw)
+            self.cache._publish(self.key, self.tmp, self.raw, synced)
         except Exception as exc:
             # The reader already has the verified bytes; only the cached copy is lost (the next read downloads it).
             log.warning("could not store cache entry %s/%s: %s", self.key.kind, self.key.digest, exc)
@@ -227,7 +266,73 @@ class _PendingCommit(CommitTask):
             self.entry_lock.release()
             self.thread_lock.release()
 
+    @classmethod
+    def run_batch(cls, tasks: "list[CommitTask]") -> None:
+        """Commit ``tasks`` with one sync for all of them (:func:`~streamloader._files.sync_files`), then rename each
+        into place and release its locks; if that sync fails, each is committed on its own (``fsync`` each)."""
+        commits = cast("list[_PendingCommit]", tasks)
+        try:
+            sync_files([commit.raw.fileno() for commit in commits])
+            synced = True
+        except (OSError, ValueError) as exc:
+            log.debug("one sync for %d cache entries failed (%s); syncing each", len(commits), exc)
+            synced = False
+        for commit in commits:
+            commit.run(synced)
+
     def abandon(self) -> None:
         # In a forked child: close the inherited copies of the fds (never unlock: the lock is the parent's).
         self.entry_lock.forget()
         _close_quietly(self.raw)
+
+
+class HeldLocks:
+    """A cache entry's thread and entry locks, held (see :meth:`CacheWriter.try_lock`); ``release()`` is
+    idempotent."""
+
+    __slots__ = ("entry_lock", "thread_lock")
+
+    def __init__(self, entry_lock: EntryLock, thread_lock: threading.Lock):
+        self.entry_lock: Optional[EntryLock] = entry_lock
+        self.thread_lock = thread_lock
+
+    def release(self) -> None:
+        entry_lock, self.entry_lock = self.entry_lock, None
+        if entry_lock is not None:
+            try:
+                entry_lock.release()
+            finally:
+                self.thread_lock.release()
+
+
+class DownloadClaim:
+    """The right to download one entry, held without waiting (:meth:`CacheWriter.try_claim`): the bytes are
+    fetched elsewhere (an event loop), then :meth:`store` writes, verifies and queues them like :meth:`warm` does;
+    :meth:`release` gives the claim up (e.g. the download failed: a waiting reader then downloads it itself)."""
+
+    def __init__(self, cache: CacheWriter, key: CacheKey, size: Optional[int], held: HeldLocks):
+        self.cache, self.key, self.size = cache, key, size
+        self._held: Optional[HeldLocks] = held
+
+    def store(self, fill: Callable[[BinaryIO], None]) -> int:
+        """``fill(fileobj)`` into a temp file, verified against the size and hash of the key, then its commit
+        (fsync, rename) queued in the background, the claim's locks handed to it; returns the size. On any
+        failure nothing is stored, the locks are released and the error raised."""
+        held = self._held
+        if held is None or held.entry_lock is None:
+            raise RuntimeError("this download claim was released already")
+        try:
+            tmp, raw = self.cache._write_temp(self.key, fill, self.size)
+        except BaseException:
+            self.release()
+            raise
+        commit = _PendingCommit(self.cache, self.key, tmp, raw, held.entry_lock, held.thread_lock)
+        self._held = None  # the commit releases both locks once the entry is in place
+        stored = raw.tell()
+        QUEUE.submit(commit)
+        return stored
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.release()

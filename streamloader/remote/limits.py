@@ -160,6 +160,10 @@ class Slot:
         """The host pushed back (429, 503 with Retry-After); ``retry_after``: seconds it asked us to wait."""
         self._outcome, self._retry_after = "throttled", retry_after
 
+    def discard(self) -> None:
+        """Give the slot back unused (no request was sent): nothing is reported."""
+        self._limiter._release(self, "unused")
+
     def unreachable(self, reason: str) -> None:
         """No answer: refused, reset, timed out or too slow (``reason`` says which; it names no secret)."""
         self._outcome = "unreachable"
@@ -226,35 +230,16 @@ class HostLimiter:
         """Wait for a slot and return it (use it in a ``with``). ``deadline`` (a time.time() value, default 15 min
         from now) bounds the wait: past it, RemoteError (status 429). HostUnreachableError at once while the
         breaker is open."""
-        backend = self._backend or self._state()
-        limits, local = self.limits, self._local
         deadline = time.time() + 900 if deadline is None else deadline
         delay = 0.001
         while True:
-            header = _HEADER.unpack_from(backend.header)
-            now = time.time()
-            open_until = header[_OPEN_UNTIL]
-            if open_until and 0 < open_until - now <= 10 * limits.breaker_cooldown + 60:
-                raise self._unreachable(header, now)
-            pause = header[_PAUSE] - now
-            if 0 < pause <= limits.max_pause + 1:
-                self._check_deadline(deadline, now + pause, f"it asked to wait {pause:.1f} s")
-                time.sleep(min(pause, 0.25))
-                continue
-            limit = min(max(int(header[_LIMIT]), limits.floor), limits.ceiling)
-            probe = None
-            if open_until:  # the cool-down is over: one probe at a time may try
-                probe = backend.take_probe()
-                if probe is None:
-                    raise self._unreachable(header, now)
-            start = getattr(local, "index", None)
-            got = backend.take(start if start is not None and start < limit else random.randrange(limit), limit)
+            got, now, wait, why = self._take()
             if got is not None:
-                local.index = got[1]
-                return Slot(self, backend, got[0], got[1], probe, now)
-            if probe is not None:
-                backend.give_probe(probe)
-            self._check_deadline(deadline, now, f"all {limit} request slots stayed busy")
+                return got
+            self._check_deadline(deadline, now + wait, why)
+            if wait:
+                time.sleep(min(wait, 0.25))
+                continue
             self._last_wait = time.monotonic()
             with self._cond:
                 self._waiters += 1
@@ -263,6 +248,42 @@ class HostLimiter:
                 finally:
                     self._waiters -= 1
             delay = min(delay * 2, _WAIT_POLL)
+
+    def try_slot(self) -> Tuple[Optional[Slot], float]:
+        """:meth:`slot` without waiting (for an event loop): ``(a slot, 0)``, or ``(None, seconds worth waiting
+        before trying again)`` while the host is paused or every slot is taken. HostUnreachableError at once while
+        the breaker is open."""
+        got, _now, wait, _why = self._take()
+        if got is None:
+            self._last_wait = time.monotonic()  # requests wait: the limit binds (see _report)
+        return got, wait
+
+    def _take(self) -> Tuple[Optional[Slot], float, float, str]:
+        """One try at a slot: (the slot or None, now, seconds of the host's pause left or 0, why there is none)."""
+        backend = self._backend or self._state()
+        limits, local = self.limits, self._local
+        header = _HEADER.unpack_from(backend.header)
+        now = time.time()
+        open_until = header[_OPEN_UNTIL]
+        if open_until and 0 < open_until - now <= 10 * limits.breaker_cooldown + 60:
+            raise self._unreachable(header, now)
+        pause = header[_PAUSE] - now
+        if 0 < pause <= limits.max_pause + 1:
+            return None, now, pause, f"it asked to wait {pause:.1f} s"
+        limit = min(max(int(header[_LIMIT]), limits.floor), limits.ceiling)
+        probe = None
+        if open_until:  # the cool-down is over: one probe at a time may try
+            probe = backend.take_probe()
+            if probe is None:
+                raise self._unreachable(header, now)
+        start = getattr(local, "index", None)
+        got = backend.take(start if start is not None and start < limit else random.randrange(limit), limit)
+        if got is not None:
+            local.index = got[1]
+            return Slot(self, backend, got[0], got[1], probe, now), now, 0.0, ""
+        if probe is not None:
+            backend.give_probe(probe)
+        return None, now, 0.0, f"all {limit} request slots stayed busy"
 
     def _check_deadline(self, deadline: float, until: float, why: str) -> None:
         if until > deadline:
@@ -292,6 +313,8 @@ class HostLimiter:
                     self._cond.notify()
 
     def _report(self, backend: Any, slot: Slot, outcome: str) -> None:
+        if outcome == "unused":
+            return
         header = _HEADER.unpack_from(backend.header)
         limits = self.limits
         if outcome == "unreachable":

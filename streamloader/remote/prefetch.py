@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["PREFETCH_PROCESS_MIN_FILES", "Halt", "PrefetchJob", "PrefetchResult", "ProcessPrefetch",
-           "fetch_to_cache", "process_count", "prefetch_in_threads", "settle"]
+           "fetch_to_cache", "prefetch_here", "prefetch_in_threads", "process_count", "settle"]
 
 #: below this many files a prefetch stays in one process (starting workers costs more than it saves)
 PREFETCH_PROCESS_MIN_FILES = 200
@@ -145,6 +145,20 @@ def prefetch_in_threads(repo: RemoteRepo, paths: List[str], workers: int, record
             thread.join()
         if repo.cache is not None:
             repo.cache.flush()
+
+
+def prefetch_here(repo: RemoteRepo, paths: List[str], workers: int, record: _Record,
+                  cancelled: Optional[threading.Event] = None) -> None:
+    """Fetch ``paths`` in this process: with the event-loop engine (:mod:`streamloader.remote.aioprefetch`) where
+    it can run, else with :func:`prefetch_in_threads`. Same contract either way."""
+    from streamloader.remote import aioprefetch
+
+    why = aioprefetch.unusable(repo)
+    if why is None:
+        aioprefetch.prefetch_async(repo, paths, workers, record, cancelled)
+    else:
+        log.debug("prefetch in threads: %s", why)
+        prefetch_in_threads(repo, paths, workers, record, cancelled)
 
 
 class Halt:
@@ -401,7 +415,7 @@ def fetch_to_cache(repo: RemoteRepo, paths: Iterable[str], max_concurrency: Opti
             if fanout is not None:
                 fanout.collect(record, halt.event)
             else:
-                prefetch_in_threads(repo, paths, workers, record, halt.event)
+                prefetch_here(repo, paths, workers, record, halt.event)
         finally:
             if bar is not None:
                 bar.close()
@@ -430,8 +444,8 @@ def _prefetch_worker(repo: RemoteRepo, paths: List[str], workers: int, queue: An
 
     signal.signal(signal.SIGTERM, stopped)
     threading.Thread(target=watch_parent, name="streamloader-prefetch-watch", daemon=True).start()
-    prefetch_in_threads(repo, paths, workers,
-                         lambda path, size, exc, cached: queue.put((index, path, size, _portable_error(exc), cached)))
+    prefetch_here(repo, paths, workers,
+                  lambda path, size, exc, cached: queue.put((index, path, size, _portable_error(exc), cached)))
     queue.put((index, None, 0, None, False))
     queue.close()
     queue.join_thread()

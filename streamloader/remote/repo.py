@@ -23,6 +23,7 @@ from typing import IO, Any, BinaryIO, Callable, Dict, Iterable, Optional, Tuple
 
 from streamloader import _forksafe
 from streamloader.cache import CacheKey, FileCache
+from streamloader.cache.writing import DownloadClaim, HeldLocks
 from streamloader.errors import IntegrityError, RemoteError, RemoteFileNotFoundError
 from streamloader.remote import heads
 from streamloader.remote.buckets import Buckets, is_bucket_path
@@ -35,7 +36,7 @@ from streamloader.remote.urls import safe_repo_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RemoteRepo"]
+__all__ = ["RemoteRepo", "WarmClaim"]
 
 _LIVE_REPOS: "weakref.WeakSet[RemoteRepo]" = weakref.WeakSet()
 
@@ -252,6 +253,62 @@ class RemoteRepo(PathLookups):
                                       looked=found is None)
             return size, cached and found is not None
 
+    def try_warm(self, path: str) -> Tuple[str, Any]:
+        """The first half of :meth:`warm`, without waiting (what an event loop's prefetch calls): ``("cached",
+        size)``; ``("claimed", WarmClaim)``: this process may download ``path`` now (the claim holds the locks
+        :meth:`warm` would take, names the URL and the size expected, and its ``store(fill)`` ends the download);
+        ``("busy", None)``: another thread or process holds a lock of it (downloading it, most likely: ask again
+        later, or let :meth:`warm` wait); or ``("other", None)``: only :meth:`warm` can do this one (a bucket
+        path; offline; no cache; a folder or a missing path, which warm reports)."""
+        cache = self.cache
+        if cache is None or self.offline:
+            return "other", None
+        try:
+            path = safe_repo_path(path)
+            if self._buckets.handles(path):
+                return "other", None
+            entry, key = self._target(path)
+        except (OSError, ValueError):
+            return "other", None
+        found = self._cached_key(path, entry, key, settled=False)
+        if found is not None:
+            try:
+                return "cached", os.stat(cache.path_for(found)).st_size
+            except FileNotFoundError:  # evicted just now
+                return "other", None
+        location = self._location_key(path)
+        fetch = cache.try_lock(CacheKey("fetch", location.digest))
+        if fetch is None:
+            return "busy", None
+        try:
+            if entry is None or not entry.hash:
+                known = self.store.entry(path)  # another process may have learnt the hash meanwhile
+                if known is not None and not known.is_dir:
+                    entry, key = known, self.cache_key(known)
+            size = entry.size if entry is not None else None
+            if key != location:  # stored under its location by a process that did not know the hash?
+                other = cache.try_lock(location)
+                if other is None:
+                    fetch.release()
+                    return "busy", None
+                other.release()
+                if cache.get(location, size) is not None:
+                    fetch.release()
+                    return "other", None
+            state, claim = cache.try_claim(key, size)
+        except BaseException:
+            fetch.release()
+            raise
+        if claim is None:
+            fetch.release()
+            if state == "cached":
+                try:
+                    return "cached", os.stat(cache.path_for(key)).st_size
+                except FileNotFoundError:
+                    pass
+            return ("busy" if state == "busy" else "other"), None
+        return "claimed", WarmClaim(path, self.client.raw_url(path), size, claim, fetch)
+
     def cached_path(self, path: str) -> Optional[str]:
         """The cached file's path if ``path`` is already in the cache (no download, no request), else None."""
         if self.cache is None:
@@ -336,6 +393,27 @@ class RemoteRepo(PathLookups):
         """
         return fetch_to_cache(self, paths, max_concurrency=max_concurrency, progress=progress, on_error=on_error,
                               processes=processes, wait=wait)
+
+
+class WarmClaim:
+    """A download :meth:`RemoteRepo.try_warm` gave this process: GET ``url`` (``size`` bytes expected, or
+    unknown), then :meth:`store` the body; or :meth:`release` it (then :meth:`RemoteRepo.warm` can do it)."""
+
+    def __init__(self, path: str, url: str, size: Optional[int], claim: DownloadClaim, fetch: HeldLocks):
+        self.path, self.url, self.size = path, url, size
+        self._claim, self._fetch = claim, fetch
+
+    def store(self, fill: Callable[[BinaryIO], None]) -> int:
+        """Write, verify and queue the commit of the bytes ``fill(fileobj)`` writes (see
+        :meth:`~streamloader.cache.writing.DownloadClaim.store`); the size stored. Raises on a mismatch."""
+        try:
+            return self._claim.store(fill)
+        finally:
+            self._fetch.release()
+
+    def release(self) -> None:
+        self._claim.release()
+        self._fetch.release()
 
 
 def _size_of(local: str) -> int:

@@ -1,0 +1,348 @@
+"""The event-loop engine of prefetch: one thread runs an asyncio loop, and aiohttp keeps every request the host's
+limiter allows in flight, where the thread engine (:func:`~streamloader.remote.prefetch.prefetch_in_threads`)
+needs a thread per request.
+
+Why: a cold epoch of small files is bound by requests in flight and by the client's CPU per file. With a thread
+per request, GIL hand-offs among up to 128 threads and requests/urllib3's per-request work cost ~2.4 ms of CPU per
+30 KB file on a 2-core machine; here a file costs what aiohttp's C parser, one hash and one temp file cost.
+
+Only the common case runs in the loop, and every guarantee of the cache holds there too:
+
+* :meth:`RemoteRepo.try_warm <streamloader.remote.repo.RemoteRepo.try_warm>` takes, without waiting, the locks
+  :meth:`~streamloader.remote.repo.RemoteRepo.warm` takes (the path's fetch lock, the entry's thread and
+  cross-process locks), so a file is downloaded once whoever asks; the bytes are then verified (size, content hash)
+  and committed by the same code (``DownloadClaim.store``, the background commit queue) — nothing unverified is
+  ever visible;
+* each request takes a slot of the host's shared limiter (:meth:`~streamloader.remote.limits.HostLimiter.try_slot`)
+  and reports how it went, so adaptive concurrency, pushback (429/503 + Retry-After) and the circuit breaker work
+  as for every other request;
+* the token goes only to the API origin (a redirect to a presigned storage URL goes without it).
+
+Anything else — an error status, a dropped connection, a lying or short body, a hash mismatch, a compressed body,
+an entry whose lock is busy (another thread or process downloading it), a bucket path, a file larger than
+:data:`IN_MEMORY_MAX` — is given back and done by :meth:`RemoteRepo.warm` in a small thread pool, with the full
+retry policy and typed errors. ``STREAMLOADER_PREFETCH_ENGINE=threads`` turns this engine off.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
+from urllib.parse import urljoin, urlsplit
+
+from streamloader.errors import HostUnreachableError
+from streamloader.remote.download import receive_body
+from streamloader.remote.limits import parse_retry_after
+from streamloader.remote.transport import Body, origin_of
+
+if TYPE_CHECKING:
+    from streamloader.remote.limits import Slot
+    from streamloader.remote.repo import RemoteRepo, WarmClaim
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ENGINE_ENV", "EngineCounts", "IN_MEMORY_MAX", "prefetch_async", "unusable"]
+
+ENGINE_ENV = "STREAMLOADER_PREFETCH_ENGINE"
+#: bodies up to this size are read into memory, then written and verified; a larger file goes to warm()
+IN_MEMORY_MAX = 16 << 20
+_REDIRECTS = {301, 302, 303, 307, 308}
+_MAX_REDIRECTS = 10
+_FALLBACK_THREADS = 16
+_DEFERRALS = 3  # times a file another thread or process is downloading is put back in line before warm() waits
+_Outcome = Tuple[str, int, Optional[BaseException], bool]  # (path, size, error, was already cached)
+
+
+class _GiveBack(Exception):
+    """This download is not for the loop: hand it to :meth:`RemoteRepo.warm` (the reason is for the debug log)."""
+
+
+def unusable(repo: "RemoteRepo") -> Optional[str]:
+    """Why the event-loop engine cannot fetch for ``repo`` (then the thread engine does), or None if it can."""
+    if os.environ.get(ENGINE_ENV, "").strip().lower() in ("threads", "thread", "sync"):
+        return f"{ENGINE_ENV}=threads"
+    if repo.cache is None or repo.offline:
+        return "no cache, or offline"
+    try:
+        import aiohttp  # noqa: F401 - only whether it is there
+    except ImportError:
+        return "aiohttp is not installed"
+    if _proxied_or_client_cert(repo, repo.client.ref.host):
+        return "a proxy or a client certificate applies to the host (requests handles those)"
+    return None
+
+
+def _requests_settings(repo: "RemoteRepo", url: str) -> Dict[str, Any]:
+    session = repo.client.session
+    return session.merge_environment_settings(url, {}, True, None, None)
+
+
+def _proxied_or_client_cert(repo: "RemoteRepo", url: str) -> bool:
+    from requests.utils import select_proxy
+
+    settings = _requests_settings(repo, url)
+    return bool(repo.client.session.proxies or select_proxy(url, settings.get("proxies") or {}) is not None
+                or settings.get("cert"))
+
+
+def _ssl_context(repo: "RemoteRepo") -> Any:
+    """TLS as requests would do it for the API host: its CA bundle (REQUESTS_CA_BUNDLE, the Session's ``verify``,
+    else certifi's), or no verification where ``verify`` is False."""
+    verify = _requests_settings(repo, repo.client.ref.host).get("verify", True)
+    if verify is False:
+        return False
+    if verify is True or not verify:
+        import certifi
+
+        return ssl.create_default_context(cafile=certifi.where())
+    if os.path.isdir(str(verify)):
+        return ssl.create_default_context(capath=str(verify))
+    return ssl.create_default_context(cafile=str(verify))
+
+
+class EngineCounts:
+    """What :func:`prefetch_async` did: ``in_loop`` files downloaded by the event loop, ``given_back`` handed to
+    :meth:`RemoteRepo.warm` (errors, busy locks...), ``cached`` found in the cache already."""
+
+    def __init__(self) -> None:
+        self.in_loop = self.given_back = self.cached = 0
+
+    def __repr__(self) -> str:
+        return f"<EngineCounts in_loop={self.in_loop} given_back={self.given_back} cached={self.cached}>"
+
+
+def prefetch_async(repo: "RemoteRepo", paths: List[str], workers: int, record: Callable[..., None],
+                   cancelled: Optional[Any] = None) -> EngineCounts:
+    """Fetch ``paths`` into ``repo``'s cache with at most ``workers`` requests in flight (the host's limiter
+    decides below that), calling ``record(path, size, error, cached)`` for each, in this thread; stops early once
+    ``cancelled`` (a threading.Event) is set. Returns once every file fetched is in place in the cache. Runs its
+    own event loop: call it from a thread that has none running (prefetch's job thread, a worker process)."""
+    engine = _Engine(repo, workers, record, cancelled)
+    try:
+        asyncio.run(engine.run(paths))
+    finally:
+        engine.close()
+        if repo.cache is not None:
+            repo.cache.flush()
+    return engine.counts
+
+
+class _Engine:
+    def __init__(self, repo: "RemoteRepo", workers: int, record: Callable[..., None], cancelled: Optional[Any]):
+        self.repo, self.record, self.cancelled = repo, record, cancelled
+        self.workers = max(1, workers)
+        self.limiter = repo.client.limiter
+        self.policy = repo.client.retry
+        self.auth = repo.client.session.auth
+        self.agent = str(repo.client.session.headers.get("User-Agent", "streamloader"))
+        self.api_origin = origin_of(repo.client.ref.host)
+        self.pool = ThreadPoolExecutor(max_workers=min(self.workers, _FALLBACK_THREADS),
+                                       thread_name_prefix="streamloader-prefetch")
+        self.counts = EngineCounts()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.counts.given_back:
+            log.debug("prefetch: %s", self.counts)
+
+    # -- scheduling -----------------------------------------------------------------------------------------------
+    async def run(self, paths: List[str]) -> None:
+        import aiohttp
+
+        policy = self.policy
+        connector = aiohttp.TCPConnector(limit=0, ssl=_ssl_context(self.repo), ttl_dns_cache=300)
+        timeout = aiohttp.ClientTimeout(sock_connect=policy.connect_timeout, sock_read=policy.read_timeout)
+        pending: Deque[str] = deque(paths)
+        self.deferred: Dict[str, int] = {}
+        running: Set["asyncio.Future[_Outcome]"] = set()
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                         cookie_jar=aiohttp.DummyCookieJar(), trust_env=False) as session:
+            try:
+                idle = 0.001
+                while pending or running:
+                    if self.cancelled is not None and self.cancelled.is_set():
+                        pending.clear()
+                        for task in running:
+                            task.cancel()
+                        await asyncio.gather(*running, return_exceptions=True)
+                        return
+                    wait = self._start(session, pending, running)
+                    if not running:  # every slot is someone else's, or the host asked us to pause
+                        await asyncio.sleep(min(max(wait, idle), 0.05))
+                        idle = min(idle * 2, 0.05)
+                        continue
+                    idle = 0.001
+                    done, running = await asyncio.wait(running, timeout=0.05 if pending else None,
+                                                       return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        self.record(*task.result())
+            finally:
+                for task in running:
+                    task.cancel()
+
+    def _start(self, session: Any, pending: Deque[str], running: Set["asyncio.Future[_Outcome]"]) -> float:
+        """Start downloads while the limiter gives slots; returns how long waiting is worth when it gives none."""
+        loop = asyncio.get_running_loop()
+        while pending and len(running) < self.workers:
+            try:
+                slot, wait = self.limiter.try_slot()
+            except HostUnreachableError as exc:  # the breaker is open: this file fails at once, as warm() would
+                self.record(pending.popleft(), 0, exc, False)
+                continue
+            if slot is None:
+                return wait
+            path = pending.popleft()
+            try:
+                state, value = self.repo.try_warm(path)
+            except Exception:  # noqa: BLE001 - whatever it is, warm() reports it properly
+                state, value = "other", None
+            if state == "claimed":
+                running.add(loop.create_task(self._download(session, value, slot)))
+                continue
+            slot.discard()
+            if state == "cached":
+                self.counts.cached += 1
+                self.record(path, value, None, True)
+            elif state == "busy" and pending and self.deferred.get(path, 0) < _DEFERRALS:
+                # someone else is downloading it: do the others first (two processes prefetching the same list
+                # then share the work instead of one waiting on the other), then look again
+                self.deferred[path] = self.deferred.get(path, 0) + 1
+                pending.append(path)
+                if all(self.deferred.get(p, 0) for p in (pending[0],)) and len(self.deferred) >= len(pending):
+                    return 0.002  # everything left is someone else's right now: wait a moment
+            else:
+                running.add(self._give_back(path))
+        return 0.0
+
+    def _give_back(self, path: str) -> "asyncio.Future[_Outcome]":
+        """``path`` fetched by :meth:`RemoteRepo.warm` in the thread pool (waits, retries, typed errors)."""
+        self.counts.given_back += 1
+        return asyncio.wrap_future(self.pool.submit(self._warm, path))
+
+    def _warm(self, path: str) -> _Outcome:
+        try:
+            size, cached = self.repo.warm(path)
+        except BaseException as exc:  # noqa: BLE001 - reported through record()
+            return path, 0, exc, False
+        return path, size, None, cached
+
+    # -- one download ---------------------------------------------------------------------------------------------
+    async def _download(self, session: Any, claim: "WarmClaim", slot: "Slot") -> _Outcome:
+        try:
+            try:
+                body = await self._get(session, claim, slot)
+            finally:
+                slot.__exit__(None, None, None)  # gives the slot back, with the outcome set by _get
+        except _GiveBack as why:
+            claim.release()
+            log.debug("prefetch of %s goes to the thread path: %s", claim.path, why)
+            return await self._give_back(claim.path)
+        except BaseException:  # cancelled: nothing was stored
+            claim.release()
+            raise
+        try:
+            size = claim.store(lambda f: receive_body(body, f, claim.path, claim.url, 0, None, False, claim.size,
+                                                      None, []))
+        except Exception as exc:  # noqa: BLE001 - a short, lying or corrupt body: warm() retries it
+            log.debug("prefetch of %s goes to the thread path: %s", claim.path, exc)
+            return await self._give_back(claim.path)
+        self.counts.in_loop += 1
+        return claim.path, size, None, False
+
+    async def _get(self, session: Any, claim: "WarmClaim", slot: "Slot") -> Body:
+        """GET the claim's URL (redirects followed, the token only to the API origin) and read its body; tells
+        ``slot`` how it went. :class:`_GiveBack` for anything but a plain 200 that fits in memory."""
+        import aiohttp
+
+        url, hops, answered = claim.url, 0, False
+        policy = self.policy
+        limit = IN_MEMORY_MAX if claim.size is None else min(claim.size, IN_MEMORY_MAX)
+        budget = policy.connect_timeout + policy.read_timeout + limit / policy.min_rate  # the throughput floor
+        try:
+            async with asyncio.timeout(budget) if hasattr(asyncio, "timeout") else _no_timeout():
+                while True:
+                    headers = {"User-Agent": self.agent, "Accept": "*/*", "Accept-Encoding": "identity",
+                               **self.auth.headers_for(url)}
+                    async with session.get(url, headers=headers, allow_redirects=False) as resp:
+                        answered = True
+                        status = resp.status
+                        if status in _REDIRECTS and resp.headers.get("Location") and hops < _MAX_REDIRECTS:
+                            target = urljoin(url, resp.headers["Location"])
+                            if urlsplit(target).scheme not in ("http", "https") or (
+                                    origin_of(target) != self.api_origin
+                                    and _proxied_or_client_cert(self.repo, target)):
+                                slot.answered()
+                                raise _GiveBack(f"a redirect the thread path must judge (HTTP {status})")
+                            url, hops = target, hops + 1
+                            continue
+                        if status != 200:
+                            hint = parse_retry_after(resp.headers.get("Retry-After"))
+                            if status == 429 or (status == 503 and hint is not None):
+                                slot.throttled(None if hint is None else min(hint, policy.max_retry_after))
+                            else:
+                                slot.answered()
+                            raise _GiveBack(f"HTTP {status}")
+                        if resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+                            slot.ok()
+                            raise _GiveBack("a compressed body")
+                        data = await _read_capped(resp, limit)
+                        if data is None:
+                            slot.ok()
+                            raise _GiveBack(f"a body over {limit} bytes")
+                        slot.ok()
+                        return Body(200, resp.headers, _chunks_of(data), _nothing, url)
+        except _GiveBack:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            if answered:
+                slot.answered()  # dropped mid-body (or a malformed answer): an answer, not an outage
+            else:
+                slot.unreachable(type(exc).__name__)
+            raise _GiveBack(type(exc).__name__) from None
+
+
+async def _read_capped(resp: Any, limit: int) -> Optional[bytes]:
+    """The whole body, or None once it runs past ``limit`` bytes (it is not read further)."""
+    length = resp.headers.get("Content-Length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        return None
+    parts: List[bytes] = []
+    got = 0
+    while True:
+        chunk = await resp.content.read(1 << 18)
+        if not chunk:
+            return b"".join(parts)
+        got += len(chunk)
+        if got > limit:
+            return None
+        parts.append(chunk)
+
+
+def _chunks_of(data: bytes) -> Callable[[int], Iterator[bytes]]:
+    def chunks(size: int) -> Iterator[bytes]:
+        if len(data) <= size:
+            yield data
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), size):
+            yield bytes(view[start:start + size])
+    return chunks
+
+
+def _nothing() -> None:
+    return None
+
+
+class _no_timeout:
+    """``asyncio.timeout`` before Python 3.11: no overall budget (aiohttp's own timeouts still bound each read)."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,194 @@
+"""The event-loop prefetch engine (streamloader/remote/aioprefetch.py) against the real local server: what it
+downloads itself, what it hands to the thread path, and that the cache's guarantees hold either way (verified,
+atomic, one download per file across processes, token only to the API origin, the host's limiter obeyed)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from conftest import TOKEN, make_random_files, remote_repo
+from streamloader.remote import aioprefetch
+from streamloader.remote.client import RetryPolicy
+from streamloader.server import DagsHubLike, ServerFaults
+
+FAST = RetryPolicy(attempts=8, initial_backoff=0.01, max_backoff=0.05, max_retry_after=0.5)
+
+
+@pytest.fixture
+def files(tmp_path):
+    return make_random_files(tmp_path / "src", count=120)
+
+
+def _run(repo, paths, workers=64, cancelled=None):
+    out = {}
+
+    def record(path, size, exc, cached):
+        assert path not in out, f"{path} reported twice"
+        out[path] = (size, exc, cached)
+
+    counts = aioprefetch.prefetch_async(repo, list(paths), workers, record, cancelled)
+    return out, counts
+
+
+def _cached_bytes(repo, path):
+    with open(repo.local_path(path), "rb") as f:
+        return f.read()
+
+
+def test_the_loop_downloads_every_file_once_verified_and_a_second_run_finds_them_cached(tmp_path, files,
+                                                                                         make_server):
+    srv = make_server(tmp_path / "src", token=TOKEN)
+    repo = remote_repo(srv, tmp_path / "cache", FAST)
+    repo.ls("data")  # hashes and sizes known, as after any listing
+    assert aioprefetch.unusable(repo) is None
+    srv.reset_counts()
+    out, counts = _run(repo, files)
+    assert counts.in_loop == len(files) and counts.given_back == 0, counts
+    assert all(exc is None and not cached and size == len(files[p]) for p, (size, exc, cached) in out.items())
+    assert srv.request_count(kind="raw") == len(files)  # one GET per file, nothing else
+    raw = [e for e in srv.request_log if e["kind"] == "raw"]
+    assert all(e["has_auth"] for e in raw) and max(e["in_flight"] for e in raw) > 1
+    srv.reset_counts()
+    for path, data in files.items():
+        assert _cached_bytes(repo, path) == data
+    assert srv.request_count(kind="raw") == 0
+    out, counts = _run(repo, files)
+    assert counts.cached == len(files) and all(cached for _s, _e, cached in out.values())
+    assert srv.request_count(kind="raw") == 0
+
+
+def test_unlisted_paths_are_fetched_under_their_location_and_missing_ones_fail_typed(tmp_path, files, make_server):
+    srv = make_server(tmp_path / "src", token=TOKEN)
+    repo = remote_repo(srv, tmp_path / "cache", FAST)  # nothing listed: no hash, no size known
+    paths = list(files)[:20] + ["data/nope.bin"]
+    out, counts = _run(repo, paths)
+    assert counts.in_loop == 20
+    assert isinstance(out["data/nope.bin"][1], FileNotFoundError)  # the 404 went to warm(), which says so
+    for path in paths[:20]:
+        assert out[path][1] is None and _cached_bytes(repo, path) == files[path]
+
+
+def test_faults_go_to_the_thread_path_and_every_file_still_arrives_intact(tmp_path, files, make_server):
+    srv = make_server(tmp_path / "src", token=TOKEN)
+    repo = remote_repo(srv, tmp_path / "cache", FAST)
+    repo.ls("data")
+    srv.update_faults(dict(error_rate=0.1, drop_rate=0.1, throttle_rate=0.05, retry_after=0.05, seed=7))
+    out, counts = _run(repo, files)
+    assert not [p for p, (_s, exc, _c) in out.items() if exc is not None]
+    assert counts.given_back > 0 and counts.in_loop + counts.given_back == len(files), counts
+    srv.update_faults(dict(error_rate=0.0, drop_rate=0.0, throttle_rate=0.0))
+    for path, data in files.items():
+        assert _cached_bytes(repo, path) == data
+    with pytest.raises(Exception):  # nothing unverified or partial was left in tmp/
+        next(p for p in os.listdir(tmp_path / "cache" / "tmp") if p.endswith(".part"))
+
+
+def test_a_server_that_lies_about_the_bytes_never_gets_them_cached(tmp_path, files, make_server):
+    srv = make_server(tmp_path / "src", token=TOKEN)
+    repo = remote_repo(srv, tmp_path / "cache", RetryPolicy(attempts=2, initial_backoff=0.01, max_backoff=0.02))
+    repo.ls("data")
+    victim = "data/f005.bin"
+    (tmp_path / "src" / "data" / "f005.bin").write_bytes(b"x" * len(files[victim]))  # same size, other bytes
+    out, counts = _run(repo, list(files)[:10])
+    assert out[victim][1] is not None and "hash" in str(out[victim][1]).lower()
+    assert counts.in_loop == 9 and counts.given_back == 1
+    assert repo.cached_path(victim) is None
+
+
+def test_dvc_files_come_through_presigned_redirects_without_the_token(tmp_path, repo_dir, serve):
+    like = serve(dagshub_like=DagsHubLike(max_in_flight=0))
+    repo = remote_repo(like, tmp_path / "cache", FAST)
+    paths = [e.path for e in repo.ls("data") if not e.is_dir]
+    assert any(repo.store.entry(p).versioning == "dvc" for p in paths)
+    like.reset_counts()
+    out, counts = _run(repo, paths)
+    assert counts.in_loop == len(paths) and counts.given_back == 0, counts
+    presigned = [e for e in like.request_log if e["kind"] == "presigned"]
+    assert presigned and not any(e["has_auth"] for e in presigned)  # the storage origin never saw the token
+    for path in paths:
+        assert _cached_bytes(repo, path) == (repo_dir / path).read_bytes()
+
+
+def test_the_engine_takes_no_more_slots_than_the_host_limiter_allows(tmp_path, files, make_server, monkeypatch):
+    monkeypatch.setenv("STREAMLOADER_HOST_LIMITS", "initial=4,ceiling=4,floor=1")
+    monkeypatch.setenv("STREAMLOADER_LIMITS_DIR", str(tmp_path / "limits"))
+    srv = make_server(tmp_path / "src", token=TOKEN, faults=ServerFaults(latency=0.02))
+    repo = remote_repo(srv, tmp_path / "cache", FAST)
+    repo.ls("data")
+    srv.reset_counts()
+    out, counts = _run(repo, list(files)[:40], workers=64)
+    assert counts.in_loop == 40
+    assert max(e["in_flight"] for e in srv.request_log if e["kind"] == "raw") <= 4
+
+
+def test_cancel_stops_early_and_leaves_only_whole_files(tmp_path, files, make_server):
+    srv = make_server(tmp_path / "src", token=TOKEN, faults=ServerFaults(latency=0.05))
+    repo = remote_repo(srv, tmp_path / "cache", FAST)
+    repo.ls("data")
+    stop = threading.Event()
+    seen = []
+
+    def record(path, size, exc, cached):
+        seen.append(path)
+        if len(seen) == 5:
+            stop.set()
+
+    aioprefetch.prefetch_async(repo, list(files), 8, record, stop)
+    assert 5 <= len(seen) < len(files)
+    for path, data in files.items():
+        local = repo.cached_path(path)
+        if local is not None:
+            with open(local, "rb") as f:
+                assert f.read() == data
+
+
+def test_the_thread_engine_is_chosen_when_asked_for(tmp_path, files, make_server, monkeypatch):
+    srv = make_server(tmp_path / "src", token=TOKEN)
+    repo = remote_repo(srv, tmp_path / "cache", FAST)
+    monkeypatch.setenv(aioprefetch.ENGINE_ENV, "threads")
+    assert "threads" in aioprefetch.unusable(repo)
+    monkeypatch.delenv(aioprefetch.ENGINE_ENV)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # a proxy applies: requests' job
+    monkeypatch.setenv("NO_PROXY", "")
+    fresh = remote_repo(srv, tmp_path / "cache2", FAST)
+    assert "proxy" in aioprefetch.unusable(fresh)
+
+
+def test_two_processes_prefetching_the_same_files_download_each_once(tmp_path, files, make_server):
+    srv = make_server(tmp_path / "src", token=TOKEN, faults=ServerFaults(latency=0.04))
+    script = textwrap.dedent("""
+        import json, sys
+        sys.path.insert(0, sys.argv[3])
+        from conftest import remote_repo
+        from streamloader.remote import aioprefetch
+        repo = remote_repo(type("S", (), {"repo_url": sys.argv[1]})(), sys.argv[2])
+        paths = [e.path for e in repo.ls("data")]
+        import aiohttp  # noqa: F401 - imported before the start line, so both start downloading at once
+        print("ready", flush=True)
+        sys.stdin.readline()  # both start at once
+        bad = []
+        counts = aioprefetch.prefetch_async(repo, paths, 8, lambda p, s, e, c: e is not None and bad.append(p))
+        print(json.dumps({"bad": bad, "in_loop": counts.in_loop, "given_back": counts.given_back}))
+    """)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "DAGSHUB_TOKEN": TOKEN}
+    procs = [subprocess.Popen([sys.executable, "-c", script, srv.repo_url, str(tmp_path / "cache"), tests_dir],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True) for _ in range(2)]
+    assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+    srv.reset_counts()
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert not results[0]["bad"] and not results[1]["bad"]
+    per_file = [srv.request_count(path, kind="raw") for path in files]
+    assert per_file == [1] * len(files)  # each file crossed the network once, whoever asked
+    assert sum(r["in_loop"] for r in results) == len(files)
+    assert min(r["in_loop"] for r in results) > 0, results  # they overlapped: each downloaded some
