@@ -16,6 +16,7 @@ import collections
 import logging
 import os
 import threading
+import time
 from typing import Deque, List, Optional
 
 from streamloader import _forksafe
@@ -26,6 +27,7 @@ __all__ = ["CommitTask", "CommitQueue", "QUEUE"]
 
 _FORK_DRAIN_TIMEOUT = 60.0  # a fork waits this long for pending tasks (a hung disk must not hang the fork forever)
 _EXIT_DRAIN_TIMEOUT = 60.0  # and so does a process exit
+_GATHER = 0.003  # seconds a batchable task waits for others to join its batch
 
 
 class CommitTask:
@@ -123,6 +125,15 @@ class CommitQueue:
                 task = self._tasks.popleft()
                 batch = [task]
                 kind = type(task)
+                if kind.batch_max > 1:
+                    # a moment for more to arrive (a prefetch lands files every few hundred microseconds): one
+                    # batch then costs the disk a few flushes where each alone would cost one
+                    deadline = time.monotonic() + _GATHER
+                    while len(self._tasks) < kind.batch_max - 1:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
                 while self._tasks and len(batch) < kind.batch_max and type(self._tasks[0]) is kind:
                     batch.append(self._tasks.popleft())
                 self._running = batch
