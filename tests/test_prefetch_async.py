@@ -192,3 +192,30 @@ def test_two_processes_prefetching_the_same_files_download_each_once(tmp_path, f
     assert per_file == [1] * len(files)  # each file crossed the network once, whoever asked
     assert sum(r["in_loop"] for r in results) == len(files)
     assert min(r["in_loop"] for r in results) > 0, results  # they overlapped: each downloaded some
+
+
+def test_files_too_large_for_memory_go_to_warm_without_a_wasted_request(tmp_path, files, make_server,
+                                                                        monkeypatch):
+    monkeypatch.setattr(aioprefetch, "IN_MEMORY_MAX", 3000)
+    srv = make_server(tmp_path / "src", token=TOKEN)
+    repo = remote_repo(srv, tmp_path / "cache", FAST)
+    repo.ls("data")
+    srv.reset_counts()
+    paths = list(files)[:60]
+    out, counts = _run(repo, paths)
+    small = [p for p in paths if len(files[p]) <= 3000]
+    assert counts.in_loop == len(small) and counts.given_back == len(paths) - len(small) > 0, counts
+    assert [srv.request_count(p, kind="raw") for p in paths] == [1] * len(paths)  # none asked twice
+    for path in paths:
+        assert _cached_bytes(repo, path) == files[path]
+
+
+def test_expired_presigned_links_are_fetched_again_by_the_thread_path(tmp_path, repo_dir, serve):
+    like = serve(dagshub_like=DagsHubLike(max_in_flight=0, expire_first=3))
+    repo = remote_repo(like, tmp_path / "cache", FAST)
+    paths = [e.path for e in repo.ls("data") if not e.is_dir]
+    out, counts = _run(repo, paths)
+    assert not [p for p, (_s, exc, _c) in out.items() if exc is not None]
+    assert counts.given_back >= 1 and counts.in_loop + counts.given_back == len(paths), counts
+    for path in paths:
+        assert _cached_bytes(repo, path) == (repo_dir / path).read_bytes()

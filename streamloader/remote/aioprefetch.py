@@ -201,9 +201,12 @@ class _Engine:
                 state, value = self.repo.try_warm(path)
             except Exception:  # noqa: BLE001 - whatever it is, warm() reports it properly
                 state, value = "other", None
-            if state == "claimed":
+            if state == "claimed" and (value.size is None or value.size <= IN_MEMORY_MAX):
                 running.add(loop.create_task(self._download(session, value, slot)))
                 continue
+            if state == "claimed":  # too large to hold in memory: warm() streams it to disk
+                value.release()
+                state = "other"
             slot.discard()
             if state == "cached":
                 self.counts.cached += 1

@@ -383,9 +383,10 @@ class RemoteRepo(PathLookups):
         result (and logs them) and carries on. ``max_concurrency``: at most that many requests in flight; None (the
         default) lets the host's limiter decide: 32 at first, more while the host keeps answering as fast (up to
         its ceiling, 128 unless ``STREAMLOADER_HOST_LIMITS`` says otherwise), fewer when it pushes back.
-        ``processes`` spreads the downloads over that many worker processes (the requests in flight are counted
-        for all of them together): one process spends ~1 ms of CPU per small file under the
-        GIL, which caps a cold epoch well below what the network allows. None = 1 below
+        The downloads run on an event loop (aiohttp; ``STREAMLOADER_PREFETCH_ENGINE=threads``: a thread per request).
+        ``processes`` spreads them over that many worker processes (the requests in flight are counted
+        for all of them together): one process spends ~1.3 ms of CPU per small file under the
+        GIL, which caps a cold epoch below what the network allows. None = 1 below
         ``PREFETCH_PROCESS_MIN_FILES`` files, else ``min(cpu_count, 4)``. ``wait=False`` returns a
         :class:`PrefetchJob` at once and downloads in the background (training starts meanwhile). Example::
 
