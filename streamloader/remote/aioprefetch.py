@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
 import time
 from collections import deque
@@ -161,7 +162,8 @@ class _Engine:
         self.deferred: Dict[str, int] = {}
         running: Set["asyncio.Future[_Outcome]"] = set()
         async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
-                                         cookie_jar=aiohttp.DummyCookieJar(), trust_env=False) as session:
+                                         cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
+                                         request_class=_quick_ack_request_class()) as session:
             try:
                 idle = 0.001
                 while pending or running:
@@ -189,6 +191,8 @@ class _Engine:
         """Start downloads while the limiter gives slots; returns how long waiting is worth when it gives none."""
         loop = asyncio.get_running_loop()
         while pending and len(running) < self.workers:
+            if self.cancelled is not None and self.cancelled.is_set():
+                return 0.0  # (a long run of cached files is walked here without returning to run())
             try:
                 slot, wait = self.limiter.try_slot()
             except HostUnreachableError as exc:  # the breaker is open: this file fails at once, as warm() would
@@ -216,8 +220,8 @@ class _Engine:
                 # then share the work instead of one waiting on the other), then look again
                 self.deferred[path] = self.deferred.get(path, 0) + 1
                 pending.append(path)
-                if all(self.deferred.get(p, 0) for p in (pending[0],)) and len(self.deferred) >= len(pending):
-                    return 0.002  # everything left is someone else's right now: wait a moment
+                if self.deferred.get(pending[0]):
+                    return 0.002  # back to files put back in line: give their holders a moment
             else:
                 running.add(self._give_back(path))
         return 0.0
@@ -310,6 +314,34 @@ class _Engine:
             else:
                 slot.unreachable(type(exc).__name__)
             raise _GiveBack(type(exc).__name__) from None
+
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
+def _quick_ack_request_class() -> Any:
+    """aiohttp's request class, switching ``TCP_QUICKACK`` on once each request is sent (Linux), as the thread
+    path's connections do (streamloader/remote/transport.py): a server that leaves Nagle's algorithm on holds a
+    small answer's body until its headers are acknowledged, and the client's kernel would delay that ACK by ~40 ms
+    on every reused connection."""
+    import aiohttp
+
+    if _QUICKACK is None:
+        return aiohttp.ClientRequest
+
+    class QuickAckRequest(aiohttp.ClientRequest):
+        async def send(self, conn: Any) -> Any:  # noqa: D102 - aiohttp's
+            response = await super().send(conn)
+            transport = getattr(conn, "transport", None)
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+                except (OSError, AttributeError):
+                    pass
+            return response
+
+    return QuickAckRequest
 
 
 async def _read_capped(resp: Any, limit: int) -> Optional[bytes]:
