@@ -17,9 +17,11 @@ try:
 except ImportError:  # Windows: every lock goes through filelock
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["EntryLock", "SHARED_LOCK_FILE", "Timeout"]
+__all__ = ["EntryLock", "NONBLOCKING", "SHARED_LOCK_FILE", "Timeout"]
 
 SHARED_LOCK_FILE = "entries.lock"
+#: whether :meth:`EntryLock.try_acquire` can take a lock here (it needs fcntl: not on Windows)
+NONBLOCKING = fcntl is not None
 _BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 _OFD = getattr(fcntl, "F_OFD_SETLK", None)
 _NO_OFD_DIRS: Set[str] = set()  # lock dirs where open-file-description locks failed: per-entry files there
@@ -74,6 +76,11 @@ class EntryLock:
         slow = FileLock(self.path, timeout=self.timeout, mode=0o600, thread_local=False)
         slow.acquire(timeout=limit)
         self._slow = slow
+
+    def try_acquire(self) -> bool:
+        """One attempt that never waits: True when the lock is now held; False when another process holds it, or
+        where only filelock's fallbacks work (no ``fcntl``), which may block."""
+        return self._try() == "held"
 
     def _try(self) -> str:
         """One non-blocking attempt: "held" (now ours), "busy" (held elsewhere) or "unsupported" (use filelock)."""

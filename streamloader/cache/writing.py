@@ -83,7 +83,7 @@ class CacheWriter:
             return None
         entry_lock = self._file_lock(key)
         try:
-            taken = entry_lock._try() == "held"  # "busy", or "unsupported" (filelock's fallbacks may block)
+            taken = entry_lock.try_acquire()
         except BaseException:
             thread_lock.release()
             raise

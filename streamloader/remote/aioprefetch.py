@@ -69,6 +69,10 @@ def unusable(repo: "RemoteRepo") -> Optional[str]:
         return f"{ENGINE_ENV}=threads"
     if repo.cache is None or repo.offline:
         return "no cache, or offline"
+    from streamloader.cache.entrylock import NONBLOCKING
+
+    if not NONBLOCKING:
+        return "the cache's entry locks cannot be tried without waiting here (no fcntl)"
     try:
         import aiohttp  # noqa: F401 - only whether it is there
     except ImportError:

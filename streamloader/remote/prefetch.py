@@ -265,7 +265,7 @@ class ProcessPrefetch:
 
     def _handle(self, message: Tuple[int, List[Tuple[Optional[str], int, Any, bool]]], record: _Record,
                 finished: set) -> None:
-        index, reports = message  # a worker's reports come in batches (one queue message per file costs ~0.2 ms)
+        index, reports = message  # a worker reports in batches: fewer pickles and hand-offs to its feeder thread
         for path, size, error, cached in reports:
             if path is None:
                 finished.add(index)

@@ -295,6 +295,7 @@ class RemoteRepo(PathLookups):
                 if cache.get(location, size) is not None:
                     fetch.release()
                     return "other", None
+            url = self.client.raw_url(path)
             state, claim = cache.try_claim(key, size)
         except BaseException:
             fetch.release()
@@ -307,7 +308,7 @@ class RemoteRepo(PathLookups):
                 except FileNotFoundError:
                     pass
             return ("busy" if state == "busy" else "other"), None
-        return "claimed", WarmClaim(path, self.client.raw_url(path), size, claim, fetch)
+        return "claimed", WarmClaim(path, url, size, claim, fetch)
 
     def cached_path(self, path: str) -> Optional[str]:
         """The cached file's path if ``path`` is already in the cache (no download, no request), else None."""
