@@ -230,3 +230,24 @@ def test_pushbacks_do_not_spend_the_attempts(make_server, tmp_path, limits_env):
     srv.faults.update({"throttle_rate": 0.0, "fail_paths": {"data/x.bin": 500}})
     with pytest.raises(RemoteError, match="HTTP 500"):
         client.read_bytes("data/x.bin")  # real errors still stop after the attempts
+
+
+def test_try_slot_never_waits_and_a_discarded_slot_reports_nothing(limits_env):
+    limiter = limits_env("initial=2,floor=1,ceiling=8")
+    first, wait = limiter.try_slot()
+    second, _ = limiter.try_slot()
+    assert first is not None and second is not None and wait == 0.0
+    started = time.monotonic()
+    none, wait = limiter.try_slot()  # both slots taken: an answer at once, not a wait
+    assert none is None and wait == 0.0 and time.monotonic() - started < 0.5
+    before = limiter.state()
+    first.discard()  # no request was sent: no success, no failure, no timing is counted
+    assert limiter.state()["limit"] == before["limit"]
+    again, _ = limiter.try_slot()
+    assert again is not None
+    second.__exit__(None, None, None)
+    again.throttled(retry_after=5.0)
+    again.__exit__(None, None, None)  # a pushback: the limit halves and the host asked for a pause
+    paused, wait = limiter.try_slot()
+    assert paused is None and 4.0 < wait <= 5.5
+    assert limiter.current_limit() == 1
