@@ -235,3 +235,23 @@ def test_a_server_that_leaves_nagle_on_costs_no_delayed_ack_per_file(tmp_path, f
     per_file = (time.perf_counter() - started) / len(paths)
     assert counts.in_loop == len(paths)
     assert per_file < 0.045, per_file  # ~22 ms each; with delayed ACKs ~62 ms
+
+
+def test_a_server_that_drips_bytes_cannot_hold_the_loop(tmp_path, files, make_server):
+    """One byte every 0.2 s: the loop's budget (connect + read timeout + size / min_rate) ends the request, warm()
+    then meets the same drip and its own deadline; the prefetch ends with typed failures, never a hang."""
+    import time
+
+    from streamloader.errors import RemoteError
+
+    srv = make_server(tmp_path / "src", token=TOKEN, faults=ServerFaults(drip_rate=1.0, drip_interval=0.2))
+    policy = RetryPolicy(attempts=2, initial_backoff=0.01, max_backoff=0.02, connect_timeout=1.0, read_timeout=0.5,
+                         max_time=5.0)
+    repo = remote_repo(srv, tmp_path / "cache", policy)
+    repo.ls("data")
+    started = time.monotonic()
+    out, counts = _run(repo, list(files)[:3], workers=3)
+    assert time.monotonic() - started < 30
+    assert counts.in_loop == 0 and counts.given_back == 3
+    assert all(isinstance(exc, RemoteError) for _s, exc, _c in out.values()), out
+    assert all(repo.cached_path(p) is None for p in out)

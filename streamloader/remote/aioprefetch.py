@@ -269,55 +269,59 @@ class _Engine:
         return claim.path, size, None, False
 
     async def _get(self, session: Any, claim: "WarmClaim", slot: "Slot") -> Body:
-        """GET the claim's URL (redirects followed, the token only to the API origin) and read its body; tells
+        """GET the claim's URL (redirects followed, the token only to the API origin) and read its body, within a
+        time budget that keeps up the client's throughput floor (a server that drips bytes cannot hold it); tells
         ``slot`` how it went. :class:`_GiveBack` for anything but a plain 200 that fits in memory."""
         import aiohttp
 
-        url, hops, answered = claim.url, 0, False
         policy = self.policy
         limit = IN_MEMORY_MAX if claim.size is None else min(claim.size, IN_MEMORY_MAX)
-        budget = policy.connect_timeout + policy.read_timeout + limit / policy.min_rate  # the throughput floor
+        budget = policy.connect_timeout + policy.read_timeout + limit / policy.min_rate
+        answered: List[bool] = []
         try:
-            async with asyncio.timeout(budget) if hasattr(asyncio, "timeout") else _no_timeout():
-                while True:
-                    headers = {"User-Agent": self.agent, "Accept": "*/*", "Accept-Encoding": "identity",
-                               **self.auth.headers_for(url)}
-                    async with session.get(url, headers=headers, allow_redirects=False) as resp:
-                        answered = True
-                        status = resp.status
-                        if status in _REDIRECTS and resp.headers.get("Location") and hops < _MAX_REDIRECTS:
-                            target = urljoin(url, resp.headers["Location"])
-                            if urlsplit(target).scheme not in ("http", "https") or (
-                                    origin_of(target) != self.api_origin
-                                    and _proxied_or_client_cert(self.repo, target)):
-                                slot.answered()
-                                raise _GiveBack(f"a redirect the thread path must judge (HTTP {status})")
-                            url, hops = target, hops + 1
-                            continue
-                        if status != 200:
-                            hint = parse_retry_after(resp.headers.get("Retry-After"))
-                            if status == 429 or (status == 503 and hint is not None):
-                                slot.throttled(None if hint is None else min(hint, policy.max_retry_after))
-                            else:
-                                slot.answered()
-                            raise _GiveBack(f"HTTP {status}")
-                        if resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
-                            slot.ok()
-                            raise _GiveBack("a compressed body")
-                        data = await _read_capped(resp, limit)
-                        if data is None:
-                            slot.ok()
-                            raise _GiveBack(f"a body over {limit} bytes")
-                        slot.ok()
-                        return Body(200, resp.headers, _chunks_of(data), _nothing, url)
+            return await asyncio.wait_for(self._exchange(session, claim, slot, limit, answered), budget)
         except _GiveBack:
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
             if answered:
-                slot.answered()  # dropped mid-body (or a malformed answer): an answer, not an outage
+                slot.answered()  # dropped mid-body, too slow, or a malformed answer: an answer, not an outage
             else:
                 slot.unreachable(type(exc).__name__)
             raise _GiveBack(type(exc).__name__) from None
+
+    async def _exchange(self, session: Any, claim: "WarmClaim", slot: "Slot", limit: int,
+                        answered: List[bool]) -> Body:
+        url, policy = claim.url, self.policy
+        for _hop in range(_MAX_REDIRECTS + 1):
+            headers = {"User-Agent": self.agent, "Accept": "*/*", "Accept-Encoding": "identity",
+                       **self.auth.headers_for(url)}
+            async with session.get(url, headers=headers, allow_redirects=False) as resp:
+                answered.append(True)
+                status = resp.status
+                if status in _REDIRECTS and resp.headers.get("Location"):
+                    target = urljoin(url, resp.headers["Location"])
+                    if urlsplit(target).scheme not in ("http", "https") or (
+                            origin_of(target) != self.api_origin and _proxied_or_client_cert(self.repo, target)):
+                        slot.answered()
+                        raise _GiveBack(f"a redirect the thread path must judge (HTTP {status})")
+                    url = target
+                    continue
+                if status != 200:
+                    hint = parse_retry_after(resp.headers.get("Retry-After"))
+                    if status == 429 or (status == 503 and hint is not None):
+                        slot.throttled(None if hint is None else min(hint, policy.max_retry_after))
+                    else:
+                        slot.answered()
+                    raise _GiveBack(f"HTTP {status}")
+                slot.ok()  # the host answered what was asked; what the body is worth is checked below
+                if resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+                    raise _GiveBack("a compressed body")
+                data = await _read_capped(resp, limit)
+                if data is None:
+                    raise _GiveBack(f"a body over {limit} bytes")
+                return Body(200, resp.headers, _chunks_of(data), _nothing, url)
+        slot.answered()
+        raise _GiveBack(f"more than {_MAX_REDIRECTS} redirects")
 
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
@@ -378,13 +382,3 @@ def _chunks_of(data: bytes) -> Callable[[int], Iterator[bytes]]:
 
 def _nothing() -> None:
     return None
-
-
-class _no_timeout:
-    """``asyncio.timeout`` before Python 3.11: no overall budget (aiohttp's own timeouts still bound each read)."""
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
