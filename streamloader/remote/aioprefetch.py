@@ -38,8 +38,8 @@ from urllib.parse import urljoin, urlsplit
 
 from streamloader.errors import HostUnreachableError
 from streamloader.remote.download import receive_body
-from streamloader.remote.limits import parse_retry_after
-from streamloader.remote.transport import Body, origin_of
+from streamloader.remote.limits import is_pushback, parse_retry_after
+from streamloader.remote.transport import REDIRECT_STATUSES, Body, origin_of, quick_ack
 
 if TYPE_CHECKING:
     from streamloader.remote.limits import Slot
@@ -52,7 +52,6 @@ __all__ = ["ENGINE_ENV", "EngineCounts", "IN_MEMORY_MAX", "prefetch_async", "unu
 ENGINE_ENV = "STREAMLOADER_PREFETCH_ENGINE"
 #: bodies up to this size are read into memory, then written and verified; a larger file goes to warm()
 IN_MEMORY_MAX = 16 << 20
-_REDIRECTS = {301, 302, 303, 307, 308}
 _MAX_REDIRECTS = 10
 _FALLBACK_THREADS = 16
 _DEFERRALS = 3  # times a file another thread or process is downloading is put back in line before warm() waits
@@ -149,6 +148,18 @@ class _Engine:
         self.pool = ThreadPoolExecutor(max_workers=min(self.workers, _FALLBACK_THREADS),
                                        thread_name_prefix="streamloader-prefetch")
         self.counts = EngineCounts()
+        self.origins: Dict[str, bool] = {}  # redirect origins: whether requests must fetch them (_needs_requests)
+
+    def _needs_requests(self, url: str) -> bool:
+        """Whether a proxy or a client certificate applies to ``url``'s origin (then requests must fetch it);
+        asked once per origin (a DVC file's redirect goes to the same storage origin every time)."""
+        origin = origin_of(url)
+        if origin == self.api_origin:
+            return False
+        known = self.origins.get(origin)
+        if known is None:
+            known = self.origins[origin] = _proxied_or_client_cert(self.repo, url)
+        return known
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -298,17 +309,16 @@ class _Engine:
             async with session.get(url, headers=headers, allow_redirects=False) as resp:
                 answered.append(True)
                 status = resp.status
-                if status in _REDIRECTS and resp.headers.get("Location"):
+                if status in REDIRECT_STATUSES and resp.headers.get("Location"):
                     target = urljoin(url, resp.headers["Location"])
-                    if urlsplit(target).scheme not in ("http", "https") or (
-                            origin_of(target) != self.api_origin and _proxied_or_client_cert(self.repo, target)):
+                    if urlsplit(target).scheme not in ("http", "https") or self._needs_requests(target):
                         slot.answered()
                         raise _GiveBack(f"a redirect the thread path must judge (HTTP {status})")
                     url = target
                     continue
                 if status != 200:
                     hint = parse_retry_after(resp.headers.get("Retry-After"))
-                    if status == 429 or (status == 503 and hint is not None):
+                    if is_pushback(status, hint):
                         slot.throttled(None if hint is None else min(hint, policy.max_retry_after))
                     else:
                         slot.answered()
@@ -324,17 +334,14 @@ class _Engine:
         raise _GiveBack(f"more than {_MAX_REDIRECTS} redirects")
 
 
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
-
-
 def _quick_ack_request_class() -> Any:
     """aiohttp's request class, switching ``TCP_QUICKACK`` on once each request is sent (Linux), as the thread
-    path's connections do (streamloader/remote/transport.py): a server that leaves Nagle's algorithm on holds a
-    small answer's body until its headers are acknowledged, and the client's kernel would delay that ACK by ~40 ms
-    on every reused connection."""
+    path's connections do (:func:`~streamloader.remote.transport.quick_ack`): a server that leaves Nagle's
+    algorithm on holds a small answer's body until its headers are acknowledged, and the client's kernel would
+    delay that ACK by ~40 ms on every reused connection."""
     import aiohttp
 
-    if _QUICKACK is None:
+    if getattr(socket, "TCP_QUICKACK", None) is None:
         return aiohttp.ClientRequest
 
     class QuickAckRequest(aiohttp.ClientRequest):
@@ -343,10 +350,7 @@ def _quick_ack_request_class() -> Any:
             transport = getattr(conn, "transport", None)
             sock = transport.get_extra_info("socket") if transport is not None else None
             if sock is not None:
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-                except (OSError, AttributeError):
-                    pass
+                quick_ack(sock)
             return response
 
     return QuickAckRequest

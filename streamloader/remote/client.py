@@ -26,7 +26,7 @@ from streamloader.remote.answers import follow_pages, json_values, stream_json
 from streamloader.remote.credentials import Credentials, OriginBearerAuth, TokenAcquired, take_url_token
 from streamloader.remote.download import receive_body
 from streamloader.remote.entries import RemoteEntry, file_entry, parse_entries
-from streamloader.remote.limits import HostLimiter, host_limiter, parse_retry_after
+from streamloader.remote.limits import HostLimiter, host_limiter, is_pushback, parse_retry_after
 from streamloader.remote.retry import RETRY_STATUSES, RetryPolicy, Transient, retrying
 from streamloader.remote import revisions
 from streamloader.remote.transport import (QuickAckAdapter, RawTransport, Session, TransportError, origin_of, pace,
@@ -185,8 +185,7 @@ class DagsHubClient:
             return
         if status in RETRY_STATUSES:
             hint = parse_retry_after(headers.get("Retry-After"))
-            pushback = status == 429 or (status == 503 and hint is not None)  # a bare 503 is a server error
-            raise Transient(f"HTTP {status}", status, hint, "throttled" if pushback else "answered")
+            raise Transient(f"HTTP {status}", status, hint, "throttled" if is_pushback(status, hint) else "answered")
         if status in (401, 403) or (status == 404 and self._credentials.may_hide_private_repo(
                 url, self.session, (self.retry.connect_timeout, self.retry.read_timeout))):
             self._credentials.refused(status, self.session.auth)  # raises

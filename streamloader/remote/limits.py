@@ -51,7 +51,7 @@ from streamloader.remote._slots import HEADER_SIZE, OFD_LOCKS, FileSlots, LocalS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HostLimits", "HostLimiter", "Slot", "host_limiter", "limits_dir", "parse_retry_after", "ENV_VAR",
+__all__ = ["HostLimits", "HostLimiter", "Slot", "host_limiter", "is_pushback", "limits_dir", "parse_retry_after", "ENV_VAR",
            "DIR_ENV_VAR"]
 
 ENV_VAR = "STREAMLOADER_HOST_LIMITS"
@@ -116,6 +116,12 @@ def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Opti
             when = when.replace(tzinfo=timezone.utc)  # RFC 9110: HTTP dates are GMT
         seconds = when.timestamp() - (time.time() if now is None else now)
     return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def is_pushback(status: int, retry_after: Optional[float]) -> bool:
+    """Whether an answer pushes back (the limiter halves): a 429, or a 503 with a Retry-After (a bare 503 is a
+    server error)."""
+    return status == 429 or (status == 503 and retry_after is not None)
 
 
 def limits_dir() -> str:

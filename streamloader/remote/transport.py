@@ -30,10 +30,11 @@ from streamloader.errors import RemoteError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Body", "RawTransport", "Session", "TransportError", "origin_of", "pace", "request_error", "MIN_RATE"]
+__all__ = ["Body", "RawTransport", "Session", "TransportError", "origin_of", "pace", "quick_ack", "request_error",
+           "MIN_RATE", "REDIRECT_STATUSES"]
 
 _NO_FAST = object()  # cache marker: this origin goes through the Session
-_REDIRECTS = {301, 302, 303, 307, 308}
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 #: bytes/s a body must average once the grace period (the read timeout) is over
 MIN_RATE = 32 * 1024
 
@@ -183,7 +184,8 @@ class Session(requests.Session):
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
-def _quickack(sock: Any) -> None:
+def quick_ack(sock: Any) -> None:
+    """Switch ``TCP_QUICKACK`` on for ``sock`` now (Linux; a no-op elsewhere): see :class:`QuickAckAdapter`."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
     except (OSError, AttributeError):
@@ -195,14 +197,14 @@ class _QuickAckHTTPConnection(urllib3.connection.HTTPConnection):
 
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102 - urllib3's
         if self.sock is not None:
-            _quickack(self.sock)
+            quick_ack(self.sock)
         return super().getresponse(*args, **kwargs)
 
 
 class _QuickAckHTTPSConnection(urllib3.connection.HTTPSConnection):
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102 - urllib3's
         if self.sock is not None:
-            _quickack(self.sock)
+            quick_ack(self.sock)
         return super().getresponse(*args, **kwargs)
 
 
@@ -268,7 +270,7 @@ class RawTransport:
             raise TransportError("connection pool was closed; retrying") from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise TransportError(f"{type(exc).__name__}: {_reason(exc)}") from None
-        location = resp.headers.get("Location") if resp.status in _REDIRECTS else None
+        location = resp.headers.get("Location") if resp.status in REDIRECT_STATUSES else None
         if location:
             # redirects follow requests' rules (credentials never leave the API origin, further hops, limits)
             resp.drain_conn()
