@@ -39,7 +39,8 @@ from urllib.parse import urljoin, urlsplit
 from streamloader.errors import HostUnreachableError
 from streamloader.remote.download import receive_body
 from streamloader.remote.limits import is_pushback, parse_retry_after
-from streamloader.remote.transport import REDIRECT_STATUSES, Body, origin_of, quick_ack
+from streamloader.remote.transport import (REDIRECT_STATUSES, Body, origin_of, proxy_applies, quick_ack,
+                                           requests_settings)
 
 if TYPE_CHECKING:
     from streamloader.remote.limits import Slot
@@ -81,23 +82,16 @@ def unusable(repo: "RemoteRepo") -> Optional[str]:
     return None
 
 
-def _requests_settings(repo: "RemoteRepo", url: str) -> Dict[str, Any]:
-    session = repo.client.session
-    return session.merge_environment_settings(url, {}, True, None, None)
-
-
 def _proxied_or_client_cert(repo: "RemoteRepo", url: str) -> bool:
-    from requests.utils import select_proxy
-
-    settings = _requests_settings(repo, url)
-    return bool(repo.client.session.proxies or select_proxy(url, settings.get("proxies") or {}) is not None
-                or settings.get("cert"))
+    session = repo.client.session
+    settings = requests_settings(session, url)
+    return proxy_applies(session, url, settings) or bool(settings.get("cert"))
 
 
 def _ssl_context(repo: "RemoteRepo") -> Any:
     """TLS as requests would do it for the API host: its CA bundle (REQUESTS_CA_BUNDLE, the Session's ``verify``,
     else certifi's), or no verification where ``verify`` is False."""
-    verify = _requests_settings(repo, repo.client.ref.host).get("verify", True)
+    verify = requests_settings(repo.client.session, repo.client.ref.host).get("verify", True)
     if verify is False:
         return False
     if verify is True or not verify:
@@ -149,6 +143,7 @@ class _Engine:
                                        thread_name_prefix="streamloader-prefetch")
         self.counts = EngineCounts()
         self.origins: Dict[str, bool] = {}  # redirect origins: whether requests must fetch them (_needs_requests)
+        self.deferred: Dict[str, int] = {}  # files put back in line because someone else held them (_start)
 
     def _needs_requests(self, url: str) -> bool:
         """Whether a proxy or a client certificate applies to ``url``'s origin (then requests must fetch it);
@@ -174,7 +169,6 @@ class _Engine:
         connector = aiohttp.TCPConnector(limit=0, ssl=_ssl_context(self.repo), ttl_dns_cache=300)
         timeout = aiohttp.ClientTimeout(sock_connect=policy.connect_timeout, sock_read=policy.read_timeout)
         pending: Deque[str] = deque(paths)
-        self.deferred: Dict[str, int] = {}
         running: Set["asyncio.Future[_Outcome]"] = set()
         async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                          cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
@@ -267,6 +261,7 @@ class _Engine:
         except BaseException:  # cancelled: nothing was stored
             claim.release()
             raise
+
         def fill(f: Any) -> None:
             receive_body(body, f, claim.path, claim.url, 0, None, False, claim.size, None, [])
 

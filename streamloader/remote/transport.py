@@ -30,8 +30,8 @@ from streamloader.errors import RemoteError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Body", "RawTransport", "Session", "TransportError", "origin_of", "pace", "quick_ack", "request_error",
-           "MIN_RATE", "REDIRECT_STATUSES"]
+__all__ = ["Body", "RawTransport", "Session", "TransportError", "origin_of", "pace", "proxy_applies", "quick_ack",
+           "request_error", "requests_settings", "MIN_RATE", "REDIRECT_STATUSES"]
 
 _NO_FAST = object()  # cache marker: this origin goes through the Session
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -311,10 +311,10 @@ class RawTransport:
     def _lookup_pool(session: requests.Session, url: str) -> Any:
         adapter = session.get_adapter(url)
         lookup = getattr(adapter, "get_connection_with_tls_context", None)  # requests >= 2.32.2
-        if lookup is None or session.proxies:  # session-level proxies are merged per request by requests
+        if lookup is None:
             return _NO_FAST
-        settings = session.merge_environment_settings(url, {}, True, None, None)
-        if select_proxy(url, settings.get("proxies") or {}) is not None:
+        settings = requests_settings(session, url)
+        if proxy_applies(session, url, settings):
             return _NO_FAST  # proxies (and their auth and tunnelling) stay with requests
         request = requests.Request("GET", url).prepare()
         try:
@@ -322,6 +322,21 @@ class RawTransport:
         except Exception as exc:  # noqa: BLE001 - an adapter we do not understand: let requests do its job
             log.debug("no direct connection pool for %s (%s); using requests", url, exc)
             return _NO_FAST
+
+
+def requests_settings(session: requests.Session, url: str) -> Dict[str, Any]:
+    """What requests would use for a GET of ``url`` through ``session``: its ``proxies``, ``verify`` and ``cert``,
+    the environment (``HTTPS_PROXY``, ``NO_PROXY``, ``REQUESTS_CA_BUNDLE`` ...) merged in."""
+    return session.merge_environment_settings(url, {}, True, None, None)
+
+
+def proxy_applies(session: requests.Session, url: str, settings: Optional[Dict[str, Any]] = None) -> bool:
+    """Whether requests would send a GET of ``url`` through a proxy (session-level proxies always count: requests
+    merges them per request). ``settings``: :func:`requests_settings` of ``url``, if already at hand."""
+    if session.proxies:
+        return True
+    settings = requests_settings(session, url) if settings is None else settings
+    return select_proxy(url, settings.get("proxies") or {}) is not None
 
 
 def request_error(exc: BaseException, url: str) -> RemoteError:
