@@ -288,3 +288,20 @@ def test_when_the_sync_of_a_batch_fails_each_entry_is_fsynced_on_its_own(tmp_pat
     assert len(synced) == 10  # the batch's one sync failed: each entry was fsynced on its own
     for data in first + rest:
         assert cache.get(git_key(data), len(data)) is not None
+
+
+def test_drain_gives_up_in_time_even_while_another_holds_the_queue_lock():
+    """A worker's SIGTERM handler drains from the main thread, which may hold the queue's lock at that instant
+    (interrupted inside submit()): the wait must stay bounded, taking the lock included."""
+    queue = CommitQueue()
+    queue._cond.acquire()
+    try:
+        started = time.monotonic()
+        outcome: list = []
+        waiter = threading.Thread(target=lambda: outcome.append(queue.drain(0.3)), daemon=True)
+        waiter.start()
+        waiter.join(5)
+        assert outcome == [False] and 0.25 <= time.monotonic() - started < 3
+    finally:
+        queue._cond.release()
+    assert queue.drain(0.3) is True  # free again: nothing pending

@@ -136,3 +136,82 @@ def test_daemonic_processes_fall_back_to_threads():
     proc.start()
     assert out.get(timeout=30) == (1, 1)
     proc.join(30)
+
+
+def _hold_commit_lock_until_stopped(cache_dir: str, ready: Any) -> None:
+    from types import SimpleNamespace
+
+    from streamloader.cache import FileCache
+    from streamloader.cache.commit_queue import QUEUE
+    from streamloader.remote.prefetch import _stop_handler
+
+    signal.signal(signal.SIGTERM, _stop_handler(SimpleNamespace(cache=FileCache(cache_dir))))
+    QUEUE._cond.acquire()  # as if the parent's terminate() landed while the main thread was inside submit()
+    ready.set()
+    time.sleep(60)
+    os._exit(3)
+
+
+def test_a_stopped_worker_exits_even_when_stopped_holding_the_commit_lock(tmp_path: Path) -> None:
+    """The parent (and multiprocessing's exit handler) joins a terminated worker without a timeout: its SIGTERM
+    handler must never wait forever on a lock the interrupted main thread holds."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_hold_commit_lock_until_stopped, args=(str(tmp_path / "cache"), ready), daemon=True)
+    proc.start()
+    try:
+        assert ready.wait(30)
+        started = time.monotonic()
+        proc.terminate()
+        proc.join(15)
+        assert proc.exitcode == 0, proc.exitcode
+        assert time.monotonic() - started < 8
+    finally:
+        if proc.is_alive():
+            proc.kill()
+
+
+_EXIT_WITH_STOPPED_WORKERS = r"""
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[3])
+from _helpers import child_pids
+from streamloader.cache import FileCache
+from streamloader.remote.client import DagsHubClient
+from streamloader.remote.repo import RemoteRepo
+
+repo = RemoteRepo(DagsHubClient(sys.argv[1], token=False, branch="main"), FileCache(sys.argv[2]))
+job = repo.prefetch([f"data/{n}" for n in sys.argv[4:]],
+                    progress=False, processes=2, wait=False)
+deadline = time.monotonic() + 20
+workers = []
+while len(workers) < 2 and time.monotonic() < deadline:
+    workers = [p for p in child_pids(os.getpid())]
+    time.sleep(0.01)
+for pid in workers:
+    os.kill(pid, signal.SIGSTOP)  # stuck where no signal handler can run: SIGTERM stays pending
+print(" ".join(map(str, workers)), flush=True)
+sys.exit(0)  # the job is never waited for: the interpreter's exit must not wait for those workers forever
+"""
+
+
+def test_interpreter_exit_never_waits_forever_for_stuck_workers(tmp_path: Path,
+                                                              make_server_process: Callable[..., Any]) -> None:
+    import subprocess
+    import sys
+
+    files = make_random_files(tmp_path / "repo")
+    srv = make_server_process(tmp_path / "repo", faults=ServerFaults(latency=0.5))
+    script = tmp_path / "exit_with_stopped_workers.py"
+    script.write_text(_EXIT_WITH_STOPPED_WORKERS)
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, str(script), srv.repo_url, str(tmp_path / "cache"),
+                          str(Path(__file__).parent)] + sorted(Path(p).name for p in files),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    workers = [int(pid) for pid in run.stdout.split()]
+    assert len(workers) == 2
+    assert time.monotonic() - started < 30
+    for pid in workers:  # killed, not left behind stopped
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]

@@ -82,8 +82,15 @@ class CommitQueue:
         itself asks: it cannot wait for itself)."""
         if threading.current_thread() is self._thread:
             return False
-        with self._cond:
-            return self._cond.wait_for(lambda: self._unfinished == 0, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # bounded even to take the lock: a signal handler may drain while its own thread holds it (submit())
+        if not self._cond.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            return False
+        try:
+            return self._cond.wait_for(lambda: self._unfinished == 0,
+                                       None if deadline is None else max(0.0, deadline - time.monotonic()))
+        finally:
+            self._cond.release()
 
     @property
     def pending(self) -> int:

@@ -11,6 +11,7 @@ commit), which caps a cold epoch on a small machine; worker processes lift that 
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import os
@@ -20,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ __all__ = ["PREFETCH_PROCESS_MIN_FILES", "Halt", "PrefetchJob", "PrefetchResult"
 #: below this many files a prefetch stays in one process (starting workers costs more than it saves)
 PREFETCH_PROCESS_MIN_FILES = 200
 _REPORT_BATCH, _REPORT_EVERY = 64, 0.05  # a worker process reports this many files at once, or after this long
+_STOP_GRACE = 5  # seconds a worker process told to stop (SIGTERM) may take to land its pending commits
 _Record = Callable[[str, int, Optional[BaseException], bool], None]  # (path, size, error, was already cached)
 
 
@@ -219,6 +222,8 @@ class ProcessPrefetch:
                                   name=f"streamloader-prefetch-{i}", daemon=True)
                       for i, (chunk, t) in enumerate(zip(chunks, threads))]
         self.pending = [set(chunk) for chunk in chunks]
+        self._stop_lock = threading.Lock()
+        _watch_at_exit(self)
         # SIGINT is blocked while the workers start, so one that arrives before a worker ignores it (its first act)
         # stays pending until then and is dropped: Ctrl-C is the parent's to handle, from the first instant
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if hasattr(signal, "pthread_sigmask") else None
@@ -274,17 +279,44 @@ class ProcessPrefetch:
                 record(path, size, _rebuild_error(path, error), cached)
 
     def _stop(self) -> None:
-        for proc in self.procs:
-            if proc.pid is not None and proc.is_alive():
-                proc.terminate()
-        for proc in self.procs:
-            if proc.pid is not None:
-                proc.join(timeout=5)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join()
-        self.queue.close()
-        self.queue.cancel_join_thread()
+        """Stop every worker: SIGTERM (it lands its pending commits), then SIGKILL one still there after
+        ``_STOP_GRACE`` + 1 s. Safe to call twice, from two threads (the collecting thread, the exit handler)."""
+        with self._stop_lock:
+            for proc in self.procs:
+                if proc.pid is not None and proc.is_alive():
+                    proc.terminate()
+            deadline = time.monotonic() + _STOP_GRACE + 1
+            for proc in self.procs:
+                if proc.pid is not None:
+                    proc.join(timeout=max(0.0, deadline - time.monotonic()))
+                    if proc.is_alive():
+                        proc.kill()
+                        proc.join()
+            self.queue.close()
+            self.queue.cancel_join_thread()
+        _LIVE_FANOUTS.discard(self)
+
+
+_LIVE_FANOUTS: "weakref.WeakSet[ProcessPrefetch]" = weakref.WeakSet()
+_EXIT_HOOK_PID: List[int] = []
+
+
+def _watch_at_exit(fanout: ProcessPrefetch) -> None:
+    """Have the interpreter's exit stop ``fanout``'s workers, should they still run (a job that was never waited
+    for). Registered after multiprocessing's own exit handler, so it runs first: that one SIGTERMs daemonic
+    children and then joins them without a timeout, and a worker stuck where no signal handler runs would hold
+    the exit forever."""
+    _LIVE_FANOUTS.add(fanout)
+    if _EXIT_HOOK_PID != [os.getpid()]:
+        _EXIT_HOOK_PID[:] = [os.getpid()]
+        atexit.register(_stop_live_fanouts)
+
+
+def _stop_live_fanouts() -> None:
+    if _EXIT_HOOK_PID != [os.getpid()]:
+        return  # inherited by a child: not its workers
+    for fanout in list(_LIVE_FANOUTS):
+        fanout._stop()
 
 
 class PrefetchJob:
@@ -442,12 +474,7 @@ def _prefetch_worker(repo: RemoteRepo, paths: List[str], workers: int, queue: An
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent while it started us
-    def stopped(_signum: int, _frame: Any) -> None:  # the parent's terminate(): a cancel or the job's end
-        if repo.cache is not None:
-            repo.cache.flush(4.0)  # a file already reported stays true: its commit lands before the worker goes
-        os._exit(0)
-
-    signal.signal(signal.SIGTERM, stopped)
+    signal.signal(signal.SIGTERM, _stop_handler(repo))  # the parent's terminate(): a cancel or the job's end
     threading.Thread(target=watch_parent, name="streamloader-prefetch-watch", daemon=True).start()
     batch: List[Tuple[Optional[str], int, Any, bool]] = []
     sent = [time.monotonic()]
@@ -465,6 +492,23 @@ def _prefetch_worker(repo: RemoteRepo, paths: List[str], workers: int, queue: An
     queue.put((index, batch))
     queue.close()
     queue.join_thread()
+
+
+def _stop_handler(repo: RemoteRepo) -> Callable[[int, Any], None]:
+    """A worker process's SIGTERM handler: land the commits of files already reported (they stay true), then go.
+
+    It runs in the main thread between two of its bytecodes, so whatever lock that thread held stays held: the
+    wait for commits is bounded (taking the queue's lock included), and the kernel ends the process if it is still
+    there ``_STOP_GRACE`` s later (the parent, or multiprocessing's exit handler, joins it without a timeout)."""
+    def stopped(_signum: int, _frame: Any) -> None:
+        if hasattr(signal, "SIGALRM"):
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(_STOP_GRACE)
+        if repo.cache is not None:
+            repo.cache.flush(_STOP_GRACE - 1)
+        os._exit(0)
+
+    return stopped
 
 
 def _portable_error(exc: Optional[BaseException]) -> Any:

@@ -61,8 +61,30 @@ def _prefetch_cmd(srv_url: str, cache: str) -> List[str]:
             "--cache-dir", cache, "-j", "8"]
 
 
+@pytest.fixture
+def poller_of(request):
+    """Factory: a started CachePoller of a cache root, always stopped when the test ends (a poller left running
+    would go on reading that cache during the tests that follow)."""
+    pollers: List[CachePoller] = []
+
+    def start(root: str) -> CachePoller:
+        poller = CachePoller(root)
+        pollers.append(poller)
+        poller.start()
+        return poller
+
+    yield start
+    for poller in pollers:
+        poller.stop()
+
+
 @pytest.mark.timeout(180)
-def test_sigkill_mid_prefetch_then_rerun_completes_without_partial_files(tmp_path, make_server, figures):
+@pytest.mark.parametrize("engine", ["threads", "loop"])
+def test_sigkill_mid_prefetch_then_rerun_completes_without_partial_files(tmp_path, make_server, figures, poller_of,
+                                                                         engine):
+    """``threads`` streams every body to a temp file, so a kill always leaves some behind (the sweep is checked);
+    ``loop`` (the event-loop engine, the default) holds a small body in memory until it is verified, so a kill may
+    leave none — what it leaves must still be the dead process's alone."""
     root = tmp_path / "repo"
     (root / "data").mkdir(parents=True)
     blobs: Dict[str, bytes] = {}
@@ -75,9 +97,8 @@ def test_sigkill_mid_prefetch_then_rerun_completes_without_partial_files(tmp_pat
     srv.faults.latency = 0.05  # keeps 8 downloads in flight at any moment: there is always something to interrupt
     srv.faults.drop_rate = 0.05  # and some bodies arrive cut off, to be retried
     cache = str(tmp_path / "cache")
-    env = {**os.environ, "DAGSHUB_TOKEN": TOKEN}
-    poller = CachePoller(cache)
-    poller.start()
+    env = {**os.environ, "DAGSHUB_TOKEN": TOKEN, "STREAMLOADER_PREFETCH_ENGINE": engine}
+    poller = poller_of(cache)
     started = time.monotonic()
     victim_log = open(tmp_path / "victim.log", "w+")  # a file, not a pipe: a full pipe would stall the victim
     victim = subprocess.Popen(_prefetch_cmd(srv.url, cache), env=env, stdout=victim_log, stderr=subprocess.STDOUT)
@@ -97,7 +118,9 @@ def test_sigkill_mid_prefetch_then_rerun_completes_without_partial_files(tmp_pat
         victim_log.close()
     done_before, leftovers = check_cache(cache)
     assert 0 < done_before < N_FILES
-    assert leftovers and all(f".{victim.pid}." in name for name in leftovers)  # the dead process's downloads
+    assert all(f".{victim.pid}." in name for name in leftovers)  # the dead process's downloads, and only them
+    if engine == "threads":
+        assert leftovers, "a kill mid-download must leave the streamed temp files this test sweeps"
     locks = sum(len(files) for _d, _s, files in os.walk(os.path.join(cache, "locks")))
     cached_before = {name for _d, _s, files in os.walk(os.path.join(cache, "objects")) for name in files}
 
@@ -126,6 +149,6 @@ def test_sigkill_mid_prefetch_then_rerun_completes_without_partial_files(tmp_pat
 
     swept = FileCache(cache).prune()["temp_removed"]
     assert swept == len(leftovers) and check_cache(cache) == (N_FILES, [])
-    figures.update(files=N_FILES, done_at_kill=done_before, temp_files_at_kill=len(leftovers), lock_files=locks,
+    figures.update(engine=engine, files=N_FILES, done_at_kill=done_before, temp_files_at_kill=len(leftovers), lock_files=locks,
                    poller_rounds=poller.rounds, rerun_gets=sum(gets.values()), processes=2,
                    wall_s=round(time.monotonic() - started, 1))
