@@ -87,7 +87,7 @@ def make_laion_repo(
     """
     import numpy as np
     from PIL import Image
-    from tqdm import tqdm
+    from streamloader._progress import progress_bar
 
     if n_images < 0 or not 0 <= n_squirrel <= n_images:
         raise ValueError(f"need 0 <= n_squirrel <= n_images; got n_squirrel={n_squirrel}, n_images={n_images}")
@@ -123,7 +123,8 @@ def make_laion_repo(
     labels_path = data_dir / "labels.tsv"
     write_labels(rows, labels_path)
 
-    for index, row in enumerate(tqdm(rows, desc="synthetic images", unit="img", disable=not progress)):
+    bar = progress_bar(iterable=rows, desc="synthetic images", unit="img", disable=not progress)
+    for index, row in enumerate(bar):
         noise = pixels.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
         if brightness is not None:  # half-range noise centred on the brightness: 0 -> [0, 128), 1 -> [128, 256)
             noise = (noise // 2 + int(round(brightness[index] * 128))).clip(0, 255).astype(np.uint8)

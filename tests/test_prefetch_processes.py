@@ -215,3 +215,51 @@ def test_interpreter_exit_never_waits_forever_for_stuck_workers(tmp_path: Path,
     assert time.monotonic() - started < 30
     for pid in workers:  # killed, not left behind stopped
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+
+
+_PROGRESS_AFTER_A_POISONED_TQDM_LOCK = r"""
+import os, signal, sys
+import multiprocessing as mp
+from tqdm import tqdm
+from streamloader.cache import FileCache
+from streamloader.remote.client import DagsHubClient
+from streamloader.remote.repo import RemoteRepo
+
+def die_holding_it():
+    tqdm.get_lock().acquire()  # what a forked child (a DataLoader worker...) drawing its own bar may hold
+    os.kill(os.getpid(), signal.SIGKILL)
+
+tqdm.get_lock()  # tqdm's process-wide lock exists before the fork, as after any earlier bar
+child = mp.get_context("fork").Process(target=die_holding_it)
+child.start()
+child.join()
+assert child.exitcode == -signal.SIGKILL
+assert not tqdm.get_lock().locks[0].acquire(timeout=0.5)  # tqdm's own lock is now taken for good
+repo = RemoteRepo(DagsHubClient(sys.argv[1], token=False, branch="main"), FileCache(sys.argv[2]))
+paths = [f"data/{name}" for name in sys.argv[3:]]
+job = repo.prefetch(paths, progress=True, processes=2, wait=False)
+result = job.result(timeout=60)
+assert (result.files, result.failed) == (len(paths), {}), result
+from streamloader.cli import main
+assert main(["prefetch", "dagshub://user/repo/data", "--host", sys.argv[1].rsplit("/user/repo", 1)[0],
+             "--cache-dir", sys.argv[2]]) == 0  # a progress bar and log lines through tqdm.write
+print("done", result.files, flush=True)
+"""
+
+
+def test_progress_bars_never_wait_on_a_lock_a_dead_child_took(tmp_path: Path,
+                                                            make_server_process: Callable[..., Any]) -> None:
+    """tqdm's own lock is a semaphore shared with every forked child: one that died holding it would make the
+    next bar update wait forever. The library's bars and log lines use a lock of their own process."""
+    import subprocess
+    import sys
+
+    files = make_random_files(tmp_path / "repo")
+    srv = make_server_process(tmp_path / "repo")
+    script = tmp_path / "progress_after_a_poisoned_lock.py"
+    script.write_text(_PROGRESS_AFTER_A_POISONED_TQDM_LOCK)
+    run = subprocess.run([sys.executable, str(script), srv.repo_url, str(tmp_path / "cache")]
+                         + sorted(Path(p).name for p in files), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-2:] == ["done", str(len(files))]  # after the CLI's summary line
+    assert "prefetch" in run.stderr  # the bars were drawn

@@ -213,9 +213,9 @@ def _run(extractor: Any, cache: FeatureCache, paths: List[str], identities: List
         extractor.to(device)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from streamloader._progress import progress_bar
 
-        bar = tqdm(total=len(paths), unit="img", desc="features", leave=False)
+        bar = progress_bar(total=len(paths), unit="img", desc="features", leave=False)
     try:
         for positions, batch, failed in loader:
             for position, reason in failed:

@@ -420,9 +420,9 @@ def fetch_to_cache(repo: RemoteRepo, paths: Iterable[str], max_concurrency: Opti
     started = time.perf_counter()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from streamloader._progress import progress_bar
 
-        bar = tqdm(total=len(paths), unit="file", desc="prefetch", leave=False)
+        bar = progress_bar(total=len(paths), unit="file", desc="prefetch", leave=False)
 
     halt = Halt()  # an unreachable host ends the prefetch at once, with one message
 
