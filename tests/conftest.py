@@ -67,6 +67,44 @@ TAR_MEMBERS = {"a.txt": b"alpha\n", "b/c.bin": bytes(range(256))}
 
 _REAL_LSTAT = os.lstat  # captured before any hook: what is really on the local disk
 
+#: seconds the test process may take to exit once the session is over before the exit watchdog ends it
+EXIT_GRACE = float(os.environ.get("STREAMLOADER_TEST_EXIT_GRACE", "300"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Exit watchdog: the library must never hold a process open (a worker nobody stops, a thread that never
+    ends). Should the interpreter's exit hang anyway, print every thread's stack and the child processes left, and
+    end the run failed after ``EXIT_GRACE`` s, instead of holding the job until CI's own timeout says nothing."""
+    import faulthandler
+    import threading
+
+    status = [int(getattr(config, "_sl_exitstatus", 0) or 0)]
+
+    def watchdog() -> None:
+        time.sleep(EXIT_GRACE)
+        sys.__stderr__.write(f"\n*** the test process did not exit within {EXIT_GRACE:.0f} s of the session's end; "
+                             f"threads:\n")
+        sys.__stderr__.flush()
+        faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+        from _helpers import child_pids
+
+        for pid in child_pids(os.getpid()):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                cmdline = "?"
+            sys.__stderr__.write(f"*** child process {pid} still there: {cmdline[:300]}\n")
+        sys.__stderr__.flush()
+        os._exit(status[0] or 3)
+
+    threading.Thread(target=watchdog, name="tests-exit-watchdog", daemon=True).start()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config._sl_exitstatus = exitstatus  # type: ignore[attr-defined]  # for the exit watchdog
+
 
 def make_jpeg(path: PathLike, seed: int = 0, size: Tuple[int, int] = (32, 32)) -> bytes:
     """Write a real, deterministic RGB JPEG (same seed and size -> same bytes) and return its bytes."""

@@ -136,3 +136,76 @@ def test_the_cache_imports_and_works_without_register_at_fork(tmp_path, locks):
         assert key.digest[:2] in lock_dir  # the per-entry lock file fallback was used
     elif entrylock._OFD is not None:
         assert "entries.lock" in lock_dir  # one shared byte-range lock file, as with fork
+
+
+def _wait_child(pid: int, timeout: float) -> int:
+    """The exit status of child ``pid`` (waitpid), or -1 if it is still running after ``timeout`` s (then killed)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return -1
+
+
+@needs_fork
+def test_a_fork_waits_for_a_no_fork_section_and_the_child_can_enter_one():
+    """A fork never splits a ``NO_FORK`` section (where another thread may hold SQLite's process-wide mutexes),
+    and the child, whose copy of the gate was taken by the forking thread, can enter one at once."""
+    import time
+
+    entered, leaving = threading.Event(), threading.Event()
+
+    def section() -> None:
+        with _forksafe.NO_FORK:
+            entered.set()
+            time.sleep(0.4)
+            leaving.set()
+
+    worker = threading.Thread(target=section)
+    worker.start()
+    assert entered.wait(10)
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:  # the child: a section must not hang here
+        with _forksafe.NO_FORK:
+            pass
+        os._exit(0 if _forksafe.NO_FORK.inside == 0 else 1)
+    waited = time.monotonic() - started
+    worker.join()
+    assert leaving.is_set() and waited >= 0.3  # the fork happened only once the section was over
+    assert _wait_child(pid, 20) == 0
+
+
+@needs_fork
+def test_the_wait_before_a_fork_is_bounded():
+    import time
+
+    gate = _forksafe.ForkGate(wait=0.3)
+    entered, done = threading.Event(), threading.Event()
+
+    def stuck() -> None:
+        with gate:
+            entered.set()
+            done.wait(10)
+
+    worker = threading.Thread(target=stuck)
+    worker.start()
+    try:
+        assert entered.wait(10)
+        started = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        assert 0.25 <= time.monotonic() - started < 5
+        assert _wait_child(pid, 20) == 0
+    finally:
+        done.set()
+        worker.join()
+    with gate:  # the parent's gate works on after the fork
+        assert gate.inside == 1

@@ -31,6 +31,7 @@ import weakref
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
 from streamloader import _forksafe
+from streamloader._forksafe import NO_FORK
 from streamloader._files import makedirs_private
 from streamloader.remote.entries import RemoteEntry
 
@@ -115,7 +116,8 @@ class ListingStore:
             if self._connection is None or self._pid != os.getpid():
                 if self._pid != os.getpid():
                     self._renew()
-                self._connection = self._open()
+                with NO_FORK:
+                    self._connection = self._open()
             return self._connection
 
     def _open(self) -> sqlite3.Connection:
@@ -158,8 +160,10 @@ class ListingStore:
         if found is not None:
             return found
         parent, name = _split(path)
-        row = self._conn().execute("SELECT name, type, size, hash, versioning FROM entries WHERE dir=? AND name=?",
-                                   (parent, name)).fetchone()
+        conn = self._conn()
+        with NO_FORK:
+            row = conn.execute("SELECT name, type, size, hash, versioning FROM entries WHERE dir=? AND name=?",
+                               (parent, name)).fetchone()
         if row is None:
             return None
         found = _row_entry(parent, row)
@@ -179,7 +183,10 @@ class ListingStore:
             seen = self._unlisted.get(path)
             if seen is not None and time.monotonic() - seen < max_age:
                 return False
-        if self._conn().execute("SELECT 1 FROM dirs WHERE dir=?", (path,)).fetchone() is None:
+        conn = self._conn()
+        with NO_FORK:
+            row = conn.execute("SELECT 1 FROM dirs WHERE dir=?", (path,)).fetchone()
+        if row is None:
             if max_age > 0:
                 if len(self._unlisted) >= _MEMO_MAX:
                     self._unlisted.clear()
@@ -191,19 +198,30 @@ class ListingStore:
         return True
 
     def count(self, path: str) -> int:
-        row = self._conn().execute("SELECT n FROM dirs WHERE dir=?", (path,)).fetchone()
+        conn = self._conn()
+        with NO_FORK:
+            row = conn.execute("SELECT n FROM dirs WHERE dir=?", (path,)).fetchone()
         return int(row[0]) if row else 0
 
     def names(self, path: str) -> List[str]:
         """Names in folder ``path``, in code-point order (SQLite compares UTF-8 bytes: the same order)."""
-        return [row[0] for row in self._conn().execute("SELECT name FROM entries WHERE dir=? ORDER BY name", (path,))]
+        conn = self._conn()
+        with NO_FORK:
+            return [row[0] for row in conn.execute("SELECT name FROM entries WHERE dir=? ORDER BY name", (path,))]
 
     def entries(self, path: str) -> Iterator[RemoteEntry]:
         """Entries of folder ``path`` in name order, read lazily."""
-        cursor = self._conn().execute(
-            "SELECT name, type, size, hash, versioning FROM entries WHERE dir=? ORDER BY name", (path,))
-        for row in cursor:
-            yield _row_entry(path, row)
+        conn = self._conn()
+        with NO_FORK:
+            cursor = conn.execute(
+                "SELECT name, type, size, hash, versioning FROM entries WHERE dir=? ORDER BY name", (path,))
+        while True:
+            with NO_FORK:  # a chunk at a time: the caller's work between chunks may fork
+                rows = cursor.fetchmany(_BATCH)
+            if not rows:
+                return
+            for row in rows:
+                yield _row_entry(path, row)
 
     # -- writing --------------------------------------------------------------------------------------------------
     def put_listing(self, path: str, entries: Iterable[RemoteEntry]) -> int:
@@ -217,9 +235,12 @@ class ListingStore:
         count = 0
         self._memo.clear()
         self._unlisted.clear()
-        conn.execute("BEGIN IMMEDIATE")
+        with NO_FORK:  # each call on its own: entries may stream in from the network between them
+            conn.execute("BEGIN IMMEDIATE")
         try:
-            if conn.execute("SELECT 1 FROM dirs WHERE dir=?", (path,)).fetchone() is None:
+            with NO_FORK:
+                listed = conn.execute("SELECT 1 FROM dirs WHERE dir=?", (path,)).fetchone() is not None
+            if not listed:
                 batch: List[Tuple[Any, ...]] = []
                 for e in entries:
                     batch.append((path, e.name, e.type, e.size, e.hash, e.versioning))
@@ -228,14 +249,18 @@ class ListingStore:
                         batch = []
                 count += self._write_rows(conn, batch)
                 parent, name = _split(path)
-                if path:
-                    conn.execute("INSERT OR IGNORE INTO entries VALUES (?, ?, 'dir', 0, NULL, NULL)", (parent, name))
-                conn.execute("INSERT OR REPLACE INTO dirs VALUES (?, ?)", (path, count))
+                with NO_FORK:
+                    if path:
+                        conn.execute("INSERT OR IGNORE INTO entries VALUES (?, ?, 'dir', 0, NULL, NULL)",
+                                     (parent, name))
+                    conn.execute("INSERT OR REPLACE INTO dirs VALUES (?, ?)", (path, count))
             else:  # another process stored it meanwhile: drain nothing more, keep theirs
                 count = self.count(path)
-            conn.execute("COMMIT")
+            with NO_FORK:
+                conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            with NO_FORK:
+                conn.execute("ROLLBACK")
             raise
         return count
 
@@ -243,11 +268,12 @@ class ListingStore:
     def _write_rows(conn: sqlite3.Connection, rows: List[Tuple[Any, ...]]) -> int:
         # A listed row replaces what single-path lookups stored before, but a size learnt earlier survives a
         # listing that did not say it (dagshub.com lists size 0 = unknown without include_size).
-        conn.executemany(
-            "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (dir, name) DO UPDATE SET "
-            "type=excluded.type, size=COALESCE(excluded.size, entries.size), "
-            "hash=COALESCE(excluded.hash, entries.hash), versioning=COALESCE(excluded.versioning, entries.versioning)",
-            rows)
+        with NO_FORK:
+            conn.executemany(
+                "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (dir, name) DO UPDATE SET "
+                "type=excluded.type, size=COALESCE(excluded.size, entries.size), hash=COALESCE(excluded.hash, "
+                "entries.hash), versioning=COALESCE(excluded.versioning, entries.versioning)",
+                rows)
         return len(rows)
 
     def put_entry(self, entry: RemoteEntry) -> None:
@@ -267,8 +293,10 @@ class ListingStore:
         self._memo.pop(path, None)
         try:
             with self._write_lock:
-                self._conn().execute("UPDATE entries SET size=? WHERE dir=? AND name=? AND size IS NULL",
-                                     (int(size), parent, name))
+                conn = self._conn()
+                with NO_FORK:
+                    conn.execute("UPDATE entries SET size=? WHERE dir=? AND name=? AND size IS NULL",
+                                 (int(size), parent, name))
         except sqlite3.OperationalError as exc:
             log.debug("could not record the size of %s in %s: %s", path, self.path, exc)
 
@@ -276,7 +304,8 @@ class ListingStore:
         """Close this process's connection (the next use opens a new one)."""
         with self._write_lock:
             if self._connection is not None and self._pid == os.getpid():
-                self._connection.close()
+                with NO_FORK:
+                    self._connection.close()
             self._connection = None
 
 
