@@ -186,8 +186,15 @@ job = repo.prefetch([f"data/{n}" for n in sys.argv[4:]],
                     progress=False, processes=2, wait=False)
 deadline = time.monotonic() + 20
 workers = []
+def forked(pid):  # a worker forked from this process (not a helper it spawned, like a resource tracker)
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return sys.argv[0].encode() in f.read()
+    except OSError:
+        return False
+
 while len(workers) < 2 and time.monotonic() < deadline:
-    workers = [p for p in child_pids(os.getpid())]
+    workers = [p for p in child_pids(os.getpid()) if forked(p)]
     time.sleep(0.01)
 for pid in workers:
     os.kill(pid, signal.SIGSTOP)  # stuck where no signal handler can run: SIGTERM stays pending
