@@ -251,7 +251,43 @@ def test_a_server_that_drips_bytes_cannot_hold_the_loop(tmp_path, files, make_se
     repo.ls("data")
     started = time.monotonic()
     out, counts = _run(repo, list(files)[:3], workers=3)
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 60 + 30
     assert counts.in_loop == 0 and counts.given_back == 3
     assert all(isinstance(exc, RemoteError) for _s, exc, _c in out.values()), out
     assert all(repo.cached_path(p) is None for p in out)
+
+
+def test_a_program_that_ends_while_its_background_prefetch_waits_exits_at_once(tmp_path, files, make_server):
+    """``prefetch(wait=False)`` and then the program ends: the prefetch is abandoned (what it left half done is
+    swept later), as the thread engine's daemon threads are. Here every file is held by another cache handle, so
+    the fallback threads wait on the entry locks (up to the cache's 10-minute lock timeout): the exit must not."""
+    import time
+
+    srv = make_server(tmp_path / "src", token=TOKEN)
+    script = textwrap.dedent("""
+        import sys, time
+        sys.path.insert(0, sys.argv[3])
+        from conftest import remote_repo
+        holder = remote_repo(type("S", (), {"repo_url": sys.argv[1]})(), sys.argv[2])
+        repo = remote_repo(type("S", (), {"repo_url": sys.argv[1]})(), sys.argv[2])
+        paths = [e.path for e in holder.ls("data")]
+        claims = [holder.try_warm(p) for p in paths]  # another downloader holds every file's locks
+        assert all(state == "claimed" for state, _claim in claims), claims
+        job = repo.prefetch(paths, progress=False, processes=1, wait=False)
+        import threading
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(  # the loop gave up waiting and handed files to warm()
+                t.name.startswith("streamloader-prefetch_") for t in threading.enumerate()):
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert not job.done(), job
+        print("exiting", flush=True)
+    """)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "DAGSHUB_TOKEN": TOKEN}
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-c", script, srv.repo_url, str(tmp_path / "cache"), tests_dir],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "exiting", run.stderr[-2000:]
+    assert time.monotonic() - started < 60 + 30

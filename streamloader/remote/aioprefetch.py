@@ -28,11 +28,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import socket
 import ssl
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
 from urllib.parse import urljoin, urlsplit
 
@@ -139,11 +141,12 @@ class _Engine:
         self.auth = repo.client.session.auth
         self.agent = str(repo.client.session.headers.get("User-Agent", "streamloader"))
         self.api_origin = origin_of(repo.client.ref.host)
-        self.pool = ThreadPoolExecutor(max_workers=min(self.workers, _FALLBACK_THREADS),
-                                       thread_name_prefix="streamloader-prefetch")
+        self.pool = _DaemonPool(min(self.workers, _FALLBACK_THREADS), "streamloader-prefetch")
         self.counts = EngineCounts()
         self.origins: Dict[str, bool] = {}  # redirect origins: whether requests must fetch them (_needs_requests)
         self.deferred: Dict[str, int] = {}  # files put back in line because someone else held them (_start)
+        self.deferred_in: Dict[str, int] = {}  # ... and the pass through the line that last put each one back
+        self.passes = 0
 
     def _needs_requests(self, url: str) -> bool:
         """Whether a proxy or a client certificate applies to ``url``'s origin (then requests must fetch it);
@@ -157,7 +160,7 @@ class _Engine:
         return known
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown()
         if self.counts.given_back:
             log.debug("prefetch: %s", self.counts)
 
@@ -228,9 +231,13 @@ class _Engine:
                 # someone else is downloading it: do the others first (two processes prefetching the same list
                 # then share the work instead of one waiting on the other), then look again
                 self.deferred[path] = self.deferred.get(path, 0) + 1
+                self.deferred_in[path] = self.passes
                 pending.append(path)
-                if self.deferred.get(pending[0]):
-                    return 0.002  # back to files put back in line: give their holders a moment
+                if self.deferred_in.get(pending[0]) == self.passes:
+                    # every file left was put back in this pass: give their holders a moment, then look at
+                    # them all again (one pause per pass, not one per file)
+                    self.passes += 1
+                    return 0.002
             else:
                 running.add(self._give_back(path))
         return 0.0
@@ -327,6 +334,57 @@ class _Engine:
                 return Body(200, resp.headers, _chunks_of(data), _nothing, url)
         slot.answered()
         raise _GiveBack(f"more than {_MAX_REDIRECTS} redirects")
+
+
+class _DaemonPool:
+    """At most ``size`` daemon threads running the calls :meth:`submit` is given (each returns a
+    ``concurrent.futures.Future``). Unlike ThreadPoolExecutor's, these threads never hold up the interpreter's exit:
+    a program that ends without waiting for a background prefetch abandons it, as the thread engine's daemon threads
+    are abandoned (a download left half done is a temp file that is swept later; its locks go with the process),
+    instead of waiting for each call in flight — one waiting on an entry lock may take the cache's lock timeout."""
+
+    def __init__(self, size: int, name: str):
+        self.size, self.name = max(1, size), name
+        self._calls: "queue.SimpleQueue[Optional[Tuple[Future, Callable[..., Any], Tuple[Any, ...]]]]" = \
+            queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)  # released by a thread each time it waits for the next call
+        self._threads: List[threading.Thread] = []
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> "Future[Any]":
+        future: "Future[Any]" = Future()
+        self._calls.put((future, fn, args))
+        if not self._idle.acquire(blocking=False) and len(self._threads) < self.size:
+            thread = threading.Thread(target=self._work, name=f"{self.name}_{len(self._threads)}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return future
+
+    def _work(self) -> None:
+        while True:
+            item = self._calls.get()
+            if item is None:
+                return
+            future, fn, args = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the future
+                    future.set_exception(exc)
+            self._idle.release()
+
+    def shutdown(self) -> None:
+        """Cancel the calls not started yet, then wait for the running ones and stop the threads."""
+        while True:
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _thread in self._threads:
+            self._calls.put(None)
+        for thread in self._threads:
+            thread.join()
 
 
 def _quick_ack_request_class() -> Any:
