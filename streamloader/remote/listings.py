@@ -152,6 +152,12 @@ class ListingStore:
             raise
         return conn
 
+    def _one(self, sql: str, params: Tuple[Any, ...]) -> Optional[Tuple[Any, ...]]:
+        """The first row of one query on this process's connection, inside the fork gate."""
+        conn = self._conn()
+        with NO_FORK:
+            return conn.execute(sql, params).fetchone()
+
     # -- reading --------------------------------------------------------------------------------------------------
     def entry(self, path: str) -> Optional[RemoteEntry]:
         """The stored entry of ``path`` (a file or a folder), or None when nothing is known about it."""
@@ -160,10 +166,7 @@ class ListingStore:
         if found is not None:
             return found
         parent, name = _split(path)
-        conn = self._conn()
-        with NO_FORK:
-            row = conn.execute("SELECT name, type, size, hash, versioning FROM entries WHERE dir=? AND name=?",
-                               (parent, name)).fetchone()
+        row = self._one("SELECT name, type, size, hash, versioning FROM entries WHERE dir=? AND name=?", (parent, name))
         if row is None:
             return None
         found = _row_entry(parent, row)
@@ -183,10 +186,7 @@ class ListingStore:
             seen = self._unlisted.get(path)
             if seen is not None and time.monotonic() - seen < max_age:
                 return False
-        conn = self._conn()
-        with NO_FORK:
-            row = conn.execute("SELECT 1 FROM dirs WHERE dir=?", (path,)).fetchone()
-        if row is None:
+        if self._one("SELECT 1 FROM dirs WHERE dir=?", (path,)) is None:
             if max_age > 0:
                 if len(self._unlisted) >= _MEMO_MAX:
                     self._unlisted.clear()
@@ -198,9 +198,7 @@ class ListingStore:
         return True
 
     def count(self, path: str) -> int:
-        conn = self._conn()
-        with NO_FORK:
-            row = conn.execute("SELECT n FROM dirs WHERE dir=?", (path,)).fetchone()
+        row = self._one("SELECT n FROM dirs WHERE dir=?", (path,))
         return int(row[0]) if row else 0
 
     def names(self, path: str) -> List[str]:
@@ -238,9 +236,7 @@ class ListingStore:
         with NO_FORK:  # each call on its own: entries may stream in from the network between them
             conn.execute("BEGIN IMMEDIATE")
         try:
-            with NO_FORK:
-                listed = conn.execute("SELECT 1 FROM dirs WHERE dir=?", (path,)).fetchone() is not None
-            if not listed:
+            if self._one("SELECT 1 FROM dirs WHERE dir=?", (path,)) is None:
                 batch: List[Tuple[Any, ...]] = []
                 for e in entries:
                     batch.append((path, e.name, e.type, e.size, e.hash, e.versioning))
