@@ -177,11 +177,9 @@ _EXIT_WITH_STOPPED_WORKERS = r"""
 import os, signal, sys, time
 sys.path.insert(0, sys.argv[3])
 from _helpers import child_pids
-from streamloader.cache import FileCache
-from streamloader.remote.client import DagsHubClient
-from streamloader.remote.repo import RemoteRepo
+from conftest import remote_repo
 
-repo = RemoteRepo(DagsHubClient(sys.argv[1], token=False, branch="main"), FileCache(sys.argv[2]))
+repo = remote_repo(type("S", (), {"repo_url": sys.argv[1]})(), sys.argv[2], token=False)
 job = repo.prefetch([f"data/{n}" for n in sys.argv[4:]],
                     progress=False, processes=2, wait=False)
 deadline = time.monotonic() + 20
@@ -228,9 +226,8 @@ _PROGRESS_AFTER_A_POISONED_TQDM_LOCK = r"""
 import os, signal, sys
 import multiprocessing as mp
 from tqdm import tqdm
-from streamloader.cache import FileCache
-from streamloader.remote.client import DagsHubClient
-from streamloader.remote.repo import RemoteRepo
+sys.path.insert(0, sys.argv[3])
+from conftest import remote_repo
 
 def die_holding_it():
     tqdm.get_lock().acquire()  # what a forked child (a DataLoader worker...) drawing its own bar may hold
@@ -242,8 +239,8 @@ child.start()
 child.join()
 assert child.exitcode == -signal.SIGKILL
 assert not tqdm.get_lock().locks[0].acquire(timeout=0.5)  # tqdm's own lock is now taken for good
-repo = RemoteRepo(DagsHubClient(sys.argv[1], token=False, branch="main"), FileCache(sys.argv[2]))
-paths = [f"data/{name}" for name in sys.argv[3:]]
+repo = remote_repo(type("S", (), {"repo_url": sys.argv[1]})(), sys.argv[2], token=False)
+paths = [f"data/{name}" for name in sys.argv[4:]]
 job = repo.prefetch(paths, progress=True, processes=2, wait=False)
 result = job.result(timeout=60)
 assert (result.files, result.failed) == (len(paths), {}), result
@@ -265,8 +262,8 @@ def test_progress_bars_never_wait_on_a_lock_a_dead_child_took(tmp_path: Path,
     srv = make_server_process(tmp_path / "repo")
     script = tmp_path / "progress_after_a_poisoned_lock.py"
     script.write_text(_PROGRESS_AFTER_A_POISONED_TQDM_LOCK)
-    run = subprocess.run([sys.executable, str(script), srv.repo_url, str(tmp_path / "cache")]
-                         + sorted(Path(p).name for p in files), capture_output=True, text=True, timeout=120)
+    args = [srv.repo_url, str(tmp_path / "cache"), str(Path(__file__).parent)] + sorted(Path(p).name for p in files)
+    run = subprocess.run([sys.executable, str(script)] + args, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split()[-2:] == ["done", str(len(files))]  # after the CLI's summary line
     assert "prefetch" in run.stderr  # the bars were drawn
