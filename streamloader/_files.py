@@ -85,17 +85,17 @@ class TempFileVanished(CacheError):
 
 
 def rename_into_place(tmp: str, final: str) -> None:
-    """``os.replace(tmp, final)``, making ``final``'s directory (0700) first, and again if it is deleted meanwhile;
-    :class:`TempFileVanished` when ``tmp`` itself is gone (or the directory keeps vanishing)."""
+    """``os.replace(tmp, final)``, making ``final``'s directory (0700) when it is missing (at first, or deleted
+    meanwhile); :class:`TempFileVanished` when ``tmp`` itself is gone (or the directory keeps vanishing)."""
     for attempt in range(3):
-        makedirs_private(os.path.dirname(final))
         try:
-            os.replace(tmp, final)
+            os.replace(tmp, final)  # (tried first: the directory is there but for a new cache's first entries)
             return
         except FileNotFoundError:
             if attempt == 2 or not os.path.exists(tmp):
                 raise TempFileVanished(f"cannot move {tmp} to {final}: one of them vanished (was the cache "
                                        "deleted?)") from None
+            makedirs_private(os.path.dirname(final))
 
 
 def secure_private_dir(path: str) -> None:

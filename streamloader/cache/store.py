@@ -41,7 +41,7 @@ from streamloader import _forksafe
 from streamloader._files import TempFileVanished, makedirs_private, secure_private_dir
 from streamloader.cache import scan as _cachescan
 from streamloader.cache.commit_queue import QUEUE
-from streamloader.cache.entrylock import EntryLock, Timeout
+from streamloader.cache.entrylock import SHARED_LOCK_FILE, EntryLock, Timeout
 from streamloader.cache.key import HEX, CacheKey, file_matches
 from streamloader.cache.writing import CacheWriter
 from streamloader.errors import IntegrityError
@@ -90,6 +90,8 @@ class FileCache(CacheWriter):
         if verify not in (True, False, "full"):
             raise ValueError(f"verify must be True, False or 'full'; got {verify!r}")
         self.root = os.path.abspath(os.path.expanduser(root)) if root else default_cache_dir()
+        self._locks_dir = os.path.join(self.root, "locks")
+        self._shared_lock_path = os.path.join(self._locks_dir, SHARED_LOCK_FILE)
         self.max_size = parse_size(max_size)
         self.verify = verify
         self.lock_timeout = lock_timeout
@@ -149,7 +151,7 @@ class FileCache(CacheWriter):
         return path
 
     def _lock_for(self, kind: str, digest: str) -> EntryLock:
-        return EntryLock(os.path.join(self.root, "locks"), kind, digest, self.lock_timeout)
+        return EntryLock(self._locks_dir, kind, digest, self.lock_timeout, self._shared_lock_path)
 
     def _file_lock(self, key: CacheKey) -> EntryLock:
         return self._lock_for(key.kind, key.digest)

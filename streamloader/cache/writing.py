@@ -187,11 +187,12 @@ class CacheWriter:
                 os.fchmod(raw.fileno(), 0o400)  # read-only: writing to a cached file's path cannot corrupt it
             if not synced:
                 os.fsync(raw.fileno())
-            size = os.fstat(raw.fileno()).st_size
-            raw.close()
             if self.max_size is None:
+                raw.close()
                 rename_into_place(tmp, final)
             else:
+                size = os.fstat(raw.fileno()).st_size
+                raw.close()
                 self._land(size, lambda: rename_into_place(tmp, final))
         except BaseException:
             _discard(tmp, raw)

@@ -18,6 +18,7 @@ import re
 import threading
 import time
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Union
+from urllib.parse import quote
 
 import requests
 
@@ -66,6 +67,7 @@ class DagsHubClient:
         self.branch = branch
         self._requested_revision = revision
         self._sha: Optional[str] = None
+        self._raw_prefix: Optional[tuple] = None  # ((ref, sha), quoted URL prefix of raw_url)
         self._credentials = Credentials(self.ref, token, url_token)  # anonymous until a token is needed
         self.max_concurrency = max(1, int(max_concurrency))
         self.retry = retry or RetryPolicy()
@@ -348,7 +350,12 @@ class DagsHubClient:
 
     # -- bytes ----------------------------------------------------------------------------------------------------
     def raw_url(self, path: str) -> str:
-        return self.ref.api_url("raw", self.resolve_revision(), safe_repo_path(path))
+        """The URL of ``path``'s bytes at the pinned commit (``.../raw/<sha>/<path>``, quoted)."""
+        sha = self.resolve_revision()
+        known = self._raw_prefix
+        if known is None or known[0] != (self.ref, sha):  # (quoted once: a prefetch asks once per file)
+            known = self._raw_prefix = ((self.ref, sha), self.ref.api_url("raw", sha) + "/")
+        return known[1] + quote(safe_repo_path(path), safe="/")
 
     def read_bytes(self, path: str, start: Optional[int] = None, end: Optional[int] = None, *,
                    url: Optional[str] = None) -> bytes:

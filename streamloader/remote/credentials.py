@@ -40,12 +40,13 @@ class OriginBearerAuth(requests.auth.AuthBase):
 
     def __init__(self, origin: str, token_getter: Callable[[], Optional[str]]):
         self.origin = origin
+        self._prefix = origin + "/"  # a URL that starts with it is of the origin (no urlsplit per request)
         self._token_getter = token_getter
         self._sent = threading.local()
 
     def headers_for(self, url: str) -> Dict[str, str]:
         """The Authorization header for a request to ``url``: empty for any origin but the API's."""
-        if origin_of(url) == self.origin:
+        if url.startswith(self._prefix) or origin_of(url) == self.origin:
             secret = self._token_getter()
             self._sent.token = bool(secret)
             if secret:

@@ -94,6 +94,9 @@ class RemoteRepo(PathLookups):
 
     def revision(self) -> str:
         """The pinned commit sha (resolving it on first use; from the local record in offline mode)."""
+        client = self.client
+        if client.is_resolved:
+            return client.revision
         return heads.pin_revision(self.client, self._repo_dir(), self.offline)
 
     @property
@@ -384,9 +387,9 @@ class RemoteRepo(PathLookups):
         result (and logs them) and carries on. ``max_concurrency``: at most that many requests in flight; None (the
         default) lets the host's limiter decide: 32 at first, more while the host keeps answering as fast (up to
         its ceiling, 128 unless ``STREAMLOADER_HOST_LIMITS`` says otherwise), fewer when it pushes back.
-        The downloads run on an event loop (aiohttp; ``STREAMLOADER_PREFETCH_ENGINE=threads``: a thread per request).
+        The downloads run on an event loop (``STREAMLOADER_PREFETCH_ENGINE=threads``: a thread per request).
         ``processes`` spreads them over that many worker processes (the requests in flight are counted
-        for all of them together): one process spends ~1.3 ms of CPU per small file under the
+        for all of them together): one process spends ~1 ms of CPU per small file under the
         GIL, which caps a cold epoch below what the network allows. None = 1 below
         ``PREFETCH_PROCESS_MIN_FILES`` files, else ``min(cpu_count, 4)``. ``wait=False`` returns a
         :class:`PrefetchJob` at once and downloads in the background (training starts meanwhile). Example::

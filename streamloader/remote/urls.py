@@ -52,6 +52,9 @@ def safe_repo_path(path: str) -> str:
     ``"data//a.jpg"`` → ``"data/a.jpg"``; ``"../x"``, ``"/etc/passwd"``, ``"a/../../b"``, NUL or backslashes raise
     ``ValueError``. The empty string is the repo root.
     """
+    if (".." not in path and "//" not in path and "\x00" not in path and "\\" not in path and path[:1] != "/"
+            and path[-1:] != "/" and "/./" not in path and path[:2] != "./" and path[-2:] != "/." and path != "."):
+        return path  # already normal (the common case, asked several times per file by a prefetch)
     if "\x00" in path or "\\" in path:
         raise ValueError(f"invalid repo path {path!r}: NUL and backslash are not allowed")
     if path.startswith("/"):

@@ -353,3 +353,21 @@ def test_token_in_the_url_is_the_credential_and_never_shown(repo, make_server, c
     _assert_clean([repr(o) for o in objects] + [str(o) for o in objects], "reprs")
     _assert_clean([caplog.text], "log output")
     figures.update(url_token_errors=len(errors))
+
+
+@pytest.mark.parametrize("url, gets_token", [
+    ("http://127.0.0.1:9/api/v1/repos/o/r/raw/x", True),
+    ("HTTP://127.0.0.1:9/api/v1/x", True),  # scheme and host compare without case, as origins do
+    ("http://127.0.0.1:9", True),
+    ("http://127.0.0.1:9?q=1", True),
+    ("http://127.0.0.1:90/api/v1/x", False),  # a longer port is another origin
+    ("http://127.0.0.1:9@evil.example/api/v1/x", False),  # userinfo: the host is evil.example
+    ("http://127.0.0.1:9.evil.example/x", False),
+    ("https://127.0.0.1:9/api/v1/x", False),  # another scheme is another origin
+    ("http://127.0.0.2:9/api/v1/x", False),
+])
+def test_the_token_header_goes_to_the_api_origin_only(url, gets_token):
+    from streamloader.remote.credentials import OriginBearerAuth
+
+    auth = OriginBearerAuth("http://127.0.0.1:9", lambda: "s3cret-token")
+    assert auth.headers_for(url) == ({"Authorization": "Bearer s3cret-token"} if gets_token else {})
