@@ -169,7 +169,7 @@ def test_two_processes_prefetching_the_same_files_download_each_once(tmp_path, f
         from streamloader.remote import aioprefetch
         repo = remote_repo(type("S", (), {"repo_url": sys.argv[1]})(), sys.argv[2])
         paths = [e.path for e in repo.ls("data")]
-        import aiohttp  # noqa: F401 - imported before the start line, so both start downloading at once
+        import streamloader.remote.leanhttp  # noqa: F401 - imported before the start line: both start at once
         print("ready", flush=True)
         sys.stdin.readline()  # both start at once
         bad = []
@@ -291,3 +291,33 @@ def test_a_program_that_ends_while_its_background_prefetch_waits_exits_at_once(t
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "exiting", run.stderr[-2000:]
     assert time.monotonic() - started < 60 + 30
+
+
+def test_answers_the_lean_client_leaves_to_requests_still_arrive_verified(tmp_path, files, make_server):
+    """Raw answers without Content-Length (the body ends at the close) and with a forged header block: the loop
+    gives those files to the thread path, which reads them whole; every byte is verified either way."""
+    from reliability.hostile import HostileProxy
+
+    import requests
+
+    srv = make_server(tmp_path / "src", token=TOKEN)
+    odd = {f"data/f{i:03d}.bin": kind for i, kind in enumerate(["unframed"] * 6 + ["smuggling"] * 4)}
+
+    def intercept(path):
+        name = next((p for p in odd if path.endswith("/" + p)), None)
+        if name is None or "/raw/" not in path:
+            return None
+        body = requests.get(srv.url + path, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).content
+        if odd[name] == "unframed":
+            return 200, {}, body  # (sent as is, the connection closed after it)
+        # a Content-Length that covers only part of what follows: the rest must never be read as an answer
+        return 200, {"Content-Length": str(len(body))}, body + b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbad"
+
+    with HostileProxy(srv.url, intercept=intercept) as proxy:
+        repo = remote_repo(type("S", (), {"repo_url": f"{proxy.url}/user/repo"})(), tmp_path / "cache", FAST)
+        repo.ls("data")
+        out, counts = _run(repo, files)
+    assert not [p for p, (_s, exc, _c) in out.items() if exc is not None]
+    assert counts.given_back >= 6 and counts.in_loop + counts.given_back == len(files), counts
+    for path, data in files.items():
+        assert _cached_bytes(repo, path) == data

@@ -1,10 +1,11 @@
-"""The event-loop engine of prefetch: one thread runs an asyncio loop, and aiohttp keeps every request the host's
-limiter allows in flight, where the thread engine (:func:`~streamloader.remote.prefetch.prefetch_in_threads`)
-needs a thread per request.
+"""The event-loop engine of prefetch: one thread runs an asyncio loop that keeps every request the host's limiter
+allows in flight (on keep-alive connections, :mod:`streamloader.remote.leanhttp`), where the thread engine
+(:func:`~streamloader.remote.prefetch.prefetch_in_threads`) needs a thread per request.
 
 Why: a cold epoch of small files is bound by requests in flight and by the client's CPU per file. With a thread
 per request, GIL hand-offs among up to 128 threads and requests/urllib3's per-request work cost ~2.4 ms of CPU per
-30 KB file on a 2-core machine; here a file costs what aiohttp's C parser, one hash and one temp file cost.
+30 KB file on a 2-core machine; here a file costs ~1 ms: llhttp's C parser, one hash, one temp file, the locks and
+the commit.
 
 Only the common case runs in the loop, and every guarantee of the cache holds there too:
 
@@ -18,7 +19,8 @@ Only the common case runs in the loop, and every guarantee of the cache holds th
   as for every other request;
 * the token goes only to the API origin (a redirect to a presigned storage URL goes without it).
 
-Anything else — an error status, a dropped connection, a lying or short body, a hash mismatch, a compressed body,
+Anything else — an error status, a dropped connection, a malformed answer or one the lean client leaves to a full
+one (:class:`~streamloader.remote.leanhttp.Unsupported`), a lying or short body, a hash mismatch, a compressed body,
 an entry whose lock is busy (another thread or process downloading it), a bucket path, a file larger than
 :data:`IN_MEMORY_MAX` — is given back and done by :meth:`RemoteRepo.warm` in a small thread pool, with the full
 retry policy and typed errors. ``STREAMLOADER_PREFETCH_ENGINE=threads`` turns this engine off.
@@ -32,7 +34,6 @@ import queue
 import socket
 import ssl
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
@@ -40,9 +41,10 @@ from urllib.parse import urljoin, urlsplit
 
 from streamloader.errors import HostUnreachableError
 from streamloader.remote.download import receive_body
+from streamloader.remote import leanhttp
+from streamloader.remote.leanhttp import BodyTooLarge, ConnectionPool, ExchangeError, Unsupported
 from streamloader.remote.limits import is_pushback, parse_retry_after
-from streamloader.remote.transport import (REDIRECT_STATUSES, Body, origin_of, proxy_applies, quick_ack,
-                                           requests_settings)
+from streamloader.remote.transport import REDIRECT_STATUSES, Body, origin_of, proxy_applies, requests_settings
 
 if TYPE_CHECKING:
     from streamloader.remote.limits import Slot
@@ -75,10 +77,8 @@ def unusable(repo: "RemoteRepo") -> Optional[str]:
 
     if not NONBLOCKING:
         return "the cache's entry locks cannot be tried without waiting here (no fcntl)"
-    try:
-        import aiohttp  # noqa: F401 - only whether it is there
-    except ImportError:
-        return "aiohttp is not installed"
+    if leanhttp.httptools is None:
+        return "httptools is not installed"
     if _proxied_or_client_cert(repo, repo.client.ref.host):
         return "a proxy or a client certificate applies to the host (requests handles those)"
     return None
@@ -142,6 +142,7 @@ class _Engine:
         self.agent = str(repo.client.session.headers.get("User-Agent", "streamloader"))
         self.api_origin = origin_of(repo.client.ref.host)
         self.pool = _DaemonPool(min(self.workers, _FALLBACK_THREADS), "streamloader-prefetch")
+        self.lookups = _DaemonPool(2, "streamloader-dns")  # (apart: a warm() waiting on a lock never delays one)
         self.counts = EngineCounts()
         self.origins: Dict[str, bool] = {}  # redirect origins: whether requests must fetch them (_needs_requests)
         self.deferred: Dict[str, int] = {}  # files put back in line because someone else held them (_start)
@@ -159,45 +160,49 @@ class _Engine:
             known = self.origins[origin] = _proxied_or_client_cert(self.repo, url)
         return known
 
+    async def _resolve(self, host: str, port: int) -> List[Tuple[Any, ...]]:
+        """``socket.getaddrinfo`` of an origin: at once for an IP address, else in a daemon thread (a lookup
+        that hangs never holds the interpreter's exit, as the loop's default executor would)."""
+        try:
+            return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            pass
+        return await asyncio.wrap_future(self.lookups.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM))
+
     def close(self) -> None:
         self.pool.shutdown()
+        self.lookups.shutdown()
         if self.counts.given_back:
             log.debug("prefetch: %s", self.counts)
 
     # -- scheduling -----------------------------------------------------------------------------------------------
     async def run(self, paths: List[str]) -> None:
-        import aiohttp
-
-        policy = self.policy
-        connector = aiohttp.TCPConnector(limit=0, ssl=_ssl_context(self.repo), ttl_dns_cache=300)
-        timeout = aiohttp.ClientTimeout(sock_connect=policy.connect_timeout, sock_read=policy.read_timeout)
         pending: Deque[str] = deque(paths)
         running: Set["asyncio.Future[_Outcome]"] = set()
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
-                                         cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
-                                         request_class=_quick_ack_request_class()) as session:
-            try:
+        session = ConnectionPool(_ssl_context(self.repo), self.policy.connect_timeout, self._resolve)
+        try:
+            idle = 0.001
+            while pending or running:
+                if self.cancelled is not None and self.cancelled.is_set():
+                    pending.clear()
+                    for task in running:
+                        task.cancel()
+                    await asyncio.gather(*running, return_exceptions=True)
+                    return
+                wait = self._start(session, pending, running)
+                if not running:  # every slot is someone else's, or the host asked us to pause
+                    await asyncio.sleep(min(max(wait, idle), 0.05))
+                    idle = min(idle * 2, 0.05)
+                    continue
                 idle = 0.001
-                while pending or running:
-                    if self.cancelled is not None and self.cancelled.is_set():
-                        pending.clear()
-                        for task in running:
-                            task.cancel()
-                        await asyncio.gather(*running, return_exceptions=True)
-                        return
-                    wait = self._start(session, pending, running)
-                    if not running:  # every slot is someone else's, or the host asked us to pause
-                        await asyncio.sleep(min(max(wait, idle), 0.05))
-                        idle = min(idle * 2, 0.05)
-                        continue
-                    idle = 0.001
-                    done, running = await asyncio.wait(running, timeout=0.05 if pending else None,
-                                                       return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        self.record(*task.result())
-            finally:
-                for task in running:
-                    task.cancel()
+                done, running = await asyncio.wait(running, timeout=0.05 if pending else None,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    self.record(*task.result())
+        finally:
+            for task in running:
+                task.cancel()
+            session.close()
 
     def _start(self, session: Any, pending: Deque[str], running: Set["asyncio.Future[_Outcome]"]) -> float:
         """Start downloads while the limiter gives slots; returns how long waiting is worth when it gives none."""
@@ -281,12 +286,10 @@ class _Engine:
         self.counts.in_loop += 1
         return claim.path, size, None, False
 
-    async def _get(self, session: Any, claim: "WarmClaim", slot: "Slot") -> Body:
+    async def _get(self, session: ConnectionPool, claim: "WarmClaim", slot: "Slot") -> Body:
         """GET the claim's URL (redirects followed, the token only to the API origin) and read its body, within a
         time budget that keeps up the client's throughput floor (a server that drips bytes cannot hold it); tells
         ``slot`` how it went. :class:`_GiveBack` for anything but a plain 200 that fits in memory."""
-        import aiohttp
-
         policy = self.policy
         limit = IN_MEMORY_MAX if claim.size is None else min(claim.size, IN_MEMORY_MAX)
         budget = policy.connect_timeout + policy.read_timeout + limit / policy.min_rate
@@ -295,43 +298,45 @@ class _Engine:
             return await asyncio.wait_for(self._exchange(session, claim, slot, limit, answered), budget)
         except _GiveBack:
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-            if answered:
+        except BodyTooLarge:
+            slot.ok()
+            raise _GiveBack(f"a body over {limit} bytes") from None
+        except Unsupported as exc:
+            slot.answered()  # (sent or not: nothing to learn about the host from it)
+            raise _GiveBack(str(exc)) from None
+        except (ExchangeError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            if answered or getattr(exc, "answered", False):
                 slot.answered()  # dropped mid-body, too slow, or a malformed answer: an answer, not an outage
             else:
                 slot.unreachable(type(exc).__name__)
-            raise _GiveBack(type(exc).__name__) from None
+            raise _GiveBack(f"{type(exc).__name__}: {exc}") from None
 
-    async def _exchange(self, session: Any, claim: "WarmClaim", slot: "Slot", limit: int,
+    async def _exchange(self, session: ConnectionPool, claim: "WarmClaim", slot: "Slot", limit: int,
                         answered: List[bool]) -> Body:
         url, policy = claim.url, self.policy
         for _hop in range(_MAX_REDIRECTS + 1):
             headers = {"User-Agent": self.agent, "Accept": "*/*", "Accept-Encoding": "identity",
                        **self.auth.headers_for(url)}
-            async with session.get(url, headers=headers, allow_redirects=False) as resp:
-                answered.append(True)
-                status = resp.status
-                if status in REDIRECT_STATUSES and resp.headers.get("Location"):
-                    target = urljoin(url, resp.headers["Location"])
-                    if urlsplit(target).scheme not in ("http", "https") or self._needs_requests(target):
-                        slot.answered()
-                        raise _GiveBack(f"a redirect the thread path must judge (HTTP {status})")
-                    url = target
-                    continue
-                if status != 200:
-                    hint = parse_retry_after(resp.headers.get("Retry-After"))
-                    if is_pushback(status, hint):
-                        slot.throttled(None if hint is None else min(hint, policy.max_retry_after))
-                    else:
-                        slot.answered()
-                    raise _GiveBack(f"HTTP {status}")
-                slot.ok()  # the host answered what was asked; what the body is worth is checked below
-                if resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
-                    raise _GiveBack("a compressed body")
-                data = await _read_capped(resp, limit)
-                if data is None:
-                    raise _GiveBack(f"a body over {limit} bytes")
-                return Body(200, resp.headers, _chunks_of(data), _nothing, url)
+            resp = await session.get(url, headers, limit, answered)
+            status = resp.status
+            if status in REDIRECT_STATUSES and resp.headers.get("Location"):
+                target = urljoin(url, resp.headers["Location"])
+                if urlsplit(target).scheme not in ("http", "https") or self._needs_requests(target):
+                    slot.answered()
+                    raise _GiveBack(f"a redirect the thread path must judge (HTTP {status})")
+                url = target
+                continue
+            if status != 200:
+                hint = parse_retry_after(resp.headers.get("Retry-After"))
+                if is_pushback(status, hint):
+                    slot.throttled(None if hint is None else min(hint, policy.max_retry_after))
+                else:
+                    slot.answered()
+                raise _GiveBack(f"HTTP {status}")
+            slot.ok()  # the host answered what was asked; what the body is worth is checked below
+            if resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+                raise _GiveBack("a compressed body")
+            return Body(200, resp.headers, _chunks_of(resp.body), _nothing, url)
         slot.answered()
         raise _GiveBack(f"more than {_MAX_REDIRECTS} redirects")
 
@@ -385,45 +390,6 @@ class _DaemonPool:
             self._calls.put(None)
         for thread in self._threads:
             thread.join()
-
-
-def _quick_ack_request_class() -> Any:
-    """aiohttp's request class, switching ``TCP_QUICKACK`` on once each request is sent (Linux), as the thread
-    path's connections do (:func:`~streamloader.remote.transport.quick_ack`): a server that leaves Nagle's
-    algorithm on holds a small answer's body until its headers are acknowledged, and the client's kernel would
-    delay that ACK by ~40 ms on every reused connection."""
-    import aiohttp
-
-    if getattr(socket, "TCP_QUICKACK", None) is None:
-        return aiohttp.ClientRequest
-
-    class QuickAckRequest(aiohttp.ClientRequest):
-        async def send(self, conn: Any) -> Any:  # noqa: D102 - aiohttp's
-            response = await super().send(conn)
-            transport = getattr(conn, "transport", None)
-            sock = transport.get_extra_info("socket") if transport is not None else None
-            if sock is not None:
-                quick_ack(sock)
-            return response
-
-    return QuickAckRequest
-
-
-async def _read_capped(resp: Any, limit: int) -> Optional[bytes]:
-    """The whole body, or None once it runs past ``limit`` bytes (it is not read further)."""
-    length = resp.headers.get("Content-Length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        return None
-    parts: List[bytes] = []
-    got = 0
-    while True:
-        chunk = await resp.content.read(1 << 18)
-        if not chunk:
-            return b"".join(parts)
-        got += len(chunk)
-        if got > limit:
-            return None
-        parts.append(chunk)
 
 
 def _chunks_of(data: bytes) -> Callable[[int], Iterator[bytes]]:

@@ -3,10 +3,10 @@
 (:class:`PrefetchResult`, or a background :class:`PrefetchJob`; :func:`settle` picks) and its fan-out: one process,
 or several worker processes, each fetching with :func:`prefetch_here`.
 
-In a process the downloads run on an event loop (:mod:`streamloader.remote.aioprefetch`: aiohttp, one thread, every
-request the host's limiter allows in flight), or, where that cannot run, with a thread per request
-(:func:`prefetch_in_threads`). A small file still costs ~1.3 ms of client CPU (HTTP, hash, temp file, locks,
-commit), which caps a cold epoch on a small machine; worker processes lift that cap. The cache is multi-process safe
+In a process the downloads run on an event loop (:mod:`streamloader.remote.aioprefetch` on
+:mod:`streamloader.remote.leanhttp`: one thread, every request the host's limiter allows in flight), or, where that
+cannot run, with a thread per request (:func:`prefetch_in_threads`). A small file still costs ~1 ms of client CPU
+(HTTP, hash, temp file, locks, commit), which caps a cold epoch on a small machine; worker processes lift that cap. The cache is multi-process safe
 (per-entry locks, atomic rename), so workers need no coordination beyond reporting what they fetched.
 """
 from __future__ import annotations

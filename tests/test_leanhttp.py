@@ -1,0 +1,319 @@
+"""The event-loop engine's HTTP/1.1 client (streamloader/remote/leanhttp.py) against a raw TCP server on 127.0.0.1
+that sends exactly the bytes each test scripts: framing it must honour (Content-Length, chunked), answers it must
+refuse (bad framing, conflicting lengths, oversized headers or bodies, upgrades, bodies that end at close), requests
+it must not send (CR/LF or spaces that would need quoting, credentials in the URL), and keep-alive done right (a
+connection reused only after a clean answer, and replaced once when the server closed it while idle)."""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import socket
+import ssl
+import threading
+import time
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import pytest
+
+from streamloader.remote.leanhttp import (MAX_HEADER_BYTES, BodyTooLarge, ConnectionPool, ExchangeError,
+                                          Unsupported)
+
+# a scripted answer: bytes to send (or pieces with a pause before each), and whether to close afterwards
+Answer = Tuple[Union[bytes, Sequence[Tuple[float, bytes]]], bool]
+
+
+class CannedServer:
+    """``script(n, request)`` -> :data:`Answer` for the n-th request (from 0) this server reads; ``connections``
+    counts the connections accepted, ``requests`` holds each request's bytes."""
+
+    def __init__(self, script: Callable[[int, bytes], Answer], tls: Optional[ssl.SSLContext] = None):
+        self.script, self.tls = script, tls
+        self.requests: List[bytes] = []
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self._open: List[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _addr = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+                self._open.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        data = b""
+        try:
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            while True:
+                while b"\r\n\r\n" not in data:
+                    got = conn.recv(65536)
+                    if not got:
+                        return
+                    data += got
+                request, data = data.split(b"\r\n\r\n", 1)
+                with self._lock:
+                    number = len(self.requests)
+                    self.requests.append(request)
+                reply, close = self.script(number, request)
+                for pause, piece in ([(0.0, reply)] if isinstance(reply, bytes) else reply):
+                    time.sleep(pause)
+                    conn.sendall(piece)
+                if close:
+                    return
+        except (OSError, ssl.SSLError):
+            return
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._sock.close()
+        with self._lock:
+            for conn in self._open:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def canned():
+    servers: List[CannedServer] = []
+
+    def factory(script: Callable[[int, bytes], Answer], tls: Optional[ssl.SSLContext] = None) -> CannedServer:
+        servers.append(CannedServer(script, tls))
+        return servers[-1]
+
+    yield factory
+    for server in servers:
+        server.close()
+
+
+async def _resolve(host: str, port: int):
+    return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+
+
+def _gets(urls: List[str], limit: int = 1 << 20, headers: Optional[dict] = None, timeout: float = 10.0,
+          tls: Any = None):
+    """GET each URL in turn on one pool (``tls``: its SSL context): a list of Response or exception."""
+
+    async def main():
+        pool = ConnectionPool(tls, 5.0, _resolve)
+        out = []
+        try:
+            for url in urls:
+                try:
+                    out.append(await asyncio.wait_for(pool.get(url, headers or {"Accept": "*/*"}, limit), timeout))
+                except (ExchangeError, asyncio.TimeoutError) as exc:
+                    out.append(exc)
+        finally:
+            pool.close()
+        return out
+
+    return asyncio.run(main())
+
+
+def _ok(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+def test_answers_come_whole_and_one_connection_serves_them_all(canned):
+    server = canned(lambda n, req: (_ok(b"body %d" % n, b"X-Twice: a\r\nx-twice: b\r\n"), False))
+    got = _gets([f"{server.url}/f{i}?v=1" for i in range(5)])
+    assert [r.body for r in got] == [b"body %d" % i for i in range(5)]
+    assert got[0].status == 200 and got[0].headers["x-twice"] == "a, b"
+    assert server.connections == 1
+    first = server.requests[0].split(b"\r\n")
+    assert first[0] == b"GET /f0?v=1 HTTP/1.1" and f"Host: 127.0.0.1:{server.port}".encode() in first
+
+
+def test_a_chunked_body_is_decoded(canned):
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"5\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\n")
+    server = canned(lambda n, req: (chunked, False))
+    got = _gets([f"{server.url}/a", f"{server.url}/b"])
+    assert [r.body for r in got] == [b"hello world"] * 2 and server.connections == 1
+
+
+@pytest.mark.parametrize("answer, why", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this", "cut short"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello", "conflicting lengths"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+     "length and chunked"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n", "a bad chunk size"),
+    (b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n", "a bad status line"),
+    (b"\x16\x03\x01\x02\x00garbage\r\n\r\n", "not HTTP"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nBad Header\r\n\r\nhello", "a header without a colon"),
+])
+def test_malformed_answers_fail_as_answered_and_the_connection_is_dropped(canned, answer, why):
+    server = canned(lambda n, req: (answer, True) if n == 0 else (_ok(b"fine"), False))
+    got = _gets([f"{server.url}/x", f"{server.url}/y"])
+    assert isinstance(got[0], ExchangeError) and got[0].answered, (why, got[0])
+    assert got[1].body == b"fine" and server.connections == 2
+
+
+def test_bytes_beyond_the_framing_are_not_read_as_the_next_answer(canned):
+    # a Content-Length smaller than the body sent: the rest (here a forged answer's start) must not become part
+    # of the answer to the next request
+    smuggled = _ok(b"abc") + b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nforged"
+    server = canned(lambda n, req: (smuggled, False) if n == 0 else (_ok(b"honest"), False))
+    got = _gets([f"{server.url}/x", f"{server.url}/y"])
+    assert got[0].body == b"abc"
+    assert got[1].body == b"honest" and server.connections == 2
+
+
+def test_headers_past_the_cap_end_the_exchange_early(canned):
+    endless = [(0.0, b"HTTP/1.1 200 OK\r\n")] + [(0.0, b"X-Pad: " + b"p" * 1000 + b"\r\n")] * 200
+    server = canned(lambda n, req: (endless, True))
+    got = _gets([f"{server.url}/x"])
+    assert isinstance(got[0], ExchangeError) and "headers" in str(got[0])
+    assert 200 * 1000 > MAX_HEADER_BYTES
+
+
+def test_a_body_over_the_limit_is_refused(canned):
+    server = canned(lambda n, req: (_ok(b"x" * 5000), False))
+    got = _gets([f"{server.url}/x"], limit=4096)
+    assert isinstance(got[0], BodyTooLarge)
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\n\r\nthe body ends when the connection closes",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+])
+def test_answers_this_client_leaves_to_the_full_one_are_unsupported(canned, answer):
+    server = canned(lambda n, req: (answer, True))
+    got = _gets([f"{server.url}/x"])
+    assert isinstance(got[0], ExchangeError), got[0]
+    assert isinstance(got[0], Unsupported) and got[0].answered
+
+
+@pytest.mark.parametrize("url, headers", [
+    ("http://user:pw@127.0.0.1:{port}/x", None),
+    ("http://127.0.0.1:{port}/a b", None),
+    ("http://127.0.0.1:{port}/x\r\nX-Injected: 1", None),
+    ("http://127.0.0.1:{port}/x", {"Authorization": "Bearer t\r\nX-Injected: 1"}),
+    ("http://127.0.0.1:{port}/caf\u00e9", None),
+    ("ftp://127.0.0.1:{port}/x", None),
+])
+def test_requests_that_would_need_quoting_are_never_sent(canned, url, headers):
+    server = canned(lambda n, req: (_ok(b"x"), False))
+    got = _gets([url.format(port=server.port)], headers=headers)
+    assert isinstance(got[0], Unsupported) and not got[0].answered
+    assert server.requests == []
+
+
+def test_a_reused_connection_the_server_drops_unanswered_is_replaced_once(canned):
+    # a keep-alive answer; then the server closes that connection as the next request arrives (the race a
+    # keep-alive client must expect, a server's idle timeout): the GET still gets its answer, on a new connection
+    def script(n, req):
+        if n == 1:
+            return b"", True  # read the request, answer nothing, close
+        return _ok(b"answer %d" % n), False
+
+    server = canned(script)
+
+    async def main():
+        pool = ConnectionPool(None, 5.0, _resolve)
+        try:
+            first = await pool.get(f"{server.url}/a", {}, 1 << 20)
+            second = await pool.get(f"{server.url}/b", {}, 1 << 20)  # dropped unanswered: once more, anew
+            return first.body, second.body
+        finally:
+            pool.close()
+
+    assert asyncio.run(main()) == (b"answer 0", b"answer 2")
+    assert server.connections == 2
+
+
+def test_a_fresh_connection_dropped_unanswered_is_not_tried_again(canned):
+    server = canned(lambda n, req: (b"", True))
+    got = _gets([f"{server.url}/a"])
+    assert isinstance(got[0], ExchangeError) and not got[0].answered and len(server.requests) == 1
+
+
+def test_connection_close_answers_are_not_reused(canned):
+    server = canned(lambda n, req: (_ok(b"bye", b"Connection: close\r\n"), True))
+    got = _gets([f"{server.url}/a", f"{server.url}/b"])
+    assert [r.body for r in got] == [b"bye", b"bye"] and server.connections == 2
+
+
+def test_a_refused_connection_is_not_an_answer():
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        port = sock.getsockname()[1]
+    got = _gets([f"http://127.0.0.1:{port}/x"])
+    assert isinstance(got[0], ExchangeError) and not got[0].answered
+
+
+def test_a_dripping_answer_is_cut_by_the_callers_time_limit_and_its_connection_dropped(canned):
+    drip = [(0.0, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")] + [(0.1, b"x")] * 50
+    server = canned(lambda n, req: (drip, True) if n == 0 else (_ok(b"quick"), False))
+    started = time.monotonic()
+    got = _gets([f"{server.url}/slow", f"{server.url}/fast"], timeout=0.5)
+    assert isinstance(got[0], asyncio.TimeoutError) and time.monotonic() - started < 3
+    assert got[1].body == b"quick" and server.connections == 2
+
+
+def test_the_caller_learns_when_the_host_had_begun_to_answer(canned):
+    silent = canned(lambda n, req: ([(2.0, b"")], True))
+    dripping = canned(lambda n, req: ([(0.0, b"HTTP/1.1 200 OK\r\n")] + [(0.5, b"X: y\r\n")] * 8, True))
+
+    async def main(url):
+        pool = ConnectionPool(None, 5.0, _resolve)
+        answered = []
+        try:
+            await asyncio.wait_for(pool.get(url, {}, 1024, answered), 0.3)
+        except asyncio.TimeoutError:
+            return answered
+        finally:
+            pool.close()
+
+    assert asyncio.run(main(silent.url + "/x")) == []
+    assert asyncio.run(main(dripping.url + "/x")) == [True]
+
+
+def _self_signed(tmp_path) -> Tuple[str, str]:
+    """A key and certificate (PEM files) for 127.0.0.1, made now."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    key_file, cert_file = tmp_path / "key.pem", tmp_path / "cert.pem"
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(key_file), str(cert_file)
+
+
+def test_https_is_verified_against_the_given_authorities_and_kept_alive(canned, tmp_path):
+    key_file, cert_file = _self_signed(tmp_path)
+    served = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    served.load_cert_chain(cert_file, key_file)
+    server = canned(lambda n, req: (_ok(b"secret %d" % n), False), tls=served)
+    urls = [f"{server.url}/a", f"{server.url}/b"]
+    trusting = ssl.create_default_context(cafile=cert_file)
+    assert [r.body for r in _gets(urls, tls=trusting)] == [b"secret 0", b"secret 1"]
+    assert server.connections == 1
+    for system in (ssl.create_default_context(), None):  # the system's authorities never signed it
+        refused = _gets(urls[:1], tls=system)
+        assert isinstance(refused[0], ExchangeError) and not refused[0].answered
+    assert len(server.requests) == 2  # nothing was sent over the refused connection
+    assert [r.body for r in _gets(urls[:1], tls=False)] == [b"secret 2"]  # verify=False: no checks at all
