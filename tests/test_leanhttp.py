@@ -30,6 +30,7 @@ class CannedServer:
         self.script, self.tls = script, tls
         self.requests: List[bytes] = []
         self.connections = 0
+        self.closed_by_client = 0  # connections on which the client's end closed
         self._lock = threading.Lock()
         self._sock = socket.create_server(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
@@ -57,6 +58,8 @@ class CannedServer:
                 while b"\r\n\r\n" not in data:
                     got = conn.recv(65536)
                     if not got:
+                        with self._lock:
+                            self.closed_by_client += 1
                         return
                     data += got
                 request, data = data.split(b"\r\n\r\n", 1)
@@ -243,6 +246,24 @@ def test_connection_close_answers_are_not_reused(canned):
     server = canned(lambda n, req: (_ok(b"bye", b"Connection: close\r\n"), True))
     got = _gets([f"{server.url}/a", f"{server.url}/b"])
     assert [r.body for r in got] == [b"bye", b"bye"] and server.connections == 2
+
+
+def test_a_connection_not_kept_alive_is_closed_by_the_client_at_once(canned):
+    server = canned(lambda n, req: (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", False))  # (left open)
+
+    async def main():
+        pool = ConnectionPool(None, 5.0, _resolve)
+        try:
+            body = (await pool.get(f"{server.url}/a", {}, 1024)).body
+            for _ in range(100):
+                if server.closed_by_client:
+                    break
+                await asyncio.sleep(0.01)
+            return body, server.closed_by_client
+        finally:
+            pool.close()
+
+    assert asyncio.run(main()) == (b"ok", 1)
 
 
 def test_a_refused_connection_is_not_an_answer():

@@ -109,12 +109,11 @@ class ConnectionPool:
                 if reused and not exc.answered and not isinstance(exc, Unsupported):
                     continue  # the server had closed that idle connection: once more, on a new one
                 raise
-            if conn.reusable():
-                idle = self._idle[origin]
-                if len(idle) < _MAX_IDLE:
-                    idle.append(conn)
-                else:
-                    conn.close()
+            idle = self._idle[origin]
+            if conn.reusable() and len(idle) < _MAX_IDLE:
+                idle.append(conn)
+            else:  # (Connection: close, HTTP/1.0, more bytes than framed: never left open for the server to end)
+                conn.close()
             return response
 
     def _take(self, origin: Tuple[str, str, int]) -> Tuple[Optional["_Connection"], bool]:
