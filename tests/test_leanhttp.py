@@ -16,7 +16,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import pytest
 
 from streamloader.remote.leanhttp import (MAX_HEADER_BYTES, BodyTooLarge, ConnectionPool, ExchangeError,
-                                          Unsupported)
+                                          ExchangeTimeout, Unsupported)
 
 # a scripted answer: bytes to send (or pieces with a pause before each), and whether to close afterwards
 Answer = Tuple[Union[bytes, Sequence[Tuple[float, bytes]]], bool]
@@ -338,3 +338,24 @@ def test_https_is_verified_against_the_given_authorities_and_kept_alive(canned, 
         assert isinstance(refused[0], ExchangeError) and not refused[0].answered
     assert len(server.requests) == 2  # nothing was sent over the refused connection
     assert [r.body for r in _gets(urls[:1], tls=False)] == [b"secret 2"]  # verify=False: no checks at all
+
+
+def test_a_deadline_ends_the_exchange_as_a_timeout_that_says_whether_the_host_answered(canned):
+    silent = canned(lambda n, req: ([(3.0, b"")], True))
+    dripping = canned(lambda n, req: ([(0.0, b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n")] + [(0.2, b"x")] * 50,
+                                      True))
+
+    async def main(url):
+        pool = ConnectionPool(None, 5.0, _resolve)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await pool.get(url, {}, 1024, deadline=started + 0.4)
+        except ExchangeTimeout as exc:
+            return exc.answered, loop.time() - started, len(pool._open)
+        finally:
+            pool.close()
+
+    for server, answered in ((silent, False), (dripping, True)):
+        got, seconds, still_open = asyncio.run(main(server.url + "/x"))
+        assert got is answered and 0.35 < seconds < 2 and still_open == 0

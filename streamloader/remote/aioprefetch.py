@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Op
 from urllib.parse import urljoin, urlsplit
 
 from streamloader.errors import HostUnreachableError
-from streamloader.remote.download import receive_body
 from streamloader.remote import leanhttp
+from streamloader.remote.download import receive_body
 from streamloader.remote.leanhttp import BodyTooLarge, ConnectionPool, ExchangeError, Unsupported
 from streamloader.remote.limits import is_pushback, parse_retry_after
 from streamloader.remote.transport import REDIRECT_STATUSES, Body, origin_of, proxy_applies, requests_settings
@@ -148,6 +148,8 @@ class _Engine:
         self.deferred: Dict[str, int] = {}  # files put back in line because someone else held them (_start)
         self.deferred_in: Dict[str, int] = {}  # ... and the pass through the line that last put each one back
         self.passes = 0
+        self.finished: Deque["asyncio.Future[_Outcome]"] = deque()  # downloads done, for run() to record
+        self.wake: Optional["asyncio.Future[None]"] = None  # what run() waits on while none is done
 
     def _needs_requests(self, url: str) -> bool:
         """Whether a proxy or a client certificate applies to ``url``'s origin (then requests must fetch it);
@@ -195,14 +197,27 @@ class _Engine:
                     idle = min(idle * 2, 0.05)
                     continue
                 idle = 0.001
-                done, running = await asyncio.wait(running, timeout=0.05 if pending else None,
-                                                   return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
+                if not self.finished:
+                    await self._next_finish(0.05 if pending else None)  # (with files left: look at slots again)
+                while self.finished:
+                    task = self.finished.popleft()
+                    running.discard(task)
                     self.record(*task.result())
         finally:
             for task in running:
                 task.cancel()
             session.close()
+
+    async def _next_finish(self, timeout: Optional[float]) -> None:
+        loop = asyncio.get_running_loop()
+        self.wake = wake = loop.create_future()
+        timer = loop.call_later(timeout, _settle, wake) if timeout is not None else None
+        try:
+            await wake
+        finally:
+            self.wake = None
+            if timer is not None:
+                timer.cancel()
 
     def _start(self, session: Any, pending: Deque[str], running: Set["asyncio.Future[_Outcome]"]) -> float:
         """Start downloads while the limiter gives slots; returns how long waiting is worth when it gives none."""
@@ -223,7 +238,7 @@ class _Engine:
             except Exception:  # noqa: BLE001 - whatever it is, warm() reports it properly
                 state, value = "other", None
             if state == "claimed" and (value.size is None or value.size <= IN_MEMORY_MAX):
-                running.add(loop.create_task(self._download(session, value, slot)))
+                self._track(running, loop.create_task(self._download(session, value, slot)))
                 continue
             if state == "claimed":  # too large to hold in memory: warm() streams it to disk
                 value.release()
@@ -244,8 +259,19 @@ class _Engine:
                     self.passes += 1
                     return 0.002
             else:
-                running.add(self._give_back(path))
+                self._track(running, self._give_back(path))
         return 0.0
+
+    def _track(self, running: Set["asyncio.Future[_Outcome]"], task: "asyncio.Future[_Outcome]") -> None:
+        running.add(task)
+        task.add_done_callback(self._finish)
+
+    def _finish(self, task: "asyncio.Future[_Outcome]") -> None:
+        """A download ended: in line for run() (one callback per task, where ``asyncio.wait`` on the running set
+        would add and remove one on every task in flight each time it waits)."""
+        self.finished.append(task)
+        if self.wake is not None:
+            _settle(self.wake)
 
     def _give_back(self, path: str) -> "asyncio.Future[_Outcome]":
         """``path`` fetched by :meth:`RemoteRepo.warm` in the thread pool (waits, retries, typed errors)."""
@@ -294,8 +320,9 @@ class _Engine:
         limit = IN_MEMORY_MAX if claim.size is None else min(claim.size, IN_MEMORY_MAX)
         budget = policy.connect_timeout + policy.read_timeout + limit / policy.min_rate
         answered: List[bool] = []
+        deadline = asyncio.get_running_loop().time() + budget
         try:
-            return await asyncio.wait_for(self._exchange(session, claim, slot, limit, answered), budget)
+            return await self._exchange(session, claim, slot, limit, answered, deadline)
         except _GiveBack:
             raise
         except BodyTooLarge:
@@ -312,12 +339,12 @@ class _Engine:
             raise _GiveBack(f"{type(exc).__name__}: {exc}") from None
 
     async def _exchange(self, session: ConnectionPool, claim: "WarmClaim", slot: "Slot", limit: int,
-                        answered: List[bool]) -> Body:
+                        answered: List[bool], deadline: float) -> Body:
         url, policy = claim.url, self.policy
         for _hop in range(_MAX_REDIRECTS + 1):
             headers = {"User-Agent": self.agent, "Accept": "*/*", "Accept-Encoding": "identity",
                        **self.auth.headers_for(url)}
-            resp = await session.get(url, headers, limit, answered)
+            resp = await session.get(url, headers, limit, answered, deadline)
             status = resp.status
             if status in REDIRECT_STATUSES and resp.headers.get("Location"):
                 target = urljoin(url, resp.headers["Location"])
@@ -390,6 +417,11 @@ class _DaemonPool:
             self._calls.put(None)
         for thread in self._threads:
             thread.join()
+
+
+def _settle(future: "asyncio.Future[None]") -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _chunks_of(data: bytes) -> Callable[[int], Iterator[bytes]]:

@@ -29,7 +29,8 @@ try:
 except ImportError:  # a dependency; where it is missing, prefetch uses its thread engine (aioprefetch.unusable)
     httptools = None
 
-__all__ = ["BodyTooLarge", "ConnectionPool", "ExchangeError", "MAX_HEADER_BYTES", "Response", "Unsupported"]
+__all__ = ["BodyTooLarge", "ConnectionPool", "ExchangeError", "ExchangeTimeout", "MAX_HEADER_BYTES", "Response",
+           "Unsupported"]
 
 #: the most bytes of status line and headers one answer may have
 MAX_HEADER_BYTES = 64 << 10
@@ -49,6 +50,10 @@ class ExchangeError(Exception):
 
 class Unsupported(ExchangeError):
     """A request or an answer this client leaves to a full HTTP client (see the module docstring)."""
+
+
+class ExchangeTimeout(ExchangeError):
+    """The exchange ran past its deadline (connecting included): a server that drips bytes cannot hold it."""
 
 
 class BodyTooLarge(ExchangeError):
@@ -81,13 +86,14 @@ class ConnectionPool:
         self._addresses: Dict[Tuple[str, int], Tuple[float, List[Tuple[Any, ...]]]] = {}
         self._open: "set[_Connection]" = set()
 
-    async def get(self, url: str, headers: Dict[str, str], limit: int,
-                  answered: Optional[List[bool]] = None) -> Response:
+    async def get(self, url: str, headers: Dict[str, str], limit: int, answered: Optional[List[bool]] = None,
+                  deadline: Optional[float] = None) -> Response:
         """GET ``url`` with ``headers`` (Host is added) and return the whole answer, its body at most ``limit``
         bytes (:class:`BodyTooLarge` past that). :class:`Unsupported` for what the module docstring lists,
-        :class:`ExchangeError` for a failed exchange. A kept-alive connection the server closed meanwhile is
-        replaced once by a new one. ``answered``: True is appended to it as the answer's first bytes arrive (so
-        that a caller whose time limit cuts the exchange knows whether the host had answered)."""
+        :class:`ExchangeError` for a failed exchange, :class:`ExchangeTimeout` once the event loop's clock
+        (``loop.time()``) passes ``deadline``. A kept-alive connection the server closed meanwhile is replaced
+        once by a new one. ``answered``: True is appended to it as the answer's first bytes arrive (so that a
+        caller whose own time limit cuts the exchange knows whether the host had answered)."""
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
@@ -102,9 +108,9 @@ class ConnectionPool:
         while True:
             conn, reused = self._take(origin)
             if conn is None:
-                conn = await self._connect(origin)
+                conn = await self._connect(origin, deadline)
             try:
-                response = await conn.exchange(request, limit, answered)
+                response = await conn.exchange(request, limit, answered, deadline)
             except ExchangeError as exc:
                 if reused and not exc.answered and not isinstance(exc, Unsupported):
                     continue  # the server had closed that idle connection: once more, on a new one
@@ -125,9 +131,12 @@ class ConnectionPool:
             conn.close()
         return None, False
 
-    async def _connect(self, origin: Tuple[str, str, int]) -> "_Connection":
+    async def _connect(self, origin: Tuple[str, str, int], deadline: Optional[float]) -> "_Connection":
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
+        limit = self.connect_timeout if deadline is None else min(self.connect_timeout, deadline - loop.time())
+        if limit <= 0:
+            raise ExchangeTimeout(f"no time left to connect to {host}:{port}", answered=False)
         tls = None
         if scheme == "https":  # (never plain TCP for https: no context given means the system's authorities)
             tls = _unverified() if self._ssl is False else self._ssl or ssl.create_default_context()
@@ -136,7 +145,7 @@ class ConnectionPool:
             try:
                 _transport, conn = await asyncio.wait_for(loop.create_connection(
                     lambda: _Connection(self._open), address[0], address[1], ssl=tls, family=family, proto=proto,
-                    server_hostname=host if tls else None), self.connect_timeout)
+                    server_hostname=host if tls else None), limit)
                 return conn
             except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
                 failure = exc
@@ -283,12 +292,16 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(Response(self._parser.get_status_code(), self._headers, b"".join(self._body)))
 
     # -- use -----------------------------------------------------------------------------------------------------
-    async def exchange(self, request: bytes, limit: int, answered: Optional[List[bool]] = None) -> Response:
+    async def exchange(self, request: bytes, limit: int, answered: Optional[List[bool]] = None,
+                       deadline: Optional[float] = None) -> Response:
         if self._broken or self.transport is None or self.transport.is_closing():
             raise ExchangeError("the connection closed", answered=False)
         self._reset(limit)
         self._answered = answered
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        # a timer, not asyncio.wait_for: that costs a task per request
+        timer = loop.call_at(deadline, self._time_out) if deadline is not None else None
         self.transport.write(request)
         _quick_ack(self.transport)
         try:
@@ -298,6 +311,12 @@ class _Connection(asyncio.Protocol):
             raise
         finally:
             self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _time_out(self) -> None:
+        if not self._done:
+            self._fail(ExchangeTimeout("the answer did not come in time", answered=self._got_any))
 
     def reusable(self) -> bool:
         return (not self._broken and self._done and self.transport is not None and not self.transport.is_closing()
