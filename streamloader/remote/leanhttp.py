@@ -22,15 +22,13 @@ from collections import defaultdict
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
-from requests.structures import CaseInsensitiveDict
-
 try:
     import httptools
 except ImportError:  # a dependency; where it is missing, prefetch uses its thread engine (aioprefetch.unusable)
     httptools = None
 
-__all__ = ["BodyTooLarge", "ConnectionPool", "ExchangeError", "ExchangeTimeout", "MAX_HEADER_BYTES", "Response",
-           "Unsupported"]
+__all__ = ["BodyTooLarge", "ConnectionPool", "ExchangeError", "ExchangeTimeout", "Headers", "MAX_HEADER_BYTES",
+           "Response", "Unsupported"]
 
 #: the most bytes of status line and headers one answer may have
 MAX_HEADER_BYTES = 64 << 10
@@ -60,13 +58,28 @@ class BodyTooLarge(ExchangeError):
     """The answer's body runs past the limit the caller set (it was not read further)."""
 
 
+class Headers(dict):
+    """An answer's headers by lower-cased name; ``[]``, ``get`` and ``in`` take a name in any case (a repeated
+    name's values are joined with ``", "``, as requests does)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, name: str) -> str:
+        return dict.__getitem__(self, name.lower())
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        return dict.get(self, name.lower(), default)
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name.lower() if isinstance(name, str) else name)
+
+
 class Response:
-    """A whole answer: ``status``, case-insensitive ``headers`` (a repeated name's values joined with ``", "``, as
-    requests does) and the ``body`` bytes."""
+    """A whole answer: ``status``, ``headers`` (:class:`Headers`) and the ``body`` bytes."""
 
     __slots__ = ("status", "headers", "body")
 
-    def __init__(self, status: int, headers: CaseInsensitiveDict, body: bytes):
+    def __init__(self, status: int, headers: Headers, body: bytes):
         self.status, self.headers, self.body = status, headers, body
 
 
@@ -85,6 +98,7 @@ class ConnectionPool:
         self._idle: Dict[Tuple[str, str, int], List["_Connection"]] = defaultdict(list)
         self._addresses: Dict[Tuple[str, int], Tuple[float, List[Tuple[Any, ...]]]] = {}
         self._open: "set[_Connection]" = set()
+        self._blocks: Dict[Tuple[Tuple[str, str], ...], bytes] = {}  # see _headers_of
 
     async def get(self, url: str, headers: Dict[str, str], limit: int, answered: Optional[List[bool]] = None,
                   deadline: Optional[float] = None) -> Response:
@@ -103,7 +117,7 @@ class ConnectionPool:
         except ValueError:
             raise Unsupported("an invalid port", answered=False) from None
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        request = _request_bytes(target, parts.netloc, headers)
+        request = _request_line(target, parts.netloc) + self._headers_of(headers)
         origin = (scheme, parts.hostname, port)
         while True:
             conn, reused = self._take(origin)
@@ -121,6 +135,18 @@ class ConnectionPool:
             else:  # (Connection: close, HTTP/1.0, more bytes than framed: never left open for the server to end)
                 conn.close()
             return response
+
+    def _headers_of(self, headers: Dict[str, str]) -> bytes:
+        """:func:`_header_block`, kept for this pool's life (a prefetch sends the same few headers every time;
+        the pool, and the token in its Authorization header with it, goes when the prefetch ends)."""
+        key = tuple(headers.items())
+        block = self._blocks.get(key)
+        if block is None:
+            block = _header_block(key)
+            if len(self._blocks) >= 16:
+                self._blocks.clear()
+            self._blocks[key] = block
+        return block
 
     def _take(self, origin: Tuple[str, str, int]) -> Tuple[Optional["_Connection"], bool]:
         idle = self._idle.get(origin)
@@ -170,6 +196,7 @@ class ConnectionPool:
         for conn in list(self._open):
             conn.close()
         self._idle.clear()
+        self._blocks.clear()
 
 
 def _printable(text: str, spaces: bool) -> bool:
@@ -177,14 +204,18 @@ def _printable(text: str, spaces: bool) -> bool:
     return text.isascii() and text.isprintable() and (spaces or " " not in text)
 
 
-def _request_bytes(target: str, host: str, headers: Dict[str, str]) -> bytes:
-    """The request's bytes; :class:`Unsupported` for anything that would need quoting or encoding first."""
-    if not (_printable(target, False) and _printable(host, False) and all(
-            _printable(name, False) and ":" not in name and _printable(value, True)
-            for name, value in headers.items())):
-        raise Unsupported("a request target or header that would need quoting", answered=False)
-    lines = [f"GET {target} HTTP/1.1", f"Host: {host}", *(f"{name}: {value}" for name, value in headers.items())]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+def _request_line(target: str, host: str) -> bytes:
+    """The request line and Host header; :class:`Unsupported` for anything that would need quoting first."""
+    if not (_printable(target, False) and _printable(host, False)):
+        raise Unsupported("a request target that would need quoting", answered=False)
+    return f"GET {target} HTTP/1.1\r\nHost: {host}\r\n".encode("ascii")
+
+
+def _header_block(headers: Tuple[Tuple[str, str], ...]) -> bytes:
+    """The header lines and the blank line that ends them; :class:`Unsupported` for one that would need quoting."""
+    if not all(_printable(name, False) and ":" not in name and _printable(value, True) for name, value in headers):
+        raise Unsupported("a header that would need quoting", answered=False)
+    return "".join(f"{name}: {value}\r\n" for name, value in headers).encode("ascii") + b"\r\n"
 
 
 def _unverified() -> ssl.SSLContext:
@@ -208,7 +239,7 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self, limit: int) -> None:
         self._limit = limit
-        self._headers: CaseInsensitiveDict = CaseInsensitiveDict()
+        self._headers = Headers()
         self._header_bytes = 0  # bytes received while the header block was not complete
         self._headers_done = False
         self._body: List[bytes] = []
@@ -257,9 +288,10 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._done or self._headers_done:
             return
-        key, text = name.decode("latin-1"), value.decode("latin-1")
-        known = self._headers.get(key)
-        self._headers[key] = text if known is None else f"{known}, {text}"
+        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        headers = self._headers
+        known = dict.get(headers, key)
+        dict.__setitem__(headers, key, text if known is None else f"{known}, {text}")
 
     def on_headers_complete(self) -> None:
         if self._done or self._broken:
