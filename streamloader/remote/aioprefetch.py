@@ -331,7 +331,7 @@ class _Engine:
         except Unsupported as exc:
             slot.answered()  # (sent or not: nothing to learn about the host from it)
             raise _GiveBack(str(exc)) from None
-        except (ExchangeError, asyncio.TimeoutError, OSError, ValueError) as exc:
+        except (ExchangeError, OSError, ValueError) as exc:  # (ValueError: e.g. a Location no URL parser takes)
             if answered or getattr(exc, "answered", False):
                 slot.answered()  # dropped mid-body, too slow, or a malformed answer: an answer, not an outage
             else:

@@ -22,6 +22,8 @@ from collections import defaultdict
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
+from streamloader.remote.transport import quick_ack
+
 try:
     import httptools
 except ImportError:  # a dependency; where it is missing, prefetch uses its thread engine (aioprefetch.unusable)
@@ -34,7 +36,6 @@ __all__ = ["BodyTooLarge", "ConnectionPool", "ExchangeError", "ExchangeTimeout",
 MAX_HEADER_BYTES = 64 << 10
 _MAX_IDLE = 256  # idle connections kept per origin
 _DNS_TTL = 300.0  # seconds an origin's resolved addresses are reused (as aiohttp's ttl_dns_cache)
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 class ExchangeError(Exception):
@@ -335,7 +336,9 @@ class _Connection(asyncio.Protocol):
         # a timer, not asyncio.wait_for: that costs a task per request
         timer = loop.call_at(deadline, self._time_out) if deadline is not None else None
         self.transport.write(request)
-        _quick_ack(self.transport)
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:  # a server that leaves Nagle on would wait ~40 ms per answer for our delayed ACK
+            quick_ack(sock)
         try:
             return await self._waiter
         except BaseException:
@@ -368,17 +371,3 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         self._break()
         self._registry.discard(self)
-
-
-def _quick_ack(transport: Any) -> None:
-    """``TCP_QUICKACK`` once a request is sent (Linux): a server that leaves Nagle's algorithm on holds a small
-    answer's body until its headers are acknowledged, and the kernel would delay that ACK by ~40 ms on every
-    reused connection (see :func:`streamloader.remote.transport.quick_ack`)."""
-    if _QUICKACK is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-        except (OSError, AttributeError):
-            pass
