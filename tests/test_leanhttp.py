@@ -283,24 +283,6 @@ def test_a_dripping_answer_is_cut_by_the_callers_time_limit_and_its_connection_d
     assert got[1].body == b"quick" and server.connections == 2
 
 
-def test_the_caller_learns_when_the_host_had_begun_to_answer(canned):
-    silent = canned(lambda n, req: ([(2.0, b"")], True))
-    dripping = canned(lambda n, req: ([(0.0, b"HTTP/1.1 200 OK\r\n")] + [(0.5, b"X: y\r\n")] * 8, True))
-
-    async def main(url):
-        pool = ConnectionPool(None, 5.0, _resolve)
-        answered = []
-        try:
-            await asyncio.wait_for(pool.get(url, {}, 1024, answered), 0.3)
-        except asyncio.TimeoutError:
-            return answered
-        finally:
-            pool.close()
-
-    assert asyncio.run(main(silent.url + "/x")) == []
-    assert asyncio.run(main(dripping.url + "/x")) == [True]
-
-
 def _self_signed(tmp_path) -> Tuple[str, str]:
     """A key and certificate (PEM files) for 127.0.0.1, made now."""
     from cryptography import x509

@@ -344,7 +344,8 @@ class _Engine:
         for _hop in range(_MAX_REDIRECTS + 1):
             headers = {"User-Agent": self.agent, "Accept": "*/*", "Accept-Encoding": "identity",
                        **self.auth.headers_for(url)}
-            resp = await session.get(url, headers, limit, answered, deadline)
+            resp = await session.get(url, headers, limit, deadline)
+            answered.append(True)  # (the API host answered: a later hop's failure is not its outage)
             status = resp.status
             if status in REDIRECT_STATUSES and resp.headers.get("Location"):
                 target = urljoin(url, resp.headers["Location"])

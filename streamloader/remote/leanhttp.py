@@ -22,6 +22,8 @@ from collections import defaultdict
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
+from requests.structures import CaseInsensitiveDict
+
 from streamloader.remote.transport import quick_ack
 
 try:
@@ -29,8 +31,8 @@ try:
 except ImportError:  # a dependency; where it is missing, prefetch uses its thread engine (aioprefetch.unusable)
     httptools = None
 
-__all__ = ["BodyTooLarge", "ConnectionPool", "ExchangeError", "ExchangeTimeout", "Headers", "MAX_HEADER_BYTES",
-           "Response", "Unsupported"]
+__all__ = ["BodyTooLarge", "ConnectionPool", "ExchangeError", "ExchangeTimeout", "MAX_HEADER_BYTES", "Response",
+           "Unsupported"]
 
 #: the most bytes of status line and headers one answer may have
 MAX_HEADER_BYTES = 64 << 10
@@ -59,28 +61,13 @@ class BodyTooLarge(ExchangeError):
     """The answer's body runs past the limit the caller set (it was not read further)."""
 
 
-class Headers(dict):
-    """An answer's headers by lower-cased name; ``[]``, ``get`` and ``in`` take a name in any case (a repeated
-    name's values are joined with ``", "``, as requests does)."""
-
-    __slots__ = ()
-
-    def __getitem__(self, name: str) -> str:
-        return dict.__getitem__(self, name.lower())
-
-    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
-        return dict.get(self, name.lower(), default)
-
-    def __contains__(self, name: object) -> bool:
-        return dict.__contains__(self, name.lower() if isinstance(name, str) else name)
-
-
 class Response:
-    """A whole answer: ``status``, ``headers`` (:class:`Headers`) and the ``body`` bytes."""
+    """A whole answer: ``status``, case-insensitive ``headers`` (a repeated name's values joined with ``", "``, as
+    requests does) and the ``body`` bytes."""
 
     __slots__ = ("status", "headers", "body")
 
-    def __init__(self, status: int, headers: Headers, body: bytes):
+    def __init__(self, status: int, headers: CaseInsensitiveDict, body: bytes):
         self.status, self.headers, self.body = status, headers, body
 
 
@@ -99,16 +86,14 @@ class ConnectionPool:
         self._idle: Dict[Tuple[str, str, int], List["_Connection"]] = defaultdict(list)
         self._addresses: Dict[Tuple[str, int], Tuple[float, List[Tuple[Any, ...]]]] = {}
         self._open: "set[_Connection]" = set()
-        self._blocks: Dict[Tuple[Tuple[str, str], ...], bytes] = {}  # see _headers_of
 
-    async def get(self, url: str, headers: Dict[str, str], limit: int, answered: Optional[List[bool]] = None,
+    async def get(self, url: str, headers: Dict[str, str], limit: int,
                   deadline: Optional[float] = None) -> Response:
         """GET ``url`` with ``headers`` (Host is added) and return the whole answer, its body at most ``limit``
         bytes (:class:`BodyTooLarge` past that). :class:`Unsupported` for what the module docstring lists,
         :class:`ExchangeError` for a failed exchange, :class:`ExchangeTimeout` once the event loop's clock
         (``loop.time()``) passes ``deadline``. A kept-alive connection the server closed meanwhile is replaced
-        once by a new one. ``answered``: True is appended to it as the answer's first bytes arrive (so that a
-        caller whose own time limit cuts the exchange knows whether the host had answered)."""
+        once by a new one. Every :class:`ExchangeError` says whether any of the answer had arrived."""
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
@@ -118,14 +103,14 @@ class ConnectionPool:
         except ValueError:
             raise Unsupported("an invalid port", answered=False) from None
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        request = _request_line(target, parts.netloc) + self._headers_of(headers)
+        request = _request_bytes(target, parts.netloc, headers)
         origin = (scheme, parts.hostname, port)
         while True:
             conn, reused = self._take(origin)
             if conn is None:
                 conn = await self._connect(origin, deadline)
             try:
-                response = await conn.exchange(request, limit, answered, deadline)
+                response = await conn.exchange(request, limit, deadline)
             except ExchangeError as exc:
                 if reused and not exc.answered and not isinstance(exc, Unsupported):
                     continue  # the server had closed that idle connection: once more, on a new one
@@ -136,18 +121,6 @@ class ConnectionPool:
             else:  # (Connection: close, HTTP/1.0, more bytes than framed: never left open for the server to end)
                 conn.close()
             return response
-
-    def _headers_of(self, headers: Dict[str, str]) -> bytes:
-        """:func:`_header_block`, kept for this pool's life (a prefetch sends the same few headers every time;
-        the pool, and the token in its Authorization header with it, goes when the prefetch ends)."""
-        key = tuple(headers.items())
-        block = self._blocks.get(key)
-        if block is None:
-            block = _header_block(key)
-            if len(self._blocks) >= 16:
-                self._blocks.clear()
-            self._blocks[key] = block
-        return block
 
     def _take(self, origin: Tuple[str, str, int]) -> Tuple[Optional["_Connection"], bool]:
         idle = self._idle.get(origin)
@@ -197,7 +170,6 @@ class ConnectionPool:
         for conn in list(self._open):
             conn.close()
         self._idle.clear()
-        self._blocks.clear()
 
 
 def _printable(text: str, spaces: bool) -> bool:
@@ -205,18 +177,14 @@ def _printable(text: str, spaces: bool) -> bool:
     return text.isascii() and text.isprintable() and (spaces or " " not in text)
 
 
-def _request_line(target: str, host: str) -> bytes:
-    """The request line and Host header; :class:`Unsupported` for anything that would need quoting first."""
-    if not (_printable(target, False) and _printable(host, False)):
-        raise Unsupported("a request target that would need quoting", answered=False)
-    return f"GET {target} HTTP/1.1\r\nHost: {host}\r\n".encode("ascii")
-
-
-def _header_block(headers: Tuple[Tuple[str, str], ...]) -> bytes:
-    """The header lines and the blank line that ends them; :class:`Unsupported` for one that would need quoting."""
-    if not all(_printable(name, False) and ":" not in name and _printable(value, True) for name, value in headers):
-        raise Unsupported("a header that would need quoting", answered=False)
-    return "".join(f"{name}: {value}\r\n" for name, value in headers).encode("ascii") + b"\r\n"
+def _request_bytes(target: str, host: str, headers: Dict[str, str]) -> bytes:
+    """The request's bytes; :class:`Unsupported` for anything that would need quoting or encoding first."""
+    if not (_printable(target, False) and _printable(host, False) and all(
+            _printable(name, False) and ":" not in name and _printable(value, True)
+            for name, value in headers.items())):
+        raise Unsupported("a request target or header that would need quoting", answered=False)
+    lines = [f"GET {target} HTTP/1.1", f"Host: {host}", *(f"{name}: {value}" for name, value in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 
 def _unverified() -> ssl.SSLContext:
@@ -234,13 +202,12 @@ class _Connection(asyncio.Protocol):
         self.transport: Optional[asyncio.Transport] = None
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: Optional["asyncio.Future[Response]"] = None
-        self._answered: Optional[List[bool]] = None
         self._broken = False  # never to be used again (closed, or something arrived it cannot account for)
         self._reset(0)
 
     def _reset(self, limit: int) -> None:
         self._limit = limit
-        self._headers = Headers()
+        self._headers: CaseInsensitiveDict = CaseInsensitiveDict()
         self._header_bytes = 0  # bytes received while the header block was not complete
         self._headers_done = False
         self._body: List[bytes] = []
@@ -258,10 +225,7 @@ class _Connection(asyncio.Protocol):
         if self._waiter is None or self._done:  # nothing was asked: not an answer to anything
             self._break()
             return
-        if not self._got_any:
-            self._got_any = True
-            if self._answered is not None:
-                self._answered.append(True)
+        self._got_any = True
         if not self._headers_done:
             self._header_bytes += len(data)
         try:
@@ -289,10 +253,9 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._done or self._headers_done:
             return
-        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
-        headers = self._headers
-        known = dict.get(headers, key)
-        dict.__setitem__(headers, key, text if known is None else f"{known}, {text}")
+        key, text = name.decode("latin-1"), value.decode("latin-1")
+        known = self._headers.get(key)
+        self._headers[key] = text if known is None else f"{known}, {text}"
 
     def on_headers_complete(self) -> None:
         if self._done or self._broken:
@@ -325,12 +288,10 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(Response(self._parser.get_status_code(), self._headers, b"".join(self._body)))
 
     # -- use -----------------------------------------------------------------------------------------------------
-    async def exchange(self, request: bytes, limit: int, answered: Optional[List[bool]] = None,
-                       deadline: Optional[float] = None) -> Response:
+    async def exchange(self, request: bytes, limit: int, deadline: Optional[float] = None) -> Response:
         if self._broken or self.transport is None or self.transport.is_closing():
             raise ExchangeError("the connection closed", answered=False)
         self._reset(limit)
-        self._answered = answered
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
         # a timer, not asyncio.wait_for: that costs a task per request
