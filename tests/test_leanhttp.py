@@ -323,6 +323,33 @@ def test_https_is_verified_against_the_given_authorities_and_kept_alive(canned, 
     assert [r.body for r in _gets(urls[:1], tls=False)] == [b"secret 2"]  # verify=False: no checks at all
 
 
+def test_tls_settings_given_as_a_function_are_made_at_the_first_https_connection_only(canned, tmp_path):
+    key_file, cert_file = _self_signed(tmp_path)
+    served = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    served.load_cert_chain(cert_file, key_file)
+    secure = canned(lambda n, req: (_ok(b"tls %d" % n), n == 0), tls=served)  # (the first answer closes: reconnect)
+    plain = canned(lambda n, req: (_ok(b"plain"), False))
+    made: List[int] = []
+
+    def settings() -> ssl.SSLContext:
+        made.append(1)
+        return ssl.create_default_context(cafile=cert_file)
+
+    assert [r.body for r in _gets([f"{plain.url}/a", f"{plain.url}/b"], tls=settings)] == [b"plain", b"plain"]
+    assert made == []  # plain http never loads a CA bundle
+    got = _gets([f"{plain.url}/c", f"{secure.url}/a", f"{secure.url}/b"], tls=settings)
+    assert [r.body for r in got] == [b"plain", b"tls 0", b"tls 1"] and secure.connections == 2
+    assert made == [1]  # made once, for both https connections
+
+    def broken() -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(tmp_path / "no-such-bundle.pem"))
+
+    refused = _gets([f"{secure.url}/c", f"{plain.url}/d"], tls=broken)
+    # settings that cannot be made are the full client's to report (Unsupported), not an outage of the host
+    assert isinstance(refused[0], Unsupported) and not refused[0].answered and "no TLS settings" in str(refused[0])
+    assert refused[1].body == b"plain" and len(secure.requests) == 2
+
+
 def test_a_deadline_ends_the_exchange_as_a_timeout_that_says_whether_the_host_answered(canned):
     silent = canned(lambda n, req: ([(3.0, b"")], True))
     dripping = canned(lambda n, req: ([(0.0, b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n")] + [(0.2, b"x")] * 50,

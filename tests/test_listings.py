@@ -36,6 +36,33 @@ def test_a_listing_is_stored_and_read_back_without_loading(tmp_path):
     assert listing.names()[:2] == ["000000.jpg", "000001.jpg"]
 
 
+def _selects(store: ListingStore) -> list:
+    """The SELECTs ``store``'s connection runs from now on (a list that grows)."""
+    seen: list = []
+    store._conn().set_trace_callback(lambda sql: seen.append(sql) if sql.lstrip().upper().startswith("SELECT") else None)
+    return seen
+
+
+def test_priming_answers_the_next_lookups_in_a_few_queries_and_a_second_look_still_sees_new_rows(tmp_path):
+    path = str(tmp_path / "s.sqlite")
+    writer = ListingStore(path)
+    writer.put_listing("data", iter(_entries(1200)))
+    store = ListingStore(path)  # another process's view of the same file
+    queries = _selects(store)
+    wanted = [f"data/{i:06d}.jpg" for i in range(0, 1300, 2)] + ["top.txt", "other/x.bin"]
+    assert store.prime(wanted) == 600  # 600 of the 652 are stored
+    assert len(queries) == 4  # data/ in two chunks of 500 names, "" and other/: not one query per path
+    assert store.entry("data/000002.jpg") == RemoteEntry("data/000002.jpg", "file", None, f"{2:032x}", "dvc")
+    assert store.entry("data/001250.jpg") is None and store.entry("top.txt") is None  # primed: nothing stored
+    assert len(queries) == 4
+    # another process stores what was missing; a second look (a caller re-checking under a lock) must see it
+    writer.put_entry(RemoteEntry("data/001250.jpg", "file", 5, "ab" * 16, "dvc"))
+    assert store.entry("data/001250.jpg").size == 5 and len(queries) == 5
+    assert store.entry("data/001252.jpg") is None and len(queries) == 5  # (its primed answer, used once)
+    assert store.entry("data/001252.jpg") is None and len(queries) == 6
+    assert store.prime(wanted[:10]) == 0 and len(queries) == 6  # already in the memo: nothing to ask
+
+
 def test_sizes_learnt_later_fill_in_and_a_relisting_keeps_them(tmp_path):
     store = ListingStore(str(tmp_path / "s.sqlite"))
     store.put_entry(RemoteEntry("data/000001.jpg", "file", 77))  # learnt from a download before any listing

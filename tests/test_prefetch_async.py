@@ -48,8 +48,13 @@ def test_the_loop_downloads_every_file_once_verified_and_a_second_run_finds_them
     repo.ls("data")  # hashes and sizes known, as after any listing
     assert aioprefetch.unusable(repo) is None
     srv.reset_counts()
+    lookups: list = []
+    repo.store._conn().set_trace_callback(lambda sql: lookups.append(sql) if "FROM entries" in sql else None)
     out, counts = _run(repo, files)
     assert counts.in_loop == len(files) and counts.given_back == 0, counts
+    # what the store knows of the 120 files came in one query (primed), not in one or two per file
+    assert 1 <= len(lookups) <= 3, lookups
+    repo.store._conn().set_trace_callback(None)
     assert all(exc is None and not cached and size == len(files[p]) for p, (size, exc, cached) in out.items())
     assert srv.request_count(kind="raw") == len(files)  # one GET per file, nothing else
     raw = [e for e in srv.request_log if e["kind"] == "raw"]
@@ -158,6 +163,21 @@ def test_the_thread_engine_is_chosen_when_asked_for(tmp_path, files, make_server
     monkeypatch.setenv("NO_PROXY", "")
     fresh = remote_repo(srv, tmp_path / "cache2", FAST)
     assert "proxy" in aioprefetch.unusable(fresh)
+
+
+def test_the_thread_engine_primes_the_lookups_of_its_list_too(tmp_path, files, make_server):
+    from streamloader.remote.prefetch import prefetch_in_threads
+
+    srv = make_server(tmp_path / "src", token=TOKEN)
+    repo = remote_repo(srv, tmp_path / "cache", FAST)
+    repo.ls("data")
+    lookups: list = []
+    repo.store._conn().set_trace_callback(lambda sql: lookups.append(sql) if "FROM entries" in sql else None)
+    out = {}
+    prefetch_in_threads(repo, list(files), 16, lambda path, size, exc, cached: out.update({path: (size, exc)}))
+    repo.store._conn().set_trace_callback(None)
+    assert all(exc is None and size == len(files[p]) for p, (size, exc) in out.items()) and len(out) == len(files)
+    assert 1 <= len(lookups) <= 3, lookups  # one query for the 120 files (not one per file)
 
 
 def test_two_processes_prefetching_the_same_files_download_each_once(tmp_path, files, make_server):

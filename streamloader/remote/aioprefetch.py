@@ -148,6 +148,7 @@ class _Engine:
         self.deferred: Dict[str, int] = {}  # files put back in line because someone else held them (_start)
         self.deferred_in: Dict[str, int] = {}  # ... and the pass through the line that last put each one back
         self.passes = 0
+        self.primer = repo.primer([])  # run() makes the one of its list
         self.finished: Deque["asyncio.Future[_Outcome]"] = deque()  # downloads done, for run() to record
         self.wake: Optional["asyncio.Future[None]"] = None  # what run() waits on while none is done
 
@@ -180,8 +181,9 @@ class _Engine:
     # -- scheduling -----------------------------------------------------------------------------------------------
     async def run(self, paths: List[str]) -> None:
         pending: Deque[str] = deque(paths)
+        self.primer = self.repo.primer(paths)
         running: Set["asyncio.Future[_Outcome]"] = set()
-        session = ConnectionPool(_ssl_context(self.repo), self.policy.connect_timeout, self._resolve)
+        session = ConnectionPool(lambda: _ssl_context(self.repo), self.policy.connect_timeout, self._resolve)
         try:
             idle = 0.001
             while pending or running:
@@ -233,6 +235,7 @@ class _Engine:
             if slot is None:
                 return wait
             path = pending.popleft()
+            self.primer.took()
             try:
                 state, value = self.repo.try_warm(path)
             except Exception:  # noqa: BLE001 - whatever it is, warm() reports it properly

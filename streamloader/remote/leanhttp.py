@@ -76,8 +76,10 @@ Resolver = Callable[[str, int], Awaitable[List[Tuple[Any, ...]]]]
 
 class ConnectionPool:
     """Keep-alive connections per origin (``scheme``, host, port) and :meth:`get` on them. ``ssl_context``: for
-    https (None: the system's authorities; False: no certificate checks); ``resolve(host, port)``: an awaitable of ``socket.getaddrinfo``'s result
-    (the caller's thread pool, so that a hung lookup never holds the interpreter's exit)."""
+    https (None: the system's authorities; False: no certificate checks; or a function of no arguments returning
+    one of those, called at the first https connection: loading a CA bundle costs ~50 ms, for nothing where every
+    origin is http); ``resolve(host, port)``: an awaitable of ``socket.getaddrinfo``'s result (the caller's thread
+    pool, so that a hung lookup never holds the interpreter's exit)."""
 
     def __init__(self, ssl_context: Any, connect_timeout: float, resolve: Resolver):
         self._ssl = ssl_context
@@ -139,6 +141,12 @@ class ConnectionPool:
             raise ExchangeTimeout(f"no time left to connect to {host}:{port}", answered=False)
         tls = None
         if scheme == "https":  # (never plain TCP for https: no context given means the system's authorities)
+            if callable(self._ssl):
+                try:
+                    self._ssl = self._ssl()
+                except (OSError, ValueError, ssl.SSLError) as exc:  # e.g. a CA bundle that is not there
+                    raise Unsupported(f"no TLS settings for https ({type(exc).__name__}: {exc})",
+                                      answered=False) from None
             tls = _unverified() if self._ssl is False else self._ssl or ssl.create_default_context()
         failure: Optional[BaseException] = None
         for family, _kind, proto, _name, address in await self._addresses_of(host, port):

@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 import weakref
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 from streamloader import _forksafe
 from streamloader._forksafe import NO_FORK
@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS dirs (dir TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHO
 _BUSY_TIMEOUT = 60.0  # seconds a connection waits for another process's write transaction
 _BATCH = 5000  # rows per executemany call while a listing streams in
 _MEMO_MAX = 1 << 16  # entries a process keeps in memory in front of the file (a warm epoch's lookups)
+_PRIME_CHUNK = 500  # names per query of prime() (old SQLite builds allow 999 parameters)
 
 
 def _split(path: str) -> Tuple[str, str]:
@@ -74,6 +75,7 @@ class ListingStore:
             atexit.register(_remove_tree, self._tmpdir, self._owner_pid)
         self.path = path
         self._memo: Dict[str, RemoteEntry] = {}
+        self._primed_absent: Dict[str, bool] = {}  # paths prime() found nothing stored of (see prime)
         self._listed: Set[str] = set()  # folders known to be listed (a stored listing is never taken back)
         self._unlisted: Dict[str, float] = {}  # folder -> time.monotonic() it was last found not listed
         self._renew()
@@ -101,6 +103,7 @@ class ListingStore:
         self._owner_pid = -1
         self._tmpdir = None
         self._memo = {}
+        self._primed_absent = {}
         self._listed = set()
         self._unlisted = {}
         self._connection = None
@@ -165,6 +168,8 @@ class ListingStore:
         found = memo.get(path)
         if found is not None:
             return found
+        if self._primed_absent and self._primed_absent.pop(path, None) is not None:
+            return None  # primed moments ago, used once (a second look, e.g. under a lock, asks the file again)
         parent, name = _split(path)
         row = self._one("SELECT name, type, size, hash, versioning FROM entries WHERE dir=? AND name=?", (parent, name))
         if row is None:
@@ -173,6 +178,45 @@ class ListingStore:
         if len(memo) >= _MEMO_MAX:
             memo.clear()
         memo[path] = found  # rows only ever gain facts: a memo can be stale only by a size learnt elsewhere
+        return found
+
+    def prime(self, paths: Sequence[str]) -> int:
+        """Look up the stored entries of ``paths`` in a few queries (one per folder and :data:`_PRIME_CHUNK` names)
+        instead of one each, ahead of the :meth:`entry` calls that follow (a prefetch asks for every file of its
+        list). A found entry goes into the memo :meth:`entry` reads first (as a lookup of it would). That nothing is
+        stored answers the next :meth:`entry` of that path only, once: a second look (the one a caller makes under
+        a lock, to see what another process learnt meanwhile) asks the file again. Returns how many entries were
+        found. Looks at most a quarter of the memo's room at once (the caller primes in windows)."""
+        memo = self._memo
+        by_dir: Dict[str, List[str]] = {}
+        for path in paths[:_MEMO_MAX // 4]:
+            if path not in memo:
+                parent, name = _split(path)
+                by_dir.setdefault(parent, []).append(name)
+        if not by_dir:
+            return 0
+        if len(memo) >= _MEMO_MAX - _MEMO_MAX // 4:
+            memo.clear()
+        absent = self._primed_absent
+        if len(absent) >= _MEMO_MAX // 4:
+            absent.clear()
+        conn, found = self._conn(), 0
+        for parent, names in by_dir.items():
+            for start in range(0, len(names), _PRIME_CHUNK):
+                chunk = names[start:start + _PRIME_CHUNK]
+                sql = ("SELECT name, type, size, hash, versioning FROM entries WHERE dir=? AND name IN "
+                       f"({','.join('?' * len(chunk))})")
+                with NO_FORK:
+                    rows = conn.execute(sql, (parent, *chunk)).fetchall()
+                stored = set()
+                for row in rows:
+                    entry = _row_entry(parent, row)
+                    memo[entry.path] = entry
+                    stored.add(row[0])
+                for name in chunk:
+                    if name not in stored:
+                        absent[f"{parent}/{name}" if parent else name] = True
+                found += len(rows)
         return found
 
     def is_listed(self, path: str, max_age: float = 0.0) -> bool:
@@ -232,6 +276,7 @@ class ListingStore:
         conn = self._conn()
         count = 0
         self._memo.clear()
+        self._primed_absent.clear()
         self._unlisted.clear()
         with NO_FORK:  # each call on its own: entries may stream in from the network between them
             conn.execute("BEGIN IMMEDIATE")
@@ -276,6 +321,7 @@ class ListingStore:
         """Remember one path's entry (from a stat or a download); a listed row keeps its hash."""
         parent, name = _split(entry.path)
         self._memo.pop(entry.path, None)
+        self._primed_absent.pop(entry.path, None)
         try:
             with self._write_lock:
                 self._write_rows(self._conn(), [(parent, name, entry.type, entry.size, entry.hash,

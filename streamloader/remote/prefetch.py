@@ -97,6 +97,7 @@ def prefetch_in_threads(repo: RemoteRepo, paths: List[str], workers: int, record
     (128 threads cost ~1 ms more CPU per small file than 32 on 2 cores)."""
     limiter = repo.client.limiter
     pending = iter(paths)
+    primer = repo.primer(paths)
     take = threading.Lock()
     done: "_queue.SimpleQueue[Tuple[str, int, Optional[BaseException], bool]]" = _queue.SimpleQueue()
     stop = threading.Event()
@@ -106,6 +107,8 @@ def prefetch_in_threads(repo: RemoteRepo, paths: List[str], workers: int, record
         while not stop.is_set():
             with take:
                 path = next(pending, None)
+                if path is not None:
+                    primer.took()
             if path is None:
                 return
             try:
