@@ -402,3 +402,19 @@ def why_no_mount() -> str:
     except MountError as exc:
         return str(exc)
     return ""
+
+
+@pytest.fixture
+def canned():
+    """``canned(script, tls=None)`` -> a :class:`canned.CannedServer` (raw bytes per request), closed after the test."""
+    from canned import CannedServer
+
+    servers: List[Any] = []
+
+    def factory(script: Callable[[int, bytes], Any], tls: Any = None) -> Any:
+        servers.append(CannedServer(script, tls))
+        return servers[-1]
+
+    yield factory
+    for server in servers:
+        server.close()

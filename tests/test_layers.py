@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "streamloader"
 # (layer name, module patterns), lowest first; the first layer with a matching pattern wins
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("bottom", ("streamloader._[!_]*", "streamloader.errors", "streamloader.auth", "streamloader.remote.urls",
-                "streamloader.remote.transport")),
+                "streamloader.remote.transport", "streamloader.remote.leanhttp", "streamloader.remote.leansync")),
     ("cache", ("streamloader.cache", "streamloader.cache.*")),
     ("remote", ("streamloader.remote", "streamloader.remote.*")),
     ("features", ("streamloader.hooks", "streamloader.hooks.*", "streamloader.data", "streamloader.data.*",

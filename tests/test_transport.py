@@ -182,3 +182,74 @@ def test_keep_alive_is_fast_against_a_server_that_leaves_nagle_on(make_server, t
         client.list_dir("data")
         times.append(time.perf_counter() - started)
     assert statistics.median(times) < 0.045, times  # 20 ms latency: ~22 ms each; with delayed ACKs ~62 ms
+
+
+def _route(client: DagsHubClient):
+    """(lean pool or None, urllib3 pool) the client's raw downloads to its API origin went through."""
+    from streamloader.remote.transport import origin_of
+
+    return client.session.raw_pools[origin_of(client.ref.host)]
+
+
+def test_raw_downloads_go_over_the_lean_client_on_kept_alive_connections(make_server, tree):
+    from streamloader.remote.leansync import BlockingPool
+
+    srv = make_server(str(tree), token=TOKEN)
+    client = DagsHubClient(srv.repo_url, token=TOKEN, retry=FAST)
+    for name in sorted(os.listdir(tree / "data")):
+        assert client.read_bytes(f"data/{name}") == (tree / "data" / name).read_bytes()
+    assert client.read_bytes("data/04.bin", 10, 110) == (tree / "data" / "04.bin").read_bytes()[10:110]
+    lean, _pool = _route(client)
+    assert isinstance(lean, BlockingPool)
+    assert lean.connections_made == 1  # one sequential reader: one connection, kept alive throughout
+    raw = [e for e in srv.request_log if e["kind"] == "raw"]
+    assert len(raw) == 13 and all(e["has_auth"] for e in raw)
+
+
+def test_answers_the_lean_client_leaves_out_still_arrive_through_urllib3(make_server, tree):
+    import gzip
+
+    from reliability.hostile import HostileProxy
+
+    srv = make_server(str(tree), token=TOKEN)
+    sha = DagsHubClient(srv.repo_url, token=TOKEN, retry=FAST).revision
+    unframed = (tree / "data" / "05.bin").read_bytes()
+
+    def intercept(path: str):
+        if "/raw/" in path and path.endswith("/data/05.bin"):  # no Content-Length: the body ends at the close
+            return 200, {"Content-Type": "application/octet-stream"}, unframed
+        return None
+
+    def compress(path, status, headers, body, asked):
+        if path.endswith("/data/06.bin") and status == 200:
+            body = gzip.compress(body)  # though the client asked for identity
+            headers = {**headers, "Content-Encoding": "gzip", "Content-Length": str(len(body))}
+        return status, headers, body
+
+    with HostileProxy(srv.url, intercept=intercept, mutate_raw=compress) as proxy:
+        client = DagsHubClient(f"{proxy.url}/user/repo", token=TOKEN, retry=FAST)
+        client.pin(sha)
+        for name in ("04.bin", "05.bin", "06.bin", "07.bin"):
+            assert client.read_bytes(f"data/{name}") == (tree / "data" / name).read_bytes(), name
+        raw = [p.rsplit("/", 1)[1] for p in proxy.paths if "/raw/" in p]
+        # the lean client saw the unframed and the gzipped answers' heads and left them to urllib3 (asked again)
+        assert sorted(raw) == ["04.bin", "05.bin", "05.bin", "06.bin", "06.bin", "07.bin"], raw
+        assert _route(client)[0].connections_made >= 2  # (an unframed answer's connection is not reused)
+
+
+def test_a_users_own_adapter_keeps_raw_downloads_on_urllib3(make_server, tree):
+    from requests.adapters import HTTPAdapter
+
+    srv = make_server(str(tree), token=TOKEN)
+    client = DagsHubClient(srv.repo_url, token=TOKEN, retry=FAST)
+    seen = []
+
+    class Counting(HTTPAdapter):  # e.g. one that sets its own TLS or socket options
+        def get_connection_with_tls_context(self, *args, **kwargs):
+            seen.append(1)
+            return super().get_connection_with_tls_context(*args, **kwargs)
+
+    client.session.mount("http://", Counting())
+    assert client.read_bytes("data/02.bin") == (tree / "data" / "02.bin").read_bytes()
+    lean, pool = _route(client)
+    assert lean is None and pool.num_connections == 1 and seen

@@ -32,7 +32,6 @@ import logging
 import os
 import queue
 import socket
-import ssl
 import threading
 from collections import deque
 from concurrent.futures import Future
@@ -44,7 +43,8 @@ from streamloader.remote import leanhttp
 from streamloader.remote.download import receive_body
 from streamloader.remote.leanhttp import BodyTooLarge, ConnectionPool, ExchangeError, Unsupported
 from streamloader.remote.limits import is_pushback, parse_retry_after
-from streamloader.remote.transport import REDIRECT_STATUSES, Body, origin_of, proxy_applies, requests_settings
+from streamloader.remote.transport import (REDIRECT_STATUSES, Body, origin_of, proxy_applies, requests_settings,
+                                          tls_context)
 
 if TYPE_CHECKING:
     from streamloader.remote.limits import Slot
@@ -91,18 +91,9 @@ def _proxied_or_client_cert(repo: "RemoteRepo", url: str) -> bool:
 
 
 def _ssl_context(repo: "RemoteRepo") -> Any:
-    """TLS as requests would do it for the API host: its CA bundle (REQUESTS_CA_BUNDLE, the Session's ``verify``,
-    else certifi's), or no verification where ``verify`` is False."""
-    verify = requests_settings(repo.client.session, repo.client.ref.host).get("verify", True)
-    if verify is False:
-        return False
-    if verify is True or not verify:
-        import certifi
-
-        return ssl.create_default_context(cafile=certifi.where())
-    if os.path.isdir(str(verify)):
-        return ssl.create_default_context(capath=str(verify))
-    return ssl.create_default_context(cafile=str(verify))
+    """TLS as requests would do it for the API host (:func:`~streamloader.remote.transport.tls_context` of its
+    ``verify``: REQUESTS_CA_BUNDLE, the Session's, else certifi's authorities)."""
+    return tls_context(requests_settings(repo.client.session, repo.client.ref.host).get("verify", True))
 
 
 class EngineCounts:

@@ -9,8 +9,9 @@ the thread path (requests), which does everything: a URL with credentials or cha
 a body that ends only when the connection closes, an upgrade. The parser refuses malformed answers (bad framing,
 conflicting ``Content-Length``, chunk errors) and this module bounds what it keeps: the header block
 (:data:`MAX_HEADER_BYTES`) and the body (the caller's ``limit``). Bytes after an answer (more than its framing
-said) close the connection rather than being read as the next answer. Time limits are the caller's
-(``asyncio.wait_for``); a connection whose exchange is cancelled is closed.
+said) close the connection rather than being read as the next answer. Time limits: the caller's deadline on the
+event loop's clock; a connection whose exchange is cancelled or times out is closed. The answer checks (:class:`_Answer`)
+are shared with the thread path's blocking client (:mod:`streamloader.remote.leansync`).
 """
 from __future__ import annotations
 
@@ -24,15 +25,27 @@ from urllib.parse import urlsplit
 
 from requests.structures import CaseInsensitiveDict
 
-from streamloader.remote.transport import quick_ack
-
 try:
     import httptools
 except ImportError:  # a dependency; where it is missing, prefetch uses its thread engine (aioprefetch.unusable)
     httptools = None
 
 __all__ = ["BodyTooLarge", "ConnectionPool", "ExchangeError", "ExchangeTimeout", "MAX_HEADER_BYTES", "Response",
-           "Unsupported"]
+           "Unsupported", "quick_ack"]
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
+def quick_ack(sock: Any) -> None:
+    """Switch ``TCP_QUICKACK`` on for ``sock`` now (Linux; a no-op elsewhere). A server that leaves Nagle's
+    algorithm on sends a small answer's headers, then holds its body until they are acknowledged; the client's kernel
+    delays that ACK by up to ~40 ms, and on a kept-alive connection it does so on every request. Quick-ACK mode
+    lapses by itself, so it is switched on again right after each request is sent."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+    except (OSError, AttributeError, TypeError):
+        pass
+
 
 #: the most bytes of status line and headers one answer may have
 MAX_HEADER_BYTES = 64 << 10
@@ -202,27 +215,105 @@ def _unverified() -> ssl.SSLContext:
     return context
 
 
+class _Answer:
+    """llhttp's callbacks for the answers on one connection, one at a time (:meth:`reset` before each): status,
+    headers, body pieces, and the checks of the module docstring. ``error`` is set, and nothing more is collected,
+    once the answer must be refused; ``headers_done`` and ``done`` once its header block and its whole body are in;
+    ``overrun`` once bytes arrive after an answer's end (its framing did not account for them: the connection must
+    not be reused). ``limit=None``: no bound on the body (a caller that streams it)."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.overrun = False
+        self.reset(0)
+
+    def reset(self, limit: Optional[int]) -> None:
+        self.limit = limit
+        self.headers: CaseInsensitiveDict = CaseInsensitiveDict()
+        self.header_bytes = 0  # bytes received while the header block was not complete
+        self.headers_done = False
+        self.body: List[bytes] = []
+        self.body_bytes = 0
+        self.got_any = False
+        self.done = False
+        self.keep_alive = False
+        self.error: Optional[ExchangeError] = None
+
+    @property
+    def status(self) -> int:
+        return self.parser.get_status_code()
+
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``, the next bytes from the connection (check ``error`` and ``done`` after)."""
+        self.got_any = True
+        if not self.headers_done:
+            self.header_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(Unsupported("a protocol upgrade", answered=True))
+        except httptools.HttpParserError as exc:
+            if not self.done:  # (after the answer: the extra bytes only end the connection, see on_message_begin)
+                # llhttp's reasons are its own fixed texts ("Invalid character in Content-Length"), never the bytes
+                reason = str(exc)[:80]
+                reason = reason if reason and _printable(reason, True) else type(exc).__name__
+                self._refuse(ExchangeError(f"a malformed answer: {reason}", answered=True))
+        if not self.headers_done and self.header_bytes > MAX_HEADER_BYTES:  # (then all of it was headers)
+            self._refuse(ExchangeError(f"an answer's headers run past {MAX_HEADER_BYTES} bytes", answered=True))
+
+    def _refuse(self, exc: ExchangeError) -> None:
+        if self.error is None and not self.done:
+            self.error = exc
+
+    # -- llhttp callbacks ----------------------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.done:
+            self.overrun = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.done or self.headers_done or self.error is not None:
+            return
+        key, text = name.decode("latin-1"), value.decode("latin-1")
+        known = self.headers.get(key)
+        self.headers[key] = text if known is None else f"{known}, {text}"
+
+    def on_headers_complete(self) -> None:
+        if self.done or self.error is not None:
+            return
+        self.headers_done = True
+        status = self.parser.get_status_code()
+        headers = self.headers
+        if status < 200:  # nothing asked for an interim answer (no Expect: 100-continue), nor for an upgrade
+            self._refuse(Unsupported(f"an interim answer (HTTP {status})", answered=True))
+        elif not ("Content-Length" in headers or "chunked" in headers.get("Transfer-Encoding", "").lower()
+                  or status in (204, 304)):  # a body that ends at the connection's close: left to the full client
+            self._refuse(Unsupported("an answer without Content-Length or chunked framing", answered=True))
+
+    def on_body(self, body: bytes) -> None:
+        if self.done or self.error is not None:
+            return
+        self.body_bytes += len(body)
+        if self.limit is not None and self.body_bytes > self.limit:
+            self._refuse(BodyTooLarge(f"a body over {self.limit} bytes", answered=True))
+            return
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.done or self.error is not None:
+            return
+        self.done = True
+        self.keep_alive = self.parser.should_keep_alive()  # (only meaningful until the parser moves on)
+
+
 class _Connection(asyncio.Protocol):
     """One connection: one exchange at a time, its answer parsed as it arrives."""
 
     def __init__(self, registry: "set[_Connection]"):
         self._registry = registry
         self.transport: Optional[asyncio.Transport] = None
-        self._parser = httptools.HttpResponseParser(self)
+        self._answer = _Answer()
         self._waiter: Optional["asyncio.Future[Response]"] = None
         self._broken = False  # never to be used again (closed, or something arrived it cannot account for)
-        self._reset(0)
-
-    def _reset(self, limit: int) -> None:
-        self._limit = limit
-        self._headers: CaseInsensitiveDict = CaseInsensitiveDict()
-        self._header_bytes = 0  # bytes received while the header block was not complete
-        self._headers_done = False
-        self._body: List[bytes] = []
-        self._body_bytes = 0
-        self._got_any = False
-        self._done = False
-        self._keep_alive = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -230,76 +321,29 @@ class _Connection(asyncio.Protocol):
         self._registry.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._waiter is None or self._done:  # nothing was asked: not an answer to anything
+        answer, waiter = self._answer, self._waiter
+        if waiter is None or answer.done:  # nothing was asked: not an answer to anything
             self._break()
             return
-        self._got_any = True
-        if not self._headers_done:
-            self._header_bytes += len(data)
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(Unsupported("a protocol upgrade", answered=True))
-        except httptools.HttpParserError as exc:
-            if not self._done:  # (after the answer: the extra bytes only end the connection, see on_message_begin)
-                self._fail(ExchangeError(f"a malformed answer ({type(exc).__name__})", answered=True))
-        if not self._headers_done and self._header_bytes > MAX_HEADER_BYTES:  # (then all of it was headers)
-            self._fail(ExchangeError(f"an answer's headers run past {MAX_HEADER_BYTES} bytes", answered=True))
+        answer.feed(data)
+        if answer.error is not None:
+            self._fail(answer.error)
+        elif answer.done and not waiter.done():
+            waiter.set_result(Response(answer.status, answer.headers, b"".join(answer.body)))
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self._broken = True
         self._registry.discard(self)
-        if self._waiter is not None and not self._waiter.done() and not self._done:
-            what = "the connection closed before the answer's end" if self._got_any else "the connection closed"
-            self._waiter.set_exception(ExchangeError(what, answered=self._got_any))
-
-    # -- llhttp callbacks ----------------------------------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        if self._done:
-            self._broken = True  # more bytes than the answer's framing said: this connection is not reused
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._done or self._headers_done:
-            return
-        key, text = name.decode("latin-1"), value.decode("latin-1")
-        known = self._headers.get(key)
-        self._headers[key] = text if known is None else f"{known}, {text}"
-
-    def on_headers_complete(self) -> None:
-        if self._done or self._broken:
-            return
-        self._headers_done = True
-        status = self._parser.get_status_code()
-        headers = self._headers
-        if status < 200:  # nothing asked for an interim answer (no Expect: 100-continue), nor for an upgrade
-            self._fail(Unsupported(f"an interim answer (HTTP {status})", answered=True))
-        elif not ("Content-Length" in headers or "chunked" in headers.get("Transfer-Encoding", "").lower()
-                  or status in (204, 304)):  # a body that ends at the connection's close: left to the full client
-            self._fail(Unsupported("an answer without Content-Length or chunked framing", answered=True))
-
-    def on_body(self, body: bytes) -> None:
-        if self._done or self._broken:
-            return
-        self._body_bytes += len(body)
-        if self._body_bytes > self._limit:
-            self._fail(BodyTooLarge(f"a body over {self._limit} bytes", answered=True))
-            return
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        if self._done or self._broken:
-            return
-        waiter = self._waiter
-        self._done = True
-        self._keep_alive = self._parser.should_keep_alive()  # (only meaningful until the parser moves on)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(Response(self._parser.get_status_code(), self._headers, b"".join(self._body)))
+        answer = self._answer
+        if self._waiter is not None and not self._waiter.done() and not answer.done:
+            what = "the connection closed before the answer's end" if answer.got_any else "the connection closed"
+            self._waiter.set_exception(ExchangeError(what, answered=answer.got_any))
 
     # -- use -----------------------------------------------------------------------------------------------------
     async def exchange(self, request: bytes, limit: int, deadline: Optional[float] = None) -> Response:
         if self._broken or self.transport is None or self.transport.is_closing():
             raise ExchangeError("the connection closed", answered=False)
-        self._reset(limit)
+        self._answer.reset(limit)
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
         # a timer, not asyncio.wait_for: that costs a task per request
@@ -319,12 +363,13 @@ class _Connection(asyncio.Protocol):
                 timer.cancel()
 
     def _time_out(self) -> None:
-        if not self._done:
-            self._fail(ExchangeTimeout("the answer did not come in time", answered=self._got_any))
+        if not self._answer.done:
+            self._fail(ExchangeTimeout("the answer did not come in time", answered=self._answer.got_any))
 
     def reusable(self) -> bool:
-        return (not self._broken and self._done and self.transport is not None and not self.transport.is_closing()
-                and self._keep_alive)
+        answer = self._answer
+        return (not self._broken and answer.done and not answer.overrun and answer.keep_alive
+                and self.transport is not None and not self.transport.is_closing())
 
     def _fail(self, exc: ExchangeError) -> None:
         waiter = self._waiter

@@ -1,11 +1,15 @@
-"""Streaming GETs of file bytes: straight through urllib3 where that is safe, else through the requests Session.
+"""Streaming GETs of file bytes for the thread path: through a lean client where that is safe, else urllib3's pool,
+else the requests Session.
 
-Downloading a 30 KB file costs the client about 1 ms of CPU, and requests' per-request machinery (building a
-PreparedRequest, cookie jars, hooks, redirect resolution, the Response wrapper) is about a third of it. For raw file
-bytes from the API origin none of that does anything, so :class:`RawTransport` sends those GETs on the very
-connection pool the Session's adapter would use (same TLS settings, same pooled sockets), and falls back to the
-Session whenever something needs requests' logic: a proxy applies to the origin, or the installed requests lacks
-the adapter API used here; a redirect is followed through the Session. Either way callers get a :class:`Body`.
+Downloading a 30 KB file through requests costs the client about 1 ms of CPU, and even urllib3 alone ~0.5 ms (email-
+based header parsing, URL re-encoding, per-request objects). For raw file bytes none of that does anything, so
+:class:`RawTransport` sends those GETs through :mod:`streamloader.remote.leansync` (keep-alive sockets, answers
+parsed by llhttp: ~0.1 ms a GET), with the Session's TLS settings, when the Session's own adapter serves the origin
+(one a user mounts keeps them: it may configure TLS or sockets its way) and no client certificate applies. What the
+lean client leaves out (a compressed or unframed body, an interim answer, a target that needs quoting) goes to
+urllib3, on the very connection pool the Session's adapter would use; and whenever something needs requests' logic
+(a proxy applies to the origin, or the installed requests lacks the adapter API used here) to the Session. A
+redirect is always followed through the Session. Either way callers get a :class:`Body`.
 
 Every body is read under a deadline: the read timeout bounds each wait for bytes, and the whole request must keep
 up a throughput floor after a grace period (``timeout + received / min_rate`` seconds in all), so a server that
@@ -14,7 +18,8 @@ drips a byte now and then cannot hold a request for hours; breaking it is a :cla
 from __future__ import annotations
 
 import logging
-import socket
+import os
+import ssl
 import threading
 import time
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
@@ -27,11 +32,13 @@ from requests.adapters import HTTPAdapter
 from requests.utils import select_proxy
 
 from streamloader.errors import RemoteError
+from streamloader.remote.leanhttp import _QUICKACK, ExchangeError, ExchangeTimeout, Unsupported, httptools, quick_ack
+from streamloader.remote.leansync import BlockingPool, StreamedAnswer
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Body", "RawTransport", "Session", "TransportError", "origin_of", "pace", "proxy_applies", "quick_ack",
-           "request_error", "requests_settings", "MIN_RATE", "REDIRECT_STATUSES"]
+           "request_error", "requests_settings", "tls_context", "MIN_RATE", "REDIRECT_STATUSES"]
 
 _NO_FAST = object()  # cache marker: this origin goes through the Session
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -170,6 +177,13 @@ class Session(requests.Session):
         self._env_settings: Dict[Any, Dict[str, Any]] = {}
         self.raw_pools: Dict[str, Any] = {}
 
+    def close(self) -> None:
+        for route in list(self.raw_pools.values()):
+            if isinstance(route, tuple) and route[0] is not None:
+                route[0].close()  # the lean client's connections (urllib3's pools are the adapters')
+        self.raw_pools.clear()
+        super().close()
+
     def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> Dict[str, Any]:
         if proxies or not self.trust_env:  # explicit per-request proxies: requests' own logic, uncached
             return super().merge_environment_settings(url, proxies, stream, verify, cert)
@@ -179,17 +193,6 @@ class Session(requests.Session):
             settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
             self._env_settings[key] = settings
         return {**settings, "proxies": dict(settings["proxies"])}
-
-
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
-
-
-def quick_ack(sock: Any) -> None:
-    """Switch ``TCP_QUICKACK`` on for ``sock`` now (Linux; a no-op elsewhere): see :class:`QuickAckAdapter`."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-    except (OSError, AttributeError):
-        pass
 
 
 class _QuickAckHTTPConnection(urllib3.connection.HTTPConnection):
@@ -254,14 +257,28 @@ class RawTransport:
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}".lower()  # origin_of(url), without parsing twice
         pools: Dict[str, Any] = getattr(session, "raw_pools", None) or {}
-        pool = pools.get(origin)
-        if pool is None:
-            pool = self._pool_for(session, origin, url)
-        if pool is _NO_FAST:
+        route = pools.get(origin)
+        if route is None:
+            route = self._pool_for(session, origin, url)
+        if route is _NO_FAST:
             return self._via_session(session, url, headers, started)
+        lean, pool = route
         target = parts.path + ("?" + parts.query if parts.query else "")
         sent = {"User-Agent": str(session.headers.get("User-Agent", "streamloader")), "Accept": "*/*",
                 "Accept-Encoding": "identity", **self._auth_headers(url), **(headers or {})}
+        if lean is not None:
+            try:
+                answer = lean.get(target, parts.netloc, sent, started)
+            except Unsupported as exc:  # urllib3 (then requests) does what the lean client leaves out
+                log.debug("GET %s through urllib3: %s", target, exc)
+            except ExchangeError as exc:
+                raise TransportError(str(exc), "answered" if exc.answered else "unreachable") from None
+            else:
+                location = answer.headers.get("Location") if answer.status in REDIRECT_STATUSES else None
+                if location:
+                    answer.close()
+                    return self._via_session(session, urljoin(url, location), headers, started, shown=url)
+                return _lean_body(answer, url, self._grace, self._min_rate)
         try:
             resp = pool.urlopen("GET", target, headers=sent, retries=False, redirect=False, assert_same_host=False,
                                 timeout=self._timeout, preload_content=False, decode_content=True)
@@ -293,13 +310,33 @@ class RawTransport:
         return _requests_body(resp, started, self._grace, self._min_rate)
 
     def _pool_for(self, session: requests.Session, origin: str, url: str) -> Any:
+        """``(lean pool or None, urllib3 pool)`` for ``origin``, or _NO_FAST (requests must send it); made once per
+        Session and origin."""
         with self._lock:
             pools = getattr(session, "raw_pools", None)
-            pool = pools.get(origin) if pools is not None else None
-            if pool is None:
+            route = pools.get(origin) if pools is not None else None
+            if route is None:
                 pool = self._lookup_pool(session, url) if pools is not None else _NO_FAST
-                self._remember(session, origin, pool)
-            return pool
+                route = _NO_FAST if pool is _NO_FAST else (self._lean_pool(session, url), pool)
+                self._remember(session, origin, route)
+            return route
+
+    def _lean_pool(self, session: requests.Session, url: str) -> Optional[BlockingPool]:
+        """The lean client's pool for ``url``'s origin where it can stand in for urllib3's: our own adapter (a user's
+        may configure TLS or sockets its own way), no client certificate, a host and port it can use as they are."""
+        if httptools is None or type(session.get_adapter(url)) is not QuickAckAdapter:
+            return None
+        settings = requests_settings(session, url)
+        parts = urlsplit(url)
+        if settings.get("cert") or not parts.hostname or "@" in parts.netloc:
+            return None
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            return None
+        scheme = parts.scheme.lower()
+        return BlockingPool(scheme, parts.hostname, port, lambda: tls_context(settings.get("verify", True)),
+                            self._requests_timeout[0], self._requests_timeout[1])
 
     @staticmethod
     def _remember(session: requests.Session, origin: str, pool: Any) -> None:
@@ -322,6 +359,39 @@ class RawTransport:
         except Exception as exc:  # noqa: BLE001 - an adapter we do not understand: let requests do its job
             log.debug("no direct connection pool for %s (%s); using requests", url, exc)
             return _NO_FAST
+
+
+def tls_context(verify: Any) -> Any:
+    """The TLS settings requests would use for ``verify`` (a Session's, or REQUESTS_CA_BUNDLE's): certifi's
+    authorities for True, a CA bundle file or a directory of them for a path, False (no checks) for False."""
+    if verify is False:
+        return False
+    if verify is True or not verify:
+        import certifi
+
+        return ssl.create_default_context(cafile=certifi.where())
+    if os.path.isdir(str(verify)):
+        return ssl.create_default_context(capath=str(verify))
+    return ssl.create_default_context(cafile=str(verify))
+
+
+def _lean_body(answer: StreamedAnswer, url: str, grace: float, min_rate: float) -> Body:
+    """A :class:`Body` of the lean client's answer: its pieces paced as :func:`_stream` paces urllib3's, its
+    failures TransportErrors (the host answered: "answered", but a read that timed out, as urllib3's would)."""
+
+    def chunks(size: int) -> Iterator[bytes]:
+        received = 0
+        try:
+            for chunk in answer.chunks(size):
+                received += len(chunk)
+                _check_pace(received, answer.started, grace, min_rate)
+                yield chunk
+        except ExchangeTimeout:
+            raise TransportError(f"read timed out after {received} bytes") from None
+        except ExchangeError as exc:  # (Unsupported cannot come after the head)
+            raise TransportError(f"connection dropped after {received} bytes: {exc}", "answered") from None
+
+    return Body(answer.status, answer.headers, chunks, answer.close, url)
 
 
 def requests_settings(session: requests.Session, url: str) -> Dict[str, Any]:
