@@ -10,8 +10,8 @@ a body that ends only when the connection closes, an upgrade. The parser refuses
 conflicting ``Content-Length``, chunk errors) and this module bounds what it keeps: the header block
 (:data:`MAX_HEADER_BYTES`) and the body (the caller's ``limit``). Bytes after an answer (more than its framing
 said) close the connection rather than being read as the next answer. Time limits: the caller's deadline on the
-event loop's clock; a connection whose exchange is cancelled or times out is closed. The answer checks (:class:`_Answer`)
-are shared with the thread path's blocking client (:mod:`streamloader.remote.leansync`).
+event loop's clock; a connection whose exchange is cancelled or times out is closed. The answer checks
+(:class:`_Answer`) are shared with the thread path's blocking client (:mod:`streamloader.remote.leansync`).
 """
 from __future__ import annotations
 
