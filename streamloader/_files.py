@@ -8,6 +8,7 @@ import sys
 import tempfile
 from typing import Any, List, Optional
 
+from streamloader import _realos
 from streamloader.errors import CacheError
 
 log = logging.getLogger(__name__)
@@ -16,10 +17,18 @@ __all__ = ["makedirs_private", "atomic_write", "rename_into_place", "secure_priv
            "TempFileVanished"]
 
 
+def _is_dir(path: str) -> bool:
+    """Whether ``path`` is a directory on this disk (the real stat: install_hooks' never answers for our own paths)."""
+    try:
+        return stat.S_ISDIR(_realos.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def makedirs_private(path: str) -> None:
     """Create ``path`` and any missing parents with mode 0700 (``os.makedirs`` gives ``mode`` to the leaf only)."""
     missing = []
-    while path and not os.path.isdir(path):
+    while path and not _is_dir(path):
         missing.append(path)
         parent = os.path.dirname(path)
         if parent == path:

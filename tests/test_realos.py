@@ -35,3 +35,24 @@ def test_imported_after_the_hooks_it_still_has_the_unpatched_functions(hooked):
     native = importlib.import_module(os.name)
     assert fresh.stat is native.stat and fresh.lstat is native.lstat
     assert _realos.stat is native.stat and _realos.lstat is native.lstat
+
+
+def test_a_cold_read_through_the_hooks_never_asks_them_about_the_cache_own_files(hooked, monkeypatch):
+    from streamloader.hooks import patches
+
+    cache_root = hooked.repo.cache.root
+    asked = []
+    real = patches._stat_remote
+
+    def recording(path, dir_fd, local_error):
+        asked.append(os.fspath(path))
+        return real(path, dir_fd, local_error)
+
+    monkeypatch.setattr(patches, "_stat_remote", recording)
+    for name in ("data/0000.jpg", "data/0001.jpg"):
+        with open(name, "rb") as f:  # cold: looked up, locked, downloaded, verified, committed
+            assert f.read()
+    hooked.repo.cache.flush()
+    # the cache's looks at its own paths went to the disk's stat, not through the hooks' (which would also ask
+    # whether each missing cache path is a repository's)
+    assert [path for path in asked if path.startswith(cache_root)] == []

@@ -21,7 +21,7 @@ import threading
 import weakref
 from typing import IO, Any, BinaryIO, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
-from streamloader import _forksafe
+from streamloader import _forksafe, _realos
 from streamloader.cache import CacheKey, FileCache
 from streamloader.cache.writing import DownloadClaim, HeldLocks
 from streamloader.errors import IntegrityError, RemoteError, RemoteFileNotFoundError
@@ -299,7 +299,7 @@ class RemoteRepo(PathLookups):
         found = self._cached_key(path, entry, key, settled=False)
         if found is not None:
             try:
-                return "cached", os.stat(cache.path_for(found)).st_size
+                return "cached", _realos.stat(cache.path_for(found)).st_size
             except FileNotFoundError:  # evicted just now
                 return "other", None
         location = self._location_key(path)
@@ -330,7 +330,7 @@ class RemoteRepo(PathLookups):
             fetch.release()
             if state == "cached":
                 try:
-                    return "cached", os.stat(cache.path_for(key)).st_size
+                    return "cached", _realos.stat(cache.path_for(key)).st_size
                 except FileNotFoundError:
                     pass
             return ("busy" if state == "busy" else "other"), None
