@@ -253,3 +253,24 @@ def test_a_users_own_adapter_keeps_raw_downloads_on_urllib3(make_server, tree):
     assert client.read_bytes("data/02.bin") == (tree / "data" / "02.bin").read_bytes()
     lean, pool = _route(client)
     assert lean is None and pool.num_connections == 1 and seen
+
+
+def test_a_redirect_page_is_read_out_so_that_the_api_connection_is_kept(canned):
+    # dagshub.com answers a DVC file's raw GET with a redirect to presigned storage, every time: the lean client
+    # must keep its connection to the API host (here the redirect's page arrives after its head)
+    from canned import ok
+
+    storage = canned(lambda n, req: (ok(b"bytes of %d" % n), False))
+    page = b"<a href='...'>moved</a>" * 40
+
+    def api(n, req):
+        head = (b"HTTP/1.1 302 Found\r\nLocation: %s/blob/%d\r\nContent-Length: %d\r\n\r\n"
+                % (storage.url.encode(), n, len(page)))
+        return [(0.0, head), (0.05, page)], False
+
+    server = canned(api)
+    client = DagsHubClient(f"{server.url}/user/repo", token=TOKEN, retry=FAST)
+    client.pin("ab" * 20)
+    assert [client.read_bytes(f"data/{i}.bin") for i in range(3)] == [b"bytes of %d" % i for i in range(3)]
+    assert server.connections == 1 and len(server.requests) == 3
+    assert all(b"Authorization" not in req for req in storage.requests)  # the token stays with the API host

@@ -29,7 +29,7 @@ from streamloader.remote.leanhttp import (ExchangeError, ExchangeTimeout, Unsupp
 __all__ = ["BlockingPool", "StreamedAnswer"]
 
 _MAX_IDLE = 256  # idle connections kept per origin
-_DRAIN_MAX = 64 << 10  # an unread error page up to this size is read out so that its connection can be reused
+_DRAIN_MAX = 64 << 10  # an unread redirect or error page up to this size is read out so that its connection is kept
 _DRAIN_TIME = 1.0  # ... if it arrives within this many seconds
 _RECV = 1 << 18
 
@@ -230,13 +230,13 @@ class StreamedAnswer:
 
     def close(self) -> None:
         """Done with the answer: its connection goes back to the pool if the answer was read to its end (or is a
-        short error page, read out here), else it is closed."""
+        short redirect or error page, read out here), else it is closed."""
         if not self._open:
             return
         self._open = False
         conn, answer = self._conn, self._conn.answer
-        if not answer.done and self.status >= 400 and _small(self.headers):
-            self._drain()
+        if not answer.done and self.status >= 300 and _small(self.headers):
+            self._drain()  # (a redirect's or an error's page: a DVC file's raw GET is a redirect every time)
         if answer.done and answer.keep_alive and not answer.overrun and answer.error is None:
             answer.body = []
             self._pool._give_back(conn)
