@@ -274,3 +274,28 @@ def test_a_redirect_page_is_read_out_so_that_the_api_connection_is_kept(canned):
     assert [client.read_bytes(f"data/{i}.bin") for i in range(3)] == [b"bytes of %d" % i for i in range(3)]
     assert server.connections == 1 and len(server.requests) == 3
     assert all(b"Authorization" not in req for req in storage.requests)  # the token stays with the API host
+
+
+def test_https_raw_downloads_verify_with_requests_settings_and_keep_their_connection(canned, tmp_path, monkeypatch):
+    import ssl
+
+    from canned import ok, self_signed
+
+    key_file, cert_file = self_signed(tmp_path)
+    served = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    served.load_cert_chain(cert_file, key_file)
+    server = canned(lambda n, req: (ok(b"tls body %d" % n), False), tls=served)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", cert_file)  # what requests itself would trust
+    client = DagsHubClient(f"{server.url}/user/repo", token=TOKEN, retry=FAST)
+    client.pin("cd" * 20)
+    assert [client.read_bytes(f"data/{i}.bin") for i in range(3)] == [b"tls body %d" % i for i in range(3)]
+    lean, _pool = _route(client)
+    assert lean is not None and lean.connections_made == 1 and server.connections == 1
+    assert all(f"Authorization: Bearer {TOKEN}".encode() in req for req in server.requests)
+    # without that bundle the certificate is refused (never read without verification) and nothing is sent
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+    untrusting = DagsHubClient(f"{server.url}/user/repo", token=TOKEN, retry=FAST)
+    untrusting.pin("cd" * 20)
+    with pytest.raises(RemoteError):
+        untrusting.read_bytes("data/0.bin")
+    assert len(server.requests) == 3
