@@ -31,7 +31,7 @@ except ImportError:  # a dependency; where it is missing, prefetch uses its thre
     httptools = None
 
 __all__ = ["BodyTooLarge", "ConnectionPool", "ExchangeError", "ExchangeTimeout", "MAX_HEADER_BYTES", "Response",
-           "Unsupported", "quick_ack"]
+           "Unsupported", "quick_ack", "tls_of"]
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
@@ -154,13 +154,7 @@ class ConnectionPool:
             raise ExchangeTimeout(f"no time left to connect to {host}:{port}", answered=False)
         tls = None
         if scheme == "https":  # (never plain TCP for https: no context given means the system's authorities)
-            if callable(self._ssl):
-                try:
-                    self._ssl = self._ssl()
-                except (OSError, ValueError, ssl.SSLError) as exc:  # e.g. a CA bundle that is not there
-                    raise Unsupported(f"no TLS settings for https ({type(exc).__name__}: {exc})",
-                                      answered=False) from None
-            tls = _unverified() if self._ssl is False else self._ssl or ssl.create_default_context()
+            self._ssl, tls = tls_of(self._ssl)
         failure: Optional[BaseException] = None
         for family, _kind, proto, _name, address in await self._addresses_of(host, port):
             try:
@@ -206,6 +200,19 @@ def _request_bytes(target: str, host: str, headers: Dict[str, str]) -> bytes:
         raise Unsupported("a request target or header that would need quoting", answered=False)
     lines = [f"GET {target} HTTP/1.1", f"Host: {host}", *(f"{name}: {value}" for name, value in headers.items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
+def tls_of(settings: Any) -> Tuple[Any, ssl.SSLContext]:
+    """``(settings, context)``: TLS settings as a pool takes them (an ``ssl.SSLContext``; None: the system's
+    authorities; False: no certificate checks; or a function of no arguments returning one of those, called here)
+    and the context they mean. Settings that cannot be made (a CA bundle that is not there) are
+    :class:`Unsupported`: the full client then says what is wrong, and the host is not taken for down."""
+    if callable(settings):
+        try:
+            settings = settings()
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            raise Unsupported(f"no TLS settings for https ({type(exc).__name__}: {exc})", answered=False) from None
+    return settings, (_unverified() if settings is False else settings or ssl.create_default_context())
 
 
 def _unverified() -> ssl.SSLContext:

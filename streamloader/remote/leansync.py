@@ -24,7 +24,7 @@ import time
 from typing import Any, Iterator, List, Mapping, Optional, Tuple
 
 from streamloader.remote.leanhttp import (ExchangeError, ExchangeTimeout, Unsupported, _Answer, _request_bytes,
-                                          _unverified, quick_ack)
+                                          quick_ack, tls_of)
 
 __all__ = ["BlockingPool", "StreamedAnswer"]
 
@@ -178,14 +178,8 @@ class BlockingPool:
 
     def _tls_context(self) -> ssl.SSLContext:
         with self._lock:
-            if callable(self._tls):
-                try:
-                    self._tls = self._tls()
-                except (OSError, ValueError, ssl.SSLError) as exc:  # e.g. a CA bundle that is not there
-                    raise Unsupported(f"no TLS settings for https ({type(exc).__name__}: {exc})",
-                                      answered=False) from None
-            tls = self._tls
-        return _unverified() if tls is False else tls or ssl.create_default_context()
+            self._tls, context = tls_of(self._tls)
+        return context
 
     def _give_back(self, conn: _Conn) -> None:
         with self._lock:
