@@ -299,3 +299,38 @@ def test_https_raw_downloads_verify_with_requests_settings_and_keep_their_connec
     with pytest.raises(RemoteError):
         untrusting.read_bytes("data/0.bin")
     assert len(server.requests) == 3
+
+
+def _child_reads_once(client: DagsHubClient, out: "multiprocessing.Queue") -> None:
+    out.put(client.read_bytes("data/01.bin"))
+
+
+def test_a_child_forked_while_another_thread_holds_the_clients_locks_still_downloads(make_server, tree):
+    # a DataLoader worker forked while a background thread makes the session or picks the raw route: those locks
+    # stay held for good in the child unless they are renewed there
+    srv = make_server(str(tree), token=TOKEN)
+    client = DagsHubClient(srv.repo_url, token=TOKEN, retry=FAST)
+    assert client.read_bytes("data/00.bin") == (tree / "data" / "00.bin").read_bytes()
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with client._lock, client._session_lock, client.transport._lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(10)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_child_reads_once, args=(client, out))
+    try:
+        child.start()
+        assert out.get(timeout=30) == (tree / "data" / "01.bin").read_bytes()
+        child.join(timeout=30)
+        assert child.exitcode == 0
+    finally:
+        release.set()
+        holder.join(10)
+        if child.is_alive():
+            child.kill()

@@ -17,11 +17,13 @@ import os
 import re
 import threading
 import time
+import weakref
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Union
 from urllib.parse import quote
 
 import requests
 
+from streamloader import _forksafe
 from streamloader.errors import AuthenticationError, RemoteError, RemoteFileNotFoundError, RepositoryNotFoundError
 from streamloader.remote.answers import follow_pages, json_values, stream_json
 from streamloader.remote.credentials import Credentials, OriginBearerAuth, TokenAcquired, take_url_token
@@ -77,6 +79,15 @@ class DagsHubClient:
         self._transport: Optional[RawTransport] = None
         self._limiter: Optional[HostLimiter] = None
         self._pid = os.getpid()
+        _LIVE_CLIENTS.add(self)
+
+    def _after_fork(self) -> None:
+        # A lock held by another thread at fork time (resolving the revision, making the session, choosing a raw
+        # route) would stay locked forever in the child, and its first request would hang there.
+        self._lock = threading.Lock()
+        self._session_lock = threading.Lock()
+        if self._transport is not None:
+            self._transport.renew_lock()
 
     # -- plumbing -------------------------------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -94,6 +105,7 @@ class DagsHubClient:
         self._lock = threading.Lock()
         self._session_lock = threading.Lock()
         self._pid = os.getpid()
+        _LIVE_CLIENTS.add(self)
 
     @property
     def session(self) -> requests.Session:
@@ -411,3 +423,14 @@ class DagsHubClient:
         if self._session is not None:
             self._session.close()
             self._session = None
+
+
+_LIVE_CLIENTS: "weakref.WeakSet[DagsHubClient]" = weakref.WeakSet()
+
+
+def _renew_locks_after_fork() -> None:
+    for client in list(_LIVE_CLIENTS):
+        client._after_fork()
+
+
+_forksafe.register(after_in_child=_renew_locks_after_fork)

@@ -251,6 +251,10 @@ class RawTransport:
         self._grace, self._min_rate = float(timeout[1]), float(min_rate)
         self._lock = threading.Lock()
 
+    def renew_lock(self) -> None:
+        """A fresh lock (in a forked child: the parent's may have been held by another thread at the fork)."""
+        self._lock = threading.Lock()
+
     def get(self, url: str, headers: Optional[Dict[str, str]] = None) -> Body:
         started = time.monotonic()
         session = self._session()
