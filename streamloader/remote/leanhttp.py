@@ -288,8 +288,7 @@ class _Answer:
         if self.done or self.error is not None:
             return
         self.headers_done = True
-        status = self.parser.get_status_code()
-        headers = self.headers
+        status, headers = self.status, self.headers
         if status < 200:  # nothing asked for an interim answer (no Expect: 100-continue), nor for an upgrade
             self._refuse(Unsupported(f"an interim answer (HTTP {status})", answered=True))
         elif not ("Content-Length" in headers or "chunked" in headers.get("Transfer-Encoding", "").lower()
@@ -320,7 +319,7 @@ class _Connection(asyncio.Protocol):
         self.transport: Optional[asyncio.Transport] = None
         self._answer = _Answer()
         self._waiter: Optional["asyncio.Future[Response]"] = None
-        self._broken = False  # never to be used again (closed, or something arrived it cannot account for)
+        self._broken = False  # never to be used again (closed or lost; bytes past an answer: _Answer.overrun)
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:

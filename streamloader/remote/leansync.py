@@ -231,7 +231,7 @@ class StreamedAnswer:
         conn, answer = self._conn, self._conn.answer
         if not answer.done and self.status >= 300 and _small(self.headers):
             self._drain()  # (a redirect's or an error's page: a DVC file's raw GET is a redirect every time)
-        if answer.done and answer.keep_alive and not answer.overrun and answer.error is None:
+        if answer.done and answer.keep_alive and not answer.overrun:  # (a refused answer is never done)
             answer.body = []
             self._pool._give_back(conn)
         else:
@@ -239,7 +239,7 @@ class StreamedAnswer:
 
 
     def _drain(self) -> None:
-        """Read out the rest of a short error page, for at most :data:`_DRAIN_TIME` seconds in all."""
+        """Read out the rest of a short redirect or error page, for at most :data:`_DRAIN_TIME` seconds in all."""
         conn, answer = self._conn, self._conn.answer
         deadline = time.monotonic() + _DRAIN_TIME
         try:

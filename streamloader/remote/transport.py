@@ -320,17 +320,17 @@ class RawTransport:
             pools = getattr(session, "raw_pools", None)
             route = pools.get(origin) if pools is not None else None
             if route is None:
-                pool = self._lookup_pool(session, url) if pools is not None else _NO_FAST
-                route = _NO_FAST if pool is _NO_FAST else (self._lean_pool(session, url), pool)
+                settings = requests_settings(session, url)  # (what both lookups below need, asked once)
+                pool = self._lookup_pool(session, url, settings) if pools is not None else _NO_FAST
+                route = _NO_FAST if pool is _NO_FAST else (self._lean_pool(session, url, settings), pool)
                 self._remember(session, origin, route)
             return route
 
-    def _lean_pool(self, session: requests.Session, url: str) -> Optional[BlockingPool]:
+    def _lean_pool(self, session: requests.Session, url: str, settings: Dict[str, Any]) -> Optional[BlockingPool]:
         """The lean client's pool for ``url``'s origin where it can stand in for urllib3's: our own adapter (a user's
         may configure TLS or sockets its own way), no client certificate, a host and port it can use as they are."""
         if httptools is None or type(session.get_adapter(url)) is not QuickAckAdapter:
             return None
-        settings = requests_settings(session, url)
         parts = urlsplit(url)
         if settings.get("cert") or not parts.hostname or "@" in parts.netloc:
             return None
@@ -349,12 +349,11 @@ class RawTransport:
             pools[origin] = pool
 
     @staticmethod
-    def _lookup_pool(session: requests.Session, url: str) -> Any:
+    def _lookup_pool(session: requests.Session, url: str, settings: Dict[str, Any]) -> Any:
         adapter = session.get_adapter(url)
         lookup = getattr(adapter, "get_connection_with_tls_context", None)  # requests >= 2.32.2
         if lookup is None:
             return _NO_FAST
-        settings = requests_settings(session, url)
         if proxy_applies(session, url, settings):
             return _NO_FAST  # proxies (and their auth and tunnelling) stay with requests
         request = requests.Request("GET", url).prepare()
