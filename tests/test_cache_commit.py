@@ -305,3 +305,74 @@ def test_drain_gives_up_in_time_even_while_another_holds_the_queue_lock():
     finally:
         queue._cond.release()
     assert queue.drain(0.3) is True  # free again: nothing pending
+
+
+def _claim_into(cache, batch, n):
+    blobs = [os.urandom(3000 + i) for i in range(n)]
+    for data in blobs:
+        state, claim = cache.try_claim(git_key(data), len(data))
+        assert state == "claimed"
+        assert claim.store(counting_fill(data, []), batch) == len(data)
+    return blobs
+
+
+def test_a_commit_batch_lands_its_entries_with_one_sync_when_its_owner_runs_it(tmp_path, monkeypatch):
+    from streamloader.cache import writing
+
+    syncs = []
+    real = writing.sync_files
+    monkeypatch.setattr(writing, "sync_files", lambda fds: (syncs.append(len(fds)), real(fds))[1])
+    queued = []
+    monkeypatch.setattr(QUEUE, "submit", queued.append)
+    cache = FileCache(str(tmp_path / "c"))
+    batch = writing.CommitBatch(max_len=100, max_age=0.05)
+    assert not batch.due()
+    blobs = _claim_into(cache, batch, 12)
+    assert len(batch) == 12 and queued == []  # held by the batch, not the background queue
+    for data in blobs:
+        assert cache.get(git_key(data)) is None  # not visible before it is durable
+        assert cache.try_claim(git_key(data), len(data)) == ("busy", None)  # its locks are still held
+    time.sleep(0.06)
+    assert batch.due()
+    batch.run()
+    assert syncs == [12] and len(batch) == 0 and not batch.due()
+    for data in blobs:
+        with open(cache.get(git_key(data), len(data)), "rb") as f:
+            assert f.read() == data
+        assert cache.try_claim(git_key(data), len(data)) == ("cached", None)
+    assert os.listdir(os.path.join(cache.root, "tmp")) == []
+    batch.run()  # nothing left: nothing happens
+    assert syncs == [12]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_child_drops_the_commits_of_a_batch_and_the_parent_still_lands_them(tmp_path):
+    from streamloader.cache.writing import CommitBatch
+
+    cache = FileCache(str(tmp_path / "c"))
+    batch = CommitBatch()
+    blobs = _claim_into(cache, batch, 3)
+    fds = [commit.raw.fileno() for commit in batch._commits]
+    pid = os.fork()
+    if pid == 0:  # the child: nothing inherited is left open, nothing was committed here
+        code = 0
+        try:
+            if len(batch) != 0:
+                code = 3
+            for fd in fds:
+                try:
+                    os.fstat(fd)
+                    code = 4
+                except OSError:
+                    pass
+            if any(cache.get(git_key(data)) is not None for data in blobs):
+                code = 5
+        finally:
+            os._exit(code)
+    _pid, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(batch) == 3
+    batch.run()
+    for data in blobs:
+        with open(cache.get(git_key(data), len(data)), "rb") as f:
+            assert f.read() == data

@@ -68,6 +68,38 @@ def test_the_loop_downloads_every_file_once_verified_and_a_second_run_finds_them
     assert srv.request_count(kind="raw") == 0
 
 
+def test_the_loop_commits_its_own_files_in_batches_not_through_the_background_queue(tmp_path, files, make_server,
+                                                                                    monkeypatch):
+    """The background queue's thread would take the interpreter's lock from the loop for each system call of each
+    commit: the loop lands its files itself, a batch at a time, each batch with one sync."""
+    from streamloader.cache import writing
+    from streamloader.cache.commit_queue import QUEUE
+
+    srv = make_server(tmp_path / "src", token=TOKEN)
+    repo = remote_repo(srv, tmp_path / "cache", FAST)
+    repo.ls("data")
+    syncs, fsyncs, queued, loop_thread = [], [], [], []
+    real_sync, real_fsync, real_submit = writing.sync_files, os.fsync, QUEUE.submit
+    monkeypatch.setattr(writing, "sync_files",
+                        lambda fds: (syncs.append((threading.get_ident(), len(fds))), real_sync(fds))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(threading.get_ident()), real_fsync(fd))[1])
+    monkeypatch.setattr(QUEUE, "submit", lambda task: (queued.append(task), real_submit(task))[1])
+
+    def record(path, size, exc, cached):
+        loop_thread.append(threading.get_ident())
+        assert exc is None and not cached
+
+    counts = aioprefetch.prefetch_async(repo, list(files), 64, record)
+    assert counts.in_loop == len(files)
+    assert queued == []
+    assert {tid for tid, _n in syncs} | set(fsyncs) == set(loop_thread)  # all in the loop's thread
+    assert sum(n for _tid, n in syncs) + len(fsyncs) == len(files)
+    assert len(syncs) + len(fsyncs) <= len(files) // 2, (syncs, fsyncs)  # batches, not a sync per file
+    for path, data in files.items():
+        assert _cached_bytes(repo, path) == data
+    assert os.listdir(os.path.join(repo.cache.root, "tmp")) == []
+
+
 def test_unlisted_paths_are_fetched_under_their_location_and_missing_ones_fail_typed(tmp_path, files, make_server):
     srv = make_server(tmp_path / "src", token=TOKEN)
     repo = remote_repo(srv, tmp_path / "cache", FAST)  # nothing listed: no hash, no size known

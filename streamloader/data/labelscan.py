@@ -128,12 +128,15 @@ def scan_block(data: bytes, check_utf8: bool = True) -> Optional[Tuple[np.ndarra
     score_end = tabs[np.maximum(after - 1, 0)]
     score_start = tabs[np.maximum(after - 2, 0)] + 1
 
-    dots = arr == ord(".")
-    dots = dots[:-1] & dots[1:]
-    if dots.any():  # ".." in a file name (in a caption it is harmless): those lines go to the parser
-        pairs = np.flatnonzero(dots)
-        line = np.searchsorted(ends, pairs)
-        ok[line[pairs < name_end[line]]] = False
+    # ".." in a file name (in a caption it is harmless): those lines go to the parser. Looked for in the names
+    # alone, gathered back to back (a tenth of the block: two passes over all of it cost a quarter of the scan); a
+    # pair across two neighbouring names only sends one more line to the parser.
+    names, name_at = _gather(arr, starts, np.where(ok, name_end - starts, 0))
+    if names.size > 1:
+        dots = names == ord(".")
+        pairs = np.flatnonzero(dots[:-1] & dots[1:])
+        if pairs.size:
+            ok[np.searchsorted(name_at, pairs, side="right") - 1] = False
 
     # scores: count the bytes that are neither a digit nor a dot (8 each) and the dots (1 each) per field
     length = score_end - score_start

@@ -12,8 +12,8 @@ Only the common case runs in the loop, and every guarantee of the cache holds th
 * :meth:`RemoteRepo.try_warm <streamloader.remote.repo.RemoteRepo.try_warm>` takes, without waiting, the locks
   :meth:`~streamloader.remote.repo.RemoteRepo.warm` takes (the path's fetch lock, the entry's thread and
   cross-process locks), so a file is downloaded once whoever asks; the bytes are then verified (size, content hash)
-  and committed by the same code (``DownloadClaim.store``, the background commit queue) — nothing unverified is
-  ever visible;
+  and committed by the same code (``DownloadClaim.store``; the loop runs the commits itself, a
+  :class:`~streamloader.cache.writing.CommitBatch` at a time, one sync each) — nothing unverified is ever visible;
 * each request takes a slot of the host's shared limiter (:meth:`~streamloader.remote.limits.HostLimiter.try_slot`)
   and reports how it went, so adaptive concurrency, pushback (429/503 + Retry-After) and the circuit breaker work
   as for every other request;
@@ -38,6 +38,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
 from urllib.parse import urljoin, urlsplit
 
+from streamloader.cache.writing import CommitBatch
 from streamloader.errors import HostUnreachableError
 from streamloader.remote import leanhttp
 from streamloader.remote.download import receive_body
@@ -142,6 +143,7 @@ class _Engine:
         self.primer = repo.primer([])  # run() makes the one of its list
         self.finished: Deque["asyncio.Future[_Outcome]"] = deque()  # downloads done, for run() to record
         self.wake: Optional["asyncio.Future[None]"] = None  # what run() waits on while none is done
+        self.commits = CommitBatch()  # files landed, committed here together (not by the queue's thread)
 
     def _needs_requests(self, url: str) -> bool:
         """Whether a proxy or a client certificate applies to ``url``'s origin (then requests must fetch it);
@@ -191,7 +193,13 @@ class _Engine:
                     continue
                 idle = 0.001
                 if not self.finished:
-                    await self._next_finish(0.05 if pending else None)  # (with files left: look at slots again)
+                    if self.commits.due():
+                        self.commits.run()
+                    # (with files left: look at slots again; with commits waiting: run them in time)
+                    timeout = 0.05 if pending else None
+                    if self.commits:
+                        timeout = min(timeout or 1.0, self.commits.max_age)
+                    await self._next_finish(timeout)
                 while self.finished:
                     task = self.finished.popleft()
                     running.discard(task)
@@ -200,6 +208,7 @@ class _Engine:
             for task in running:
                 task.cancel()
             session.close()
+            self.commits.run()
 
     async def _next_finish(self, timeout: Optional[float]) -> None:
         loop = asyncio.get_running_loop()
@@ -299,11 +308,13 @@ class _Engine:
 
         try:
             # here, in the loop: a writer thread measured slower (its hand-offs cost more than the write it moves)
-            size = claim.store(fill)
+            size = claim.store(fill, self.commits)
         except Exception as exc:  # noqa: BLE001 - a short, lying or corrupt body: warm() retries it
             log.debug("prefetch of %s goes to the thread path: %s", claim.path, exc)
             return await self._give_back(claim.path)
         self.counts.in_loop += 1
+        if len(self.commits) >= self.commits.max_len:
+            self.commits.run()
         return claim.path, size, None, False
 
     async def _get(self, session: ConnectionPool, claim: "WarmClaim", slot: "Slot") -> Body:

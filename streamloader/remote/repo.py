@@ -23,7 +23,7 @@ from typing import IO, Any, BinaryIO, Callable, Dict, Iterable, Optional, Sequen
 
 from streamloader import _forksafe, _realos
 from streamloader.cache import CacheKey, FileCache
-from streamloader.cache.writing import DownloadClaim, HeldLocks
+from streamloader.cache.writing import CommitBatch, DownloadClaim, HeldLocks
 from streamloader.errors import IntegrityError, RemoteError, RemoteFileNotFoundError
 from streamloader.remote import heads
 from streamloader.remote.buckets import Buckets, is_bucket_path
@@ -431,11 +431,11 @@ class WarmClaim:
         self.path, self.url, self.size = path, url, size
         self._claim, self._fetch = claim, fetch
 
-    def store(self, fill: Callable[[BinaryIO], None]) -> int:
-        """Write, verify and queue the commit of the bytes ``fill(fileobj)`` writes (see
+    def store(self, fill: Callable[[BinaryIO], None], batch: Optional[CommitBatch] = None) -> int:
+        """Write, verify and queue the commit of the bytes ``fill(fileobj)`` writes, or add it to ``batch`` (see
         :meth:`~streamloader.cache.writing.DownloadClaim.store`); the size stored. Raises on a mismatch."""
         try:
-            return self._claim.store(fill)
+            return self._claim.store(fill, batch)
         finally:
             self._fetch.release()
 
