@@ -51,6 +51,7 @@ def quick_ack(sock: Any) -> None:
 MAX_HEADER_BYTES = 64 << 10
 _MAX_IDLE = 256  # idle connections kept per origin
 _DNS_TTL = 300.0  # seconds an origin's resolved addresses are reused (as aiohttp's ttl_dns_cache)
+_RECV_BUFFER = 256 << 10  # bytes a connection reads at a time (asyncio's own default for a plain Protocol)
 
 
 class ExchangeError(Exception):
@@ -101,6 +102,9 @@ class ConnectionPool:
         self._idle: Dict[Tuple[str, str, int], List["_Connection"]] = defaultdict(list)
         self._addresses: Dict[Tuple[str, int], Tuple[float, List[Tuple[Any, ...]]]] = {}
         self._open: "set[_Connection]" = set()
+        # one receive buffer for every connection of the pool: each read is parsed (its pieces copied out) before
+        # the loop reads again, and a fresh 256 KiB bytes per read costs the allocator a heap extension each time
+        self._recv = memoryview(bytearray(_RECV_BUFFER))
 
     async def get(self, url: str, headers: Dict[str, str], limit: int,
                   deadline: Optional[float] = None) -> Response:
@@ -159,7 +163,7 @@ class ConnectionPool:
         for family, _kind, proto, _name, address in await self._addresses_of(host, port):
             try:
                 _transport, conn = await asyncio.wait_for(loop.create_connection(
-                    lambda: _Connection(self._open), address[0], address[1], ssl=tls, family=family, proto=proto,
+                    lambda: _Connection(self._open, self._recv), address[0], address[1], ssl=tls, family=family, proto=proto,
                     server_hostname=host if tls else None), limit)
                 return conn
             except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
@@ -250,7 +254,7 @@ class _Answer:
     def status(self) -> int:
         return self.parser.get_status_code()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: Any) -> None:
         """Parse ``data``, the next bytes from the connection (check ``error`` and ``done`` after)."""
         self.got_any = True
         if not self.headers_done:
@@ -311,11 +315,13 @@ class _Answer:
         self.keep_alive = self.parser.should_keep_alive()  # (only meaningful until the parser moves on)
 
 
-class _Connection(asyncio.Protocol):
-    """One connection: one exchange at a time, its answer parsed as it arrives."""
+class _Connection(asyncio.BufferedProtocol):
+    """One connection: one exchange at a time, its answer parsed as it arrives (read into ``buffer``, which other
+    connections of the loop share: what :meth:`buffer_updated` is given is parsed before the next read)."""
 
-    def __init__(self, registry: "set[_Connection]"):
+    def __init__(self, registry: "set[_Connection]", buffer: memoryview):
         self._registry = registry
+        self._buffer = buffer
         self.transport: Optional[asyncio.Transport] = None
         self._answer = _Answer()
         self._waiter: Optional["asyncio.Future[Response]"] = None
@@ -326,7 +332,13 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
         self._registry.add(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._buffer[:nbytes])
+
+    def data_received(self, data: Any) -> None:
         answer, waiter = self._answer, self._waiter
         if waiter is None or answer.done:  # nothing was asked: not an answer to anything
             self._break()

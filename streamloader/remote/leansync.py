@@ -57,7 +57,7 @@ class _Conn:
         if not got:
             what = "the connection closed before the answer's end" if answer.got_any else "the connection closed"
             raise ExchangeError(what, answered=answer.got_any)
-        answer.feed(bytes(self.view[:got]))
+        answer.feed(self.view[:got])  # (the parser copies out what it keeps)
         if answer.error is not None:
             raise answer.error
 
