@@ -71,7 +71,8 @@ def test_the_loop_downloads_every_file_once_verified_and_a_second_run_finds_them
 def test_the_loop_commits_its_own_files_in_batches_not_through_the_background_queue(tmp_path, files, make_server,
                                                                                     monkeypatch):
     """The background queue's thread would take the interpreter's lock from the loop for each system call of each
-    commit: the loop lands its files itself, a batch at a time, each batch with one sync."""
+    commit: the loop lands its files itself, a batch at a time, each batch with one sync, and reports each file
+    once it is in place (a worker process stopped by a cancel must never have reported one it then lost)."""
     from streamloader.cache import writing
     from streamloader.cache.commit_queue import QUEUE
 
@@ -88,6 +89,7 @@ def test_the_loop_commits_its_own_files_in_batches_not_through_the_background_qu
     def record(path, size, exc, cached):
         loop_thread.append(threading.get_ident())
         assert exc is None and not cached
+        assert repo.cached_path(path) is not None  # reported once it is in place, never before
 
     counts = aioprefetch.prefetch_async(repo, list(files), 64, record)
     assert counts.in_loop == len(files)

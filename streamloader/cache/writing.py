@@ -16,7 +16,6 @@ import weakref
 from typing import IO, TYPE_CHECKING, BinaryIO, Callable, Iterator, List, Optional, Set, Tuple, cast
 
 from streamloader import _forksafe
-
 from streamloader._files import TempFileVanished, rename_into_place, sync_files
 from streamloader.cache import scan as _cachescan
 from streamloader.cache.commit_queue import QUEUE, CommitTask, run_logged
@@ -297,9 +296,10 @@ class CommitBatch:
 
     Why not the background queue: its thread takes the interpreter's lock from the downloading thread for each of
     the few system calls a commit makes (measured: ~20 futex calls and as many thread switches per file). The owner
-    calls :meth:`run` when the batch holds :attr:`max_len` commits, when its oldest commit is :attr:`max_age` seconds old
-    (:meth:`due`), and when it ends; a commit not run yet holds its entry's locks (readers of it wait, as they do
-    for a download). A forked child drops the commits it inherited (their files and locks stay the parent's)."""
+    calls :meth:`run` when the batch holds :attr:`max_len` commits, when its oldest commit is :attr:`max_age`
+    seconds old (:meth:`due`), and when it ends; a commit not run yet holds its entry's locks (readers of it wait,
+    as they do for a download). A forked child drops the commits it inherited (their files and locks stay the
+    parent's)."""
 
     def __init__(self, max_len: int = 32, max_age: float = 0.02):
         self.max_len, self.max_age = max_len, max_age

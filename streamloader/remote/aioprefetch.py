@@ -141,9 +141,10 @@ class _Engine:
         self.deferred_in: Dict[str, int] = {}  # ... and the pass through the line that last put each one back
         self.passes = 0
         self.primer = repo.primer([])  # run() makes the one of its list
-        self.finished: Deque["asyncio.Future[_Outcome]"] = deque()  # downloads done, for run() to record
+        self.finished: Deque["asyncio.Future[Optional[_Outcome]]"] = deque()  # downloads done, for run() to record
         self.wake: Optional["asyncio.Future[None]"] = None  # what run() waits on while none is done
         self.commits = CommitBatch()  # files landed, committed here together (not by the queue's thread)
+        self.landed: List[_Outcome] = []  # ... and their outcomes, recorded once their batch is in place
 
     def _needs_requests(self, url: str) -> bool:
         """Whether a proxy or a client certificate applies to ``url``'s origin (then requests must fetch it);
@@ -175,7 +176,7 @@ class _Engine:
     async def run(self, paths: List[str]) -> None:
         pending: Deque[str] = deque(paths)
         self.primer = self.repo.primer(paths)
-        running: Set["asyncio.Future[_Outcome]"] = set()
+        running: Set["asyncio.Future[Optional[_Outcome]]"] = set()
         session = ConnectionPool(lambda: _ssl_context(self.repo), self.policy.connect_timeout, self._resolve)
         try:
             idle = 0.001
@@ -188,13 +189,14 @@ class _Engine:
                     return
                 wait = self._start(session, pending, running)
                 if not running:  # every slot is someone else's, or the host asked us to pause
+                    self._land()
                     await asyncio.sleep(min(max(wait, idle), 0.05))
                     idle = min(idle * 2, 0.05)
                     continue
                 idle = 0.001
+                if self.commits.due():
+                    self._land()
                 if not self.finished:
-                    if self.commits.due():
-                        self.commits.run()
                     # (with files left: look at slots again; with commits waiting: run them in time)
                     timeout = 0.05 if pending else None
                     if self.commits:
@@ -203,12 +205,22 @@ class _Engine:
                 while self.finished:
                     task = self.finished.popleft()
                     running.discard(task)
-                    self.record(*task.result())
+                    outcome = task.result()
+                    if outcome is not None:  # (None: downloaded here, recorded once its commit has run)
+                        self.record(*outcome)
         finally:
             for task in running:
                 task.cancel()
             session.close()
-            self.commits.run()
+            self._land()
+
+    def _land(self) -> None:
+        """Commit the files downloaded here and not committed yet (one sync), then record them: a file is reported
+        fetched once it is in place, so a worker process stopped meanwhile (cancel) never reports one it lost."""
+        self.commits.run()
+        landed, self.landed = self.landed, []
+        for outcome in landed:
+            self.record(*outcome)
 
     async def _next_finish(self, timeout: Optional[float]) -> None:
         loop = asyncio.get_running_loop()
@@ -221,7 +233,7 @@ class _Engine:
             if timer is not None:
                 timer.cancel()
 
-    def _start(self, session: Any, pending: Deque[str], running: Set["asyncio.Future[_Outcome]"]) -> float:
+    def _start(self, session: Any, pending: Deque[str], running: Set["asyncio.Future[Optional[_Outcome]]"]) -> float:
         """Start downloads while the limiter gives slots; returns how long waiting is worth when it gives none."""
         loop = asyncio.get_running_loop()
         while pending and len(running) < self.workers:
@@ -265,11 +277,12 @@ class _Engine:
                 self._track(running, self._give_back(path))
         return 0.0
 
-    def _track(self, running: Set["asyncio.Future[_Outcome]"], task: "asyncio.Future[_Outcome]") -> None:
+    def _track(self, running: Set["asyncio.Future[Optional[_Outcome]]"],
+               task: "asyncio.Future[Optional[_Outcome]]") -> None:
         running.add(task)
         task.add_done_callback(self._finish)
 
-    def _finish(self, task: "asyncio.Future[_Outcome]") -> None:
+    def _finish(self, task: "asyncio.Future[Optional[_Outcome]]") -> None:
         """A download ended: in line for run() (one callback per task, where ``asyncio.wait`` on the running set
         would add and remove one on every task in flight each time it waits)."""
         self.finished.append(task)
@@ -289,7 +302,7 @@ class _Engine:
         return path, size, None, cached
 
     # -- one download ---------------------------------------------------------------------------------------------
-    async def _download(self, session: Any, claim: "WarmClaim", slot: "Slot") -> _Outcome:
+    async def _download(self, session: Any, claim: "WarmClaim", slot: "Slot") -> Optional[_Outcome]:
         try:
             try:
                 body = await self._get(session, claim, slot)
@@ -313,9 +326,10 @@ class _Engine:
             log.debug("prefetch of %s goes to the thread path: %s", claim.path, exc)
             return await self._give_back(claim.path)
         self.counts.in_loop += 1
+        self.landed.append((claim.path, size, None, False))
         if len(self.commits) >= self.commits.max_len:
-            self.commits.run()
-        return claim.path, size, None, False
+            self._land()
+        return None
 
     async def _get(self, session: ConnectionPool, claim: "WarmClaim", slot: "Slot") -> Body:
         """GET the claim's URL (redirects followed, the token only to the API origin) and read its body, within a

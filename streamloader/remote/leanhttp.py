@@ -163,8 +163,8 @@ class ConnectionPool:
         for family, _kind, proto, _name, address in await self._addresses_of(host, port):
             try:
                 _transport, conn = await asyncio.wait_for(loop.create_connection(
-                    lambda: _Connection(self._open, self._recv), address[0], address[1], ssl=tls, family=family, proto=proto,
-                    server_hostname=host if tls else None), limit)
+                    lambda: _Connection(self._open, self._recv), address[0], address[1], ssl=tls, family=family,
+                    proto=proto, server_hostname=host if tls else None), limit)
                 return conn
             except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
                 failure = exc
