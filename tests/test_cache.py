@@ -97,6 +97,30 @@ def test_threads_share_one_download(tmp_path):
     assert results == [data] * 8
 
 
+def test_the_threads_locks_of_entries_live_only_while_in_use(tmp_path):
+    """Threads share one lock per entry while any of them holds or waits for it; none is kept after (one per file
+    read, kept for good, grew a process reading the user's 540k files by ~0.4 GB)."""
+    import gc
+
+    cache = FileCache(str(tmp_path / "c"))
+    blobs = [os.urandom(2000 + i) for i in range(300)]
+    for data in blobs:
+        with cache.open(git_key(data), writer(data, [], 1000, 0), len(data)) as f:
+            assert f.read() == data
+    cache.flush(10)
+    gc.collect()
+    assert len(cache._local_locks) == 0
+    key = git_key(blobs[0])
+    held = cache._thread_lock(key)
+    assert cache._thread_lock(key) is held  # the same lock while someone has it
+    with cache.locked(key):  # the cross-process lock on top: another thread waits on the same thread lock
+        assert held.locked() and cache._thread_lock(key) is held
+    assert len(cache._local_locks) == 1
+    del held
+    gc.collect()
+    assert len(cache._local_locks) == 0
+
+
 def _proc_fetch(root, data, marker_dir, out):
     cache = FileCache(root)
 

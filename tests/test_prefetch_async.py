@@ -3,6 +3,7 @@ downloads itself, what it hands to the thread path, and that the cache's guarant
 atomic, one download per file across processes, token only to the API origin, the host's limiter obeyed)."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -100,6 +101,8 @@ def test_the_loop_commits_its_own_files_in_batches_not_through_the_background_qu
     for path, data in files.items():
         assert _cached_bytes(repo, path) == data
     assert os.listdir(os.path.join(repo.cache.root, "tmp")) == []
+    gc.collect()
+    assert len(repo.cache._local_locks) == 0  # the threads' entry locks go once unused (not one kept per file)
 
 
 def test_unlisted_paths_are_fetched_under_their_location_and_missing_ones_fail_typed(tmp_path, files, make_server):

@@ -157,6 +157,7 @@ class CommitQueue:
                     self._running = []
                     self._unfinished -= len(batch)
                     self._cond.notify_all()
+            del task, batch  # (done: nothing of theirs is kept while the thread waits for more)
 
     # -- fork -----------------------------------------------------------------------------------------------------
     def _before_fork(self) -> None:

@@ -98,7 +98,9 @@ class FileCache(CacheWriter):
         self.corrupt_entries = 0
         self._full = verify == "full"
         self._checked: Set[CacheKey] = set()  # verify="full": entries this process hashed or downloaded
-        self._local_locks: Dict[str, threading.Lock] = {}
+        # threads' locks of the entries in use: a lock lives while someone holds it or waits for it (kept for good,
+        # one to three per file read at ~250 bytes each, an epoch of the user's 540k files held up to 0.4 GB)
+        self._local_locks: "weakref.WeakValueDictionary[str, threading.Lock]" = weakref.WeakValueDictionary()
         self._local_guard = threading.Lock()
         self._paths: Dict[CacheKey, str] = {}  # see path_for
         self._usage = _cachescan.SharedUsage(self.root)
@@ -114,7 +116,7 @@ class FileCache(CacheWriter):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_local_locks"] = {}
+        state["_local_locks"] = None
         state["_paths"] = {}
         state["_local_guard"] = state["_usage"] = None
         state["_checked"] = set()
@@ -127,7 +129,7 @@ class FileCache(CacheWriter):
 
     def _after_fork(self) -> None:
         # locks held by other threads at fork time would never be released in the child; "full" re-hashes per process
-        self._local_locks = {}
+        self._local_locks = weakref.WeakValueDictionary()
         self._local_guard = threading.Lock()
         self._usage = _cachescan.SharedUsage(self.root)
         self._checked = set()
@@ -158,8 +160,12 @@ class FileCache(CacheWriter):
 
     def _thread_lock(self, key: CacheKey) -> threading.Lock:
         # the entry lock belongs to an open file, not a thread: serialize threads of one process before taking it.
+        name = f"{key.kind}/{key.digest}"
         with self._local_guard:
-            return self._local_locks.setdefault(f"{key.kind}/{key.digest}", threading.Lock())
+            lock = self._local_locks.get(name)
+            if lock is None:  # (held by the caller from here: the table keeps it while anyone has it)
+                lock = self._local_locks[name] = threading.Lock()
+            return lock
 
     # -- reading --------------------------------------------------------------------------------------------------
     def get(self, key: CacheKey, size: Optional[int] = None) -> Optional[str]:
