@@ -72,20 +72,34 @@ def test_the_loop_downloads_every_file_once_verified_and_a_second_run_finds_them
 def test_the_loop_commits_its_own_files_in_batches_not_through_the_background_queue(tmp_path, files, make_server,
                                                                                     monkeypatch):
     """The background queue's thread would take the interpreter's lock from the loop for each system call of each
-    commit: the loop lands its files itself, a batch at a time, each batch with one sync, and reports each file
-    once it is in place (a worker process stopped by a cancel must never have reported one it then lost)."""
+    commit: the loop lands its files itself, a batch at a time, each batch with one sync (in a thread of its own:
+    the one step that waits for the disk), and reports each file once it is in place (a worker process stopped by
+    a cancel must never have reported one it then lost)."""
     from streamloader.cache import writing
     from streamloader.cache.commit_queue import QUEUE
 
     srv = make_server(tmp_path / "src", token=TOKEN)
     repo = remote_repo(srv, tmp_path / "cache", FAST)
     repo.ls("data")
-    syncs, fsyncs, queued, loop_thread = [], [], [], []
-    real_sync, real_fsync, real_submit = writing.sync_files, os.fsync, QUEUE.submit
-    monkeypatch.setattr(writing, "sync_files",
-                        lambda fds: (syncs.append((threading.get_ident(), len(fds))), real_sync(fds))[1])
-    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(threading.get_ident()), real_fsync(fd))[1])
+    syncs, fsyncs, queued, renames, loop_thread = [], [], [], [], []
+    real_sync, real_fsync, real_submit, real_rename = (writing.sync_files, os.fsync, QUEUE.submit,
+                                                       writing.rename_into_place)
+    inside = threading.local()  # (a sync of one file is an fsync: counted once, as that sync)
+
+    def sync(fds):
+        syncs.append((threading.get_ident(), len(fds)))
+        inside.on = True
+        try:
+            return real_sync(fds)
+        finally:
+            inside.on = False
+
+    monkeypatch.setattr(writing, "sync_files", sync)
+    monkeypatch.setattr(os, "fsync", lambda fd: (None if getattr(inside, "on", False) else fsyncs.append(fd),
+                                                 real_fsync(fd))[1])
     monkeypatch.setattr(QUEUE, "submit", lambda task: (queued.append(task), real_submit(task))[1])
+    monkeypatch.setattr(writing, "rename_into_place",
+                        lambda tmp, final: (renames.append(threading.get_ident()), real_rename(tmp, final))[1])
 
     def record(path, size, exc, cached):
         loop_thread.append(threading.get_ident())
@@ -95,7 +109,7 @@ def test_the_loop_commits_its_own_files_in_batches_not_through_the_background_qu
     counts = aioprefetch.prefetch_async(repo, list(files), 64, record)
     assert counts.in_loop == len(files)
     assert queued == []
-    assert {tid for tid, _n in syncs} | set(fsyncs) == set(loop_thread)  # all in the loop's thread
+    assert len(renames) == len(files) and set(renames) == set(loop_thread)  # put in place in the loop's thread
     assert sum(n for _tid, n in syncs) + len(fsyncs) == len(files)
     assert len(syncs) + len(fsyncs) <= len(files) // 2, (syncs, fsyncs)  # batches, not a sync per file
     for path, data in files.items():

@@ -23,7 +23,7 @@ from streamloader import _forksafe
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CommitTask", "CommitQueue", "QUEUE", "run_logged"]
+__all__ = ["CommitTask", "CommitQueue", "QUEUE"]
 
 _FORK_DRAIN_TIMEOUT = 60.0  # a fork waits this long for pending tasks (a hung disk must not hang the fork forever)
 _EXIT_DRAIN_TIMEOUT = 60.0  # and so does a process exit
@@ -46,7 +46,7 @@ class CommitTask:
     def run_batch(cls, tasks: List["CommitTask"]) -> None:
         """Run ``tasks`` (all of this class); the default runs them one by one."""
         for task in tasks:
-            run_logged(task)
+            _run_logged(task)
 
     def abandon(self) -> None:
         """Called in a forked child for a task the parent still owns: release inherited resources, do nothing else."""
@@ -75,7 +75,7 @@ class CommitQueue:
                 self._unfinished += 1
                 self._cond.notify_all()
                 return
-        run_logged(task)
+        _run_logged(task)
 
     def drain(self, timeout: Optional[float] = None) -> bool:
         """Wait until every submitted task has finished; False if ``timeout`` seconds passed first (or when a task
@@ -146,7 +146,7 @@ class CommitQueue:
                 self._running = batch
             try:
                 if len(batch) == 1:
-                    run_logged(task)
+                    _run_logged(task)
                 else:
                     try:
                         kind.run_batch(batch)
@@ -179,7 +179,7 @@ class CommitQueue:
                 log.debug("abandoning an inherited task failed", exc_info=True)
 
 
-def run_logged(task: CommitTask) -> None:
+def _run_logged(task: CommitTask) -> None:
     """Run ``task``; a failure is logged, not raised (tasks own their cleanup)."""
     try:
         task.run()

@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, BinaryIO, Callable, Iterator, List, Option
 from streamloader import _forksafe
 from streamloader._files import TempFileVanished, rename_into_place, sync_files
 from streamloader.cache import scan as _cachescan
-from streamloader.cache.commit_queue import QUEUE, CommitTask, run_logged
+from streamloader.cache.commit_queue import QUEUE, CommitTask
 from streamloader.cache.entrylock import EntryLock, Timeout
 from streamloader.cache.key import CacheKey
 from streamloader.cache.verify import HashingWriter
@@ -275,14 +275,20 @@ class _PendingCommit(CommitTask):
         """Commit ``tasks`` with one sync for all of them (:func:`~streamloader._files.sync_files`), then rename each
         into place and release its locks; if that sync fails, each is committed on its own (``fsync`` each)."""
         commits = cast("list[_PendingCommit]", tasks)
-        try:
-            sync_files([commit.raw.fileno() for commit in commits])
-            synced = True
-        except (OSError, ValueError) as exc:
-            log.debug("one sync for %d cache entries failed (%s); syncing each", len(commits), exc)
-            synced = False
+        synced = cls.sync_batch(commits)
         for commit in commits:
             commit.run(synced)
+
+    @staticmethod
+    def sync_batch(commits: "list[_PendingCommit]") -> bool:
+        """Make the files of ``commits`` durable with one sync (the part of a batch that waits for the disk);
+        False when that failed (then each :meth:`run` fsyncs its own)."""
+        try:
+            sync_files([commit.raw.fileno() for commit in commits])
+            return True
+        except (OSError, ValueError) as exc:
+            log.debug("one sync for %d cache entries failed (%s); syncing each", len(commits), exc)
+            return False
 
     def abandon(self) -> None:
         # In a forked child: close the inherited copies of the fds (never unlock: the lock is the parent's).
@@ -296,10 +302,11 @@ class CommitBatch:
 
     Why not the background queue: its thread takes the interpreter's lock from the downloading thread for each of
     the few system calls a commit makes (measured: ~20 futex calls and as many thread switches per file). The owner
-    calls :meth:`run` when the batch holds :attr:`max_len` commits, when its oldest commit is :attr:`max_age`
-    seconds old (:meth:`due`), and when it ends; a commit not run yet holds its entry's locks (readers of it wait,
-    as they do for a download). A forked child drops the commits it inherited (their files and locks stay the
-    parent's)."""
+    lands the batch when it holds :attr:`max_len` commits, when its oldest commit is :attr:`max_age` seconds old
+    (:meth:`due`), and when it ends: :meth:`run` here and now, or :meth:`take` the commits, :meth:`sync` them in
+    another thread (the one step that waits for the disk), then :meth:`finish` them. A commit not finished yet
+    holds its entry's locks (readers of it wait, as they do for a download). A forked child drops the commits its
+    batches held (their files and locks stay the parent's)."""
 
     def __init__(self, max_len: int = 32, max_age: float = 0.02):
         self.max_len, self.max_age = max_len, max_age
@@ -321,15 +328,30 @@ class CommitBatch:
         return bool(self._commits) and time.monotonic() - self._since >= self.max_age
 
     def run(self) -> None:
-        """Commit every entry added (see :meth:`_PendingCommit.run_batch`); a failure is logged, never raised."""
+        """Commit every entry added, here and now (see :meth:`_PendingCommit.run_batch`)."""
+        commits = self.take()
+        self.finish(commits, len(commits) > 1 and self.sync(commits))
+
+    def take(self) -> List["_PendingCommit"]:
+        """Every commit added, handed over (the batch is empty after): :meth:`sync` them (in a thread that may
+        wait for the disk), then :meth:`finish` them. Until then they hold their entries' locks."""
         commits, self._commits = self._commits, []
-        if len(commits) == 1:
-            run_logged(commits[0])
-        elif commits:
+        return commits
+
+    @staticmethod
+    def sync(commits: List["_PendingCommit"]) -> bool:
+        """Make ``commits``' files durable with one sync; False if that failed (or there are none)."""
+        return bool(commits) and _PendingCommit.sync_batch(commits)
+
+    @staticmethod
+    def finish(commits: List["_PendingCommit"], synced: bool) -> None:
+        """Rename each of ``commits`` into place and release its locks (each one fsynced first unless
+        ``synced``); a failure is logged, never raised: the entry is then not cached, nothing else is lost."""
+        for commit in commits:
             try:
-                _PendingCommit.run_batch(list(commits))
-            except Exception:  # noqa: BLE001 - each commit logs its own failure; this is the sync's bookkeeping
-                log.warning("a batch of %d cache commits failed", len(commits), exc_info=True)
+                commit.run(synced)
+            except Exception:  # noqa: BLE001 - run() logs its own failures; this is a last resort
+                log.warning("cache commit %r failed", commit, exc_info=True)
 
     def _abandon(self) -> None:
         commits, self._commits = self._commits, []

@@ -145,6 +145,9 @@ class _Engine:
         self.wake: Optional["asyncio.Future[None]"] = None  # what run() waits on while none is done
         self.commits = CommitBatch()  # files landed, committed here together (not by the queue's thread)
         self.landed: List[_Outcome] = []  # ... and their outcomes, recorded once their batch is in place
+        # the one batch whose sync runs in the syncer's thread meanwhile: (its commits, their outcomes, the sync)
+        self.syncing: Optional[Tuple[List[Any], List[_Outcome], "Future[bool]"]] = None
+        self.syncer = _DaemonPool(1, "streamloader-prefetch-sync")
 
     def _needs_requests(self, url: str) -> bool:
         """Whether a proxy or a client certificate applies to ``url``'s origin (then requests must fetch it);
@@ -169,6 +172,7 @@ class _Engine:
     def close(self) -> None:
         self.pool.shutdown()
         self.lookups.shutdown()
+        self.syncer.shutdown()
         if self.counts.given_back:
             log.debug("prefetch: %s", self.counts)
 
@@ -189,17 +193,17 @@ class _Engine:
                     return
                 wait = self._start(session, pending, running)
                 if not running:  # every slot is someone else's, or the host asked us to pause
-                    self._land()
+                    self._land_now()
                     await asyncio.sleep(min(max(wait, idle), 0.05))
                     idle = min(idle * 2, 0.05)
                     continue
                 idle = 0.001
-                if self.commits.due():
-                    self._land()
+                self._land_soon()
                 if not self.finished:
-                    # (with files left: look at slots again; with commits waiting: run them in time)
+                    # (with files left: look at slots again; with commits waiting: run them in time; a sync that
+                    # ends wakes the loop itself)
                     timeout = 0.05 if pending else None
-                    if self.commits:
+                    if self.commits and self.syncing is None:
                         timeout = min(timeout or 1.0, self.commits.max_age)
                     await self._next_finish(timeout)
                 while self.finished:
@@ -212,13 +216,42 @@ class _Engine:
             for task in running:
                 task.cancel()
             session.close()
-            self._land()
+            self._land_now()
 
-    def _land(self) -> None:
-        """Commit the files downloaded here and not committed yet (one sync), then record them: a file is reported
-        fetched once it is in place, so a worker process stopped meanwhile (cancel) never reports one it lost."""
-        self.commits.run()
-        landed, self.landed = self.landed, []
+    # -- commits of the files downloaded here -----------------------------------------------------------------------
+    # A file is recorded (reported fetched) once its commit has put it in place, so that a worker process stopped
+    # meanwhile (a cancel) never reports one it then lost. The sync of a batch waits for the disk: it runs in the
+    # syncer's thread (one hand-off per batch) while the loop goes on; renaming into place and unlocking run here.
+    def _land_soon(self) -> None:
+        """Finish the batch whose sync has ended; start the sync of the next one once it is full or due."""
+        syncing = self.syncing
+        if syncing is not None:
+            if not syncing[2].done():
+                return
+            self.syncing = None
+            self._finish_batch(syncing[0], syncing[1], _synced_ok(syncing[2]))
+        if self.commits and (len(self.commits) >= self.commits.max_len or self.commits.due()):
+            commits, landed, self.landed = self.commits.take(), self.landed, []
+            future = self.syncer.submit(CommitBatch.sync, commits)
+            self.syncing = (commits, landed, future)
+            loop = asyncio.get_running_loop()
+            future.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._synced))
+
+    def _synced(self) -> None:
+        if self.wake is not None:
+            _settle(self.wake)
+
+    def _land_now(self) -> None:
+        """Land everything downloaded here, waiting for the batch being synced: at the end, or with nothing in
+        flight."""
+        syncing, self.syncing = self.syncing, None
+        if syncing is not None:
+            self._finish_batch(syncing[0], syncing[1], _synced_ok(syncing[2]))
+        commits, landed, self.landed = self.commits.take(), self.landed, []
+        self._finish_batch(commits, landed, CommitBatch.sync(commits) if len(commits) > 1 else False)
+
+    def _finish_batch(self, commits: List[Any], landed: List[_Outcome], synced: bool) -> None:
+        CommitBatch.finish(commits, synced)
         for outcome in landed:
             self.record(*outcome)
 
@@ -328,7 +361,7 @@ class _Engine:
         self.counts.in_loop += 1
         self.landed.append((claim.path, size, None, False))
         if len(self.commits) >= self.commits.max_len:
-            self._land()
+            self._land_soon()
         return None
 
     async def _get(self, session: ConnectionPool, claim: "WarmClaim", slot: "Slot") -> Body:
@@ -437,6 +470,14 @@ class _DaemonPool:
             self._calls.put(None)
         for thread in self._threads:
             thread.join()
+
+
+def _synced_ok(future: "Future[bool]") -> bool:
+    """The outcome of a batch's sync, waiting for it: False (each commit then fsyncs its own) if it failed."""
+    try:
+        return bool(future.result())
+    except BaseException:  # noqa: BLE001 - whatever stopped the sync, the commits must still be finished
+        return False
 
 
 def _settle(future: "asyncio.Future[None]") -> None:
