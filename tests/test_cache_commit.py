@@ -346,23 +346,25 @@ def test_a_commit_batch_lands_its_entries_with_one_sync_when_its_owner_runs_it(t
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
-def test_a_forked_child_drops_the_commits_of_a_batch_and_the_parent_still_lands_them(tmp_path):
+@pytest.mark.parametrize("taken", [False, True], ids=["waiting", "taken-for-sync"])
+def test_a_forked_child_drops_the_commits_of_a_batch_and_the_parent_still_lands_them(tmp_path, taken):
     from streamloader.cache.writing import CommitBatch
 
     cache = FileCache(str(tmp_path / "c"))
     batch = CommitBatch()
     blobs = _claim_into(cache, batch, 3)
-    fds = [commit.raw.fileno() for commit in batch._commits]
+    files = {commit.raw.fileno(): os.fstat(commit.raw.fileno()).st_ino for commit in batch._commits}
+    commits = batch.take() if taken else None  # (handed to a sync that is under way when the fork comes)
     pid = os.fork()
     if pid == 0:  # the child: nothing inherited is left open, nothing was committed here
         code = 0
         try:
             if len(batch) != 0:
                 code = 3
-            for fd in fds:
+            for fd, inode in files.items():
                 try:
-                    os.fstat(fd)
-                    code = 4
+                    if os.fstat(fd).st_ino == inode:  # (the number may be reused by then: the file may not)
+                        code = 4
                 except OSError:
                     pass
             if any(cache.get(git_key(data)) is not None for data in blobs):
@@ -371,8 +373,12 @@ def test_a_forked_child_drops_the_commits_of_a_batch_and_the_parent_still_lands_
             os._exit(code)
     _pid, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert len(batch) == 3
-    batch.run()
+    if taken:
+        batch.finish(commits, CommitBatch.sync(commits))
+        assert batch._taken == []
+    else:
+        assert len(batch) == 3
+        batch.run()
     for data in blobs:
         with open(cache.get(git_key(data), len(data)), "rb") as f:
             assert f.read() == data

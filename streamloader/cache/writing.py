@@ -311,6 +311,7 @@ class CommitBatch:
     def __init__(self, max_len: int = 32, max_age: float = 0.02):
         self.max_len, self.max_age = max_len, max_age
         self._commits: List[_PendingCommit] = []
+        self._taken: List[List[_PendingCommit]] = []  # handed over by take(), not finished yet (a fork drops them)
         self._since = 0.0
         _LIVE_BATCHES.add(self)
 
@@ -336,6 +337,8 @@ class CommitBatch:
         """Every commit added, handed over (the batch is empty after): :meth:`sync` them (in a thread that may
         wait for the disk), then :meth:`finish` them. Until then they hold their entries' locks."""
         commits, self._commits = self._commits, []
+        if commits:
+            self._taken.append(commits)
         return commits
 
     @staticmethod
@@ -343,19 +346,23 @@ class CommitBatch:
         """Make ``commits``' files durable with one sync; False if that failed (or there are none)."""
         return bool(commits) and _PendingCommit.sync_batch(commits)
 
-    @staticmethod
-    def finish(commits: List["_PendingCommit"], synced: bool) -> None:
-        """Rename each of ``commits`` into place and release its locks (each one fsynced first unless
-        ``synced``); a failure is logged, never raised: the entry is then not cached, nothing else is lost."""
-        for commit in commits:
-            try:
-                commit.run(synced)
-            except Exception:  # noqa: BLE001 - run() logs its own failures; this is a last resort
-                log.warning("cache commit %r failed", commit, exc_info=True)
+    def finish(self, commits: List["_PendingCommit"], synced: bool) -> None:
+        """Rename each of ``commits`` (what :meth:`take` gave) into place and release its locks (each one fsynced
+        first unless ``synced``); a failure is logged, never raised: the entry is then not cached, nothing else is
+        lost."""
+        try:
+            for commit in commits:
+                try:
+                    commit.run(synced)
+                except Exception:  # noqa: BLE001 - run() logs its own failures; this is a last resort
+                    log.warning("cache commit %r failed", commit, exc_info=True)
+        finally:
+            self._taken = [taken for taken in self._taken if taken is not commits]
 
     def _abandon(self) -> None:
         commits, self._commits = self._commits, []
-        for commit in commits:
+        taken, self._taken = self._taken, []
+        for commit in commits + [one for batch in taken for one in batch]:
             commit.abandon()
 
 

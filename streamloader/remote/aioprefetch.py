@@ -251,7 +251,7 @@ class _Engine:
         self._finish_batch(commits, landed, CommitBatch.sync(commits) if len(commits) > 1 else False)
 
     def _finish_batch(self, commits: List[Any], landed: List[_Outcome], synced: bool) -> None:
-        CommitBatch.finish(commits, synced)
+        self.commits.finish(commits, synced)
         for outcome in landed:
             self.record(*outcome)
 
