@@ -331,7 +331,7 @@ class CommitBatch:
     def run(self) -> None:
         """Commit every entry added, here and now (see :meth:`_PendingCommit.run_batch`)."""
         commits = self.take()
-        self.finish(commits, len(commits) > 1 and self.sync(commits))
+        self.finish(commits, self.sync(commits))  # (one file's sync is its fsync)
 
     def take(self) -> List["_PendingCommit"]:
         """Every commit added, handed over (the batch is empty after): :meth:`sync` them (in a thread that may

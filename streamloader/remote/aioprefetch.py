@@ -247,8 +247,10 @@ class _Engine:
         syncing, self.syncing = self.syncing, None
         if syncing is not None:
             self._finish_batch(syncing[0], syncing[1], _synced_ok(syncing[2]))
-        commits, landed, self.landed = self.commits.take(), self.landed, []
-        self._finish_batch(commits, landed, CommitBatch.sync(commits) if len(commits) > 1 else False)
+        landed, self.landed = self.landed, []
+        self.commits.run()
+        for outcome in landed:
+            self.record(*outcome)
 
     def _finish_batch(self, commits: List[Any], landed: List[_Outcome], synced: bool) -> None:
         self.commits.finish(commits, synced)
