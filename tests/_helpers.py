@@ -19,6 +19,7 @@ Jobs (a real training job in its own processes: tests/resume_job.py, tests/multi
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,8 +27,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, ContextManager, Dict, Iterator, List, Optional, Sequence, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -61,6 +63,29 @@ def child_pids(pid: int) -> List[int]:
         if int(fields[1]) == pid and fields[0] != "Z":
             found.append(int(entry))
     return found
+
+
+@contextlib.contextmanager
+def held_by_another_thread(*locks: ContextManager[Any]) -> Iterator[None]:
+    """Another thread is inside ``locks`` (entered in order) for the whole block: what a fork meanwhile inherits
+    (the child has no thread that would ever release them)."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with contextlib.ExitStack() as stack:
+            for lock in locks:
+                stack.enter_context(lock)
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(10), "the holding thread never got the locks"
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(10)
 
 
 def free_port() -> int:

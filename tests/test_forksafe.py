@@ -12,7 +12,7 @@ from typing import List
 
 import pytest
 
-from _helpers import git_key
+from _helpers import git_key, held_by_another_thread
 from streamloader import _forksafe
 from streamloader.cache import FileCache, entrylock
 from streamloader.hooks import router
@@ -75,28 +75,15 @@ def _use_locks_in_child(cache: FileCache, out) -> None:
 @needs_fork
 def test_locks_another_thread_holds_at_fork_time_are_usable_in_the_child(tmp_path):
     cache = FileCache(str(tmp_path / "c"))
-    held, done = threading.Event(), threading.Event()
-
-    def holder() -> None:  # another thread is inside the locks when the process forks
-        with router.lock(), cache._local_guard:
-            held.set()
-            done.wait(60)
-
-    thread = threading.Thread(target=holder, daemon=True)
-    thread.start()
-    assert held.wait(10)
     ctx = mp.get_context("fork")
     out = ctx.Queue()
-    try:
+    with held_by_another_thread(router.lock(), cache._local_guard):  # another thread is inside them at the fork
         child = ctx.Process(target=_use_locks_in_child, args=(cache, out))
         child.start()
         child.join(60)
         if child.exitcode is None:
             child.kill()
             child.join()
-    finally:
-        done.set()
-        thread.join(10)
     assert child.exitcode == 0, "the child deadlocked on a lock another thread held at fork time"
     assert out.get(timeout=5) == (True, b"stored in the child")
 

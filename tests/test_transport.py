@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from _helpers import held_by_another_thread
 from streamloader.errors import RemoteError
 from streamloader.remote.client import DagsHubClient, RetryPolicy
 
@@ -311,26 +312,15 @@ def test_a_child_forked_while_another_thread_holds_the_clients_locks_still_downl
     srv = make_server(str(tree), token=TOKEN)
     client = DagsHubClient(srv.repo_url, token=TOKEN, retry=FAST)
     assert client.read_bytes("data/00.bin") == (tree / "data" / "00.bin").read_bytes()
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with client._lock, client._session_lock, client.transport._lock:
-            held.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold, daemon=True)
-    holder.start()
-    assert held.wait(10)
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
     child = ctx.Process(target=_child_reads_once, args=(client, out))
-    try:
-        child.start()
-        assert out.get(timeout=30) == (tree / "data" / "01.bin").read_bytes()
-        child.join(timeout=30)
-        assert child.exitcode == 0
-    finally:
-        release.set()
-        holder.join(10)
-        if child.is_alive():
-            child.kill()
+    with held_by_another_thread(client._lock, client._session_lock, client.transport._lock):
+        try:
+            child.start()
+            assert out.get(timeout=30) == (tree / "data" / "01.bin").read_bytes()
+            child.join(timeout=30)
+            assert child.exitcode == 0
+        finally:
+            if child.is_alive():
+                child.kill()
