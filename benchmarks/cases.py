@@ -1,4 +1,4 @@
-"""The benchmark cases (P10 in :mod:`.cases_scale`, P11 in :mod:`.cases_mount`, P12-P14 in :mod:`.cases_fetch`): each runs its sides (in child processes) and turns them into table rows.
+"""The benchmark cases (P10 in :mod:`.cases_scale`, P11 in :mod:`.cases_mount`, P12-P15 in :mod:`.cases_fetch`): each runs its sides (in child processes) and turns them into table rows.
 
 Ratios are always "how many times better streamloader is", so a goal reads the same way for every row, except
 P4 (time with hooks / time without: lower is better) and the absolute goals (P7, P8, P9).
@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, List
 
 from benchmarks import cases_fetch, cases_mount, cases_scale
-from benchmarks.cases_fetch import case_p12, case_p13, case_p14
+from benchmarks.cases_fetch import case_p12, case_p13, case_p14, case_p15
 from benchmarks.cases_mount import case_p11
 from benchmarks.cases_scale import case_p10
 from benchmarks.report import CaseResult
@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from benchmarks.runner import BenchContext
 
 __all__ = ["TITLES", "GOALS", "case_p1", "case_p2", "case_p2n", "case_p3", "case_p4", "case_p5", "case_p6", "case_p7",
-           "case_p8", "case_p9", "case_p10", "case_p11", "case_p12", "case_p13", "case_p14"]
+           "case_p8", "case_p9", "case_p10", "case_p11", "case_p12", "case_p13", "case_p14",
+           "case_p15"]
 
 TITLES = {
     "P1": "cold epoch, streamloader dataset (background prefetch) vs guide loop + official hooks",

@@ -6,6 +6,8 @@
 * P13: 100 ms latency, a server that accepts 128 requests in flight (429 above): the default (adaptive) prefetch vs
   ``max_concurrency=32``; the peak in flight is the server's count.
 * P14: client CPU per file of a concurrent fetch, no latency (server in another process), fsspec's beside it.
+* P15: P12 against an independent peer (:mod:`.peer`: aiohttp, one event loop, ~0.3 ms of CPU per file where
+  ``streamloader serve`` takes ~1 ms), with Nagle off (P15) and on (P15n), and P15b its fetch phase vs the bound.
 
 Every side runs in a fresh process with a fresh cache (and so a fresh host limiter); the sides take turns round by
 round (alternating who goes first) and the medians count. The sides are in :mod:`.sides_fetch`.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import os
 import statistics
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from benchmarks.report import CaseResult
 from benchmarks.sides_fetch import fsspec_http_missing
@@ -22,14 +24,15 @@ from benchmarks.sides_fetch import fsspec_http_missing
 if TYPE_CHECKING:
     from benchmarks.runner import BenchContext
 
-__all__ = ["TITLES", "GOALS", "case_p12", "case_p13", "case_p14"]
+__all__ = ["TITLES", "GOALS", "case_p12", "case_p13", "case_p14", "case_p15"]
 
 TITLES = {
     "P12": "cold fetch of small files: fs.prefetch vs fsspec filecache over http (aiohttp), fs.cat(urls)",
     "P13": "100 ms latency, server accepting 128 in flight: prefetch, adaptive (default) vs max_concurrency=32",
     "P14": "client CPU per small file, concurrent fetch, no latency (fsspec filecache as baseline)",
+    "P15": "P12 against an independent DagsHub-like server (aiohttp, one event loop: benchmarks/peer.py)",
 }
-GOALS = {"P12": ">= 1.5x", "P13": ">= 2.5x", "P14": "<= 0.5 ms"}
+GOALS = {"P12": ">= 1.5x", "P13": ">= 2.5x", "P14": "<= 0.5 ms", "P15": ">= 1.5x"}
 FETCH_PHASE_GOAL = 0.85  # P12b: fraction of the bound N x latency / C
 
 
@@ -37,27 +40,51 @@ def _paths(ctx: "BenchContext", n: int) -> List[str]:
     return [f"data/{i:08d}.jpg" for i in range(min(n, ctx.sizes.n_images))]
 
 
-def _peak_in_flight(ctx: "BenchContext") -> int:
-    """The most raw GETs the server had in flight at once since the last reset (its own count)."""
-    return max((int(e.get("in_flight") or 0) for e in ctx.server.request_log
-                if e["kind"] == "raw" and e["method"] == "GET"), default=0)
+class _Target:
+    """The server a case's sides fetch from, with what :func:`_rounds` reads of it: its URLs and process id, and
+    its own counts (since ``reset()``) of raw GETs and of the most raw GETs it had in flight at once."""
+
+    def __init__(self, url: str, repo_url: str, pid: Optional[int], reset: Callable[[], None],
+                 raw_gets: Callable[[], int], peak_in_flight: Callable[[], int]):
+        self.url, self.repo_url, self.pid = url, repo_url, pid
+        self.reset, self.raw_gets, self.peak_in_flight = reset, raw_gets, peak_in_flight
+
+
+def _own_server(ctx: "BenchContext") -> _Target:
+    """The bench's ``streamloader serve`` subprocess (its request log has the counts)."""
+    def peak() -> int:
+        return max((int(e.get("in_flight") or 0) for e in ctx.server.request_log
+                    if e["kind"] == "raw" and e["method"] == "GET"), default=0)
+
+    return _Target(ctx.server.url, ctx.repo_url, getattr(ctx.server, "pid", None), ctx.server.reset_counts,
+                   lambda: sum(ctx.raw_gets().values()), peak)
+
+
+def _peer(peer: Any) -> _Target:
+    """A :class:`~benchmarks.peer.PeerProcess` (its ``/_peer/stats`` has the counts)."""
+    return _Target(peer.url, peer.repo_url, peer.pid, peer.reset_counts, lambda: int(peer.stats()["raw_gets"]),
+                   lambda: int(peer.stats()["peak"]))
 
 
 def _rounds(ctx: "BenchContext", sides: Mapping[str, Mapping[str, Any]], paths: Sequence[str],
-            rounds: int) -> Dict[str, List[Dict[str, Any]]]:
-    """Run every side once per round, in fresh processes and caches, alternating the order; each run gets the
-    server's peak in flight and the raw GETs it made added to its figures."""
+            rounds: int, target: Optional[_Target] = None) -> Dict[str, List[Dict[str, Any]]]:
+    """Run every side once per round, in fresh processes and caches, alternating the order, against ``target``
+    (default: the bench's own server); each run gets the server's CPU, its peak in flight and the raw GETs it
+    answered added to its figures."""
+    target = target or _own_server(ctx)
     runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in sides}
     names = list(sides)
     for number in range(rounds):
         for name in (names if number % 2 == 0 else names[::-1]):
-            ctx.server.reset_counts()
-            server_cpu = _server_cpu(ctx)
-            result = ctx.child("cold_fetch", {**sides[name], "repo_url": ctx.repo_url, "paths": list(paths)})
+            target.reset()
+            server_cpu = _process_cpu(target.pid)
+            env = {**ctx.env(), "DAGSHUB_CLIENT_HOST": target.url}
+            result = ctx.child("cold_fetch", {**sides[name], "repo_url": target.repo_url, "paths": list(paths)},
+                               env=env)
             if server_cpu is not None:  # (it includes the side's branch lookup: two requests)
-                result["server_cpu_s"] = _server_cpu(ctx) - server_cpu  # type: ignore[operator]
-            result["peak_in_flight"] = _peak_in_flight(ctx)
-            result["raw_gets"] = sum(ctx.raw_gets().values())
+                result["server_cpu_s"] = _process_cpu(target.pid) - server_cpu  # type: ignore[operator]
+            result["peak_in_flight"] = target.peak_in_flight()
+            result["raw_gets"] = target.raw_gets()
             runs[name].append(result)
     reference = {(run["files"], run["bytes"]) for side in runs.values() for run in side}
     if len(reference) != 1:
@@ -79,9 +106,8 @@ def _cpu_bound(runs: Sequence[Mapping[str, Any]], files: int) -> Dict[str, Any]:
                      f"on {cores} cores = a floor of {floor:.2f} s")}
 
 
-def _server_cpu(ctx: "BenchContext") -> Optional[float]:
-    """CPU seconds the server process has used so far (Linux /proc), or None where that cannot be read."""
-    pid = getattr(ctx.server, "pid", None)
+def _process_cpu(pid: Optional[int]) -> Optional[float]:
+    """CPU seconds the (server) process ``pid`` has used so far (Linux /proc), or None where that cannot be read."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -109,23 +135,16 @@ def _fetch_sides(missing: Optional[str]) -> Dict[str, Dict[str, Any]]:
     return sides
 
 
-def _p12_mode(ctx: "BenchContext", mode: str, paths: Sequence[str], missing: Optional[str]) -> Tuple[CaseResult,
-                                                                                                      Dict[str, Any]]:
+def _p12_mode(ctx: "BenchContext", row_id: str, where: str, paths: Sequence[str], missing: Optional[str],
+              target: Optional[_Target] = None) -> Tuple[CaseResult, Dict[str, Any]]:
+    """One P12-like row: both sides' cold fetch of ``paths`` from ``target`` (``where`` names it in the title)."""
     sizes = ctx.sizes
-    if mode == "nagle":
-        ctx.server.set_faults(nagle=True)  # new connections only: every side is a new process
-    try:
-        runs = _rounds(ctx, _fetch_sides(missing), paths, sizes.p12_rounds)
-    finally:
-        if mode == "nagle":
-            ctx.server.set_faults(nagle=False)
+    runs = _rounds(ctx, _fetch_sides(missing), paths, sizes.p12_rounds, target)
     ours = _median(runs["streamloader"], "seconds")
     peak = int(statistics.median(run["peak_in_flight"] for run in runs["streamloader"]))
-    row_id = "P12" if mode == "default" else "P12n"
-    where = "default server" if mode == "default" else "server with Nagle on"
     base = (f"{TITLES['P12']} ({len(paths)} JPEGs, {sizes.latency * 1e3:.0f} ms, {where}, "
             f"{_of_rounds(sizes.p12_rounds)}; server-side peak in flight {peak}")
-    details: Dict[str, Any] = {"mode": mode, "runs": runs, "ours_s": ours, "ours_peak_in_flight": peak}
+    details: Dict[str, Any] = {"server": where, "runs": runs, "ours_s": ours, "ours_peak_in_flight": peak}
     if missing is not None:
         return (CaseResult(row_id, f"{base}) -- fsspec side NOT RUN: {missing}", ours, None, "s", None,
                            GOALS["P12"], None, details=details), details)
@@ -139,25 +158,55 @@ def _p12_mode(ctx: "BenchContext", mode: str, paths: Sequence[str], missing: Opt
                        details=details), details)
 
 
-def case_p12(ctx: "BenchContext") -> List[CaseResult]:
-    """P12 (default server), P12n (Nagle on) and P12b (P12's fetch phase vs N x latency / 32)."""
+def _bound_row(ctx: "BenchContext", row_id: str, of: str, paths: Sequence[str], default: Mapping[str, Any]
+               ) -> CaseResult:
+    """``of``'s fetch phase (``default``: its details) against the bound N x latency / C, with the CPU floor."""
     sizes = ctx.sizes
-    paths = _paths(ctx, sizes.p12_files)
-    missing = fsspec_http_missing()
-    default_row, default = _p12_mode(ctx, "default", paths, missing)
-    nagle_row, _nagle = _p12_mode(ctx, "nagle", paths, missing)
     concurrency = sizes.concurrency
     bound = len(paths) * sizes.latency / concurrency
     fraction = bound / default["ours_s"] if default["ours_s"] > 0 else float("inf")
     at_ceiling = len(paths) * sizes.latency / 128
     extra = (f"; fsspec: {bound / default['fsspec_s']:.2f} of it" if "fsspec_s" in default else "")
     cpu = _cpu_bound(default["runs"]["streamloader"], len(paths))
-    bound_row = CaseResult(
-        "P12b", f"P12 fetch phase (default server) vs bound N*latency/{concurrency} = {bound:.2f} s (vs N*latency/128 "
+    return CaseResult(
+        row_id, f"{of} fetch phase vs bound N*latency/{concurrency} = {bound:.2f} s (vs N*latency/128 "
                 f"= {at_ceiling:.2f} s: {at_ceiling / default['ours_s']:.2f}{extra}{cpu['text']})",
         default["ours_s"], bound, "s", fraction, f">= {FETCH_PHASE_GOAL}x", fraction >= FETCH_PHASE_GOAL,
         details={"bound_s": bound, "bound_at_128_s": at_ceiling, "ours_s": default["ours_s"], **cpu})
-    return [default_row, nagle_row, bound_row]
+
+
+def case_p12(ctx: "BenchContext") -> List[CaseResult]:
+    """P12 (default server), P12n (Nagle on) and P12b (P12's fetch phase vs N x latency / 32)."""
+    paths = _paths(ctx, ctx.sizes.p12_files)
+    missing = fsspec_http_missing()
+    default_row, default = _p12_mode(ctx, "P12", "default server", paths, missing)
+    ctx.server.set_faults(nagle=True)  # new connections only: every side is a new process
+    try:
+        nagle_row, _nagle = _p12_mode(ctx, "P12n", "server with Nagle on", paths, missing)
+    finally:
+        ctx.server.set_faults(nagle=False)
+    return [default_row, nagle_row, _bound_row(ctx, "P12b", "P12 (default server)", paths, default)]
+
+
+def case_p15(ctx: "BenchContext") -> List[CaseResult]:
+    """P12 against the independent peer (benchmarks/peer.py): Nagle off (P15), on (P15n), and P15b (P15's fetch
+    phase vs N x latency / 32). Needs aiohttp (the peer's server): without it, one NOT RUN row."""
+    from benchmarks.peer import PeerProcess
+
+    paths = _paths(ctx, ctx.sizes.p12_files)
+    missing = fsspec_http_missing()
+    if missing is not None:
+        return [CaseResult("P15", f"{TITLES['P15']} -- NOT RUN: {missing}", None, None, "s", None, GOALS["P15"],
+                           None)]
+    folders = sorted({path.split("/", 1)[0] for path in paths})
+    with PeerProcess(ctx.repo_root, token=ctx.token, owner=ctx.server.owner, repo=ctx.server.repo,
+                     only=folders) as peer:
+        peer.set(latency=ctx.sizes.latency, nagle=False)
+        default_row, default = _p12_mode(ctx, "P15", "independent server (aiohttp)", paths, missing, _peer(peer))
+        peer.set(nagle=True)  # new connections only: every side is a new process
+        nagle_row, _nagle = _p12_mode(ctx, "P15n", "independent server (aiohttp), Nagle on", paths, missing,
+                                      _peer(peer))
+    return [default_row, nagle_row, _bound_row(ctx, "P15b", "P15 (independent server)", paths, default)]
 
 
 def case_p13(ctx: "BenchContext") -> List[CaseResult]:

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["BenchSizes", "FULL", "QUICK", "BenchContext", "run_benchmarks", "CASE_IDS", "parse_only"]
 
-CASE_IDS = ("P1", "P2", "P2n", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P11", "P12", "P13", "P14")
+CASE_IDS = ("P1", "P2", "P2n", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P11", "P12", "P13", "P14", "P15")
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 NO_MOUNT = why_no_mount()
 NO_FSSPEC_HTTP = fsspec_http_missing()  # aiohttp is in the test extra; without it P12's fsspec side is "NOT RUN"
 # every row the full table has: one per case, plus P1's bound, P4's many-file loop, P6's 2 workers and scaling,
-# P11's warm and re-read rows (P11 is one "not run" row on a machine that cannot mount), P12's Nagle-server row and bound
+# P11's warm and re-read rows (P11 is one "not run" row on a machine that cannot mount), P12's Nagle-server row and bound,
+# and P15's (P15 is one "not run" row without aiohttp, which its independent server needs)
 ROW_IDS = ["P1", "P1b", "P2", "P2n", "P3", "P4", "P4b", "P5", "P6", "P6b", "P6c", "P7", "P8", "P9", "P10a", "P10b", "P10c",
-           "P10d"] + (["P11"] if NO_MOUNT else ["P11", "P11b", "P11c"]) + ["P12", "P12n", "P12b", "P13", "P14"]
+           "P10d"] + (["P11"] if NO_MOUNT else ["P11", "P11b", "P11c"]) + ["P12", "P12n", "P12b", "P13", "P14"] + (
+           ["P15"] if NO_FSSPEC_HTTP else ["P15", "P15n", "P15b"])
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +68,9 @@ def test_quick_table_has_every_row_measured(quick_run):
         if case_id in ("P12", "P12n") and NO_FSSPEC_HTTP:
             assert cells[6] == "?" and f"fsspec side NOT RUN: {NO_FSSPEC_HTTP}" in cells[1]
             continue
+        if case_id == "P15" and NO_FSSPEC_HTTP:
+            assert cells[6] == "?" and f"NOT RUN: {NO_FSSPEC_HTTP}" in cells[1]
+            continue
         assert cells[6] in ("yes", "NO", "-"), f"{case_id} did not run: {cells}"  # never ERROR
         if case_id == "P11" and NO_MOUNT:
             assert "cannot mount" in cells[1]
@@ -90,7 +95,7 @@ def test_quick_json_parses_and_matches_the_table(quick_run):
     assert results["P7"]["details"]["matched"] > 0
     # P12-P14: every cold side fetched each file once (one raw GET per file), through its own fresh cache; the
     # server saw no more than 32 in flight from the fixed-32 side
-    for case_id in ("P12", "P12n", "P13", "P14"):
+    for case_id in ("P12", "P12n", "P13", "P14") + (() if NO_FSSPEC_HTTP else ("P15", "P15n")):
         for side, runs in results[case_id]["details"]["runs"].items():
             assert runs and all(run["raw_gets"] == run["files"] > 0 for run in runs), (case_id, side, runs)
     assert 1 <= results["P13"]["details"]["peak_in_flight"]["fixed32"] <= 32
