@@ -19,6 +19,7 @@ import pytest
 from conftest import TOKEN
 from streamloader.errors import HostUnreachableError, RemoteError
 from streamloader.remote.client import DagsHubClient, RetryPolicy
+from streamloader.remote._slots import OFD_LOCKS, FileSlots
 from streamloader.remote.limits import ENV_VAR, HostLimits, host_limiter, parse_retry_after
 
 
@@ -251,3 +252,73 @@ def test_try_slot_never_waits_and_a_discarded_slot_reports_nothing(limits_env):
     paused, wait = limiter.try_slot()
     assert paused is None and 4.0 < wait <= 5.5
     assert limiter.current_limit() == 1
+
+
+@pytest.mark.skipif(not OFD_LOCKS, reason="open-file-description locks (Linux)")
+def test_a_slot_given_back_is_taken_again_at_the_first_try(tmp_path, monkeypatch):
+    """With many slots in flight, the next request takes the slot this process gave back last, with one lock call
+    (a scan from one place would try the held slots first: one failed call each); a slot another process took
+    meanwhile is skipped, and never handed out twice."""
+    import streamloader.remote._slots as slots_module
+
+    path = str(tmp_path / "host.limits")
+    ours, other = FileSlots(path, 128), FileSlots(path, 128)  # two open files: as two processes
+    held = [ours.take(0, 128) for _ in range(100)]
+    assert sorted(index for _fd, index in held) == list(range(100))
+    calls = []
+    real = slots_module.fcntl.fcntl
+
+    class CountingFcntl:
+        def __getattr__(self, name):
+            return getattr(fcntl_module, name)
+
+        @staticmethod
+        def fcntl(fd, cmd, arg=0):
+            calls.append(cmd)
+            return real(fd, cmd, arg)
+
+    import fcntl as fcntl_module
+    monkeypatch.setattr(slots_module, "fcntl", CountingFcntl())
+    fd, index = held.pop(37)
+    ours.give(fd, index)
+    calls.clear()
+    assert ours.take(99, 128)[1] == 37 and len(calls) == 1  # the scan from 99 would meet 99 first: held
+    fd, index = ours.take(0, 128)  # nothing given back: the scan from 0 finds 100, past the held ones
+    assert index == 100
+    ours.give(fd, index)
+    assert other.take(100, 128)[1] == 100  # another process takes the slot we gave back
+    got = ours.take(0, 128)
+    assert got is not None and got[1] == 101  # tried 100 first (busy now), then found the next free one
+    monkeypatch.undo()
+    assert ours.count(128) == other.count(128) == 102
+
+
+@pytest.mark.skipif(not OFD_LOCKS, reason="open-file-description locks (Linux)")
+def test_a_process_holding_the_limit_itself_asks_the_kernel_nothing(tmp_path, monkeypatch):
+    """While this process holds every slot below the limit, take() answers None without a lock call (an event
+    loop asks once per finished download while the limit binds: a failed scan was one call per slot)."""
+    import fcntl as fcntl_module
+
+    import streamloader.remote._slots as slots_module
+
+    slots = FileSlots(str(tmp_path / "host.limits"), 64)
+    held = [slots.take(0, 32) for _ in range(32)]
+    assert None not in held
+    calls = []
+
+    class CountingFcntl:
+        def __getattr__(self, name):
+            return getattr(fcntl_module, name)
+
+        @staticmethod
+        def fcntl(fd, cmd, arg=0):
+            calls.append(cmd)
+            return fcntl_module.fcntl(fd, cmd, arg)
+
+    monkeypatch.setattr(slots_module, "fcntl", CountingFcntl())
+    assert slots.take(5, 32) is None and calls == []
+    assert slots.take(32, 33)[1] == 32  # a higher limit: the next slot is free
+    fd, index = held.pop()
+    slots.give(fd, index)
+    assert slots.take(0, 33)[1] == index
+    assert slots.take(0, 33) is None and calls.count(fcntl_module.F_OFD_SETLK) == 3  # 2 takes + 1 give
