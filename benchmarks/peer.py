@@ -178,7 +178,8 @@ def _app(root: str, owner: str, repo: str, branch: str, token: Optional[str], on
                             headers={"Content-Range": f"bytes {start}-{end}/{len(body)}"})
 
     async def stats(request: Any) -> Any:
-        return answer({k: state[k] for k in ("requests", "raw_gets", "peak", "not_found", "latency", "nagle")})
+        return answer({k: state[k] for k in ("requests", "raw_gets", "in_flight", "peak", "not_found", "latency",
+                                             "nagle")})
 
     async def reset(request: Any) -> Any:
         state.update(requests=0, raw_gets=0, peak=0, not_found=0)
@@ -290,7 +291,8 @@ class PeerProcess:
             return json.loads(answer.read())
 
     def stats(self) -> Dict[str, Any]:
-        """``{"requests", "raw_gets", "peak", "not_found", "latency", "nagle"}`` since the last reset."""
+        """``{"requests", "raw_gets", "in_flight", "peak", "not_found", "latency", "nagle"}``: counts since the last
+        reset (``in_flight``: raw GETs now)."""
         return self._call("stats")
 
     def reset_counts(self) -> None:

@@ -267,3 +267,27 @@ def test_progress_bars_never_wait_on_a_lock_a_dead_child_took(tmp_path: Path,
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split()[-2:] == ["done", str(len(files))]  # after the CLI's summary line
     assert "prefetch" in run.stderr  # the bars were drawn
+
+
+def test_workers_inherit_the_engine_modules_from_the_parent(served: Any, tmp_path: Path) -> None:
+    """The parent imports the event-loop engine (asyncio, the lean HTTP client) before it forks, once, so that no
+    worker spends its start importing it (~10 ms each); the workers still fetch every file."""
+    import subprocess
+    import sys
+
+    srv, files = served
+    script = (
+        "import sys\n"
+        "from streamloader.cache import FileCache\n"
+        "from streamloader.remote.client import DagsHubClient\n"
+        "from streamloader.remote.repo import RemoteRepo\n"
+        f"client = DagsHubClient({srv.repo_url!r}, token=False, branch='main')\n"
+        f"repo = RemoteRepo(client, FileCache({str(tmp_path / 'c')!r}))\n"
+        "engine = 'streamloader.remote.aioprefetch'\n"
+        "before = engine in sys.modules\n"
+        f"result = repo.prefetch({sorted(files)!r}, progress=False, processes=2)\n"
+        "print(before, engine in sys.modules, result.downloaded)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", str(len(files))]

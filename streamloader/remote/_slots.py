@@ -41,6 +41,23 @@ def _flock(kind: int, offset: int, length: int = 1) -> bytes:
     return _FLOCK.pack(kind, os.SEEK_SET, offset, length, 0) + bytes(16)
 
 
+class _SlotArgs:
+    """``args[i]``: the ``struct flock`` bytes of ``kind`` for slot ``i``, packed at its first use; ``len()``: the
+    number of slots."""
+
+    def __init__(self, kind: int, size: int):
+        self._kind, self._made = kind, [b""] * size
+
+    def __len__(self) -> int:
+        return len(self._made)
+
+    def __getitem__(self, index: int) -> bytes:
+        made = self._made[index]
+        if not made:
+            made = self._made[index] = _flock(self._kind, _SLOT0 + index)
+        return made
+
+
 class FileSlots:
     """Header and slots in a shared file (see module docstring); raises OSError where OFD locks do not work."""
 
@@ -62,8 +79,9 @@ class FileSlots:
             raise
         self.path, self._hfd, self.closed = path, fd, False
         self._fds, self._free = [fd], []  # every fd we opened; fds holding no lock, ready for a slot
-        self._lock_slot = [_flock(fcntl.F_WRLCK, _SLOT0 + i) for i in range(max_slots)]
-        self._unlock_slot = [_flock(fcntl.F_UNLCK, _SLOT0 + i) for i in range(max_slots)]
+        # each slot's lock and unlock arguments, made at its first use (all 2 x max_slots up front: ~5 ms per process)
+        self._lock_slot = _SlotArgs(fcntl.F_WRLCK, max_slots)
+        self._unlock_slot = _SlotArgs(fcntl.F_UNLCK, max_slots)
         self._thread_lock = threading.Lock()  # OFD locks of one fd do not exclude our own threads
         self._header_locked = False
         self._given: List[int] = []  # slots this process gave back, newest last: most likely still free

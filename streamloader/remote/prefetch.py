@@ -218,6 +218,10 @@ class ProcessPrefetch:
 
     def __init__(self, repo: RemoteRepo, paths: List[str], workers: int, n_procs: int):
         ctx = multiprocessing.get_context(_start_method())
+        if ctx.get_start_method() == "fork":
+            # the engine's modules (asyncio and the lean HTTP client: ~25 modules) are imported here once, for the
+            # workers to inherit: each worker importing them itself cost ~10 ms of its start
+            from streamloader.remote import aioprefetch  # noqa: F401
         self.queue = ctx.Queue()
         chunks = [paths[i::n_procs] for i in range(n_procs)]
         threads = [workers // n_procs + (1 if i < workers % n_procs else 0) for i in range(n_procs)]
