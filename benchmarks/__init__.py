@@ -1,8 +1,8 @@
 """streamloader's benchmark (``scripts/bench.py``, ``streamloader bench``): speed measured side by side.
 
 Every figure is a ratio of two sides measured in the same run, on the same machine, against the same
-``streamloader serve`` subprocess with injected per-request latency; each side runs in a fresh child process with
-cold caches where the case says cold. Rows: cases P1-P14 (see :data:`.cases.TITLES` and :data:`.cases.GOALS`)::
+``streamloader serve`` subprocess with injected per-request latency (P15: an independent aiohttp server instead,
+:mod:`.peer`); each side runs in a fresh child process with cold caches where the case says cold. Rows: cases P1-P15 (see :data:`.cases.TITLES` and :data:`.cases.GOALS`)::
 
     from benchmarks import run_benchmarks, format_table
     print(format_table(run_benchmarks(quick=True, only=["P7"])))

@@ -1,4 +1,4 @@
-"""P12-P14: cold fetch of many small files, side by side with fsspec and with a fixed concurrency.
+"""P12-P15: cold fetch of many small files, side by side with fsspec and with a fixed concurrency.
 
 * P12: ``fs.prefetch`` vs fsspec's ``filecache`` over its ``http`` filesystem (aiohttp), ``fs.cat(urls)`` of the
   same files' raw URLs, at the bench's latency, against the default server and against one that leaves Nagle's

@@ -14,7 +14,7 @@ from streamloader.commands.bench import add_bench_options
 
 __all__ = ["build_parser", "main"]
 
-DESCRIPTION = ("Generate synthetic data, start a local server with injected latency, run each case (P1-P14) and print "
+DESCRIPTION = ("Generate synthetic data, start a local server with injected latency, run each case (P1-P15) and print "
                "one table of ratios. The full run takes several minutes; --quick takes seconds (tiny sizes: the "
                "figures only show that every case works). Exit code 1 if a case failed to run, else 0, whether or "
                "not the goals were met.")

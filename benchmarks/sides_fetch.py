@@ -1,4 +1,4 @@
-"""Cold-fetch sides (P12-P14): one list of small files fetched into a fresh cache, by streamloader or by fsspec.
+"""Cold-fetch sides (P12-P15): one list of small files fetched into a fresh cache, by streamloader or by fsspec.
 
 Run in a child process by :mod:`.child`; settings come from the environment as for the other sides
 (``DAGSHUB_CLIENT_HOST``, ``DAGSHUB_TOKEN``, ``STREAMLOADER_CACHE``: a fresh one per side, so the host limiter's
