@@ -254,19 +254,13 @@ def test_try_slot_never_waits_and_a_discarded_slot_reports_nothing(limits_env):
     assert limiter.current_limit() == 1
 
 
-@pytest.mark.skipif(not OFD_LOCKS, reason="open-file-description locks (Linux)")
-def test_a_slot_given_back_is_taken_again_at_the_first_try(tmp_path, monkeypatch):
-    """With many slots in flight, the next request takes the slot this process gave back last, with one lock call
-    (a scan from one place would try the held slots first: one failed call each); a slot another process took
-    meanwhile is skipped, and never handed out twice."""
+def lock_calls(monkeypatch):
+    """The fcntl commands the slot file issues from now on (``monkeypatch.undo()`` stops the count)."""
+    import fcntl as fcntl_module
+
     import streamloader.remote._slots as slots_module
 
-    path = str(tmp_path / "host.limits")
-    ours, other = FileSlots(path, 128), FileSlots(path, 128)  # two open files: as two processes
-    held = [ours.take(0, 128) for _ in range(100)]
-    assert sorted(index for _fd, index in held) == list(range(100))
-    calls = []
-    real = slots_module.fcntl.fcntl
+    calls: list = []
 
     class CountingFcntl:
         def __getattr__(self, name):
@@ -275,10 +269,22 @@ def test_a_slot_given_back_is_taken_again_at_the_first_try(tmp_path, monkeypatch
         @staticmethod
         def fcntl(fd, cmd, arg=0):
             calls.append(cmd)
-            return real(fd, cmd, arg)
+            return fcntl_module.fcntl(fd, cmd, arg)
 
-    import fcntl as fcntl_module
     monkeypatch.setattr(slots_module, "fcntl", CountingFcntl())
+    return calls
+
+
+@pytest.mark.skipif(not OFD_LOCKS, reason="open-file-description locks (Linux)")
+def test_a_slot_given_back_is_taken_again_at_the_first_try(tmp_path, monkeypatch):
+    """With many slots in flight, the next request takes the slot this process gave back last, with one lock call
+    (a scan from one place would try the held slots first: one failed call each); a slot another process took
+    meanwhile is skipped, and never handed out twice."""
+    path = str(tmp_path / "host.limits")
+    ours, other = FileSlots(path, 128), FileSlots(path, 128)  # two open files: as two processes
+    held = [ours.take(0, 128) for _ in range(100)]
+    assert sorted(index for _fd, index in held) == list(range(100))
+    calls = lock_calls(monkeypatch)
     fd, index = held.pop(37)
     ours.give(fd, index)
     calls.clear()
@@ -299,23 +305,10 @@ def test_a_process_holding_the_limit_itself_asks_the_kernel_nothing(tmp_path, mo
     loop asks once per finished download while the limit binds: a failed scan was one call per slot)."""
     import fcntl as fcntl_module
 
-    import streamloader.remote._slots as slots_module
-
     slots = FileSlots(str(tmp_path / "host.limits"), 64)
     held = [slots.take(0, 32) for _ in range(32)]
     assert None not in held
-    calls = []
-
-    class CountingFcntl:
-        def __getattr__(self, name):
-            return getattr(fcntl_module, name)
-
-        @staticmethod
-        def fcntl(fd, cmd, arg=0):
-            calls.append(cmd)
-            return fcntl_module.fcntl(fd, cmd, arg)
-
-    monkeypatch.setattr(slots_module, "fcntl", CountingFcntl())
+    calls = lock_calls(monkeypatch)
     assert slots.take(5, 32) is None and calls == []
     assert slots.take(32, 33)[1] == 32  # a higher limit: the next slot is free
     fd, index = held.pop()
