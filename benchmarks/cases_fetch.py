@@ -203,7 +203,7 @@ def case_p15(ctx: "BenchContext") -> List[CaseResult]:
                      only=folders) as peer:
         peer.set(latency=ctx.sizes.latency, nagle=False)
         default_row, default = _p12_mode(ctx, "P15", "independent server (aiohttp)", paths, missing, _peer(peer))
-        peer.set(nagle=True)  # new connections only: every side is a new process
+        peer.set(nagle=True)  # on each connection at its first request: every side is a new process
         nagle_row, _nagle = _p12_mode(ctx, "P15n", "independent server (aiohttp), Nagle on", paths, missing,
                                       _peer(peer))
     return [default_row, nagle_row, _bound_row(ctx, "P15b", "P15 (independent server)", paths, default)]

@@ -12,7 +12,8 @@ latency. It knows only what a cold fetch needs, answering as dagshub.com does (s
   ``data/`` are DVC-tracked (``versioning: "dvc"``, ``hash`` the md5 of their bytes), the rest git blobs (sha1);
 * ``GET|HEAD {base}/raw/{rev}/{path}``: the bytes (one ``Range: bytes=a-b`` honoured with 206);
 * ``/_peer/stats`` (GET: counts and the peak of raw GETs in flight), ``/_peer/reset`` and ``/_peer/settings``
-  (POST ``{"latency": s, "nagle": bool}``; Nagle applies to connections made after it).
+  (POST ``{"latency": s, "nagle": bool}``; while Nagle is on, each request turns it back on for its connection,
+  which aiohttp accepted with it off, and that connection keeps it).
 
 Everything but ``/_peer/*`` needs ``Authorization: Bearer <token>`` when a token is set (read from
 ``STREAMLOADER_PEER_TOKEN``, never from the command line). Run as ``python -m benchmarks.peer ROOT``; the first
@@ -299,7 +300,7 @@ class PeerProcess:
         self._call("reset", {})
 
     def set(self, **settings: Any) -> Dict[str, Any]:
-        """Change ``latency`` (seconds) and/or ``nagle`` (new connections)."""
+        """Change ``latency`` (seconds) and/or ``nagle`` (on: every connection at its next request; see module)."""
         return self._call("settings", settings)
 
 
