@@ -216,3 +216,36 @@ def test_retry_policy_is_a_storage_option(make_server, tree, tmp_path):
     with pytest.raises(RemoteError, match="table.csv"):
         fs.cat_file("user/repo/data/table.csv")
     assert srv.request_count("data/table.csv", kind="raw") == 2
+
+
+def test_warm_reads_of_unlisted_files_ask_sqlite_nothing_and_a_stale_hint_costs_no_download(
+        make_server, tree, tmp_path, monkeypatch):
+    import streamloader.remote.listings as listings
+
+    monkeypatch.setattr(listings, "_ABSENT_RECHECK", 60.0)  # a remembered None stays a hint for the whole test
+    srv = make_server(str(tree), token=TOKEN)
+    cache = str(tmp_path / "cache")
+    paths = [f"user/repo/data/imgs/{i:03d}.bin" for i in range(30)]
+    want = {p: (tree / "data" / "imgs" / p.rsplit("/", 1)[1]).read_bytes() for p in paths}
+    fs = DagsHubFileSystem(host=srv.url, token=TOKEN, cache_dir=cache, skip_instance_cache=True)
+    assert all(fs.cat_file(p) == want[p] for p in paths)  # cold; nothing lists data/imgs: stored by location
+    repo = fs.repo("user", "repo")
+    statements: list = []
+    repo.cache.flush()  # (the last commits land in the background: a read meanwhile would wait under the lock)
+    repo.store._conn().set_trace_callback(statements.append)
+    srv.reset_counts()
+    for _epoch in range(3):  # warm epochs: served from the cache with no SQLite query per file
+        assert all(fs.cat_file(p) == want[p] for p in paths)
+    assert [sql for sql in statements if "SELECT" in sql.upper()] == []
+    assert srv.request_count(kind="raw") == 0
+    # another process lists the folder (hashes: content keys) and fetches the files under those keys, while this
+    # one's copies by location are gone: its hints (nothing known) are stale now, and must cost no download
+    located = [repo.cached_path(p.split("/", 2)[2]) for p in paths]
+    for local in located:
+        os.remove(local)
+    other = DagsHubFileSystem(host=srv.url, token=TOKEN, cache_dir=cache, skip_instance_cache=True)
+    other.ls("user/repo/data/imgs")
+    assert all(other.cat_file(p) == want[p] for p in paths)
+    srv.reset_counts()
+    assert all(fs.cat_file(p) == want[p] for p in paths)
+    assert srv.request_count(kind="raw") == 0  # the look under the file's lock asked the store, found the hash

@@ -63,6 +63,70 @@ def test_priming_answers_the_next_lookups_in_a_few_queries_and_a_second_look_sti
     assert store.prime(wanted[:10]) == 0 and len(queries) == 6  # already in the memo: nothing to ask
 
 
+def _statements(store: ListingStore) -> list:
+    """Every statement ``store``'s connection runs from now on (SELECTs and PRAGMAs alike)."""
+    seen: list = []
+    store._conn().set_trace_callback(seen.append)
+    return seen
+
+
+def test_a_hint_look_answers_a_recent_none_without_sqlite_and_sees_writes_elsewhere_soon(tmp_path, monkeypatch):
+    import streamloader.remote.listings as listings
+
+    path = str(tmp_path / "s.sqlite")
+    writer = ListingStore(path)
+    writer.put_entry(RemoteEntry("data/known.jpg", "file", 3, "cd" * 16, "dvc"))
+    store = ListingStore(path)  # another process's view of the same file
+    calls = _statements(store)
+    names = [f"data/{i}.jpg" for i in range(50)]
+    assert all(store.entry(name, hint=True) is None for name in names)
+    first = len(calls)
+    assert first <= len(names) + 1  # one query each (and one data_version)
+    for _epoch in range(3):  # a warm epoch's looks: nothing asked of SQLite
+        assert all(store.entry(name, hint=True) is None for name in names)
+    assert len(calls) == first
+    # a look that concludes from a None (no hint) always asks the file
+    assert store.entry("data/7.jpg") is None and len(calls) == first + 1
+    # another process stores one: a plain look sees it at once, a hint look once the recheck time has passed
+    writer.put_entry(RemoteEntry("data/3.jpg", "file", 9, "ab" * 16, "dvc"))
+    assert store.entry("data/3.jpg") == RemoteEntry("data/3.jpg", "file", 9, "ab" * 16, "dvc")
+    writer.put_entry(RemoteEntry("data/4.jpg", "file", 4, "ef" * 16, "dvc"))
+    monkeypatch.setattr(listings, "_ABSENT_RECHECK", 0.0)
+    assert store.entry("data/4.jpg", hint=True).size == 4  # data_version moved: every None is forgotten
+    assert store.entry("data/5.jpg", hint=True) is None
+    before = len(calls)
+    assert store.entry("data/5.jpg", hint=True) is None
+    assert [sql for sql in calls[before:] if not sql.upper().startswith("PRAGMA")] == []  # a PRAGMA, no query
+
+
+def test_own_writes_end_a_remembered_none_at_once(tmp_path):
+    store = ListingStore(str(tmp_path / "s.sqlite"))
+    assert store.entry("data/a.jpg", hint=True) is None and store.entry("data/b.jpg", hint=True) is None
+    store.put_entry(RemoteEntry("data/a.jpg", "file", 1, "aa" * 16, "dvc"))  # (this connection: same data_version)
+    assert store.entry("data/a.jpg", hint=True).size == 1
+    store.put_listing("data", iter([RemoteEntry("data/b.jpg", "file", 2, "bb" * 16, "dvc")]))
+    assert store.entry("data/b.jpg", hint=True).size == 2
+
+
+def test_a_forked_child_asks_again_on_its_own_connection(tmp_path):
+    path = str(tmp_path / "s.sqlite")
+    store = ListingStore(path)
+    assert store.entry("data/late.jpg", hint=True) is None
+    ListingStore(path).put_entry(RemoteEntry("data/late.jpg", "file", 6, "66" * 16, "dvc"))
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+
+    def child() -> None:
+        found = store.entry("data/late.jpg", hint=True)
+        queue.put(None if found is None else found.size)
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    assert queue.get(timeout=30) == 6  # the parent's remembered None is not the child's (new connection)
+    proc.join(timeout=30)
+    assert proc.exitcode == 0
+
+
 def test_sizes_learnt_later_fill_in_and_a_relisting_keeps_them(tmp_path):
     store = ListingStore(str(tmp_path / "s.sqlite"))
     store.put_entry(RemoteEntry("data/000001.jpg", "file", 77))  # learnt from a download before any listing

@@ -49,6 +49,10 @@ _BUSY_TIMEOUT = 60.0  # seconds a connection waits for another process's write t
 _BATCH = 5000  # rows per executemany call while a listing streams in
 _MEMO_MAX = 1 << 16  # entries a process keeps in memory in front of the file (a warm epoch's lookups)
 _PRIME_CHUNK = 500  # names per query of prime() (old SQLite builds allow 999 parameters)
+# How long a "nothing is stored of this path" seen here answers a hint look (``entry(path, hint=True)``) without
+# asking SQLite whether another process has written since: a warm epoch over files nothing lists reads each one
+# with no SQLite call at all (measured: a query per image slowed the image's decode as well, ~50 us in all)
+_ABSENT_RECHECK = 0.25
 
 
 def _split(path: str) -> Tuple[str, str]:
@@ -76,6 +80,8 @@ class ListingStore:
         self.path = path
         self._memo: Dict[str, RemoteEntry] = {}
         self._primed_absent: Dict[str, bool] = {}  # paths prime() found nothing stored of (see prime)
+        # paths a query found nothing stored of -> the store's data_version before that query (see entry's hint)
+        self._absent: Dict[str, int] = {}
         self._listed: Set[str] = set()  # folders known to be listed (a stored listing is never taken back)
         self._unlisted: Dict[str, float] = {}  # folder -> time.monotonic() it was last found not listed
         self._renew()
@@ -88,6 +94,9 @@ class ListingStore:
             # closing it here could roll back or checkpoint the parent's work. It is kept, unused, for good.
             _INHERITED.append(old)
         self._connection: Optional[sqlite3.Connection] = None
+        self._absent = {}  # (a data_version is one connection's count: a new connection starts afresh)
+        self._version: Optional[int] = None  # data_version as last read, and when (time.monotonic())
+        self._version_read = 0.0
         self._pid = os.getpid()
         self._write_lock = threading.RLock()  # one connection per process: writers of its threads take turns
         _LIVE_STORES.add(self)
@@ -104,6 +113,7 @@ class ListingStore:
         self._tmpdir = None
         self._memo = {}
         self._primed_absent = {}
+        self._absent = {}
         self._listed = set()
         self._unlisted = {}
         self._connection = None
@@ -162,23 +172,52 @@ class ListingStore:
             return conn.execute(sql, params).fetchone()
 
     # -- reading --------------------------------------------------------------------------------------------------
-    def entry(self, path: str) -> Optional[RemoteEntry]:
-        """The stored entry of ``path`` (a file or a folder), or None when nothing is known about it."""
+    def entry(self, path: str, hint: bool = False) -> Optional[RemoteEntry]:
+        """The stored entry of ``path`` (a file or a folder), or None when nothing is known about it.
+
+        ``hint=True`` (a first look that a caller repeats under the file's lock before it acts on a None: the cache's
+        reads): a None found here moments before is answered again without asking SQLite, unless another
+        connection has written to the store since (``PRAGMA data_version``, read at most every
+        ``_ABSENT_RECHECK`` s), so a None may lag behind another process by that long. Without ``hint`` every None
+        is asked of the file (what a caller that concludes "missing" from it needs)."""
         memo = self._memo
         found = memo.get(path)
         if found is not None:
             return found
         if self._primed_absent and self._primed_absent.pop(path, None) is not None:
             return None  # primed moments ago, used once (a second look, e.g. under a lock, asks the file again)
+        absent = self._absent
+        if hint and path in absent and absent[path] == self._data_version():
+            return None
+        version = self._version if self._version is not None else self._data_version()
         parent, name = _split(path)
         row = self._one("SELECT name, type, size, hash, versioning FROM entries WHERE dir=? AND name=?", (parent, name))
         if row is None:
+            if len(absent) >= _MEMO_MAX:
+                absent.clear()
+            # (labelled with the version read before the query: a write in between makes the label old, which
+            # only drops the answer sooner)
+            absent[path] = version
             return None
+        absent.pop(path, None)
         found = _row_entry(parent, row)
         if len(memo) >= _MEMO_MAX:
             memo.clear()
         memo[path] = found  # rows only ever gain facts: a memo can be stale only by a size learnt elsewhere
         return found
+
+    def _data_version(self) -> int:
+        """SQLite's ``data_version`` of this process's connection (it changes when another connection commits),
+        as read at most ``_ABSENT_RECHECK`` s ago; a change forgets every remembered None."""
+        now = time.monotonic()
+        version = self._version
+        if version is None or now - self._version_read >= _ABSENT_RECHECK:
+            row = self._one("PRAGMA data_version", ())
+            new = int(row[0]) if row is not None else -1
+            if new != version:
+                self._absent.clear()
+            self._version, self._version_read, version = new, now, new
+        return version
 
     def prime(self, paths: Sequence[str]) -> int:
         """Look up the stored entries of ``paths`` in a few queries (one per folder and :data:`_PRIME_CHUNK` names)
@@ -277,6 +316,7 @@ class ListingStore:
         count = 0
         self._memo.clear()
         self._primed_absent.clear()
+        self._absent.clear()
         self._unlisted.clear()
         with NO_FORK:  # each call on its own: entries may stream in from the network between them
             conn.execute("BEGIN IMMEDIATE")
@@ -303,6 +343,8 @@ class ListingStore:
             with NO_FORK:
                 conn.execute("ROLLBACK")
             raise
+        finally:
+            self._absent.clear()  # (this connection's own writes leave its data_version as it was)
         return count
 
     @staticmethod
@@ -328,6 +370,8 @@ class ListingStore:
                                                  entry.versioning)])
         except sqlite3.OperationalError as exc:  # busy beyond the timeout: only a hint was lost
             log.debug("could not record %s in %s: %s", entry.path, self.path, exc)
+        finally:  # (after the write too: a thread's look meanwhile may have remembered a None again)
+            self._absent.pop(entry.path, None)
 
     def set_size(self, path: str, size: int) -> None:
         """Record the real size of a file learnt from a download (a NULL size becomes known)."""

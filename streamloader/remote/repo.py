@@ -141,10 +141,11 @@ class RemoteRepo(PathLookups):
             keys[path] = key
         return key
 
-    def _known(self, path: str) -> Optional[RemoteEntry]:
+    def _known(self, path: str, hint: bool = False) -> Optional[RemoteEntry]:
         """What the store knows of ``path`` without asking the server: its entry, or None when nothing is known
-        (then a download finds out). FileNotFoundError when it is known to be missing."""
-        entry = self.store.entry(path)
+        (then a download finds out). FileNotFoundError when it is known to be missing. ``hint``: a first look,
+        repeated under the path's lock before a download (see ListingStore.entry)."""
+        entry = self.store.entry(path, hint=hint)
         if entry is None and self._proven_missing(path):
             raise RemoteFileNotFoundError(path)
         return entry
@@ -161,9 +162,11 @@ class RemoteRepo(PathLookups):
                 return found
         return self.cache.get(self._location_key(path), size)
 
-    def _target(self, path: str) -> Tuple[Optional[RemoteEntry], CacheKey]:
+    def _target(self, path: str, hint: bool = False) -> Tuple[Optional[RemoteEntry], CacheKey]:
+        """The entry known of ``path`` and the cache key it is (or will be) stored under; ``hint`` for a first look
+        that only picks where to look in the cache (a cold read looks again under the path's lock)."""
         path = safe_repo_path(path)
-        entry = self._known(path)
+        entry = self._known(path, hint)
         if entry is not None and entry.is_dir:
             raise IsADirectoryError(21, "Is a directory", path)
         return entry, (self.cache_key(entry) if entry is not None else self._location_key(path))
@@ -191,7 +194,7 @@ class RemoteRepo(PathLookups):
         (waiting for a commit under way): one download per path, whoever asks.
         """
         path = safe_repo_path(path)
-        entry, key = self._target(path)
+        entry, key = self._target(path, hint=True)
         found = self._cached_key(path, entry, key, settled=False)
         if found is not None:
             return use(found, self._fill(path, entry), entry.size if entry else None)
@@ -245,7 +248,7 @@ class RemoteRepo(PathLookups):
             local = local or self._buckets.local_path(path)
             return _size_of(local), cached
         cache = self.cache
-        entry, key = self._target(path)
+        entry, key = self._target(path, hint=True)
         found = self._cached_key(path, entry, key, settled=False)
         if found is not None:
             size, cached = cache.warm(found, self._fill(path, entry), entry.size if entry else None)
@@ -293,7 +296,7 @@ class RemoteRepo(PathLookups):
             path = safe_repo_path(path)
             if self._buckets.handles(path):
                 return "other", None
-            entry, key = self._target(path)
+            entry, key = self._target(path, hint=True)
         except (OSError, ValueError):
             return "other", None
         found = self._cached_key(path, entry, key, settled=False)
@@ -390,7 +393,7 @@ class RemoteRepo(PathLookups):
         if start is None and end is None:
             with self.open(path) as f:
                 return f.read()
-        entry, _key = self._target(path)
+        entry, _key = self._target(path, hint=True)  # (not cached: the range is read remotely, whatever the key)
         local = self._cached_file(path, entry)
         if local is not None:
             try:
