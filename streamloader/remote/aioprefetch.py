@@ -109,14 +109,16 @@ class EngineCounts:
 
 
 def prefetch_async(repo: "RemoteRepo", paths: List[str], workers: int, record: Callable[..., None],
-                   cancelled: Optional[Any] = None) -> EngineCounts:
+                   cancelled: Optional[Any] = None, more: Optional[Callable[[], List[str]]] = None) -> EngineCounts:
     """Fetch ``paths`` into ``repo``'s cache with at most ``workers`` requests in flight (the host's limiter
     decides below that), calling ``record(path, size, error, cached)`` for each, in this thread; stops early once
-    ``cancelled`` (a threading.Event) is set. Returns once every file fetched is in place in the cache. Runs its
-    own event loop: call it from a thread that has none running (prefetch's job thread, a worker process)."""
+    ``cancelled`` (a threading.Event) is set. ``more``: where more files come from once those are under way (a
+    worker process's next chunk of a shared list; ``[]`` when there are none left). Returns once every file
+    fetched is in place in the cache. Runs its own event loop: call it from a thread that has none running
+    (prefetch's job thread, a worker process)."""
     engine = _Engine(repo, workers, record, cancelled)
     try:
-        asyncio.run(engine.run(paths))
+        asyncio.run(engine.run(paths, more))
     finally:
         engine.close()
         if repo.cache is not None:
@@ -141,6 +143,8 @@ class _Engine:
         self.deferred_in: Dict[str, int] = {}  # ... and the pass through the line that last put each one back
         self.passes = 0
         self.primer = repo.primer([])  # run() makes the one of its list
+        self.taken: List[str] = []
+        self.more: Optional[Callable[[], List[str]]] = None
         self.finished: Deque["asyncio.Future[Optional[_Outcome]]"] = deque()  # downloads done, for run() to record
         self.wake: Optional["asyncio.Future[None]"] = None  # what run() waits on while none is done
         self.commits = CommitBatch()  # files landed, committed here together (not by the queue's thread)
@@ -177,21 +181,26 @@ class _Engine:
             log.debug("prefetch: %s", self.counts)
 
     # -- scheduling -----------------------------------------------------------------------------------------------
-    async def run(self, paths: List[str]) -> None:
+    async def run(self, paths: List[str], more: Optional[Callable[[], List[str]]] = None) -> None:
         pending: Deque[str] = deque(paths)
-        self.primer = self.repo.primer(paths)
+        self.taken = list(paths)  # every file this engine was given, in order (what the primer primes)
+        self.more = more
+        self.primer = self.repo.primer(self.taken)
         running: Set["asyncio.Future[Optional[_Outcome]]"] = set()
         session = ConnectionPool(lambda: _ssl_context(self.repo), self.policy.connect_timeout, self._resolve)
         try:
             idle = 0.001
-            while pending or running:
+            while pending or running or self.more is not None:
                 if self.cancelled is not None and self.cancelled.is_set():
                     pending.clear()
+                    self.more = None
                     for task in running:
                         task.cancel()
                     await asyncio.gather(*running, return_exceptions=True)
                     return
                 wait = self._start(session, pending, running)
+                if not running and not pending and self.more is None:
+                    break  # the last files taken were all cached or failed at once
                 if not running:  # every slot is someone else's, or the host asked us to pause
                     self._land_now()
                     await asyncio.sleep(min(max(wait, idle), 0.05))
@@ -271,7 +280,7 @@ class _Engine:
     def _start(self, session: Any, pending: Deque[str], running: Set["asyncio.Future[Optional[_Outcome]]"]) -> float:
         """Start downloads while the limiter gives slots; returns how long waiting is worth when it gives none."""
         loop = asyncio.get_running_loop()
-        while pending and len(running) < self.workers:
+        while len(running) < self.workers and (pending or self._claim(pending)):
             if self.cancelled is not None and self.cancelled.is_set():
                 return 0.0  # (a long run of cached files is walked here without returning to run())
             try:
@@ -311,6 +320,19 @@ class _Engine:
             else:
                 self._track(running, self._give_back(path))
         return 0.0
+
+    def _claim(self, pending: Deque[str]) -> bool:
+        """Take the next files from ``more`` into ``pending`` (only when it has run dry: what is claimed and not
+        started is what another worker could have done); False once there are none left."""
+        if self.more is None:
+            return False
+        got = self.more()
+        if not got:
+            self.more = None
+            return False
+        self.taken.extend(got)
+        pending.extend(got)
+        return True
 
     def _track(self, running: Set["asyncio.Future[Optional[_Outcome]]"],
                task: "asyncio.Future[Optional[_Outcome]]") -> None:

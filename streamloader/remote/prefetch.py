@@ -7,7 +7,9 @@ In a process the downloads run on an event loop (:mod:`streamloader.remote.aiopr
 :mod:`streamloader.remote.leanhttp`: one thread, every request the host's limiter allows in flight), or, where that
 cannot run, with a thread per request (:func:`prefetch_in_threads`). A small file still costs ~1 ms of client CPU
 (HTTP, hash, temp file, locks, commit), which caps a cold epoch on a small machine; worker processes lift that cap. The cache is multi-process safe
-(per-entry locks, atomic rename), so workers need no coordination beyond reporting what they fetched.
+(per-entry locks, atomic rename), so workers need no coordination beyond sharing out the list (a
+:class:`~streamloader.remote.workline.WorkLine`: each takes the next small chunk when it has room) and reporting
+what they fetched.
 """
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from streamloader.errors import HostUnreachableError, RemoteError, RemoteFileNotFoundError
+from streamloader.remote.workline import WorkLine
 
 if TYPE_CHECKING:
     from streamloader.remote.repo import RemoteRepo
@@ -87,18 +90,23 @@ def process_count(processes: Optional[int], n_paths: int, workers: int) -> int:
 
 
 def prefetch_in_threads(repo: RemoteRepo, paths: List[str], workers: int, record: _Record,
-                        cancelled: Optional[threading.Event] = None) -> None:
-    """Fetch ``paths`` with up to ``workers`` threads; stops early (downloads not started are dropped) once
-    ``cancelled``. Returns once every file fetched is in place in the cache (the commits left to the background are
-    waited for).
+                        cancelled: Optional[threading.Event] = None,
+                        more: Optional[Callable[[], List[str]]] = None) -> None:
+    """Fetch ``paths`` (and what ``more`` gives once they are taken, see :func:`prefetch_here`) with up to
+    ``workers`` threads; stops early (downloads not started are dropped) once ``cancelled``. Returns once every
+    file fetched is in place in the cache (the commits left to the background are waited for).
 
     Threads are started as the host's limiter allows requests in flight (its limit plus a quarter, so that some
     always wait and the limit can grow), not all at once: a thread with no slot to take only adds GIL hand-offs
     (128 threads cost ~1 ms more CPU per small file than 32 on 2 cores)."""
+    if not paths and more is None:
+        return
     limiter = repo.client.limiter
-    pending = iter(paths)
-    primer = repo.primer(paths)
+    taken = list(paths)  # every file handed out, in order (what the primer primes)
+    pending = _lined(paths, more, taken)
+    primer = repo.primer(taken)
     take = threading.Lock()
+    handed = [0, False]  # files handed to threads, and whether the line has run dry (both under ``take``)
     done: "_queue.SimpleQueue[Tuple[str, int, Optional[BaseException], bool]]" = _queue.SimpleQueue()
     stop = threading.Event()
     threads: List[threading.Thread] = []
@@ -107,10 +115,11 @@ def prefetch_in_threads(repo: RemoteRepo, paths: List[str], workers: int, record
         while not stop.is_set():
             with take:
                 path = next(pending, None)
-                if path is not None:
-                    primer.took()
-            if path is None:
-                return
+                if path is None:
+                    handed[1] = True
+                    return
+                handed[0] += 1
+                primer.took()
             try:
                 size, cached = repo.warm(path)
             except BaseException as exc:  # noqa: BLE001 - reported to the caller through record()
@@ -133,16 +142,17 @@ def prefetch_in_threads(repo: RemoteRepo, paths: List[str], workers: int, record
 
     try:
         grow()
-        for _ in range(len(paths)):
-            while True:
-                try:
-                    path, size, exc, cached = done.get(timeout=0.1)
-                    break
-                except _queue.Empty:
-                    if not any(t.is_alive() for t in threads) and done.empty():
-                        return  # every thread ended (cancelled): nothing more will come
-                    grow()
+        recorded = 0
+        while not (handed[1] and recorded == handed[0]):
+            try:
+                path, size, exc, cached = done.get(timeout=0.1)
+            except _queue.Empty:
+                if not any(t.is_alive() for t in threads) and done.empty():
+                    return  # every thread ended (cancelled): nothing more will come
+                grow()
+                continue
             record(path, size, exc, cached)
+            recorded += 1
             if cancelled is not None and cancelled.is_set():
                 stop.set()
                 return
@@ -156,18 +166,32 @@ def prefetch_in_threads(repo: RemoteRepo, paths: List[str], workers: int, record
             repo.cache.flush()
 
 
+def _lined(paths: List[str], more: Optional[Callable[[], List[str]]], taken: List[str]) -> Iterator[str]:
+    """``paths``, then each batch ``more`` gives (appended to ``taken`` first) until it gives none."""
+    yield from paths
+    while more is not None:
+        got = more()
+        if not got:
+            return
+        taken.extend(got)
+        yield from got
+
+
 def prefetch_here(repo: RemoteRepo, paths: List[str], workers: int, record: _Record,
-                  cancelled: Optional[threading.Event] = None) -> None:
+                  cancelled: Optional[threading.Event] = None,
+                  more: Optional[Callable[[], List[str]]] = None) -> None:
     """Fetch ``paths`` in this process: with the event-loop engine (:mod:`streamloader.remote.aioprefetch`) where
-    it can run, else with :func:`prefetch_in_threads`. Same contract either way."""
+    it can run, else with :func:`prefetch_in_threads`. Same contract either way. ``more()``: the next files to
+    fetch, asked for once those given are all under way (``[]``: none left), e.g. a worker's next chunk of a
+    :class:`~streamloader.remote.workline.WorkLine`."""
     from streamloader.remote import aioprefetch
 
     why = aioprefetch.unusable(repo)
     if why is None:
-        aioprefetch.prefetch_async(repo, paths, workers, record, cancelled)
+        aioprefetch.prefetch_async(repo, paths, workers, record, cancelled, more)
     else:
         log.debug("prefetch in threads: %s", why)
-        prefetch_in_threads(repo, paths, workers, record, cancelled)
+        prefetch_in_threads(repo, paths, workers, record, cancelled, more)
 
 
 class Halt:
@@ -213,8 +237,9 @@ def _start_method() -> str:
 
 
 class ProcessPrefetch:
-    """``paths`` split over ``n_procs`` worker processes, started at once (in the calling thread: fork from the
-    thread that owns the process's state); :meth:`collect` then takes their reports, from any thread."""
+    """``paths`` shared out to ``n_procs`` worker processes, started at once (in the calling thread: fork from the
+    thread that owns the process's state), each taking the next chunk of a :class:`WorkLine` while it has room;
+    :meth:`collect` then takes their reports, from any thread."""
 
     def __init__(self, repo: RemoteRepo, paths: List[str], workers: int, n_procs: int):
         ctx = multiprocessing.get_context(_start_method())
@@ -223,12 +248,12 @@ class ProcessPrefetch:
             # workers to inherit: each worker importing them itself cost ~10 ms of its start
             from streamloader.remote import aioprefetch  # noqa: F401
         self.queue = ctx.Queue()
-        chunks = [paths[i::n_procs] for i in range(n_procs)]
+        self.line = WorkLine(paths, n_procs)
         threads = [workers // n_procs + (1 if i < workers % n_procs else 0) for i in range(n_procs)]
-        self.procs = [ctx.Process(target=_prefetch_worker, args=(repo, chunk, max(1, t), self.queue, i, os.getpid()),
+        self.procs = [ctx.Process(target=_prefetch_worker, args=(repo, self.line, max(1, t), self.queue, i, os.getpid()),
                                   name=f"streamloader-prefetch-{i}", daemon=True)
-                      for i, (chunk, t) in enumerate(zip(chunks, threads))]
-        self.pending = [set(chunk) for chunk in chunks]
+                      for i, t in enumerate(threads)]
+        self.unreported = set(paths)  # (each file is one worker's: the one that claimed its chunk)
         self._stop_lock = threading.Lock()
         _watch_at_exit(self)
         # SIGINT is blocked while the workers start, so one that arrives before a worker ignores it (its first act)
@@ -268,12 +293,17 @@ class ProcessPrefetch:
                         pass
                     if index not in finished:
                         finished.add(index)
-                        for path in sorted(self.pending[index]):
-                            record(path, 0, RemoteError(f"prefetch worker process {proc.name} exited "
-                                                        f"(code {proc.exitcode}) before fetching {path!r}"), False)
-                        self.pending[index].clear()
+                        self._fail(self.line.held_by(index), record, f"prefetch worker process {proc.name} exited "
+                                   f"(code {proc.exitcode}) before fetching")
+            # what no worker was left to claim (every one of them died)
+            self._fail(self.line.paths, record, "no prefetch worker process was left to fetch")
         finally:
             self._stop()
+
+    def _fail(self, paths: Iterable[str], record: _Record, why: str) -> None:
+        for path in sorted(path for path in paths if path in self.unreported):
+            self.unreported.discard(path)
+            record(path, 0, RemoteError(f"{why} {path!r}"), False)
 
     def _handle(self, message: Tuple[int, List[Tuple[Optional[str], int, Any, bool]]], record: _Record,
                 finished: set) -> None:
@@ -281,8 +311,8 @@ class ProcessPrefetch:
         for path, size, error, cached in reports:
             if path is None:
                 finished.add(index)
-            elif path in self.pending[index]:
-                self.pending[index].discard(path)
+            elif path in self.unreported:
+                self.unreported.discard(path)
                 record(path, size, _rebuild_error(path, error), cached)
 
     def _stop(self) -> None:
@@ -301,6 +331,7 @@ class ProcessPrefetch:
                         proc.join()
             self.queue.close()
             self.queue.cancel_join_thread()
+            self.line.close()
         _LIVE_FANOUTS.discard(self)
 
 
@@ -470,8 +501,8 @@ def fetch_to_cache(repo: RemoteRepo, paths: Iterable[str], max_concurrency: Opti
     return settle(PrefetchJob(run, on_error, on_cancel=halt.event.set), wait)
 
 
-def _prefetch_worker(repo: RemoteRepo, paths: List[str], workers: int, queue: Any, index: int, parent: int) -> None:
-    """Body of one prefetch worker process: fetch ``paths`` with a thread pool, report each one on ``queue``."""
+def _prefetch_worker(repo: RemoteRepo, line: WorkLine, workers: int, queue: Any, index: int, parent: int) -> None:
+    """Body of one prefetch worker process: fetch the chunks of ``line`` it claims, report each file on ``queue``."""
     def watch_parent() -> None:
         while os.getppid() == parent:  # an orphan (parent SIGKILLed) must not go on downloading
             time.sleep(0.5)
@@ -494,7 +525,7 @@ def _prefetch_worker(repo: RemoteRepo, paths: List[str], workers: int, queue: An
             batch.clear()
             sent[0] = now
 
-    prefetch_here(repo, paths, workers, report)
+    prefetch_here(repo, [], workers, report, more=lambda: line.claim(index))
     batch.append((None, 0, None, False))  # the end marker
     queue.put((index, batch))
     queue.close()

@@ -477,7 +477,9 @@ class ListPrimer:
         if self.taken <= self.primed:
             return
         window = self.paths[self.primed:self.primed + PRIME_WINDOW]
-        self.primed += PRIME_WINDOW
+        if not window:
+            return
+        self.primed += len(window)  # (a list that grows as it is taken, a worker's chunks: primed as it grows)
         try:
             self.repo.prime(window)
         except Exception as exc:  # noqa: BLE001 - only a hint
