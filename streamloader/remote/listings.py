@@ -113,7 +113,6 @@ class ListingStore:
         self._tmpdir = None
         self._memo = {}
         self._primed_absent = {}
-        self._absent = {}
         self._listed = set()
         self._unlisted = {}
         self._connection = None

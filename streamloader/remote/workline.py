@@ -69,7 +69,7 @@ class WorkLine:
         return state
 
     def _shared(self) -> mmap.mmap:
-        if self._map is None or self._pid != os.getpid() and self._fd is None:
+        if self._map is None:  # (a spawned worker; a forked one uses the mapping and descriptor it inherited)
             assert self.path is not None
             fd = os.open(self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
             self._fd, self._map, self._pid = fd, mmap.mmap(fd, 0), os.getpid()
