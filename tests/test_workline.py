@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import signal
 from typing import Any, List
 
@@ -72,6 +73,19 @@ def test_a_worker_killed_holding_the_claim_lock_never_blocks_the_others() -> Non
         assert sorted(got[0]) == sorted(PATHS) and line.held_by(1) == []
     finally:
         line.close()
+
+
+def test_a_copy_sent_to_a_spawned_worker_claims_by_name_and_its_close_keeps_the_parents_file() -> None:
+    line = WorkLine(PATHS, 2)
+    try:
+        copy = pickle.loads(pickle.dumps(line))  # what a spawned worker gets
+        assert copy.claim(1) == PATHS[:16] and line.held_by(1) == PATHS[:16]
+        copy.close()
+        assert line.path is not None and os.path.exists(line.path)  # the parent's, until the parent closes it
+        assert line.claim(0) == PATHS[16:32]
+    finally:
+        line.close()
+    assert not os.path.exists(line.path)
 
 
 def test_small_lists_still_make_several_chunks_per_worker_and_empty_ones_none() -> None:

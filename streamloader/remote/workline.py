@@ -72,7 +72,7 @@ class WorkLine:
         if self._map is None:  # (a spawned worker; a forked one uses the mapping and descriptor it inherited)
             assert self.path is not None
             fd = os.open(self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-            self._fd, self._map, self._pid = fd, mmap.mmap(fd, 0), os.getpid()
+            self._fd, self._map = fd, mmap.mmap(fd, 0)  # (still not its creator: its close() keeps the file)
         return self._map
 
     def claim(self, index: int) -> List[str]:
