@@ -58,6 +58,47 @@ def _fetch_fsspec(params: Dict[str, Any], paths: List[str]) -> Dict[str, Any]:
     return {"seconds": seconds, "cpu_s": cpu, "files": len(out), "bytes": sum(len(body) for body in out.values())}
 
 
+def _fetch_bare(params: Dict[str, Any], paths: List[str]) -> Dict[str, Any]:
+    """The floor of a client's work per file on this machine: one thread, one keep-alive ``http.client``
+    connection, a GET per file, its body written to a new temp file and renamed into place (no hash, no locks, no
+    index, no sync, no concurrency) -- what the CPU of any client that stores files one by one starts from."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    from streamloader.remote.client import DagsHubClient
+
+    client = DagsHubClient(params["repo_url"], branch="main")
+    urls = [urlsplit(client.raw_url(path)) for path in paths]  # resolves the branch: outside the timed region
+    token = os.environ.get("DAGSHUB_TOKEN") or os.environ["DAGSHUB_USER_TOKEN"]
+    headers = {"Authorization": f"Bearer {token}"}
+    store = os.path.join(os.environ["STREAMLOADER_CACHE"], "bare")
+    os.makedirs(store)
+    first = urls[0]
+    connection = http.client.HTTPConnection(first.hostname, first.port, timeout=60)
+    cpu, started, total = time.process_time(), _now(), 0
+    for number, url in enumerate(urls):
+        if (url.hostname, url.port) != (first.hostname, first.port):
+            raise RuntimeError(f"the bare side fetches from one origin only, not {url.netloc}")
+        connection.request("GET", f"{url.path}?{url.query}" if url.query else url.path, headers=headers)
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"the bare side got HTTP {response.status} for {url.path}")
+        name = os.path.join(store, str(number))
+        fd = os.open(name + ".part", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if os.write(fd, body) != len(body):
+                raise RuntimeError(f"a short write to {name}.part")
+        finally:
+            os.close(fd)
+        os.rename(name + ".part", name)
+        total += len(body)
+    seconds = _now() - started
+    cpu = time.process_time() - cpu
+    connection.close()
+    return {"seconds": seconds, "cpu_s": cpu, "files": len(urls), "bytes": total}
+
+
 def _fetch_streamloader(params: Dict[str, Any], paths: List[str]) -> Dict[str, Any]:
     import fsspec
 
@@ -82,8 +123,9 @@ def _fetch_streamloader(params: Dict[str, Any], paths: List[str]) -> Dict[str, A
 
 
 def cold_fetch(params: Dict[str, Any]) -> Dict[str, Any]:
-    """Fetch ``paths`` (repo-relative) cold with ``engine`` ``"fsspec"`` or ``"streamloader"`` (``concurrency``:
-    streamloader's ``max_concurrency``, None = adaptive; ``processes``: its worker processes, None = automatic).
+    """Fetch ``paths`` (repo-relative) cold with ``engine`` ``"fsspec"``, ``"streamloader"`` or ``"bare"`` (the
+    floor: :func:`_fetch_bare`); ``concurrency``: streamloader's ``max_concurrency``, None = adaptive;
+    ``processes``: its worker processes, None = automatic.
 
     Returns wall seconds, client CPU seconds (and per file), files and bytes fetched."""
     paths = list(params["paths"])
@@ -92,6 +134,8 @@ def cold_fetch(params: Dict[str, Any]) -> Dict[str, Any]:
         result = _fetch_fsspec(params, paths)
     elif engine == "streamloader":
         result = _fetch_streamloader(params, paths)
+    elif engine == "bare":
+        result = _fetch_bare(params, paths)
     else:
         raise ValueError(f"unknown engine {engine!r}")
     result.update(engine=engine, cpu_ms_per_file=result["cpu_s"] / max(1, len(paths)) * 1e3)

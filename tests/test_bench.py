@@ -99,6 +99,10 @@ def test_quick_json_parses_and_matches_the_table(quick_run):
         for side, runs in results[case_id]["details"]["runs"].items():
             assert runs and all(run["raw_gets"] == run["files"] > 0 for run in runs), (case_id, side, runs)
     assert 1 <= results["P13"]["details"]["peak_in_flight"]["fixed32"] <= 32
+    p14 = results["P14"]["details"]  # the machine's floor ran beside the two sides, and the row names it
+    assert p14["bare_floor_ms"] > 0
+    assert p14["ours_over_floor"] == pytest.approx(results["P14"]["ours"] / p14["bare_floor_ms"])
+    assert "floor" in results["P14"]["measurement"]
     if not NO_MOUNT:  # the cold mount read downloaded every JPEG exactly once
         assert results["P11"]["details"]["downloads_once"] is True
     assert doc["all_met"] == all(r["met"] is True for r in doc["results"])

@@ -88,3 +88,101 @@ def test_a_waiter_gets_the_lock_soon_after_release(mode):
     waited = time.monotonic() - started
     waiter.release()
     assert 0.15 <= waited < 0.3                        # polls from 1 ms, doubling to 50 ms at most
+
+
+_OTHER_PROCESS_TRIES = """
+import sys
+from streamloader.cache.entrylock import EntryLock, Timeout
+try:
+    EntryLock(sys.argv[1], "git", sys.argv[2], 5.0).acquire(timeout=0)
+except Timeout:
+    print("busy")
+else:
+    print("taken")
+"""
+
+
+def _other_process_gets(locks, digest):
+    """Whether a fresh interpreter can take ``digest``'s lock now: "taken" or "busy"."""
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-c", _OTHER_PROCESS_TRIES, locks, digest], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip()
+
+
+@pytest.mark.skipif(_entrylock._OFD is None, reason="no open-file-description locks on this platform")
+def test_a_process_takes_its_locks_through_one_open_file(tmp_path, monkeypatch):
+    locks = str(tmp_path / "locks")
+    os.makedirs(locks)
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: (opened.append(path), real_open(path, *a, **k))[1])
+    held = [lock(locks, f"{n:040x}") for n in range(50)]
+    for entry in held:
+        entry.acquire(timeout=0)
+    assert _other_process_gets(locks, f"{7:040x}") == "busy"  # each still excludes other processes
+    for entry in held:
+        entry.release()
+    assert _other_process_gets(locks, f"{7:040x}") == "taken"
+    again = lock(locks, f"{7:040x}")
+    again.acquire(timeout=0)
+    again.release()
+    assert opened == [os.path.join(locks, SHARED_LOCK_FILE)]  # one open for 51 locks (none per lock)
+
+
+@pytest.mark.skipif(_entrylock._OFD is None, reason="no open-file-description locks on this platform")
+def test_a_lock_taken_after_the_lock_file_was_deleted_is_in_the_new_file(tmp_path):
+    import shutil
+
+    locks = str(tmp_path / "locks")
+    os.makedirs(locks)
+    first = lock(locks)
+    first.acquire(timeout=0)
+    shutil.rmtree(locks)  # deleted under a running process (a user cleaning the cache by hand)
+    second = lock(locks, DIGEST_B)
+    second.acquire(timeout=0)
+    assert os.path.exists(os.path.join(locks, SHARED_LOCK_FILE))
+    assert _other_process_gets(locks, DIGEST_B) == "busy"  # in the file others open now, not in the deleted one
+    second.release()
+    first.release()  # (its lock was in the deleted file: released there, without error)
+    assert _other_process_gets(locks, DIGEST_B) == "taken"
+    second.acquire(timeout=0)
+    with pytest.raises(Timeout):
+        lock(locks, DIGEST_B).acquire(timeout=0.05)  # a second lock of this process on it waits, as before
+    second.release()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_keep_its_parents_locks_after_the_parent_exits(mode):
+    import time
+
+    _name, locks = mode
+    read_end, write_end = os.pipe()
+    holder = os.fork()
+    if holder == 0:  # a process that takes a lock, forks a long-lived child, then exits
+        code = 1
+        try:
+            os.close(read_end)
+            lock(locks).acquire(timeout=0)
+            child = os.fork()
+            if child == 0:
+                time.sleep(30)
+                os._exit(0)
+            os.write(write_end, str(child).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(holder, 0)
+    child = int(os.read(read_end, 32).decode())
+    os.close(read_end)
+    try:
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert os.path.exists(f"/proc/{child}") or sys.platform != "linux"  # the child still runs...
+        taken = lock(locks)
+        taken.acquire(timeout=2)  # ...and the lock ended with its holder
+        taken.release()
+    finally:
+        os.kill(child, 9)
