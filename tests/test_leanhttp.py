@@ -127,6 +127,45 @@ def test_requests_that_would_need_quoting_are_never_sent(canned, url, headers):
     assert server.requests == []
 
 
+@pytest.mark.parametrize("url, headers", [
+    ("http://127.0.0.1:{port}/a b", None),
+    ("http://127.0.0.1:{port}/x\r\nX-Injected: 1", None),
+    ("http://127.0.0.1:{port}/x", {"Authorization": "Bearer t\r\nX-Injected: 1"}),
+    ("http://127.0.0.1:{port}/caf\u00e9", None),
+])
+def test_a_known_origin_still_checks_every_request_of_it(canned, url, headers):
+    # the first GET makes the origin known (its URLs are then split by prefix, its header block kept): a later
+    # request on it that would need quoting is refused all the same, and never sent
+    server = canned(lambda n, req: (_ok(b"x"), False))
+    good = f"http://127.0.0.1:{server.port}/ok"
+
+    async def main():
+        pool = ConnectionPool(None, 5.0, _resolve)
+        try:
+            first = await pool.get(good, {"Accept": "*/*"}, 1 << 20)
+            with pytest.raises(Unsupported) as refused:
+                await pool.get(url.format(port=server.port), headers or {"Accept": "*/*"}, 1 << 20)
+            return first, refused.value
+        finally:
+            pool.close()
+
+    first, refused = asyncio.run(main())
+    assert first.status == 200 and not refused.answered
+    assert len(server.requests) == 1
+
+
+def test_urls_of_a_known_origin_ask_for_what_a_full_parse_gives(canned):
+    server = canned(lambda n, req: (_ok(b"x"), False))
+    base = f"http://127.0.0.1:{server.port}"
+    got = _gets([f"{base}/a", f"{base}/b%20c?x=1&y=%2F", f"{base}/d?q#fragment", f"HTTP://127.0.0.1:{server.port}/e",
+                 f"{base}/f/"])
+    assert all(r.status == 200 for r in got)
+    assert [req.split(b"\r\n")[0] for req in server.requests] == [
+        b"GET /a HTTP/1.1", b"GET /b%20c?x=1&y=%2F HTTP/1.1", b"GET /d?q HTTP/1.1", b"GET /e HTTP/1.1",
+        b"GET /f/ HTTP/1.1"]
+    assert server.connections == 1  # one origin, whatever the scheme's case
+
+
 def test_a_reused_connection_the_server_drops_unanswered_is_replaced_once(canned):
     # a keep-alive answer; then the server closes that connection as the next request arrives (the race a
     # keep-alive client must expect, a server's idle timeout): the GET still gets its answer, on a new connection

@@ -23,7 +23,6 @@ from collections import defaultdict
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
-from requests.structures import CaseInsensitiveDict
 
 try:
     import httptools
@@ -75,13 +74,33 @@ class BodyTooLarge(ExchangeError):
     """The answer's body runs past the limit the caller set (it was not read further)."""
 
 
+class Headers(dict):
+    """An answer's headers: names looked up in any case (stored in lower case, as llhttp hands them over in the
+    server's). A plain dict underneath: a lookup is one call, where requests' ``CaseInsensitiveDict`` makes three
+    (a prefetch asks ~10 per file)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, name: str) -> str:
+        return dict.__getitem__(self, name.lower())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and dict.__contains__(self, name.lower())
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        return dict.get(self, name.lower(), default)
+
+    def __setitem__(self, name: str, value: str) -> None:
+        dict.__setitem__(self, name.lower(), value)
+
+
 class Response:
     """A whole answer: ``status``, case-insensitive ``headers`` (a repeated name's values joined with ``", "``, as
     requests does) and the ``body`` bytes."""
 
     __slots__ = ("status", "headers", "body")
 
-    def __init__(self, status: int, headers: CaseInsensitiveDict, body: bytes):
+    def __init__(self, status: int, headers: "Headers", body: bytes):
         self.status, self.headers, self.body = status, headers, body
 
 
@@ -102,6 +121,7 @@ class ConnectionPool:
         self._idle: Dict[Tuple[str, str, int], List["_Connection"]] = defaultdict(list)
         self._addresses: Dict[Tuple[str, int], Tuple[float, List[Tuple[Any, ...]]]] = {}
         self._open: "set[_Connection]" = set()
+        self._prefixes: List[Tuple[str, Tuple[str, str, int], str]] = []  # see _split
         # one receive buffer for every connection of the pool: each read is parsed (its pieces copied out) before
         # the loop reads again, and a fresh 256 KiB bytes per read costs the allocator a heap extension each time
         self._recv = memoryview(bytearray(_RECV_BUFFER))
@@ -113,17 +133,8 @@ class ConnectionPool:
         :class:`ExchangeError` for a failed exchange, :class:`ExchangeTimeout` once the event loop's clock
         (``loop.time()``) passes ``deadline``. A kept-alive connection the server closed meanwhile is replaced
         once by a new one. Every :class:`ExchangeError` says whether any of the answer had arrived."""
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
-            raise Unsupported(f"not a plain http(s) URL: {scheme}://...", answered=False)
-        try:
-            port = parts.port or (443 if scheme == "https" else 80)
-        except ValueError:
-            raise Unsupported("an invalid port", answered=False) from None
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        request = _request_bytes(target, parts.netloc, headers)
-        origin = (scheme, parts.hostname, port)
+        origin, netloc, target = self._split(url)
+        request = _request_bytes(target, netloc, headers)
         while True:
             conn, reused = self._take(origin)
             if conn is None:
@@ -140,6 +151,29 @@ class ConnectionPool:
             else:  # (Connection: close, HTTP/1.0, more bytes than framed: never left open for the server to end)
                 conn.close()
             return response
+
+    def _split(self, url: str) -> Tuple[Tuple[str, str, int], str, str]:
+        """``(origin, netloc, request target)`` of ``url``; :class:`Unsupported` for what a plain GET cannot ask.
+        The ``scheme://netloc/`` prefix of an origin seen before is recognised without parsing the URL again (every
+        file of a prefetch is on one or two origins)."""
+        if "#" not in url:
+            for prefix, origin, netloc in self._prefixes:
+                if url.startswith(prefix):
+                    return origin, netloc, url[len(prefix) - 1:]
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+            raise Unsupported(f"not a plain http(s) URL: {scheme}://...", answered=False)
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+        except ValueError:
+            raise Unsupported("an invalid port", answered=False) from None
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        origin = (scheme, parts.hostname, port)
+        prefix = f"{parts.scheme}://{parts.netloc}/"
+        if url.startswith(prefix) and target == url[len(prefix) - 1:] and len(self._prefixes) < 8:
+            self._prefixes.append((prefix, origin, parts.netloc))  # (only where the two ways agree exactly)
+        return origin, parts.netloc, target
 
     def _take(self, origin: Tuple[str, str, int]) -> Tuple[Optional["_Connection"], bool]:
         idle = self._idle.get(origin)
@@ -197,13 +231,24 @@ def _printable(text: str, spaces: bool) -> bool:
 
 
 def _request_bytes(target: str, host: str, headers: Dict[str, str]) -> bytes:
-    """The request's bytes; :class:`Unsupported` for anything that would need quoting or encoding first."""
-    if not (_printable(target, False) and _printable(host, False) and all(
-            _printable(name, False) and ":" not in name and _printable(value, True)
-            for name, value in headers.items())):
+    """The request's bytes; :class:`Unsupported` for anything that would need quoting or encoding first. The
+    checked block of Host and headers is kept for the next request that has the same ones (most do)."""
+    key = (host, *headers.items())
+    block = _BLOCKS.get(key)
+    if block is None:
+        if not (_printable(host, False) and all(_printable(name, False) and ":" not in name and
+                                                _printable(value, True) for name, value in headers.items())):
+            raise Unsupported("a request target or header that would need quoting", answered=False)
+        block = "".join(f"\r\n{line}" for line in (f"Host: {host}", *(f"{n}: {v}" for n, v in headers.items())))
+        if len(_BLOCKS) >= 64:
+            _BLOCKS.clear()
+        _BLOCKS[key] = block
+    if not _printable(target, False):
         raise Unsupported("a request target or header that would need quoting", answered=False)
-    lines = [f"GET {target} HTTP/1.1", f"Host: {host}", *(f"{name}: {value}" for name, value in headers.items())]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+    return f"GET {target} HTTP/1.1{block}\r\n\r\n".encode("ascii")
+
+
+_BLOCKS: Dict[Tuple[str, ...], str] = {}  # (host, *header items) -> their checked lines (see _request_bytes)
 
 
 def tls_of(settings: Any) -> Tuple[Any, ssl.SSLContext]:
@@ -240,7 +285,7 @@ class _Answer:
 
     def reset(self, limit: Optional[int]) -> None:
         self.limit = limit
-        self.headers: CaseInsensitiveDict = CaseInsensitiveDict()
+        self.headers = Headers()
         self.header_bytes = 0  # bytes received while the header block was not complete
         self.headers_done = False
         self.body: List[bytes] = []
@@ -284,9 +329,10 @@ class _Answer:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.done or self.headers_done or self.error is not None:
             return
-        key, text = name.decode("latin-1"), value.decode("latin-1")
-        known = self.headers.get(key)
-        self.headers[key] = text if known is None else f"{known}, {text}"
+        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        headers = self.headers
+        known = dict.get(headers, key)
+        dict.__setitem__(headers, key, text if known is None else f"{known}, {text}")
 
     def on_headers_complete(self) -> None:
         if self.done or self.error is not None:
