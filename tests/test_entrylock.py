@@ -186,3 +186,14 @@ def test_a_forked_child_does_not_keep_its_parents_locks_after_the_parent_exits(m
         taken.release()
     finally:
         os.kill(child, 9)
+
+
+def test_forgetting_a_lock_in_the_process_that_took_it_frees_it(mode):
+    _name, locks = mode
+    holder = lock(locks)
+    holder.acquire(timeout=0)
+    holder.forget()  # (what a commit abandoned in its own process does: the lock must not stay held)
+    assert _other_process_gets(locks, DIGEST_A) == "taken"
+    again = lock(locks)
+    again.acquire(timeout=0)
+    again.release()

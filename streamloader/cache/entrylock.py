@@ -136,8 +136,12 @@ class EntryLock:
 
     def forget(self) -> None:
         """Drop this process's hold of the lock without unlocking (a forked child's inherited lock: the open
-        file, and so the lock, stays the parent's)."""
-        fd, slow, self._fd, self._slow, self._shared = self._fd, self._slow, None, None, None
+        file, and so the lock, stays the parent's). In the process that took it, that frees it, as closing its
+        open file always did."""
+        fd, slow, shared = self._fd, self._slow, self._shared
+        self._fd, self._slow, self._shared = None, None, None
+        if shared is not None:
+            shared.unlock(self._offset)  # (a no-op in a forked child: the file is the parent's)
         if fd is not None and self._fd_pid == os.getpid():  # (an inherited one: the fork handler closed it)
             _FLOCK_FDS.discard(fd)
             os.close(fd)
