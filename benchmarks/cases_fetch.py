@@ -5,7 +5,8 @@
   algorithm on (P12n); P12b: streamloader's fetch phase against the bound N x latency / 32.
 * P13: 100 ms latency, a server that accepts 128 requests in flight (429 above): the default (adaptive) prefetch vs
   ``max_concurrency=32``; the peak in flight is the server's count.
-* P14: client CPU per file of a concurrent fetch, no latency (server in another process), fsspec's beside it.
+* P14: client CPU per file of a concurrent fetch, no latency (server in another process), fsspec's beside it, and
+  the machine's floor: a bare keep-alive GET + write + rename per file in one thread (``sides_fetch._fetch_bare``).
 * P15: P12 against an independent peer (:mod:`.peer`: aiohttp, one event loop, ~0.3 ms of CPU per file where
   ``streamloader serve`` takes ~1 ms), with Nagle off (P15) and on (P15n), and P15b its fetch phase vs the bound.
 
