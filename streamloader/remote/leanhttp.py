@@ -23,7 +23,6 @@ from collections import defaultdict
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
-
 try:
     import httptools
 except ImportError:  # a dependency; where it is missing, prefetch uses its thread engine (aioprefetch.unusable)
@@ -75,9 +74,9 @@ class BodyTooLarge(ExchangeError):
 
 
 class Headers(dict):
-    """An answer's headers: names looked up in any case (stored in lower case, as llhttp hands them over in the
-    server's). A plain dict underneath: a lookup is one call, where requests' ``CaseInsensitiveDict`` makes three
-    (a prefetch asks ~10 per file)."""
+    """An answer's headers, looked up by name in any case: stored in lower case (llhttp hands them over as the
+    server spelled them) in a plain dict, so a lookup is one call, where requests' ``CaseInsensitiveDict`` makes
+    three (a prefetch makes ~10 per file)."""
 
     __slots__ = ()
 
