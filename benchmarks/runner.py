@@ -59,13 +59,13 @@ class BenchSizes:
     p11_official_files: int = 300  # JPEGs the official hooks read one by one for P11 (per-file time x n_images)
     p11_warm_mounts: int = 3  # fresh mounts over the warm cache for P11b; the median counts
     p12_files: int = 1500  # P12: small files fetched cold by fs.prefetch and by fsspec's filecache (per server mode)
-    p12_rounds: int = 3  # interleaved rounds of both sides; the medians count
+    p12_rounds: int = 5  # interleaved rounds of both sides; the medians count (P12 and P15: runs vary by ~1.5x here)
     p13_files: int = 2000  # P13: a fixed 32 in flight takes ~6 s for these at 100 ms
     p13_latency: float = 0.1
     p13_server_limit: int = 128  # the server answers 429 above this many requests in flight
     p13_rounds: int = 2
     p14_files: int = 1500  # P14: client CPU per file, no latency
-    p14_rounds: int = 2
+    p14_rounds: int = 3
 
 
 FULL = BenchSizes()
