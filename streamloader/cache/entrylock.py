@@ -196,9 +196,7 @@ class _SharedFile:
             except OSError:
                 pass
             self._fd = None
-            if not any(held == fd for held in self._held.values()):
-                self._fds.remove(fd)
-                _close_quietly(fd)
+            self._close_if_unused(fd)
         fd = _open_lock_file(self.path)
         if fd is not None:
             self._fd = fd
@@ -230,9 +228,14 @@ class _SharedFile:
             if fd is None:
                 return
             fcntl.fcntl(fd, _OFD, _flock_struct(fcntl.F_UNLCK, offset))
-            if fd != self._fd and fd not in self._held.values():  # the last lock in a file deleted meanwhile
-                self._fds.remove(fd)
-                _close_quietly(fd)
+            if fd != self._fd:  # (locked in a file deleted meanwhile)
+                self._close_if_unused(fd)
+
+    def _close_if_unused(self, fd: int) -> None:
+        """Close ``fd``, an open file of a deleted lock file, once no offset is held through it."""
+        if fd not in self._held.values():
+            self._fds.remove(fd)
+            _close_quietly(fd)
 
 
 def _after_fork_in_child() -> None:
