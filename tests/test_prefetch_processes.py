@@ -1,8 +1,12 @@
 """RemoteRepo.prefetch spread over worker processes, against a real ``streamloader serve`` subprocess."""
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -148,6 +152,61 @@ def test_workers_leave_ctrl_c_to_the_parent(tmp_path: Path, make_server_process:
     sender.join()
     assert interrupted, "no worker process was seen"
     assert (result.files, result.failed) == (len(files), {})
+
+
+_WORKER_TABLES = textwrap.dedent("""
+    import json, os, sys, threading, time
+    from streamloader.cache import FileCache
+    from streamloader.remote.client import DagsHubClient
+    from streamloader.remote.repo import RemoteRepo
+
+    def table(pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return int(next(line for line in f if line.startswith("FDSize:")).split()[1])
+        except (OSError, StopIteration):
+            return 0  # (ended meanwhile)
+
+    def children():
+        return {int(t) for t in open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()}
+
+    repo = RemoteRepo(DagsHubClient(sys.argv[1], token=False, branch="main"), FileCache(sys.argv[2]))
+    paths = [f"data/{name}" for name in repo.listing("data").names()]
+    before, sizes, done = children(), {}, threading.Event()
+
+    def watch():
+        while not done.is_set():
+            for pid in children() - before:
+                sizes[pid] = max(sizes.get(pid, 0), table(pid))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    result = repo.prefetch(paths, max_concurrency=128, progress=False, processes=2)
+    done.set()
+    watcher.join()
+    print(json.dumps({"files": result.files, "failed": len(result.failed), "own": table(os.getpid()),
+                      "workers": sorted(sizes.values())}))
+""")
+
+
+def test_a_worker_grows_its_descriptor_table_once_before_it_starts_threads(
+        tmp_path: Path, make_server_process: Callable[..., Any]) -> None:
+    """Linux grows a descriptor table as descriptors open, and in a process with threads each growth stalls it
+    10-20 ms (an RCU grace period); a forked worker starts from a table sized for the few its parent had open. So
+    each worker makes room for two descriptors per request it may have in flight first: the kernel's table size
+    (FDSize) of a worker holds that many, however few requests the host's limiter lets it have in flight. (In a
+    fresh process: one that had a high descriptor open would hand its workers a large table anyway.)"""
+    files = make_random_files(tmp_path / "repo", count=200)  # 128 requests may be in flight (64 per worker)
+    srv = make_server_process(tmp_path / "repo", faults=ServerFaults(latency=0.01))
+    env = {**os.environ, "STREAMLOADER_HOST_LIMITS": "initial=2,ceiling=4"}  # a few sockets and slots at a time
+    out = subprocess.run([sys.executable, "-c", _WORKER_TABLES, srv.repo_url, str(tmp_path / "cache")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert (got["files"], got["failed"]) == (len(files), 0)
+    assert len(got["workers"]) == 2, got
+    assert all(size >= 2 * 64 + 32 for size in got["workers"]), got  # 64 requests each, at most 4 in flight
 
 
 def _count_in_daemon(out):

@@ -29,6 +29,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
+from streamloader._files import reserve_fds
 from streamloader.errors import HostUnreachableError, RemoteError, RemoteFileNotFoundError
 from streamloader.remote.workline import WorkLine
 
@@ -166,6 +167,12 @@ def prefetch_in_threads(repo: RemoteRepo, paths: List[str], workers: int, record
             repo.cache.flush()
 
 
+def _fds_for(workers: int) -> int:
+    """File descriptors a prefetch with ``workers`` requests in flight opens: a socket and a limiter slot per request,
+    plus the cache's temp files and locks (see :func:`~streamloader._files.reserve_fds`)."""
+    return 2 * workers + 32
+
+
 def _lined(paths: List[str], more: Optional[Callable[[], List[str]]], taken: List[str]) -> Iterator[str]:
     """``paths``, then each batch ``more`` gives (appended to ``taken`` first) until it gives none."""
     yield from paths
@@ -186,6 +193,7 @@ def prefetch_here(repo: RemoteRepo, paths: List[str], workers: int, record: _Rec
     :class:`~streamloader.remote.workline.WorkLine`."""
     from streamloader.remote import aioprefetch
 
+    reserve_fds(_fds_for(workers))
     why = aioprefetch.unusable(repo)
     if why is None:
         aioprefetch.prefetch_async(repo, paths, workers, record, cancelled, more)
@@ -508,6 +516,7 @@ def _prefetch_worker(repo: RemoteRepo, line: WorkLine, workers: int, queue: Any,
             time.sleep(0.5)
         os._exit(1)
 
+    reserve_fds(_fds_for(workers))  # while this process has one thread: no wait for the table to grow
     # Ctrl-C reaches the whole process group: the parent stops the workers, which must not die noisily on their own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
