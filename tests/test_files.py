@@ -63,8 +63,8 @@ def test_a_descriptor_in_use_where_the_table_would_end_is_never_replaced() -> No
         os.dup2(f.fileno(), high)
         reserve_fds(300)
         os.lseek(high, 0, 0)
-        print(json.dumps({"data": os.read(high, 10).decode(), "same": os.fstat(high).st_ino == os.fstat(f.fileno()).st_ino,
-                          "open": high in open_fds()}))
+        same = os.fstat(high).st_ino == os.fstat(f.fileno()).st_ino
+        print(json.dumps({"data": os.read(high, 10).decode(), "same": same, "open": high in open_fds()}))
     """)
     assert got == {"data": "kept", "same": True, "open": True}
 

@@ -62,22 +62,41 @@ def test_knobs_come_from_the_environment_and_bad_ones_are_ignored(monkeypatch, c
     assert HostLimits.from_env().initial == 8  # clamped into [floor, ceiling]
 
 
-def test_a_pushback_halves_what_is_in_flight_once_per_round(limits_env):
+def test_a_pushback_cuts_to_0_7_of_what_was_in_flight_once_per_round(limits_env):
     limiter = limits_env("initial=8,ceiling=16")
     assert limiter.shared  # OFD locks work here: the limits are machine-wide
     slots = [limiter.slot() for _ in range(6)]
     assert limiter.state()["in_flight"] == 6
     slots[0].throttled(None)
     slots[0].__exit__(None, None, None)
-    assert limiter.state()["limit"] == 3  # half of the 6 in flight
+    # sent under a limit of 8: up to 8 may have been in flight (see the next test), 6 are
+    assert limiter.state()["limit"] == pytest.approx(0.7 * 8)
     slots[1].throttled(None)  # sent before the cut: no second cut for the same round
     slots[1].__exit__(None, None, None)
-    assert limiter.state()["limit"] == 3
+    assert limiter.state()["limit"] == pytest.approx(5.6)
     for slot in slots[2:]:
         slot.__exit__(None, None, None)
     with limiter.slot() as late:  # sent after the cut: a new round, a new cut
         late.throttled(None)
-    assert limiter.state()["limit"] == 1  # half of the 1 in flight, but never below floor=1
+    # one in flight now, but the refused request went out under a limit of 5: 5 may have been in flight then
+    assert limiter.state()["limit"] == pytest.approx(0.7 * 5)
+    for _ in range(3):
+        with limiter.slot() as late:
+            late.throttled(None)
+    assert limiter.state()["limit"] == 1  # never below floor=1
+
+
+def test_a_cut_counts_what_was_in_flight_when_the_refused_request_went_out(limits_env):
+    """Refusals come back together: by the time one is reported, the others that were refused with it have left,
+    and what is still in flight understates what the host refused (cutting from it would cut twice as deep)."""
+    limiter = limits_env("initial=10,ceiling=16")
+    slots = [limiter.slot() for _ in range(10)]
+    for slot in slots[3:]:
+        slot.__exit__(None, None, None)  # answered (or refused, reported first)
+    slots[2].throttled(None)
+    slots[2].__exit__(None, None, None)  # 3 in flight as it is reported, 10 when it went out
+    assert limiter.state()["limit"] == pytest.approx(0.7 * 10)
+    assert limiter.state()["in_flight"] == 2
 
 
 def test_the_limit_grows_while_it_binds_slow_start_then_additive(limits_env):
@@ -248,7 +267,7 @@ def test_try_slot_never_waits_and_a_discarded_slot_reports_nothing(limits_env):
     assert again is not None
     second.__exit__(None, None, None)
     again.throttled(retry_after=5.0)
-    again.__exit__(None, None, None)  # a pushback: the limit halves and the host asked for a pause
+    again.__exit__(None, None, None)  # a pushback: the limit is cut and the host asked for a pause
     paused, wait = limiter.try_slot()
     assert paused is None and 4.0 < wait <= 5.5
     assert limiter.current_limit() == 1
