@@ -160,6 +160,22 @@ def _make_data(ctx: BenchContext, cases: Sequence[str], say: Callable[[str], Non
         say(f"wrote a {size / 1e9:.2f} GB shard in {time.perf_counter() - started:.1f} s")
 
 
+_SLOW_CREATE_US = 100.0
+
+
+def _file_create_cost(directory: str, count: int = 300) -> float:
+    """Microseconds to create, write (30 KB) and rename one file in ``directory``, as a cache does per file (the
+    files stay: deleting them would slow the next creates near there, see run_benchmarks' warning)."""
+    data = os.urandom(30_000)
+    started = time.perf_counter()
+    for number in range(count):
+        name = os.path.join(directory, f"{number}")
+        with open(name + ".part", "xb") as f:
+            f.write(data)
+        os.rename(name + ".part", name)
+    return (time.perf_counter() - started) / count * 1e6
+
+
 def run_benchmarks(quick: bool = False, only: Optional[Iterable[str]] = None, workdir: Optional[str] = None,
                    keep: bool = False, progress: Optional[Callable[[str], None]] = None) -> List[CaseResult]:
     """Run the selected cases (all by default) and return one row per measured figure.
@@ -184,6 +200,13 @@ def run_benchmarks(quick: bool = False, only: Optional[Iterable[str]] = None, wo
     ctx = BenchContext(sizes=sizes, workdir=root)
     results: List[CaseResult] = []
     try:
+        create_us = _file_create_cost(ctx.fresh_dir("fs-probe"))
+        say(f"file system: {create_us:.0f} us to create, write and rename a 30 KB file in {root}")
+        if create_us > _SLOW_CREATE_US:
+            say(f"WARNING: that is slow (a fresh directory of an idle ext4 takes ~25 us): every cold-fetch side pays it "
+                "once per file, which narrows the ratios of P12-P15. On an ext4 without a journal, the inodes deleted "
+                "in the last 5-10 minutes near that directory (a test run's, a bench run's) are skipped one by one at "
+                "each create; wait, or pass --workdir on another top-level directory")
         _make_data(ctx, selected, say)
         server = ServerProcess(ctx.repo_root, token=ctx.token, faults=ServerFaults(latency=sizes.latency))
         with server:
@@ -201,8 +224,9 @@ def run_benchmarks(quick: bool = False, only: Optional[Iterable[str]] = None, wo
                     rows = [CaseResult.failed(case_id, case_module.TITLES[case_id], case_module.GOALS[case_id],
                                               f"{type(exc).__name__}: {exc}")]
                 say(f"{case_id}: done in {time.perf_counter() - started:.1f} s")
-                if load_before is not None:  # other processes' load explains noisy figures on a shared machine
-                    for row in rows:
+                for row in rows:
+                    row.details["file_create_us"] = round(create_us, 1)  # (what every stored file costs here)
+                    if load_before is not None:  # other processes' load explains noisy figures on a shared machine
                         row.details["loadavg_before_after"] = [load_before[0], os.getloadavg()[0]]
                 results.extend(rows)
     finally:
