@@ -34,7 +34,7 @@ def prefetch(paths: Iterable[Any], max_concurrency: Optional[int] = None, progre
              storage_options: Optional[Mapping[str, Any]] = None, processes: Optional[int] = None,
              wait: bool = True) -> Any:
     """Download ``paths`` into the cache concurrently, with a progress bar. ``max_concurrency``: at most that many
-    requests in flight; None (default): as many as the host keeps up with (32 at first, growing up to 128 while
+    requests in flight; None (default): as many as the host keeps up with (32 at first, growing up to 256 while
     answers come as fast, cut when it pushes back; see :mod:`streamloader.remote.limits`).
 
     Hooked paths that exist locally need no download and are skipped. ``on_error="raise"`` raises the first

@@ -412,7 +412,7 @@ class RemoteRepo(PathLookups):
         ``on_error="raise"`` raises the first failure after the others finish; ``"skip"`` records failures in the
         result (and logs them) and carries on. ``max_concurrency``: at most that many requests in flight; None (the
         default) lets the host's limiter decide: 32 at first, more while the host keeps answering as fast (up to
-        its ceiling, 128 unless ``STREAMLOADER_HOST_LIMITS`` says otherwise), fewer when it pushes back.
+        its ceiling, 256 unless ``STREAMLOADER_HOST_LIMITS`` says otherwise), fewer when it pushes back.
         The downloads run on an event loop (``STREAMLOADER_PREFETCH_ENGINE=threads``: a thread per request).
         ``processes`` spreads them over that many worker processes (the requests in flight are counted
         for all of them together): one process spends ~1 ms of CPU per small file under the

@@ -237,7 +237,7 @@ def test_left_to_the_limiter_a_prefetch_backs_off_to_what_the_server_takes(tmp_p
 def test_a_prefetch_starts_threads_as_the_limiter_allows_requests_not_all_at_once(tmp_path, make_server_process,
                                                                                    figures, monkeypatch):
     """Left to the limiter, a prefetch by the thread engine (where the event-loop one cannot run) may use up to its
-    ceiling (128) of threads, but runs only the limit plus a quarter (32 + 8 at first): a thread with no slot to
+    ceiling (256) of threads, but runs only the limit plus a quarter (32 + 8 at first): a thread with no slot to
     take would only add GIL hand-offs. As answers come back fast and the limit grows, more threads start."""
     monkeypatch.setenv("STREAMLOADER_PREFETCH_ENGINE", "threads")
     root = tmp_path / "repo"
