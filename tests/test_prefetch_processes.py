@@ -185,8 +185,7 @@ _WORKER_TABLES = textwrap.dedent("""
     result = repo.prefetch(paths, max_concurrency=128, progress=False, processes=2)
     done.set()
     watcher.join()
-    print(json.dumps({"files": result.files, "failed": len(result.failed), "own": table(os.getpid()),
-                      "workers": sorted(sizes.values())}))
+    print(json.dumps({"files": result.files, "failed": len(result.failed), "workers": sorted(sizes.values())}))
 """)
 
 
