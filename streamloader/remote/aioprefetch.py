@@ -24,7 +24,8 @@ limit meanwhile), a few times at most. Anything else — an error status, a drop
 or one the lean client leaves to a full one (:class:`~streamloader.remote.leanhttp.Unsupported`), a lying or short
 body, a hash mismatch, a compressed body, an entry whose lock is busy (another thread or process downloading it), a
 bucket path, a file larger than :data:`IN_MEMORY_MAX` — is given back and done by :meth:`RemoteRepo.warm` in a
-small thread pool, with the full retry policy and typed errors. ``STREAMLOADER_PREFETCH_ENGINE=threads`` turns this engine off.
+small thread pool, with the full retry policy and typed errors. ``STREAMLOADER_PREFETCH_ENGINE=threads`` turns
+this engine off.
 """
 from __future__ import annotations
 
