@@ -76,13 +76,11 @@ def test_a_pushback_cuts_to_0_7_of_what_was_in_flight_once_per_round(limits_env)
     assert limiter.state()["limit"] == pytest.approx(5.6)
     for slot in slots[2:]:
         slot.__exit__(None, None, None)
-    time.sleep(0.1)  # (a round later: see test_a_refusal_within_a_round_of_the_cut_does_not_cut_again)
     with limiter.slot() as late:  # sent after the cut: a new round, a new cut
         late.throttled(None)
     # one in flight now, but the refused request went out under a limit of 5: 5 may have been in flight then
     assert limiter.state()["limit"] == pytest.approx(0.7 * 5)
     for _ in range(3):
-        time.sleep(0.1)
         with limiter.slot() as late:
             late.throttled(None)
     assert limiter.state()["limit"] == 1  # never below floor=1
@@ -99,26 +97,6 @@ def test_a_cut_counts_what_was_in_flight_when_the_refused_request_went_out(limit
     slots[2].__exit__(None, None, None)  # 3 in flight as it is reported, 10 when it went out
     assert limiter.state()["limit"] == pytest.approx(0.7 * 10)
     assert limiter.state()["in_flight"] == 2
-
-
-def test_a_refusal_within_a_round_of_the_cut_does_not_cut_again(limits_env):
-    """A request sent right after a cut reaches a host still busy with what was sent before it: its refusal says
-    nothing of the new limit. Only one sent a request's time (the fastest seen) after the cut cuts again."""
-    limiter = limits_env("initial=20,ceiling=32")
-    with limiter.slot():
-        time.sleep(0.2)  # a success: the fastest request took ~0.2 s
-    slots = [limiter.slot() for _ in range(20)]
-    for slot in slots:  # a round refused: the first cuts, the rest were sent before it
-        slot.throttled(None)
-        slot.__exit__(None, None, None)
-    assert limiter.state()["limit"] == pytest.approx(14)
-    with limiter.slot() as early:  # sent at once after the cut
-        early.throttled(None)
-    assert limiter.state()["limit"] == pytest.approx(14)
-    time.sleep(0.3)
-    with limiter.slot() as late:  # sent a round later: a new cut
-        late.throttled(None)
-    assert limiter.state()["limit"] == pytest.approx(0.7 * 14)
 
 
 def test_the_limit_grows_while_it_binds_slow_start_then_additive(limits_env):

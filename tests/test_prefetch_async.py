@@ -145,24 +145,6 @@ def test_faults_go_to_the_thread_path_and_every_file_still_arrives_intact(tmp_pa
         next(p for p in os.listdir(tmp_path / "cache" / "tmp") if p.endswith(".part"))
 
 
-def test_files_the_host_refuses_go_back_in_line_in_the_loop_not_to_the_thread_path(tmp_path, files, make_server):
-    """A 429 cuts the limiter and the file waits its turn again in the loop. Handed to warm() instead, a round of
-    refusals queued behind its 16 threads, each keeping a place among the loop's requests while it waited."""
-    srv = make_server(tmp_path / "src", token=TOKEN)
-    repo = remote_repo(srv, tmp_path / "cache", FAST)
-    repo.ls("data")
-    srv.update_faults(dict(throttle_rate=0.3, retry_after=0, seed=3))
-    srv.reset_counts()
-    out, counts = _run(repo, files)
-    assert not [p for p, (_s, exc, _c) in out.items() if exc is not None]
-    throttled = sum(e["fault"] == "throttle" for e in srv.request_log if e["kind"] == "raw")
-    assert throttled > 10 and srv.request_count(kind="raw") == len(files) + throttled
-    assert counts.in_loop == len(files) and counts.given_back == 0, counts  # (8 refusals each before warm())
-    srv.update_faults(dict(throttle_rate=0.0))
-    for path, data in files.items():
-        assert _cached_bytes(repo, path) == data
-
-
 def test_a_server_that_lies_about_the_bytes_never_gets_them_cached(tmp_path, files, make_server):
     srv = make_server(tmp_path / "src", token=TOKEN)
     repo = remote_repo(srv, tmp_path / "cache", RetryPolicy(attempts=2, initial_backoff=0.01, max_backoff=0.02))

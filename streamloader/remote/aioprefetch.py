@@ -19,13 +19,11 @@ Only the common case runs in the loop, and every guarantee of the cache holds th
   as for every other request;
 * the token goes only to the API origin (a redirect to a presigned storage URL goes without it).
 
-A file the host refuses (429, or 503 with Retry-After) goes back in line in the loop (the limiter has cut its
-limit meanwhile), a few times at most. Anything else — an error status, a dropped connection, a malformed answer
-or one the lean client leaves to a full one (:class:`~streamloader.remote.leanhttp.Unsupported`), a lying or short
-body, a hash mismatch, a compressed body, an entry whose lock is busy (another thread or process downloading it), a
-bucket path, a file larger than :data:`IN_MEMORY_MAX` — is given back and done by :meth:`RemoteRepo.warm` in a
-small thread pool, with the full retry policy and typed errors. ``STREAMLOADER_PREFETCH_ENGINE=threads`` turns
-this engine off.
+Anything else — an error status, a dropped connection, a malformed answer or one the lean client leaves to a full
+one (:class:`~streamloader.remote.leanhttp.Unsupported`), a lying or short body, a hash mismatch, a compressed body,
+an entry whose lock is busy (another thread or process downloading it), a bucket path, a file larger than
+:data:`IN_MEMORY_MAX` — is given back and done by :meth:`RemoteRepo.warm` in a small thread pool, with the full
+retry policy and typed errors. ``STREAMLOADER_PREFETCH_ENGINE=threads`` turns this engine off.
 """
 from __future__ import annotations
 
@@ -63,20 +61,11 @@ IN_MEMORY_MAX = 16 << 20
 _MAX_REDIRECTS = 10
 _FALLBACK_THREADS = 16
 _DEFERRALS = 3  # times a file another thread or process is downloading is put back in line before warm() waits
-_REFUSALS = 8  # times a file the host refused (429, 503 + Retry-After) is put back in line before warm() retries it
 _Outcome = Tuple[str, int, Optional[BaseException], bool]  # (path, size, error, was already cached)
 
 
 class _GiveBack(Exception):
     """This download is not for the loop: hand it to :meth:`RemoteRepo.warm` (the reason is for the debug log)."""
-
-
-class _Refused(_GiveBack):
-    """The host pushed back (429, or 503 with Retry-After): the limiter has cut its limit (and holds every request
-    back for a Retry-After), so the file goes back in line here, :data:`_REFUSALS` times at most, then to warm()
-    (its retry policy, with its budget for throttled time). Handed to warm() at once, a round of refusals queued
-    behind its 16 threads, and each queued file kept a place among the loop's ``workers`` while it waited: after
-    an overshoot, 30 requests were in flight where the limit allowed 128."""
 
 
 def unusable(repo: "RemoteRepo") -> Optional[str]:
@@ -152,8 +141,6 @@ class _Engine:
         self.origins: Dict[str, bool] = {}  # redirect origins: whether requests must fetch them (_needs_requests)
         self.deferred: Dict[str, int] = {}  # files put back in line because someone else held them (_start)
         self.deferred_in: Dict[str, int] = {}  # ... and the pass through the line that last put each one back
-        self.refused: Dict[str, int] = {}  # files put back in line because the host pushed back (_download)
-        self.pending: Deque[str] = deque()  # the line of files to start (run() owns it)
         self.passes = 0
         self.primer = repo.primer([])  # run() makes the one of its list
         self.taken: List[str] = []
@@ -196,7 +183,6 @@ class _Engine:
     # -- scheduling -----------------------------------------------------------------------------------------------
     async def run(self, paths: List[str], more: Optional[Callable[[], List[str]]] = None) -> None:
         pending: Deque[str] = deque(paths)
-        self.pending = pending
         self.taken = list(paths)  # every file this engine was given, in order (what the primer primes)
         self.more = more
         self.primer = self.repo.primer(self.taken)
@@ -233,8 +219,7 @@ class _Engine:
                     task = self.finished.popleft()
                     running.discard(task)
                     outcome = task.result()
-                    if outcome is not None:  # (None: downloaded here, recorded once its commit has run, or refused
-                        # and back in line)
+                    if outcome is not None:  # (None: downloaded here, recorded once its commit has run)
                         self.record(*outcome)
         finally:
             for task in running:
@@ -380,15 +365,6 @@ class _Engine:
                 body = await self._get(session, claim, slot)
             finally:
                 slot.__exit__(None, None, None)  # gives the slot back, with the outcome set by _get
-        except _Refused as why:
-            claim.release()
-            times = self.refused.get(claim.path, 0)
-            if times < _REFUSALS and not (self.cancelled is not None and self.cancelled.is_set()):
-                self.refused[claim.path] = times + 1
-                self.pending.append(claim.path)  # after the others: by then the cut limit (or pause) applies
-                return None
-            log.debug("prefetch of %s goes to the thread path: %s (refused %d times)", claim.path, why, times)
-            return await self._give_back(claim.path)
         except _GiveBack as why:
             claim.release()
             log.debug("prefetch of %s goes to the thread path: %s", claim.path, why)
@@ -458,8 +434,8 @@ class _Engine:
                 hint = parse_retry_after(resp.headers.get("Retry-After"))
                 if is_pushback(status, hint):
                     slot.throttled(None if hint is None else min(hint, policy.max_retry_after))
-                    raise _Refused(f"HTTP {status}")
-                slot.answered()
+                else:
+                    slot.answered()
                 raise _GiveBack(f"HTTP {status}")
             slot.ok()  # the host answered what was asked; what the body is worth is checked below
             if resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
