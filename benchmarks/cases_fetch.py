@@ -176,7 +176,8 @@ def _bound_row(ctx: "BenchContext", row_id: str, of: str, paths: Sequence[str], 
         row_id, f"{of} fetch phase vs bound N*latency/{concurrency} = {bound:.2f} s (vs N*latency/{ceiling} "
                 f"= {at_ceiling:.2f} s: {at_ceiling / default['ours_s']:.2f}{extra}{cpu['text']})",
         default["ours_s"], bound, "s", fraction, f">= {FETCH_PHASE_GOAL}x", fraction >= FETCH_PHASE_GOAL,
-        details={"bound_s": bound, "bound_at_ceiling_s": at_ceiling, "ceiling": ceiling, "ours_s": default["ours_s"], **cpu})
+        details={"bound_s": bound, "bound_at_ceiling_s": at_ceiling, "ceiling": ceiling, "ours_s": default["ours_s"],
+                 **cpu})
 
 
 def case_p12(ctx: "BenchContext") -> List[CaseResult]:

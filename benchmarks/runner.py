@@ -203,7 +203,7 @@ def run_benchmarks(quick: bool = False, only: Optional[Iterable[str]] = None, wo
         create_us = _file_create_cost(ctx.fresh_dir("fs-probe"))
         say(f"file system: {create_us:.0f} us to create, write and rename a 30 KB file in {root}")
         if create_us > _SLOW_CREATE_US:
-            say(f"WARNING: that is slow (a fresh directory of an idle ext4 takes ~25 us): every cold-fetch side pays it "
+            say("WARNING: that is slow (a fresh directory of an idle ext4 takes ~25 us): every cold-fetch side pays it "
                 "once per file, which narrows the ratios of P12-P15. On an ext4 without a journal, the inodes deleted "
                 "in the last 5-10 minutes near that directory (a test run's, a bench run's) are skipped one by one at "
                 "each create; wait, or pass --workdir on another top-level directory")
