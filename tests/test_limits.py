@@ -62,9 +62,16 @@ def test_knobs_come_from_the_environment_and_bad_ones_are_ignored(monkeypatch, c
     assert HostLimits.from_env().initial == 8  # clamped into [floor, ceiling]
 
 
+def _past_a_round(since: float) -> None:
+    """Sleep until a round (the fastest request time seen) has surely passed: no request took longer than the time
+    since ``since``, taken before any of them started."""
+    time.sleep(time.time() - since + 0.01)
+
+
 def test_a_pushback_cuts_to_0_7_of_what_was_in_flight_once_per_round(limits_env):
     limiter = limits_env("initial=8,ceiling=16")
     assert limiter.shared  # OFD locks work here: the limits are machine-wide
+    began = time.time()
     slots = [limiter.slot() for _ in range(6)]
     assert limiter.state()["in_flight"] == 6
     slots[0].throttled(None)
@@ -76,14 +83,37 @@ def test_a_pushback_cuts_to_0_7_of_what_was_in_flight_once_per_round(limits_env)
     assert limiter.state()["limit"] == pytest.approx(5.6)
     for slot in slots[2:]:
         slot.__exit__(None, None, None)
-    with limiter.slot() as late:  # sent after the cut: a new round, a new cut
+    _past_a_round(began)
+    with limiter.slot() as late:  # sent a round after the cut: a new round, a new cut
         late.throttled(None)
     # one in flight now, but the refused request went out under a limit of 5: 5 may have been in flight then
     assert limiter.state()["limit"] == pytest.approx(0.7 * 5)
     for _ in range(3):
+        _past_a_round(began)
         with limiter.slot() as late:
             late.throttled(None)
     assert limiter.state()["limit"] == 1  # never below floor=1
+
+
+def test_a_refusal_within_a_round_of_the_cut_does_not_cut_again(limits_env):
+    """Right after a cut the host is still busy with what went before it (the refused requests among them, until
+    they are answered): a request sent within a round of the cut may be refused for that, not for what the cut
+    limit lets through."""
+    limiter = limits_env("initial=16,ceiling=16")
+    with limiter.slot():
+        time.sleep(0.3)  # the fastest request seen takes 0.3 s: a round
+    refused = limiter.slot()
+    refused.throttled(None)
+    refused.__exit__(None, None, None)
+    assert limiter.state()["limit"] == pytest.approx(0.7 * 16)
+    soon = limiter.slot()  # sent just after the cut
+    soon.throttled(None)
+    soon.__exit__(None, None, None)
+    assert limiter.state()["limit"] == pytest.approx(0.7 * 16)  # stale: no second cut
+    time.sleep(0.35)
+    with limiter.slot() as later:  # sent a round after the cut
+        later.throttled(None)
+    assert limiter.state()["limit"] == pytest.approx(0.7 * 11)  # sent under a limit of 11
 
 
 def test_a_cut_counts_what_was_in_flight_when_the_refused_request_went_out(limits_env):
@@ -97,6 +127,26 @@ def test_a_cut_counts_what_was_in_flight_when_the_refused_request_went_out(limit
     slots[2].__exit__(None, None, None)  # 3 in flight as it is reported, 10 when it went out
     assert limiter.state()["limit"] == pytest.approx(0.7 * 10)
     assert limiter.state()["in_flight"] == 2
+
+
+def test_a_cut_in_slow_start_counts_the_limit_the_refused_request_went_out_under(limits_env):
+    """In slow start the limit grows while a request is out: more may be in flight when its refusal comes back
+    than when it went out (the host refused at that level, not at the later one)."""
+    limiter = limits_env("initial=4,ceiling=16")
+    first = limiter.slot()  # sent under a limit of 4
+    others = [limiter.slot() for _ in range(3)]
+    with pytest.raises(RemoteError, match="slots stayed busy"):
+        limiter.slot(deadline=time.time() + 0.05)  # all 4 busy: requests wait, the limit binds
+    for slot in others:
+        slot.__exit__(None, None, None)  # 3 successes: slow start raises the limit to 7
+    assert limiter.state()["limit"] == 7
+    more = [limiter.slot() for _ in range(6)]
+    assert limiter.state()["in_flight"] == 7
+    first.throttled(None)
+    first.__exit__(None, None, None)
+    assert limiter.state()["limit"] == pytest.approx(0.7 * 4)  # not 0.7 of the 7 in flight as it came back
+    for slot in more:
+        slot.__exit__(None, None, None)
 
 
 def test_the_limit_grows_while_it_binds_slow_start_then_additive(limits_env):

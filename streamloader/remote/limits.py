@@ -11,11 +11,16 @@ Each request to a host first takes a slot, then says how it went::
 From those reports the limiter keeps, per host:
 
 * a concurrency limit, AIMD like TCP's window: a pushback (429, or 503 with Retry-After) cuts the limit to 0.7 of
-  what was in flight when the refused request went out (CUBIC's factor), counted as the limit it went out under
-  (by the time a refusal is reported, those refused with it have left: what is in flight then understates it),
-  once per round of requests (a 429 for a request sent before the last cut does not cut again). Measured against
-  a server that refuses more than 80 in flight at 100 ms, 2000 files: 3.3 s, where halving what was still in
-  flight took 4.6-5.1 s. Each success while requests wait for a slot raises it, by one per success until the
+  what was in flight when the refused request went out (CUBIC's factor), counted as the limit it went out under:
+  no more were in flight then. (By the time a refusal is reported, those refused with it have left, so what is in
+  flight then understates it; and in slow start the limit has grown since, so it may overstate it.) Once per round
+  of requests: a 429 for a request sent before the last cut, or within a round (the fastest request time) after
+  it, does not cut again -- the host was still busy with what went before (refused requests count there until
+  they are answered). Measured against a server that refuses more than 128 / 80 / 40 in flight at 100 ms (2000
+  files, 3 runs each): 2.41-2.56 / 3.40-3.46 / 6.33-6.44 s. Counting what was in flight at the report when that
+  was more, and cutting again for requests sent just after a cut, took 2.51-2.62 / 3.48-3.64 / 6.34-7.02 s with
+  more refusals (0.7 of 256 after slow start, then cut after cut); halving what was still in flight took 4.6-5.1 s
+  against 80. Each success while requests wait for a slot raises it, by one per success until the
   first pushback (slow start), then by one per ``limit`` successes, up to ``ceiling`` — but only while the host
   answers as fast as it did (a moving average of request times within twice the fastest seen, plus 5 ms): a host
   that slows down as more requests reach it is pushing back too, and more in flight would not bring more
@@ -374,11 +379,15 @@ class HostLimiter:
         if wait:
             current = v[_PAUSE] if 0 < v[_PAUSE] - now <= limits.max_pause + 1 else 0.0
             v[_PAUSE] = max(current, now + min(wait, limits.max_pause))
-        if slot.started >= v[_DECREASED]:  # one cut per round: later 429s of requests sent before it are stale
+        # one cut per round: a refusal of a request sent before the last cut, or within a round after it (into a
+        # host still busy with what went before), is stale
+        grace = self._fastest if self._fastest < math.inf else 0.0
+        if slot.started >= v[_DECREASED] + grace:
             in_flight = backend.count(limits.ceiling)
-            # what was in flight when the refused request went out: up to the limit it was sent under (fewer may be
-            # in flight now, others having been refused meanwhile), and at most the limit now
-            pushed_at = min(v[_LIMIT], float(max(in_flight, slot.limit, 1)))
+            # what was in flight when the refused request went out: at most the limit it was sent under (fewer may
+            # be in flight now, others having been refused meanwhile; more, if slow start raised the limit since),
+            # and at most the limit now
+            pushed_at = min(v[_LIMIT], float(max(slot.limit, 1)))
             limit = max(float(limits.floor), pushed_at * _BETA)
             log.info("%s pushed back: at most %d requests in flight now (was %d, %d in flight)%s", self.origin,
                      int(limit), int(v[_LIMIT]), in_flight, f"; pausing {wait:.1f} s" if wait else "")
