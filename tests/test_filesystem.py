@@ -101,6 +101,16 @@ def test_fsspec_open_text_and_pandas(opts, tree):
     assert df.to_dict("list") == {"x": [1, 3], "y": [2, 4]}
 
 
+def test_cat_of_one_path_is_its_bytes_and_of_a_list_a_dict(opts, tree):
+    _srv, so = opts
+    fs = fsspec.filesystem("dagshub", **so)
+    one = (tree / "data" / "table.csv").read_bytes()
+    assert fs.cat("user/repo/data/table.csv") == one  # fsspec's contract: one path, its bytes
+    assert fs.cat(["user/repo/data/table.csv"]) == {"user/repo/data/table.csv": one}
+    with pytest.raises(IsADirectoryError):  # as fsspec's local file system answers
+        fs.cat("user/repo/data/imgs")
+
+
 def test_cat_many_is_concurrent_and_cached(opts, tree):
     srv, so = opts
     fs = fsspec.filesystem("dagshub", **so)

@@ -201,7 +201,7 @@ class DagsHubFileSystem(AbstractFileSystem, metaclass=_ResolveHostFirst):
         return out
 
     def _is_glob_or_dir(self, path: str, recursive: bool) -> bool:
-        from fsspec.utils import has_magic
+        from glob import has_magic
 
         return has_magic(path) or recursive or self.isdir(path)
 
