@@ -1,6 +1,7 @@
 """Small file-system primitives shared by the cache layers: private directories and atomic, private writes."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -13,8 +14,12 @@ from streamloader.errors import CacheError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["makedirs_private", "atomic_write", "rename_into_place", "reserve_fds", "secure_private_dir", "sync_files",
-           "TempFileVanished"]
+__all__ = ["makedirs_private", "atomic_write", "record_size", "recorded_size", "rename_into_place", "reserve_fds",
+           "secure_private_dir", "sync_files", "TempFileVanished"]
+
+#: the extended attribute that holds a cache object's size, written as it is stored (see :func:`record_size`)
+SIZE_XATTR = "user.streamloader.size"
+_XATTRS = hasattr(os, "setxattr")  # Linux; elsewhere nothing is recorded (the listing's size is then all there is)
 
 
 def _is_dir(path: str) -> bool:
@@ -123,6 +128,37 @@ def reserve_fds(more: int) -> None:
 
 class TempFileVanished(CacheError):
     """A finished temp file disappeared before it was renamed into place (its directory was deleted)."""
+
+
+def record_size(fd: int, size: int) -> bool:
+    """Note ``size`` on the open file ``fd`` (a user extended attribute, which moves with the inode through the
+    rename into place), so that a later read can tell the file was cut or grown on disk even when no listing says
+    its size. False where the file system keeps no such attributes (then nothing is recorded: one debug line)."""
+    global _XATTRS
+    if not _XATTRS:
+        return False
+    try:
+        os.setxattr(fd, SIZE_XATTR, str(size).encode("ascii"))
+        return True
+    except OSError as exc:  # ENOTSUP (e.g. some network or old tmpfs mounts), EPERM, ENOSPC for attributes
+        log.debug("cannot record cache object sizes here (%s): only sizes the listings know are checked", exc)
+        return False
+
+
+def recorded_size(path: str) -> Optional[int]:
+    """The size :func:`record_size` noted on ``path`` (not following a symlink); None where none can be known
+    (the file system keeps no such attributes); -1, which no file's size matches, where one could be but is not
+    there or unreadable (the file was not stored by the cache, or was replaced by another: not to be trusted)."""
+    if not _XATTRS:
+        return None
+    try:
+        value = os.getxattr(path, SIZE_XATTR, follow_symlinks=False)
+    except OSError as exc:
+        return -1 if exc.errno == errno.ENODATA else None  # (ENOTSUP and the like: none can be recorded here)
+    try:
+        return int(value.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return -1
 
 
 def rename_into_place(tmp: str, final: str) -> None:

@@ -13,7 +13,10 @@ fsync, atomic rename); concurrent processes download an entry once (per-entry lo
 keys are content hashes or (commit sha, path), so a moved branch can never return stale bytes, and hashes the
 cache cannot check are scoped to their repo (:meth:`CacheKey.from_hash`); eviction takes the entry lock and files
 are opened under it, so an evicted entry never breaks a reader that already opened it. Every use checks the size
-(a truncated or grown object is dropped, counted and downloaded again; ``verify="full"`` also re-hashes).
+against the listing's, or where no listing says it against the size noted on the object as it was stored (an
+extended attribute, :func:`streamloader._files.record_size`; on a file system without them only listed sizes are
+checked): a cut, grown or replaced object is dropped, counted and downloaded again, and a symlink or folder at an
+object's path is never followed (``verify="full"`` also re-hashes).
 
 Private to the user: dirs 0700, finished objects 0400 (writing to a cached path fails instead of corrupting the
 entry; unlinking needs only the directory's permission); a root others can write is tightened or refused
@@ -32,13 +35,15 @@ import contextlib
 import logging
 import os
 import re
+import shutil
+import stat as _stat
 import threading
 import time
 import weakref
 from typing import IO, BinaryIO, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 from streamloader import _forksafe, _realos
-from streamloader._files import TempFileVanished, makedirs_private, secure_private_dir
+from streamloader._files import TempFileVanished, makedirs_private, recorded_size, secure_private_dir
 from streamloader.cache import scan as _cachescan
 from streamloader.cache.commit_queue import QUEUE
 from streamloader.cache.entrylock import SHARED_LOCK_FILE, EntryLock, Timeout
@@ -184,12 +189,16 @@ class FileCache(CacheWriter):
         """:meth:`get`; ``locked``: the caller holds the entry's locks (a corrupt entry is dropped without them)."""
         path = self.path_for(key)
         try:
-            # the real stat: what is on this disk (install_hooks' os.stat would also ask whether a missing path is a
-            # repository's, at a few microseconds for each of the ~7 looks a cold read takes)
-            st = _realos.stat(path)
+            # the real lstat: what is on this disk (install_hooks' os.stat would also ask whether a missing path is a
+            # repository's, at a few microseconds for each of the ~7 looks a cold read takes), and never through a
+            # symlink planted in the cache
+            st = _realos.lstat(path)
         except FileNotFoundError:
             return None
-        if (size is not None and st.st_size != size) or (self._full and key not in self._checked):
+        if size is None:  # no listing says its size: check it against the size noted as it was stored
+            size = recorded_size(path)
+        if (size is not None and st.st_size != size) or not _stat.S_ISREG(st.st_mode) or \
+                (self._full and key not in self._checked):
             problem = self._problem(key, path, st, size)
             if problem is not None:
                 self._drop(key, path, st, problem, locked)
@@ -226,6 +235,8 @@ class FileCache(CacheWriter):
 
     def _problem(self, key: CacheKey, path: str, st: os.stat_result, size: Optional[int]) -> Optional[str]:
         """Why the entry at ``path`` cannot be served (None: it can)."""
+        if not _stat.S_ISREG(st.st_mode):
+            return "a symlink" if _stat.S_ISLNK(st.st_mode) else "not a regular file"
         if size is not None and st.st_size != size:
             return f"{st.st_size} bytes, expected {size}"
         if self._full and key not in self._checked:
@@ -240,10 +251,13 @@ class FileCache(CacheWriter):
             with self.locked(key):
                 return self._drop(key, path, st, problem, True)
         try:
-            now = _realos.stat(path)
+            now = _realos.lstat(path)
             if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
                 return
-            os.unlink(path)
+            if _stat.S_ISDIR(now.st_mode):  # (rmtree never follows a symlink inside it)
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
         except FileNotFoundError:
             return
         with self._local_guard:

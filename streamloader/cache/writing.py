@@ -16,7 +16,7 @@ import weakref
 from typing import IO, TYPE_CHECKING, BinaryIO, Callable, Iterator, List, Optional, Set, Tuple, cast
 
 from streamloader import _forksafe
-from streamloader._files import TempFileVanished, rename_into_place, sync_files
+from streamloader._files import TempFileVanished, record_size, rename_into_place, sync_files
 from streamloader.cache import scan as _cachescan
 from streamloader.cache.commit_queue import QUEUE, CommitTask
 from streamloader.cache.entrylock import EntryLock, Timeout
@@ -33,6 +33,10 @@ _USAGE_RESCAN = 10.0  # seconds: how stale the shared running total of the cache
 
 class CacheWriter:
     """Storing new entries: the methods of :class:`~streamloader.cache.store.FileCache` that write."""
+
+    #: each new object's size is noted on it (:func:`streamloader._files.record_size`) until the file system says
+    #: it keeps no such notes
+    record_sizes = True
 
     if TYPE_CHECKING:  # provided by FileCache
         root: str
@@ -176,6 +180,9 @@ class CacheWriter:
                 raise TempFileVanished(f"the temp file of cache entry {key.digest} vanished ({tmp})") from None
             if not matches:
                 raise IntegrityError(f"content hash mismatch for cache entry {key.digest} ({key.kind})")
+            if self.record_sizes:
+                # what every later read checks the file against when no listing says its size
+                self.record_sizes = record_size(raw.fileno(), got)
         except BaseException:
             _discard(tmp, raw)
             raise
