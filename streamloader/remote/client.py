@@ -414,6 +414,11 @@ class DagsHubClient:
                     # a presigned storage URL that expired (or was refused): ask the raw URL again for a new one
                     raise Transient(f"HTTP 403 from the storage host {origin_of(body.url)} (expired link?)", 403)
                 self._raise_for_status(body.status, body.headers, url, path)
+                if body.status not in (200, 206):
+                    # a 204, a 304 never asked for, a redirect without a Location...: no answer holds the file's
+                    # bytes but these two, whatever body came with it
+                    raise Transient(f"HTTP {body.status} for a file's bytes (only 200 and 206 carry them)",
+                                    body.status)
                 return receive_body(body, fileobj, path, url, start, end, ranged, expected_size, on_size,
                                     mismatches)
 

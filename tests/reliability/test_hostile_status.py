@@ -1,0 +1,73 @@
+"""Answers no well-behaved server gives, found by an audit against a lying proxy: a raw GET answered with a status
+other than 200/206 (its body was kept as the file), a pushback whose Retry-After says 0 (retried ~180 times a
+second), hostile listings that escaped as builtin exceptions."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from conftest import TOKEN
+from reliability.hostile import HostileProxy
+from streamloader.errors import RemoteError
+from streamloader.remote.client import DagsHubClient, RetryPolicy
+
+FAST = RetryPolicy(attempts=4, initial_backoff=0.01, max_backoff=0.05, max_time=10, max_throttled_time=3)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    root = tmp_path / "repo"
+    (root / "data").mkdir(parents=True)
+    for i in range(4):
+        (root / "data" / f"{i}.bin").write_bytes(os.urandom(1024))
+    return root
+
+
+class _Misanswer:
+    """``mutate_raw`` for HostileProxy: the first ``times`` raw GETs get ``status`` and a small body instead."""
+
+    def __init__(self, status: int, times: int, headers=None):
+        self.status, self.times, self.headers, self.sent = status, times, headers or {}, 0
+        self.lock = threading.Lock()
+
+    def __call__(self, path, status, headers, body, wanted_range):
+        with self.lock:
+            if self.sent >= self.times:
+                return status, headers, body
+            self.sent += 1
+        bogus = b"" if self.status in (204, 304) else b"not the file"
+        return self.status, {"Content-Length": str(len(bogus)), **self.headers}, bogus
+
+
+@pytest.mark.parametrize("status", [201, 203, 204, 300, 302, 304, 307])
+def test_only_200_and_206_answers_are_taken_for_a_files_bytes(repo, make_server, tmp_path, status):
+    srv = make_server(str(repo), token=TOKEN)
+    good = (repo / "data" / "1.bin").read_bytes()
+    wrong = _Misanswer(status, times=2)  # (a 3xx without a Location: nothing to follow)
+    with HostileProxy(srv.url, mutate_raw=wrong) as proxy:
+        client = DagsHubClient(f"{proxy.url}/user/repo", token=TOKEN, branch="main", retry=FAST)
+        assert client.read_bytes("data/1.bin") == good  # retried past them
+        assert wrong.sent == 2
+        always = _Misanswer(status, times=10 ** 6)
+        proxy.mutate_raw = always
+        with pytest.raises(RemoteError, match=f"HTTP {status}"):
+            client.read_bytes("data/2.bin")
+
+
+def test_a_file_answered_with_204_is_never_cached_through_the_file_system(repo, make_server, tmp_path):
+    from streamloader.remote.filesystem import DagsHubFileSystem
+
+    srv = make_server(str(repo), token=TOKEN)
+    good = (repo / "data" / "3.bin").read_bytes()
+    with HostileProxy(srv.url, mutate_raw=_Misanswer(204, times=10 ** 6)) as proxy:
+        fs = DagsHubFileSystem(host=proxy.url, token=TOKEN, cache_dir=str(tmp_path / "cache"),
+                               skip_instance_cache=True, retry=FAST)
+        result = fs.prefetch(["user/repo/data/3.bin"], progress=False, on_error="skip")  # the loop, then warm()
+        assert list(result.failed) == ["data/3.bin"] and result.downloaded == 0
+        with pytest.raises(RemoteError):
+            fs.cat_file("user/repo/data/3.bin")
+        proxy.mutate_raw = None  # the server heals: the real bytes, nothing bogus kept
+        assert fs.cat_file("user/repo/data/3.bin") == good
