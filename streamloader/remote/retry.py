@@ -82,10 +82,14 @@ def retrying(policy: RetryPolicy, attempt: Callable[[], Any]) -> Any:
 def backoff(policy: RetryPolicy, exc: Transient, number: int) -> float:
     """Seconds to wait before retrying after the ``number``-th attempt failed with ``exc``."""
     hint = exc.retry_after
-    if hint is not None:
-        if exc.outcome == "throttled":
-            return random.uniform(0, 0.01)  # the limiter holds back every request to the host until then
-        return min(hint, policy.max_retry_after)
-    # exponential backoff with full jitter
+    # exponential backoff with jitter
     ceiling = min(policy.max_backoff, policy.initial_backoff * 2 ** (number - 1))
-    return random.uniform(ceiling / 2, ceiling)
+    exponential = random.uniform(ceiling / 2, ceiling)
+    if hint is None:
+        return exponential
+    hint = min(hint, policy.max_retry_after)
+    # a Retry-After of 0, a negative one or a date past (all parsed as 0) is no reason to ask again at once: an
+    # answer that says "wait" waits at least the backoff (once, ~180 refused requests a second were sent)
+    if exc.outcome == "throttled" and hint >= exponential:
+        return random.uniform(0, 0.01)  # the limiter holds back every request to the host until then
+    return max(hint, exponential)

@@ -71,3 +71,18 @@ def test_a_file_answered_with_204_is_never_cached_through_the_file_system(repo, 
             fs.cat_file("user/repo/data/3.bin")
         proxy.mutate_raw = None  # the server heals: the real bytes, nothing bogus kept
         assert fs.cat_file("user/repo/data/3.bin") == good
+
+
+@pytest.mark.parametrize("retry_after", ["0", "-5", "Thu, 01 Jan 1970 00:00:00 GMT"])
+def test_a_pushback_saying_wait_no_time_is_retried_with_backoff_not_at_once(repo, make_server, retry_after):
+    srv = make_server(str(repo), token=TOKEN)
+    refuse = _Misanswer(429, times=10 ** 6, headers={"Retry-After": retry_after})
+    with HostileProxy(srv.url, mutate_raw=refuse) as proxy:
+        policy = RetryPolicy(initial_backoff=0.05, max_backoff=1.0, max_throttled_time=2.0)
+        client = DagsHubClient(f"{proxy.url}/user/repo", token=TOKEN, branch="main", retry=policy)
+        started = time.monotonic()
+        with pytest.raises(RemoteError, match="429"):
+            client.read_bytes("data/0.bin")
+        seconds = time.monotonic() - started
+    # backoff 0.05, 0.1, 0.2 ... 1 s (jittered): ~6-10 requests in the 2 s budget; at once it was ~360
+    assert refuse.sent <= 20 and seconds < 6, (refuse.sent, seconds)
