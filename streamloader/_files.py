@@ -182,9 +182,12 @@ def secure_private_dir(path: str) -> None:
     (and not a shared sticky directory such as /tmp) it is tightened to 0700, with a warning; otherwise it is
     refused with a :class:`~streamloader.errors.CacheError` saying how to fix it. Readable by others is left alone.
     """
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):  # (a file is left as it is: its mode is not ours to change)
+        raise CacheError(f"the cache directory {path} is not a directory: choose another one (STREAMLOADER_CACHE or "
+                         "cache_dir=)")
     if os.name == "nt":  # POSIX modes mean nothing there
         return
-    st = os.stat(path)
     if not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return
     mode = stat.S_IMODE(st.st_mode)

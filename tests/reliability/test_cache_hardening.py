@@ -371,6 +371,16 @@ def test_a_cache_root_of_ours_that_others_can_write_is_tightened(tmp_path, mode,
     assert "0700" in caplog.text and str(root) in caplog.text
 
 
+@pytest.mark.parametrize("mode", [0o666, 0o644])
+def test_a_cache_root_that_is_a_file_is_refused_and_the_file_left_alone(tmp_path, mode):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my data\n")
+    os.chmod(notes, mode)
+    with pytest.raises(CacheError, match="not a directory"):
+        FileCache(str(notes))
+    assert stat.S_IMODE(os.stat(notes).st_mode) == mode and notes.read_text() == "my data\n"
+
+
 def test_a_cache_root_others_can_write_and_we_do_not_own_is_refused(tmp_path):
     sticky = tmp_path / "scratch"
     sticky.mkdir()
