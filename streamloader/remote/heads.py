@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from typing import TYPE_CHECKING, Optional
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from streamloader.cache import FileCache
     from streamloader.remote.client import DagsHubClient
     from streamloader.remote.urls import RepoRef
+
+log = logging.getLogger(__name__)
 
 __all__ = ["pin_revision", "record_repo", "repo_dir", "safe_name"]
 
@@ -48,8 +51,19 @@ def pin_revision(client: DagsHubClient, repo_dir: Optional[str], offline: bool) 
     else:
         sha = client.resolve_revision()
         if repo_dir:
-            atomic_write(os.path.join(repo_dir, "heads", safe_name(wanted or "<default>")), sha.encode())
-            record_repo(repo_dir, client)
+            head_file = os.path.join(repo_dir, "heads", safe_name(wanted or "<default>"))
+            try:
+                with open(head_file, encoding="utf-8") as f:
+                    recorded = f.read().strip()
+            except (OSError, ValueError):
+                recorded = None
+            try:
+                if recorded != sha:  # (unchanged: nothing to write, so a read-only or full cache still serves)
+                    atomic_write(head_file, sha.encode())
+                record_repo(repo_dir, client)
+            except OSError as exc:  # a full disk, a read-only cache: only offline mode needs the record
+                log.warning("cannot record %s's head in the cache (%s); offline mode will not know it",
+                            client.ref.url, exc)
     return client.revision
 
 

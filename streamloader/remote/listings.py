@@ -27,6 +27,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+import urllib.parse
 import weakref
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -147,11 +148,34 @@ class ListingStore:
                 delay = min(delay * 2, 0.5)
 
     def _open_once(self) -> sqlite3.Connection:
-        makedirs_private(os.path.dirname(self.path))
+        folder = os.path.dirname(self.path)
+        try:
+            makedirs_private(folder)
+        except OSError:
+            if not os.path.exists(self.path):
+                raise
+        if os.path.exists(self.path) and not os.access(folder, os.W_OK):
+            return self._open_read_only()
         try:  # created private up front: SQLite gives its -wal and -shm files the database file's mode
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         except OSError:
             pass
+        try:
+            return self._connect()
+        except sqlite3.OperationalError:
+            raise  # (busy: _open tries again; anything else is not the file's fault)
+        except sqlite3.DatabaseError as exc:  # not a database, or malformed: it only caches listings
+            log.warning("listing store %s is damaged (%s): starting it afresh (its listings are asked again)",
+                        self.path, exc)
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                try:
+                    os.unlink(self.path + suffix)
+                except FileNotFoundError:
+                    pass
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+            return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -163,6 +187,20 @@ class ListingStore:
             conn.close()
             raise
         return conn
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """A store in a folder this process cannot write (a cache on a read-only mount, or another user's): read
+        as it is, without locking (``immutable``: nobody can write it either, or this process could too); a
+        listing not stored yet cannot be added (an error where one is needed)."""
+        log.info("listing store %s is read-only here: reading it as it is", self.path)
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("SELECT 1 FROM entries LIMIT 1").fetchall()  # (reads the -wal through its -shm)
+            return conn
+        except sqlite3.Error:  # no -shm to read the -wal by, and none can be made: what the file itself holds
+            conn.close()
+        return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
 
     def _one(self, sql: str, params: Tuple[Any, ...]) -> Optional[Tuple[Any, ...]]:
         """The first row of one query on this process's connection, inside the fork gate."""
