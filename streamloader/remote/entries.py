@@ -39,12 +39,15 @@ class RemoteEntry:
         return self.type == "dir"
 
 
+_MAX_SIZE = 1 << 62  # no file is this large (SQLite's integers end at 2**63: a larger size failed every ls)
+
+
 def entry_size(item: Dict[str, Any]) -> Optional[int]:
     """A listed file's size; None when unknown (dagshub.com lists 0 unless asked for sizes)."""
     size = item.get("size")
     if size is None or size == 0:
         return None
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < _MAX_SIZE:
         raise ValueError(f"invalid size {str(size)[:40]!r}")
     return size
 

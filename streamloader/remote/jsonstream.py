@@ -50,10 +50,16 @@ def iter_json(chunks: Iterable[bytes], max_value: int = 1 << 20, max_single: int
             state["total"] += len(chunk)
             if state["total"] > max_total:
                 raise JSONTooLarge(f"answer larger than {max_total} bytes")
-            text = decode(chunk)
+            try:
+                text = decode(chunk)
+            except UnicodeDecodeError as exc:  # (a ValueError: fs.exists would take it for "missing")
+                raise JSONStreamError(f"the answer is not UTF-8 ({exc.reason} at byte {exc.start})") from None
             if text:
                 return text
-        return decode(b"", True)
+        try:
+            return decode(b"", True)
+        except UnicodeDecodeError as exc:
+            raise JSONStreamError(f"the answer is not UTF-8 ({exc.reason})") from None
 
     buf = ""
     while True:
@@ -86,6 +92,8 @@ def _single_value(buf: str, more: Any, max_value: int) -> Iterator[Any]:
         yield json.loads("".join(parts))
     except ValueError as exc:
         raise JSONStreamError(f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise JSONStreamError("JSON nested too deeply") from None
 
 
 def _array_items(buf: str, more: Any, max_value: int) -> Iterator[Any]:
@@ -121,6 +129,8 @@ def _array_items(buf: str, more: Any, max_value: int) -> Iterator[Any]:
             return
         try:
             value, end = raw_decode(buf, pos)
+        except RecursionError:
+            raise JSONStreamError("JSON nested too deeply in the array") from None
         except ValueError:
             # incomplete value (or invalid): read more unless the value is already too big or the answer ended
             if eof:

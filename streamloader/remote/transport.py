@@ -234,6 +234,17 @@ class QuickAckAdapter(HTTPAdapter):
             self.poolmanager.pool_classes_by_scheme = {"http": _QuickAckHTTPPool, "https": _QuickAckHTTPSPool}
 
 
+def _redirect_target(url: str, location: str) -> str:
+    """Where a redirect from ``url`` leads; a RemoteError (not a raw ValueError) for a Location no URL parser takes
+    (``http://[::1``)."""
+    try:
+        target = urljoin(url, location)
+        urlsplit(target).port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise RemoteError(f"GET {url}: redirected to a malformed URL") from None
+    return target
+
+
 class RawTransport:
     """GETs for one client: ``get(url, headers)`` -> :class:`Body` (see module docstring).
 
@@ -281,7 +292,7 @@ class RawTransport:
                 location = answer.headers.get("Location") if answer.status in REDIRECT_STATUSES else None
                 if location:
                     answer.close()
-                    return self._via_session(session, urljoin(url, location), headers, started, shown=url)
+                    return self._via_session(session, _redirect_target(url, location), headers, started, shown=url)
                 return _lean_body(answer, url, self._grace, self._min_rate)
         try:
             resp = pool.urlopen("GET", target, headers=sent, retries=False, redirect=False, assert_same_host=False,
@@ -296,7 +307,7 @@ class RawTransport:
             # redirects follow requests' rules (credentials never leave the API origin, further hops, limits)
             resp.drain_conn()
             resp.release_conn()
-            return self._via_session(session, urljoin(url, location), headers, started, shown=url)
+            return self._via_session(session, _redirect_target(url, location), headers, started, shown=url)
         return _urllib3_body(resp, url, started, self._grace, self._min_rate)
 
     def _via_session(self, session: requests.Session, url: str, headers: Optional[Dict[str, str]], started: float,

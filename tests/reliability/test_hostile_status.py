@@ -86,3 +86,54 @@ def test_a_pushback_saying_wait_no_time_is_retried_with_backoff_not_at_once(repo
         seconds = time.monotonic() - started
     # backoff 0.05, 0.1, 0.2 ... 1 s (jittered): ~6-10 requests in the 2 s budget; at once it was ~360
     assert refuse.sent <= 20 and seconds < 6, (refuse.sent, seconds)
+
+
+def _listing_of_data(body: bytes):
+    def mutate(path, original):
+        return body if "/content/" in path and path.rstrip("/").endswith("/data") else original
+    return mutate
+
+
+@pytest.mark.parametrize("body, says", [
+    (b'[{"path": "data/\xff.bin", "type": "file", "size": 3}]', "not UTF-8"),
+    (b"[" + b"[" * 200_000 + b"]" * 200_000 + b"]", "nested too deeply"),
+    (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "nested too deeply"),
+])
+def test_a_listing_no_json_parser_takes_is_a_remote_error_not_a_builtin_one(repo, make_server, tmp_path, body, says):
+    from streamloader.remote.filesystem import DagsHubFileSystem
+
+    srv = make_server(str(repo), token=TOKEN)
+    with HostileProxy(srv.url, _listing_of_data(body)) as proxy:
+        fs = DagsHubFileSystem(host=proxy.url, token=TOKEN, cache_dir=str(tmp_path / "cache"),
+                               skip_instance_cache=True, retry=FAST)
+        with pytest.raises(RemoteError, match=says):  # (a UnicodeDecodeError, a ValueError, was "missing" to exists)
+            fs.ls("user/repo/data")
+
+
+def test_a_listed_size_past_any_integer_is_skipped_not_a_failure_of_every_ls(repo, make_server, tmp_path):
+    import json
+
+    from streamloader.remote.filesystem import DagsHubFileSystem
+
+    srv = make_server(str(repo), token=TOKEN)
+    good = json.dumps([{"path": "data/0.bin", "name": "0.bin", "type": "file", "size": 1024},
+                       {"path": "data/huge.bin", "name": "huge.bin", "type": "file", "size": 2 ** 63}]).encode()
+    with HostileProxy(srv.url, _listing_of_data(good)) as proxy:
+        fs = DagsHubFileSystem(host=proxy.url, token=TOKEN, cache_dir=str(tmp_path / "cache"),
+                               skip_instance_cache=True, retry=FAST)
+        for _ in range(2):  # (the first ls stores it, the second reads the store)
+            assert [e["name"] for e in fs.ls("user/repo/data")] == ["user/repo/data/0.bin"]
+
+
+def test_a_redirect_to_a_malformed_url_is_a_remote_error(repo, make_server):
+    srv = make_server(str(repo), token=TOKEN)
+
+    def intercept(path):
+        if "/raw/" in path:
+            return 302, {"Location": "http://[::1", "Content-Length": "0"}, b""
+        return None
+
+    with HostileProxy(srv.url, intercept=intercept) as proxy:
+        client = DagsHubClient(f"{proxy.url}/user/repo", token=TOKEN, branch="main", retry=FAST)
+        with pytest.raises(RemoteError, match="malformed URL"):
+            client.read_bytes("data/0.bin")
