@@ -22,6 +22,7 @@ import os
 import ssl
 import threading
 import time
+import zlib
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 from urllib.parse import urljoin, urlsplit
 
@@ -80,6 +81,10 @@ class Body:
 def _stream(raw: Any, size: int, started: float, grace: float, min_rate: float) -> Iterator[bytes]:
     """The decoded body of a urllib3 response in pieces of at most ``size`` bytes, each one as soon as it arrives
     (``read1``: one receive), failing once the body falls behind ``grace + received / min_rate`` seconds."""
+    encoding = str(raw.headers.get("Content-Encoding") or "identity").strip().lower()
+    if encoding in _INFLATED:
+        yield from _inflate(raw, size, started, grace, min_rate, encoding)
+        return
     received = 0
     read1 = getattr(raw, "read1", None)
     try:
@@ -99,6 +104,47 @@ def _stream(raw: Any, size: int, started: float, grace: float, min_rate: float) 
     except urllib3.exceptions.ReadTimeoutError:
         raise TransportError(f"read timed out after {received} bytes") from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:  # a dropped or garbled body (protocol, decoding...)
+        raise TransportError(f"connection dropped after {received} bytes: {type(exc).__name__}", "answered") from None
+
+
+_INFLATED = ("gzip", "x-gzip", "deflate")
+
+
+def _inflate(raw: Any, size: int, started: float, grace: float, min_rate: float, encoding: str) -> Iterator[bytes]:
+    """:func:`_stream` of a gzip or deflate body (asked for as identity, sent compressed anyway), decoded here so
+    that a stream cut short (urllib3's decoder takes a missing end for the end) is a dropped body, not a shorter
+    file; pieces of at most ``size`` decoded bytes, so a small bomb is read no further than the caller wants."""
+    inflater = zlib.decompressobj(47 if encoding != "deflate" else 15)  # 47: a gzip or zlib header
+    raw_deflate = encoding == "deflate"  # a "deflate" body may lack the zlib header it should have (RFC 9110)
+    received, first = 0, True
+    read = getattr(raw, "read1", None) or raw.read
+    try:
+        while True:
+            chunk = read(size, decode_content=False)
+            if not chunk:
+                break
+            received += len(chunk)
+            _check_pace(received, started, grace, min_rate)
+            if first and raw_deflate:
+                first = False
+                try:
+                    out = inflater.decompress(chunk, size)
+                except zlib.error:
+                    inflater = zlib.decompressobj(-15)
+                    out = inflater.decompress(chunk, size)
+            else:
+                out = inflater.decompress(chunk, size)
+            while out:
+                yield out
+                out = inflater.decompress(inflater.unconsumed_tail, size) if inflater.unconsumed_tail else b""
+        if not inflater.eof:
+            raise TransportError(f"the {encoding} body ends before its compressed stream does ({received} bytes)",
+                                 "answered")
+    except zlib.error as exc:
+        raise TransportError(f"a garbled {encoding} body: {exc}", "answered") from None
+    except urllib3.exceptions.ReadTimeoutError:
+        raise TransportError(f"read timed out after {received} bytes") from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise TransportError(f"connection dropped after {received} bytes: {type(exc).__name__}", "answered") from None
 
 
