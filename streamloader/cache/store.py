@@ -103,6 +103,7 @@ class FileCache(CacheWriter):
         self.corrupt_entries = 0
         self._full = verify == "full"
         self._checked: Set[CacheKey] = set()  # verify="full": entries this process hashed or downloaded
+        self._vouched: Set[CacheKey] = set()  # entries this process found to hash as the content asked (see get)
         # threads' locks of the entries in use: a lock lives while someone holds it or waits for it (kept for good,
         # one to three per file read at ~250 bytes each, an epoch of the user's 540k files held up to 0.4 GB)
         self._local_locks: "weakref.WeakValueDictionary[str, threading.Lock]" = weakref.WeakValueDictionary()
@@ -125,6 +126,7 @@ class FileCache(CacheWriter):
         state["_paths"] = {}
         state["_local_guard"] = state["_usage"] = None
         state["_checked"] = set()
+        state["_vouched"] = set()
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -138,6 +140,7 @@ class FileCache(CacheWriter):
         self._local_guard = threading.Lock()
         self._usage = _cachescan.SharedUsage(self.root)
         self._checked = set()
+        self._vouched = set()
 
     # -- layout ---------------------------------------------------------------------------------------------------
     def _ensure_dirs(self) -> None:
@@ -173,14 +176,31 @@ class FileCache(CacheWriter):
             return lock
 
     # -- reading --------------------------------------------------------------------------------------------------
-    def get(self, key: CacheKey, size: Optional[int] = None) -> Optional[str]:
+    def get(self, key: CacheKey, size: Optional[int] = None, content: Optional[CacheKey] = None) -> Optional[str]:
         """The cached file's path, or None when absent. Marks the entry recently used.
 
         With ``size`` (what the listing says), an entry of any other size is corrupt: it is dropped, counted in
         ``corrupt_entries`` and logged, and None returned so that the caller downloads it again. ``verify="full"``
-        also re-hashes the entry on its first use in this process.
+        also re-hashes the entry on its first use in this process. ``content``: the content key the bytes of
+        ``key`` (e.g. a location key, stored before the hash was known) must hash as, once the hash is known; a
+        checkable one is checked on the entry's first such use in this process (a mismatch is corrupt too).
         """
-        return self._lookup(key, size, False)
+        if content is not None and (content == key or content.hasher() is None or key in self._vouched):
+            content = None
+        path = self._lookup(key, size, False)
+        if path is not None and content is not None:
+            try:
+                st = _realos.lstat(path)
+            except FileNotFoundError:
+                return None
+            if not file_matches(content, path):
+                self._drop(key, path, st, f"its bytes do not hash as the listed {content.kind} {content.digest}",
+                           False)
+                return None
+            if len(self._vouched) >= _PATHS_MAX:
+                self._vouched.clear()
+            self._vouched.add(key)
+        return path
 
     def __contains__(self, key: CacheKey) -> bool:
         return os.path.exists(self.path_for(key))

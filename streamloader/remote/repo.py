@@ -156,11 +156,13 @@ class RemoteRepo(PathLookups):
         if self.cache is None:
             return None
         size = entry.size if entry is not None else None
-        if entry is not None and entry.hash:
-            found = self.cache.get(self.cache_key(entry), size)
+        content = self.cache_key(entry) if entry is not None and entry.hash else None
+        if content is not None:
+            found = self.cache.get(content, size)
             if found is not None:
                 return found
-        return self.cache.get(self._location_key(path), size)
+        # (stored under its location before its hash was known: it must hash as that, now it is)
+        return self.cache.get(self._location_key(path), size, content=content)
 
     def _target(self, path: str, hint: bool = False) -> Tuple[Optional[RemoteEntry], CacheKey]:
         """The entry known of ``path`` and the cache key it is (or will be) stored under; ``hint`` for a first look
@@ -214,7 +216,9 @@ class RemoteRepo(PathLookups):
             # the key about to be downloaded into needs no wait here: fetch/open re-check it under its own lock
             if settled and candidate != key and cache.get_settled(candidate) is None:
                 continue
-            if cache.get(candidate, size) is not None:  # a copy of another size is corrupt: dropped, not used
+            # a copy of another size is corrupt: dropped, not used; so is a location's copy that does not hash as
+            # the content key now known
+            if cache.get(candidate, size, content=key if candidate != key else None) is not None:
                 return candidate
         return None
 

@@ -175,3 +175,37 @@ def test_a_compressed_file_is_decoded_whole_or_not_at_all(repo, make_server, tmp
             fs.cat_file("user/repo/data/2.bin")  # (urllib3 took the missing end for the end: 1004 of 1024 bytes)
         proxy.mutate_raw = None
         assert fs.cat_file("user/repo/data/2.bin") == good  # nothing short was kept
+
+
+@pytest.mark.parametrize("read", ["cat_file", "open", "prefetch"])
+def test_a_copy_stored_before_its_hash_was_known_is_checked_against_it_once_it_is(repo, make_server, tmp_path,
+                                                                                  read):
+    from streamloader.remote.filesystem import DagsHubFileSystem
+
+    srv = make_server(str(repo), token=TOKEN)
+    good = (repo / "data" / "0.bin").read_bytes()
+    lies = {"on": True}
+
+    def corrupt(path, status, headers, body, wanted_range):
+        if lies["on"] and status == 200:
+            body = bytes(b ^ 0xFF for b in body)  # the same size: only the hash can tell
+        return status, headers, body
+
+    with HostileProxy(srv.url, mutate_raw=corrupt) as proxy:
+        cache_dir = str(tmp_path / "cache")
+        fs = DagsHubFileSystem(host=proxy.url, token=TOKEN, cache_dir=cache_dir, skip_instance_cache=True, retry=FAST)
+        assert fs.cat_file("user/repo/data/0.bin") != good  # nothing listed yet: nothing to check it against
+        lies["on"] = False
+        fs = DagsHubFileSystem(host=proxy.url, token=TOKEN, cache_dir=cache_dir, skip_instance_cache=True, retry=FAST)
+        assert fs.ls("user/repo/data")[0]["hash"]  # now its git hash is known
+        before = sum("/raw/" in p for p in proxy.paths)
+        if read == "prefetch":
+            fs.prefetch(["user/repo/data/0.bin"], progress=False)
+            got = fs.cat_file("user/repo/data/0.bin")
+        elif read == "open":
+            with fs.open("user/repo/data/0.bin") as f:
+                got = f.read()
+        else:
+            got = fs.cat_file("user/repo/data/0.bin")
+        assert got == good
+        assert sum("/raw/" in p for p in proxy.paths) == before + 1  # the bad copy dropped, downloaded again
