@@ -187,7 +187,8 @@ class _Engine:
         self.more = more
         self.primer = self.repo.primer(self.taken)
         running: Set["asyncio.Future[Optional[_Outcome]]"] = set()
-        session = ConnectionPool(lambda: _ssl_context(self.repo), self.policy.connect_timeout, self._resolve)
+        session = ConnectionPool(lambda: _ssl_context(self.repo), self.policy.connect_timeout, self._resolve,
+                                 (self.policy.read_timeout, self.policy.min_rate))
         try:
             idle = 0.001
             while pending or running or self.more is not None:

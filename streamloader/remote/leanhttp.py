@@ -113,10 +113,14 @@ class ConnectionPool:
     origin is http); ``resolve(host, port)``: an awaitable of ``socket.getaddrinfo``'s result (the caller's thread
     pool, so that a hung lookup never holds the interpreter's exit)."""
 
-    def __init__(self, ssl_context: Any, connect_timeout: float, resolve: Resolver):
+    def __init__(self, ssl_context: Any, connect_timeout: float, resolve: Resolver,
+                 pace: Optional[Tuple[float, float]] = None):
         self._ssl = ssl_context
         self.connect_timeout = connect_timeout
         self._resolve = resolve
+        # (grace s, min bytes/s): an answer must average that rate once the grace has passed, as on the thread
+        # path; a server that sends nothing, or drips, fails within about the grace, not at the deadline
+        self.pace = pace
         self._idle: Dict[Tuple[str, str, int], List["_Connection"]] = defaultdict(list)
         self._addresses: Dict[Tuple[str, int], Tuple[float, List[Tuple[Any, ...]]]] = {}
         self._open: "set[_Connection]" = set()
@@ -139,7 +143,7 @@ class ConnectionPool:
             if conn is None:
                 conn = await self._connect(origin, deadline)
             try:
-                response = await conn.exchange(request, limit, deadline)
+                response = await conn.exchange(request, limit, deadline, self.pace)
             except ExchangeError as exc:
                 if reused and not exc.answered and not isinstance(exc, Unsupported):
                     continue  # the server had closed that idle connection: once more, on a new one
@@ -371,6 +375,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._answer = _Answer()
         self._waiter: Optional["asyncio.Future[Response]"] = None
         self._broken = False  # never to be used again (closed or lost; bytes past an answer: _Answer.overrun)
+        self._pace: Tuple[float, float, float] = (0.0, 0.0, 1.0)  # (started, grace, min_rate): see exchange
+        self._pace_timer: Optional[asyncio.TimerHandle] = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -403,14 +409,20 @@ class _Connection(asyncio.BufferedProtocol):
             self._waiter.set_exception(ExchangeError(what, answered=answer.got_any))
 
     # -- use -----------------------------------------------------------------------------------------------------
-    async def exchange(self, request: bytes, limit: int, deadline: Optional[float] = None) -> Response:
+    async def exchange(self, request: bytes, limit: int, deadline: Optional[float] = None,
+                       pace: Optional[Tuple[float, float]] = None) -> Response:
+        """Send ``request`` and return the whole answer (see :meth:`ConnectionPool.get`); ``pace``: ``(grace,
+        min_rate)``, the answer (head and body) must average ``min_rate`` bytes/s once ``grace`` s have passed."""
         if self._broken or self.transport is None or self.transport.is_closing():
             raise ExchangeError("the connection closed", answered=False)
         self._answer.reset(limit)
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
-        # a timer, not asyncio.wait_for: that costs a task per request
+        # timers, not asyncio.wait_for: that costs a task per request
         timer = loop.call_at(deadline, self._time_out) if deadline is not None else None
+        if pace is not None:
+            self._pace = (loop.time(), pace[0], pace[1])
+            self._pace_timer = loop.call_at(loop.time() + pace[0], self._check_pace)
         self.transport.write(request)
         sock = self.transport.get_extra_info("socket")
         if sock is not None:  # a server that leaves Nagle on would wait ~40 ms per answer for our delayed ACK
@@ -424,10 +436,31 @@ class _Connection(asyncio.BufferedProtocol):
             self._waiter = None
             if timer is not None:
                 timer.cancel()
+            if self._pace_timer is not None:
+                self._pace_timer.cancel()
+                self._pace_timer = None
 
     def _time_out(self) -> None:
         if not self._answer.done:
             self._fail(ExchangeTimeout("the answer did not come in time", answered=self._answer.got_any))
+
+    def _check_pace(self) -> None:
+        """Fail the exchange if its answer fell behind ``grace + received / min_rate`` s, else look again when it
+        would (one timer per exchange, moved on as bytes arrive; none per chunk)."""
+        self._pace_timer = None
+        answer = self._answer
+        if answer.done or self._waiter is None:
+            return
+        started, grace, min_rate = self._pace
+        received = answer.header_bytes + answer.body_bytes
+        due = started + grace + received / min_rate
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now >= due:
+            self._fail(ExchangeTimeout(f"too slow: {received} bytes in {now - started:.1f} s (the floor is "
+                                       f"{min_rate / 1024:g} KB/s after {grace:g} s)", answered=answer.got_any))
+        else:
+            self._pace_timer = loop.call_at(due, self._check_pace)
 
     def reusable(self) -> bool:
         answer = self._answer

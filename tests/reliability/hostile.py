@@ -3,8 +3,8 @@
 ``HostileProxy(upstream_url, mutate, mutate_raw=None)`` forwards every GET/HEAD to the real server and lets
 ``mutate(path, body)`` rewrite JSON answers (listings, branch records) and ``mutate_raw`` rewrite raw downloads
 (status, headers, body); it logs the request paths it received. ``intercept(path)`` may answer a request itself
-instead: it returns ``(status, headers, body)`` (sent verbatim, no Content-Length added, connection closed after)
-or None to forward it.
+instead: it returns ``(status, headers, body)`` (sent verbatim, no Content-Length added, connection closed after;
+a callable ``body(wfile)`` writes the body itself) or None to forward it.
 
 ``FileAudit`` records, through a ``sys.addaudithook`` hook, every path this process opens, writes, renames,
 creates or deletes while it is active (Python-level file operations, which is all streamloader uses).
@@ -79,14 +79,23 @@ class HostileProxy:
                 if method != "HEAD":
                     self.wfile.write(body)
 
-            def _answer(self, method: str, status: int, headers: Dict[str, str], body: bytes) -> None:
+            def _answer(self, method: str, status: int, headers: Dict[str, str], body: Any) -> None:
+                try:
+                    self._send(method, status, headers, body)
+                except OSError:  # the client gave up on it meanwhile
+                    self.close_connection = True
+
+            def _send(self, method: str, status: int, headers: Dict[str, str], body: Any) -> None:
                 self.send_response(status)
                 for name, value in headers.items():
                     self.send_header(name, value)
                 self.send_header("Connection", "close")
                 self.end_headers()
                 if method != "HEAD":
-                    self.wfile.write(body)
+                    if callable(body):  # it writes the body itself (e.g. a byte at a time, slowly)
+                        body(self.wfile)
+                    else:
+                        self.wfile.write(body)
                 self.close_connection = True
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

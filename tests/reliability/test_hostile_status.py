@@ -1,6 +1,7 @@
 """Answers no well-behaved server gives, found by an audit against a lying proxy: a raw GET answered with a status
 other than 200/206 (its body was kept as the file), a pushback whose Retry-After says 0 (retried ~180 times a
-second), hostile listings that escaped as builtin exceptions."""
+second), hostile listings that escaped as builtin exceptions, a gzip body cut short, a copy cached before its hash
+was known, and a server that never answers an event-loop prefetch (held for ~10 minutes)."""
 from __future__ import annotations
 
 import os
@@ -209,3 +210,42 @@ def test_a_copy_stored_before_its_hash_was_known_is_checked_against_it_once_it_i
             got = fs.cat_file("user/repo/data/0.bin")
         assert got == good
         assert sum("/raw/" in p for p in proxy.paths) == before + 1  # the bad copy dropped, downloaded again
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("stall", ["silent", "drip"])
+def test_an_event_loop_prefetch_gives_up_on_a_silent_or_dripping_server_within_its_read_timeout(repo, make_server,
+                                                                                                 tmp_path, stall):
+    from streamloader.remote.filesystem import DagsHubFileSystem
+
+    srv = make_server(str(repo), token=TOKEN)
+    stop = threading.Event()
+
+    def dripping(wfile):
+        for _ in range(30):
+            if stop.wait(0.5):
+                return
+            wfile.write(b"x")
+            wfile.flush()
+
+    def intercept(path):
+        if "/raw/" not in path:
+            return None
+        if stall == "silent":
+            stop.wait(30)  # accepted, the request read, never answered
+            return 500, {}, b""
+        return 200, {"Content-Length": "100000"}, dripping  # a byte every half second
+
+    with HostileProxy(srv.url, intercept=intercept) as proxy:
+        policy = RetryPolicy(attempts=1, read_timeout=1.0, connect_timeout=1.0, min_rate=64 * 1024, max_time=5)
+        fs = DagsHubFileSystem(host=proxy.url, token=TOKEN, cache_dir=str(tmp_path / "cache"),
+                               skip_instance_cache=True, retry=policy)
+        fs.repo("user", "repo").revision()
+        started = time.monotonic()
+        result = fs.prefetch(["user/repo/data/1.bin"], progress=False, on_error="skip", processes=1)
+        seconds = time.monotonic() - started
+        stop.set()
+    assert list(result.failed) == ["data/1.bin"]
+    # the loop's try and the thread path's (attempts=1) each give up after ~1 s; it was connect + read + 16 MiB at
+    # the floor rate (~260 s here, ~10 minutes with the default policy)
+    assert seconds < 10, seconds
