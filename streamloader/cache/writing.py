@@ -7,6 +7,7 @@ background :data:`~streamloader.cache.commit_queue.QUEUE`.
 """
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -22,13 +23,18 @@ from streamloader.cache.commit_queue import QUEUE, CommitTask
 from streamloader.cache.entrylock import EntryLock, Timeout
 from streamloader.cache.key import CacheKey
 from streamloader.cache.verify import HashingWriter
-from streamloader.errors import CacheError, IntegrityError
+from streamloader.errors import CacheError, IntegrityError, StreamloaderError
 
 log = logging.getLogger("streamloader.cache")
 
 __all__ = ["CacheWriter", "CommitBatch", "DownloadClaim", "HeldLocks"]
 
 _USAGE_RESCAN = 10.0  # seconds: how stale the shared running total of the cache size may get (see _land)
+
+
+#: errors of a disk that refuses writes: full (or over quota), read-only, not ours to write
+_DISK_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM")
+                         if hasattr(errno, name))
 
 
 class CacheWriter:
@@ -159,7 +165,16 @@ class CacheWriter:
                 return tmp, cast(BinaryIO, io.FileIO(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb"))
             except FileNotFoundError:
                 self._ensure_dirs()  # deleted under a running process: make it again
+            except OSError as exc:
+                if exc.errno in _DISK_ERRNOS:
+                    raise self._disk_error(exc) from None
+                raise
         raise CacheError(f"cannot create a temp file in {os.path.dirname(tmp)}: the directory keeps disappearing")
+
+    def _disk_error(self, exc: OSError) -> CacheError:
+        """The CacheError for a write the cache's disk refused (full, read-only, not ours to write)."""
+        return CacheError(f"cannot write to the cache at {self.root}: {exc.strerror or exc} (free some space, or "
+                          "choose another directory: STREAMLOADER_CACHE or cache_dir=)")
 
     def _write_temp(self, key: CacheKey, fill: Callable[[BinaryIO], None],
                     size: Optional[int]) -> Tuple[str, BinaryIO]:
@@ -183,6 +198,13 @@ class CacheWriter:
             if self.record_sizes:
                 # what every later read checks the file against when no listing says its size
                 self.record_sizes = record_size(raw.fileno(), got)
+        except OSError as exc:
+            _discard(tmp, raw)
+            # the disk refusing the bytes is the cache's failure; a download's own errors (a missing file, a
+            # dropped connection, a bad size) pass as they are
+            if exc.errno in _DISK_ERRNOS and not isinstance(exc, StreamloaderError):
+                raise self._disk_error(exc) from None
+            raise
         except BaseException:
             _discard(tmp, raw)
             raise

@@ -142,4 +142,43 @@ def test_a_cache_on_a_read_only_mount_serves_its_files_online_and_offline(served
             assert out.returncode == 0, out.stderr[-2000:]
             assert out.stdout.split()[1:] == [files[rel].hex() for rel in sorted(files)]
     finally:
-        subprocess.run(["umount", mounted], capture_output=True)
+        subprocess.run(["umount", "-l", mounted], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (root and mounts needed: skipped without them)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode:
+        pytest.skip("needs root and tmpfs mounts (a full disk)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)  # (lazy: the cache's files may be open)
+
+
+@pytest.mark.timeout(120)
+def test_a_full_disk_is_a_cache_error_and_leaves_nothing_behind(served, small_disk):
+    from streamloader.errors import CacheError
+
+    srv, files = served
+    cache_dir = str(small_disk / "cache")
+    fs = _fs(srv, cache_dir)
+    assert fs.cat_file("user/repo/data/0.bin") == files["data/0.bin"]
+    filler = small_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:  # the rest of the disk
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    with pytest.raises(CacheError, match="cannot write to the cache"):
+        fs.cat_file("user/repo/data/1.bin")
+    assert fs.cat_file("user/repo/data/0.bin") == files["data/0.bin"]  # what it holds it still serves
+    assert not os.listdir(os.path.join(cache_dir, "tmp"))  # no temp file left
+    filler.unlink()
+    assert fs.cat_file("user/repo/data/1.bin") == files["data/1.bin"]
