@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import ssl
 import threading
 import time
@@ -32,6 +33,7 @@ import urllib3.connection
 from requests.adapters import HTTPAdapter
 from requests.utils import select_proxy
 
+from streamloader import _forksafe
 from streamloader.errors import RemoteError
 from streamloader.remote.leanhttp import _QUICKACK, ExchangeError, ExchangeTimeout, Unsupported, httptools, quick_ack
 from streamloader.remote.leansync import BlockingPool, StreamedAnswer
@@ -241,20 +243,88 @@ class Session(requests.Session):
         return {**settings, "proxies": dict(settings["proxies"])}
 
 
+class _HeadWatch:
+    """Ends a connection whose answer's head (status line and headers) has not come within its read timeout.
+
+    The socket's timeout bounds each receive, not the head: a server that drips a byte of it a second would hold
+    a JSON request for ever (a listing, a branch lookup; raw downloads go through clients that bound the head
+    themselves). One daemon thread per process keeps the deadlines; when one passes, the socket is shut down and
+    the waiting read fails at once (a dropped connection: retried, then a RemoteError)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._armed: Dict[int, Tuple[float, Any]] = {}
+        self._next = 0
+        self._pid = -1
+
+    def arm(self, sock: Any, seconds: float) -> int:
+        with self._cond:
+            if self._pid != os.getpid():  # first use, or a forked child: the thread is not there
+                self._pid = os.getpid()
+                self._armed.clear()
+                threading.Thread(target=self._run, name="streamloader-head-watch", daemon=True).start()
+            self._next += 1
+            self._armed[self._next] = (time.monotonic() + seconds, sock)
+            self._cond.notify()
+            return self._next
+
+    def disarm(self, token: int) -> None:
+        with self._cond:
+            self._armed.pop(token, None)
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        with self._cond:
+            while self._pid == pid:
+                now = time.monotonic()
+                late = [token for token, (due, _sock) in self._armed.items() if due <= now]
+                for token in late:
+                    _due, sock = self._armed.pop(token)
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                due = min((d for d, _s in self._armed.values()), default=now + 60.0)
+                self._cond.wait(max(0.01, due - now))
+
+
+_HEAD_WATCH = _HeadWatch()
+
+
+def _renew_head_watch() -> None:
+    """In a forked child: the parent's watch thread is gone, and its lock may have been held at the fork."""
+    _HEAD_WATCH._cond = threading.Condition(threading.Lock())
+    _HEAD_WATCH._armed = {}
+    _HEAD_WATCH._pid = -1
+
+
+_forksafe.register(after_in_child=_renew_head_watch)
+
+
+def _getresponse(conn: Any, getresponse: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    sock = conn.sock
+    if sock is None:
+        return getresponse(*args, **kwargs)
+    quick_ack(sock)
+    timeout = sock.gettimeout()  # (urllib3 set the read timeout just before)
+    token = _HEAD_WATCH.arm(sock, timeout if timeout else 600.0)
+    try:
+        return getresponse(*args, **kwargs)
+    finally:
+        _HEAD_WATCH.disarm(token)
+
+
 class _QuickAckHTTPConnection(urllib3.connection.HTTPConnection):
-    """Acknowledges the answer's first segment at once (see :class:`QuickAckAdapter`)."""
+    """Acknowledges the answer's first segment at once (see :class:`QuickAckAdapter`), and bounds the time its head
+    may take (:class:`_HeadWatch`)."""
 
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102 - urllib3's
-        if self.sock is not None:
-            quick_ack(self.sock)
-        return super().getresponse(*args, **kwargs)
+        return _getresponse(self, super().getresponse, *args, **kwargs)
 
 
 class _QuickAckHTTPSConnection(urllib3.connection.HTTPSConnection):
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102 - urllib3's
-        if self.sock is not None:
-            quick_ack(self.sock)
-        return super().getresponse(*args, **kwargs)
+        return _getresponse(self, super().getresponse, *args, **kwargs)
 
 
 class _QuickAckHTTPPool(urllib3.HTTPConnectionPool):
@@ -276,8 +346,7 @@ class QuickAckAdapter(HTTPAdapter):
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102 - requests'
         super().init_poolmanager(*args, **kwargs)
-        if _QUICKACK is not None:
-            self.poolmanager.pool_classes_by_scheme = {"http": _QuickAckHTTPPool, "https": _QuickAckHTTPSPool}
+        self.poolmanager.pool_classes_by_scheme = {"http": _QuickAckHTTPPool, "https": _QuickAckHTTPSPool}
 
 
 def _redirect_target(url: str, location: str) -> str:

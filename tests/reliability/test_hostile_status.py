@@ -249,3 +249,43 @@ def test_an_event_loop_prefetch_gives_up_on_a_silent_or_dripping_server_within_i
     # the loop's try and the thread path's (attempts=1) each give up after ~1 s; it was connect + read + 16 MiB at
     # the floor rate (~260 s here, ~10 minutes with the default policy)
     assert seconds < 10, seconds
+
+
+@pytest.mark.timeout(60)
+def test_a_json_request_whose_answer_drips_its_head_gives_up_within_the_read_timeout():
+    import socket
+
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" * 100:  # a byte every 0.2 s
+                if stop.wait(0.2):
+                    break
+                try:
+                    conn.send(bytes([byte]))
+                except OSError:
+                    break
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        policy = RetryPolicy(attempts=2, read_timeout=1.0, connect_timeout=1.0, initial_backoff=0.01, max_time=10)
+        client = DagsHubClient(f"http://127.0.0.1:{port}/user/repo", token=TOKEN, branch="main", retry=policy)
+        started = time.monotonic()
+        with pytest.raises(RemoteError):
+            client.resolve_revision()  # (each byte came well within the read timeout: it waited for ever)
+        assert time.monotonic() - started < 6
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
