@@ -63,7 +63,7 @@ def test_local_items_are_image_tensors_and_score_tensors(laion):
 def test_guide_positional_arguments_with_relative_paths(laion, monkeypatch):
     monkeypatch.chdir(laion.root)
     ds = LaionAestheticsDataset("data/labels.tsv", "data", None, 5)  # the guide's (annotations, img_dir, fe, limit)
-    assert ds.files == laion.files[:5] and ds.img_files == ds.files
+    assert ds.files == laion.files[:5] and ds.img_files == ds.files and ds.img_path == ds.img_dir  # the guide's names
     assert ds.paths[0] == "data/" + laion.files[0]
     assert torch.equal(ds[4][0], _pixels(laion.image_path(laion.files[4])))
 

@@ -81,17 +81,32 @@ def parse_size(size: Union[int, str, None]) -> Optional[int]:
     return int(float(m.group(1)) * base ** " kmgtp".index(m.group(2) or " "))
 
 
+def _verify_from_env() -> Union[bool, str]:
+    value = os.environ.get("STREAMLOADER_VERIFY", "").strip().lower()
+    if value in ("", "1", "true", "yes"):
+        return True
+    if value == "full":
+        return "full"
+    if value in ("0", "false", "no"):
+        return False
+    raise ValueError(f"STREAMLOADER_VERIFY={value[:20]!r}: use full, 1 or 0")
+
+
 class FileCache(CacheWriter):
     """The shared on-disk cache (see module docstring). ``max_size`` (bytes or "10GB") enables LRU eviction.
 
     ``verify``: True (default) checks downloads against size and hash and every use against the size; "full" also
-    re-hashes an entry ("git", "md5" keys) on its first use in this process; False checks sizes only.
+    re-hashes an entry ("git", "md5" keys) on its first use in this process; False checks sizes only. None (the
+    default): ``$STREAMLOADER_VERIFY`` (``full``, ``1``, ``0``) or True, so that "full" reaches every cache a job
+    makes (file systems, hooks, DataLoader workers) with one setting.
     ``corrupt_entries`` counts entries dropped. Starting sweeps dead temp files (at most every
     ``scan.SWEEP_INTERVAL`` seconds per root).
     """
 
     def __init__(self, root: Optional[str] = None, max_size: Union[int, str, None] = None,
-                 verify: Union[bool, str] = True, lock_timeout: float = 600.0):
+                 verify: Union[bool, str, None] = None, lock_timeout: float = 600.0):
+        if verify is None:
+            verify = _verify_from_env()
         if verify not in (True, False, "full"):
             raise ValueError(f"verify must be True, False or 'full'; got {verify!r}")
         self.root = os.path.abspath(os.path.expanduser(root)) if root else default_cache_dir()

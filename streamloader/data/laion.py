@@ -198,6 +198,11 @@ class LaionAestheticsDataset(Dataset):
     img_files = files  # the guide's attribute name
 
     @property
+    def img_path(self) -> str:
+        """The guide's name for ``img_dir``."""
+        return self.img_dir
+
+    @property
     def scores(self) -> List[float]:
         """Aesthetic scores, in item order."""
         return [row.score for row in self.rows]

@@ -221,6 +221,26 @@ def test_verify_full_rehashes_each_entry_once_per_process(tmp_path, monkeypatch)
         FileCache(root, verify="sometimes")
 
 
+def test_streamloader_verify_full_reaches_the_caches_file_systems_make(one_file, tmp_path, monkeypatch):
+    cache = str(tmp_path / "cache")
+    fs = DagsHubFileSystem(host=one_file.url, token=TOKEN, cache_dir=cache, skip_instance_cache=True)
+    fs.ls("user/repo/data")
+    assert fs.cat_file("user/repo/data/a.bin") == GOOD
+    assert fs.cache.flush(10)
+    path = _object_path(cache, GOOD)
+    flipped = bytearray(GOOD)
+    flipped[7] ^= 1
+    _overwrite(path, bytes(flipped))  # same size: only a hash tells
+    assert DagsHubFileSystem(host=one_file.url, token=TOKEN, cache_dir=cache,
+                             skip_instance_cache=True).cat_file("user/repo/data/a.bin") == bytes(flipped)
+    monkeypatch.setenv("STREAMLOADER_VERIFY", "full")
+    fs = DagsHubFileSystem(host=one_file.url, token=TOKEN, cache_dir=cache, skip_instance_cache=True)
+    assert fs.cat_file("user/repo/data/a.bin") == GOOD and fs.cache.corrupt_entries == 1
+    monkeypatch.setenv("STREAMLOADER_VERIFY", "sometimes")
+    with pytest.raises(ValueError, match="STREAMLOADER_VERIFY"):
+        FileCache(cache)
+
+
 def test_finished_objects_are_read_only_yet_evictable(tmp_path):
     cache = FileCache(str(tmp_path / "c"), max_size=len(GOOD) + 10)
     path = cache.fetch(git_key(GOOD), writer(GOOD), len(GOOD))
