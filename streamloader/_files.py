@@ -130,19 +130,25 @@ class TempFileVanished(CacheError):
     """A finished temp file disappeared before it was renamed into place (its directory was deleted)."""
 
 
+_UNSUPPORTED = frozenset(getattr(errno, name) for name in ("ENOTSUP", "EOPNOTSUPP", "ENOSYS") if hasattr(errno, name))
+
+
 def record_size(fd: int, size: int) -> bool:
     """Note ``size`` on the open file ``fd`` (a user extended attribute, which moves with the inode through the
     rename into place), so that a later read can tell the file was cut or grown on disk even when no listing says
-    its size. False where the file system keeps no such attributes (then nothing is recorded: one debug line)."""
-    global _XATTRS
+    its size. False where the file system keeps no such attributes (then nothing is recorded, and reads there check
+    only listed sizes: :func:`recorded_size` says None); True otherwise, even if this one could not be noted (a
+    warning: a later read without a listed size then takes the file for a replaced one and downloads it again)."""
     if not _XATTRS:
         return False
     try:
         os.setxattr(fd, SIZE_XATTR, str(size).encode("ascii"))
-        return True
-    except OSError as exc:  # ENOTSUP (e.g. some network or old tmpfs mounts), EPERM, ENOSPC for attributes
-        log.debug("cannot record cache object sizes here (%s): only sizes the listings know are checked", exc)
-        return False
+    except OSError as exc:
+        if exc.errno in _UNSUPPORTED:  # (e.g. some network or old tmpfs mounts)
+            log.debug("cannot record cache object sizes here (%s): only sizes the listings know are checked", exc)
+            return False
+        log.warning("could not note a cache object's size (%s): it may be downloaded again", exc)
+    return True
 
 
 def recorded_size(path: str) -> Optional[int]:
@@ -154,7 +160,7 @@ def recorded_size(path: str) -> Optional[int]:
     try:
         value = os.getxattr(path, SIZE_XATTR, follow_symlinks=False)
     except OSError as exc:
-        return -1 if exc.errno == errno.ENODATA else None  # (ENOTSUP and the like: none can be recorded here)
+        return None if exc.errno in _UNSUPPORTED else -1  # (ENODATA: none noted on it)
     try:
         return int(value.decode("ascii"))
     except (UnicodeDecodeError, ValueError):

@@ -66,6 +66,7 @@ CSV = b"name,score\n0000.jpg,6.8\n0001.jpg,7.1\n"
 TAR_MEMBERS = {"a.txt": b"alpha\n", "b/c.bin": bytes(range(256))}
 
 _REAL_LSTAT = os.lstat  # captured before any hook: what is really on the local disk
+_REAL_MKDIR = os.mkdir  # likewise: makes a local folder even where the repo has one (os.mkdir says it exists)
 
 #: seconds the test process may take to exit once the session is over before the exit watchdog ends it
 EXIT_GRACE = float(os.environ.get("STREAMLOADER_TEST_EXIT_GRACE", "300"))
@@ -330,6 +331,11 @@ def remote_repo(srv: Any, cache_dir: PathLike, retry: Any = None, token: Any = T
     options = {} if retry is None else {"retry": retry}
     client = DagsHubClient(srv.repo_url, token=token, branch="main", **options)
     return RemoteRepo(client, FileCache(str(cache_dir)), **kwargs)
+
+
+def mkdir_on_disk(path: PathLike) -> None:
+    """Make the local folder ``path`` whether or not a hooked repo has one by that name (a local overlay)."""
+    _REAL_MKDIR(path)
 
 
 def on_disk(path: PathLike) -> bool:

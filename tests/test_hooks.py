@@ -18,7 +18,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import LABEL_ROWS, TAR_MEMBERS, pixels
+from conftest import LABEL_ROWS, TAR_MEMBERS, mkdir_on_disk, pixels
 from streamloader.errors import AuthenticationError
 from streamloader.hooks import install_hooks
 
@@ -51,7 +51,7 @@ def test_a_cold_remote_file_behaves_like_a_local_one(hooked, repo_dir, remote):
 
 
 def test_a_local_file_wins_over_the_repo(hooked, project, remote):
-    (project / "data").mkdir()
+    mkdir_on_disk(project / "data")
     (project / "data" / "labels.tsv").write_text("local\n")
     with open("data/labels.tsv") as f:
         assert f.read() == "local\n"
@@ -124,7 +124,7 @@ def test_os_path_functions_see_the_repo(hooked, repo_dir):
 
 # --- listings -------------------------------------------------------------------------------------------------------
 def test_listdir_is_the_union_of_local_and_remote(hooked, project):
-    (project / "data").mkdir()
+    mkdir_on_disk(project / "data")
     (project / "data" / "local-only.txt").write_text("x")
     (project / "data" / "0000.jpg").write_bytes(b"local copy")
     names = os.listdir("data")
@@ -136,7 +136,7 @@ def test_listdir_is_the_union_of_local_and_remote(hooked, project):
 
 
 def test_scandir_yields_direntry_like_objects(hooked, project):
-    (project / "data").mkdir()
+    mkdir_on_disk(project / "data")
     (project / "data" / "local.txt").write_text("x")
     with os.scandir("data") as it:
         entries = {e.name: e for e in it}

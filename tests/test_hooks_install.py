@@ -17,7 +17,7 @@ import tokenize
 
 import pytest
 
-from conftest import TOKEN, on_disk
+from conftest import TOKEN, mkdir_on_disk, on_disk
 from streamloader.errors import AuthenticationError, RepositoryNotFoundError, RevisionNotFoundError
 from streamloader.hooks import ENV_VAR, hooked_roots, install_hooks, uninstall_hooks
 
@@ -27,6 +27,7 @@ ORIGINALS = {
     (tarfile, "bltn_open"): tarfile.bltn_open, (bz2, "_builtin_open"): bz2._builtin_open,
     (tokenize, "_builtin_open"): tokenize._builtin_open,
     (multiprocessing.spawn, "get_preparation_data"): multiprocessing.spawn.get_preparation_data,
+    (os, "open"): os.open, (os, "utime"): os.utime, (os, "access"): os.access, (os, "listxattr"): os.listxattr,
 }
 
 
@@ -67,6 +68,68 @@ def test_makedirs_below_a_remote_directory(hooked, project):
     assert on_disk(project / "data" / "nested" / "outputs" / "run1")
     pathlib.Path("data/emb/extra").mkdir()
     assert on_disk(project / "data" / "emb" / "extra") and not on_disk(project / "data" / "0000.jpg")
+
+
+def test_touch_keeps_a_repo_files_content_and_os_open_follows_the_write_rules(hooked, project, repo_dir):
+    mkdir_on_disk(project / "data")  # data/ is here too now (as once a file was written into it)
+    labels = (repo_dir / "data" / "labels.tsv").read_bytes()
+    pathlib.Path("data/labels.tsv").touch()  # (os.utime, then os.open(O_CREAT | O_WRONLY))
+    assert (project / "data" / "labels.tsv").read_bytes() == labels  # copied here, not an empty file hiding it
+    fd = os.open("README.md", os.O_RDONLY)  # a read: the cached copy's descriptor
+    try:
+        assert os.read(fd, 100) == b"# test repo\n"
+    finally:
+        os.close(fd)
+    with pytest.raises(FileExistsError):
+        os.open("data/0000.jpg", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    with pytest.raises(IsADirectoryError):
+        os.open("data/nested", os.O_WRONLY | os.O_CREAT)
+    os.close(os.open("data/0001.jpg", os.O_WRONLY | os.O_TRUNC))  # truncated on purpose: an empty local file
+    assert (project / "data" / "0001.jpg").read_bytes() == b""
+    fd = os.open("data/0002.jpg", os.O_WRONLY | os.O_APPEND)  # appended to: the repo's bytes first
+    try:
+        os.write(fd, b"!")
+    finally:
+        os.close(fd)
+    assert (project / "data" / "0002.jpg").read_bytes() == (repo_dir / "data" / "0002.jpg").read_bytes() + b"!"
+
+
+def test_a_repo_folder_is_neither_a_file_to_write_nor_a_folder_to_make_again(hooked, project):
+    with pytest.raises(IsADirectoryError):
+        open("data/nested", "w")
+    with pytest.raises(FileExistsError):
+        os.mkdir("data/nested")
+    with pytest.raises(FileExistsError):
+        os.mkdir("README.md")
+    os.makedirs("data/nested", exist_ok=True)  # there already: nothing to do
+    assert not on_disk(project / "data")
+    os.makedirs("data/nested/outputs", exist_ok=True)  # not in the repo: made here, its parents with it
+    assert on_disk(project / "data" / "nested" / "outputs")
+
+
+def test_access_xattrs_and_copy2_treat_repo_entries_as_files_of_a_checkout(hooked, repo_dir, tmp_path):
+    import shutil
+
+    assert os.access("README.md", os.R_OK) and os.access("README.md", os.W_OK | os.R_OK)
+    assert not os.access("README.md", os.X_OK) and os.access("data/nested", os.R_OK | os.X_OK)
+    assert not os.access("nope.txt", os.F_OK) and not os.access("README.md/", os.F_OK)
+    assert os.listxattr("README.md") == []
+    with pytest.raises(FileNotFoundError):
+        os.listxattr("nope.txt")
+    shutil.copy2("README.md", tmp_path / "copy.md")
+    assert (tmp_path / "copy.md").read_bytes() == b"# test repo\n"
+    shutil.copytree("data/nested", tmp_path / "tree")
+    assert (tmp_path / "tree" / "deeper" / "note.txt").read_text() == "nested file\n"
+
+
+def test_a_path_ending_with_a_slash_names_a_folder(hooked):
+    for name in ("README.md/", "README.md/."):
+        with pytest.raises(NotADirectoryError):
+            open(name)
+        with pytest.raises(NotADirectoryError):
+            os.stat(name)
+        assert not os.path.exists(name) and not os.path.isfile(name)
+    assert os.path.isdir("data/") and os.path.isdir("data/.") and os.listdir("data/nested/") == ["deeper"]
 
 
 # --- install / uninstall --------------------------------------------------------------------------------------------

@@ -122,6 +122,7 @@ def test_listdir_and_stat_show_the_real_tree(shared):
     for rel in ("README.md", "data/0001.jpg", "data/labels.tsv", "data/nested/deeper/note.txt", "blobs/large.bin"):
         st = os.stat(mnt / rel)
         assert st.st_size == os.path.getsize(repo / rel)
+        assert st.st_blocks == (st.st_size + 511) // 512  # (du and sparse-file checks read the blocks)
         assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o444
         assert st.st_mtime == pytest.approx(commit_time, abs=1)
     st = os.stat(mnt / "data" / "nested")

@@ -111,6 +111,11 @@ def _fuse_errors(op: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+
+def _blocks(size: int) -> int:
+    """512-byte blocks of a file of ``size`` bytes (0 made ``du`` report nothing, and tools take 0 for sparse)."""
+    return (size + 511) // 512
+
 class _RangeFile:
     """A big uncached file read through HTTP ranges; keeps the last block (sequential readers ask in 128 KB)."""
 
@@ -187,13 +192,14 @@ class RepoOperations(mfusepy.Operations):
             local = None if entry.size else self.repo.cached_path(rel)
             if local is not None:
                 self._remember_local(rel, local)  # the first read opens it without looking again
-            attrs.update(st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=file_size(self.repo, entry, local))
+            size = file_size(self.repo, entry, local)
+            attrs.update(st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=size, st_blocks=_blocks(size))
         self._attrs[path] = attrs
         return attrs
 
     def _file_attrs(self, size: int) -> Dict[str, Any]:
         attrs = self._dir_attrs()
-        attrs.update(st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=size)
+        attrs.update(st_mode=stat.S_IFREG | 0o444, st_nlink=1, st_size=size, st_blocks=_blocks(size))
         return attrs
 
     @_fuse_errors

@@ -1,5 +1,5 @@
-"""The functions installed in place of ``open``, ``os.stat``, ``os.lstat``, ``os.listdir``, ``os.scandir`` and
-``os.mkdir``.
+"""The functions installed in place of ``open``, ``os.open``, ``os.stat``, ``os.lstat``, ``os.listdir``,
+``os.scandir``, ``os.mkdir``, ``os.utime``, ``os.access`` and ``os.listxattr``.
 
 The local filesystem always answers first, through the original function and with no other work beforehand (that
 is what keeps the hooks' cost on unrelated files to a function call). Only a local ``FileNotFoundError`` — or, for
@@ -11,7 +11,13 @@ listings and writes, any call — maps the path with :func:`streamloader.hooks.r
 - listings are the union of the local and the remote directory;
 - writes always go to a local file. When its local parent directory is missing but exists in the repo, the parent
   is created locally first; appending to (or ``r+`` on) a file that exists only in the repo first copies the repo's
-  content to the local file; ``x`` mode on a file that exists in the repo raises ``FileExistsError``.
+  content to the local file; ``x`` mode on a file that exists in the repo raises ``FileExistsError``; a repo
+  folder cannot be opened for writing (``IsADirectoryError``) nor made again (``os.mkdir``: ``FileExistsError``).
+  ``os.open`` follows the same rules (``Path.touch`` goes through it), ``os.utime`` of a repo-only file copies it
+  locally first (``touch`` then keeps its content), ``os.access`` answers for repo entries as for a read-only
+  checkout that writes go beside, and ``os.listxattr`` lists none for them (``shutil.copy2`` works);
+- a path that ends with ``/`` (or ``/.``) names a folder: a repo file by that name is ``NotADirectoryError``, as on
+  disk (the rest of the mapping is lexical: ``a/../b`` is ``b`` whether or not ``a`` exists).
 
 The wrappers keep working after ``uninstall_hooks()`` (as plain pass-throughs) so that modules which copied them
 while hooks were on (``from os import stat``) are never broken.
@@ -38,7 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["open", "stat", "lstat", "listdir", "scandir", "mkdir", "originals", "capture_originals"]
+__all__ = ["open", "os_open", "stat", "lstat", "listdir", "scandir", "mkdir", "utime", "access", "listxattr",
+           "originals", "capture_originals"]
 
 Route = Tuple["HookedRoot", str]
 
@@ -50,6 +57,10 @@ _lstat = os.lstat
 _listdir = os.listdir
 _scandir = os.scandir
 _mkdir = os.mkdir
+_os_open = os.open
+_utime = os.utime
+_access = os.access
+_listxattr = getattr(os, "listxattr", None)
 
 _WRITE_CHARS = frozenset("wax+")
 _READ_MODES = frozenset(("r", "rb", "rt", "br", "tr"))
@@ -64,7 +75,7 @@ def capture_originals(originals: Dict[str, Any]) -> None:
 def originals() -> Dict[str, Any]:
     """The functions the wrappers currently delegate to, by name."""
     return {"open": _open, "stat": _stat, "lstat": _lstat, "listdir": _listdir, "scandir": _scandir,
-            "mkdir": _mkdir}
+            "mkdir": _mkdir, "os_open": _os_open, "utime": _utime, "access": _access, "listxattr": _listxattr}
 
 
 @contextmanager
@@ -122,6 +133,21 @@ def _errno_error(cls: type, code: int, filename: Any) -> OSError:
     return cls(code, os.strerror(code), filename)
 
 
+def _names_a_folder(path: Any) -> bool:
+    """Whether ``path`` ends with ``/`` or ``/.``: on disk it then names a folder, whatever its last part is."""
+    try:
+        text = os.fsdecode(os.fspath(path))
+    except TypeError:
+        return False
+    return text.endswith(("/", "/.")) or text == "."
+
+
+def _not_a_folder(entry: Optional["RemoteEntry"], path: Any) -> None:
+    """NotADirectoryError when ``path`` names a folder (:func:`_names_a_folder`) and ``entry`` is a repo file."""
+    if entry is not None and entry.type != "dir" and _names_a_folder(path):
+        raise _errno_error(NotADirectoryError, errno.ENOTDIR, os.fspath(path))
+
+
 # -- open -----------------------------------------------------------------------------------------------------------
 def open(file: Any, mode: str = "r", buffering: int = -1, encoding: Optional[str] = None,  # noqa: A001
          errors: Optional[str] = None, newline: Optional[str] = None, closefd: bool = True, opener: Any = None) -> Any:
@@ -146,6 +172,12 @@ def _open_remote(route: Route, local_error: FileNotFoundError, mode: str, *rest:
     hook, rel = route
     if not _may_go_remote(hook, rel):
         raise local_error
+    if _names_a_folder(local_error.filename):  # "file/": whatever it is, no file can be opened by that name
+        entry = _remote_entry(hook, rel)
+        if entry is None:
+            raise local_error
+        _not_a_folder(entry, local_error.filename)
+        raise _errno_error(IsADirectoryError, errno.EISDIR, local_error.filename)
     # straight to the download (no listing, no stat): the answer says whether it is a file, a folder or missing
     with _inside():
         try:
@@ -168,19 +200,20 @@ def _rename(handle: Any, name: Any) -> None:
 
 
 def _open_for_write(hook: "HookedRoot", rel: str, file: Any, mode: str, *rest: Any) -> Any:
-    if "w" not in mode:  # "x", "a", "r+": whether (and what) the file already is matters
-        try:
-            _stat(file)
-            return _open(file, mode, *rest)
-        except FileNotFoundError:
-            pass
-        entry = _remote_entry(hook, rel)
-        if entry is not None:
-            name = os.fspath(file)
-            if entry.type == "dir":
-                raise _errno_error(IsADirectoryError, errno.EISDIR, name)
-            if "x" in mode:
-                raise _errno_error(FileExistsError, errno.EEXIST, name)
+    try:  # whether (and what) the file already is matters: locally it simply is opened
+        _stat(file)
+        return _open(file, mode, *rest)
+    except FileNotFoundError:
+        pass
+    entry = _remote_entry(hook, rel)
+    if entry is not None:
+        name = os.fspath(file)
+        _not_a_folder(entry, name)
+        if entry.type == "dir":
+            raise _errno_error(IsADirectoryError, errno.EISDIR, name)
+        if "x" in mode:
+            raise _errno_error(FileExistsError, errno.EEXIST, name)
+        if "w" not in mode:  # "a", "r+": the repo's content first ("w" starts it empty anyway)
             _materialize(hook, rel)
     try:
         return _open(file, mode, *rest)
@@ -225,6 +258,7 @@ def _stat_remote(path: Any, dir_fd: Optional[int], local_error: FileNotFoundErro
     entry = _remote_entry(*route, sized=True) if route is not None else None
     if entry is None:
         raise local_error
+    _not_a_folder(entry, path)
     return remote_stat(route[0], entry)
 
 
@@ -304,11 +338,131 @@ def scandir(path: Any = None) -> Any:
 
 # -- directories ----------------------------------------------------------------------------------------------------
 def mkdir(path: Any, mode: int = 0o777, *, dir_fd: Optional[int] = None) -> None:
-    """``os.mkdir``: a missing local parent that exists in the repo is created locally first."""
+    """``os.mkdir``: a missing local parent that exists in the repo is created locally first; a folder (or file)
+    the repo has already exists (``FileExistsError``, as in a checkout: ``os.makedirs(exist_ok=True)`` is then
+    content, and a file written into it makes the local folder)."""
+    route = resolve(path) if dir_fd is None and not getattr(_guard, "depth", 0) else None
+    if route is not None and route[1]:
+        try:
+            _lstat(path)
+        except FileNotFoundError:
+            if _remote_entry(*route) is not None:
+                raise _errno_error(FileExistsError, errno.EEXIST, os.fspath(path)) from None
+        except OSError:
+            pass
     try:
         return _mkdir(path, mode, dir_fd=dir_fd)
     except FileNotFoundError:
-        route = resolve(path) if dir_fd is None else None
         if route is None or not _make_local_parent(*route):
             raise
     return _mkdir(path, mode)
+
+
+# -- os.open, utime, access, listxattr -------------------------------------------------------------------------------
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def os_open(path: Any, flags: int, mode: int = 0o777, *, dir_fd: Optional[int] = None) -> int:
+    """``os.open``: reads of a repo file open its cached copy; writes follow :func:`open`'s rules (a repo-only
+    file is copied locally first unless truncated, ``O_EXCL`` on it is ``FileExistsError``, a repo folder is not
+    a file) -- so ``Path.touch`` keeps a repo file's content."""
+    if dir_fd is not None or getattr(_guard, "depth", 0):
+        return _os_open(path, flags, mode, dir_fd=dir_fd)
+    if not flags & _WRITE_FLAGS:
+        try:
+            return _os_open(path, flags, mode)
+        except FileNotFoundError as exc:
+            local_error = exc
+        route = resolve(path)
+        entry = _remote_entry(*route) if route is not None else None
+        if entry is None:
+            raise local_error
+        _not_a_folder(entry, path)
+        if entry.type == "dir":
+            raise local_error  # (no local folder to give a descriptor of)
+        with _inside():
+            cached = route[0].repo.local_path(route[1])
+        return _os_open(cached, flags, mode)
+    route = resolve(path)
+    if route is None:
+        return _os_open(path, flags, mode)
+    hook, rel = route
+    try:
+        _lstat(path)
+        return _os_open(path, flags, mode)
+    except FileNotFoundError:
+        pass
+    entry = _remote_entry(hook, rel)
+    if entry is not None:
+        name = os.fspath(path)
+        _not_a_folder(entry, name)
+        if entry.type == "dir":
+            raise _errno_error(IsADirectoryError, errno.EISDIR, name)
+        if flags & os.O_CREAT and flags & os.O_EXCL:
+            raise _errno_error(FileExistsError, errno.EEXIST, name)
+        if not flags & os.O_TRUNC:
+            _materialize(hook, rel)
+        elif not flags & os.O_CREAT:  # truncating a file that is only in the repo: it is there, so make it here
+            flags |= os.O_CREAT
+    try:
+        return _os_open(path, flags, mode)
+    except FileNotFoundError:
+        if not flags & os.O_CREAT or not _make_local_parent(hook, rel):
+            raise
+    return _os_open(path, flags, mode)
+
+
+def utime(path: Any, *args: Any, **kwargs: Any) -> None:
+    """``os.utime``: a file that is only in the repo is copied locally first (then its local copy is touched, as
+    a checkout's file would be); a repo-only folder is made locally."""
+    try:
+        return _utime(path, *args, **kwargs)
+    except FileNotFoundError as exc:
+        local_error = exc
+    route = resolve(path) if kwargs.get("dir_fd") is None and not isinstance(path, int) else None
+    entry = _remote_entry(*route) if route is not None else None
+    if entry is None:
+        raise local_error
+    _not_a_folder(entry, path)
+    if entry.type == "dir":
+        with _inside():
+            os.makedirs(_local_path(*route), exist_ok=True)
+    else:
+        _materialize(*route)
+    return _utime(path, *args, **kwargs)
+
+
+def access(path: Any, mode: int, *, dir_fd: Optional[int] = None, effective_ids: bool = False,
+           follow_symlinks: bool = True) -> bool:
+    """``os.access``: a repo entry exists and reads; writes to it go to a local file (so it is writable); a repo
+    folder can be entered, a repo file not executed."""
+    if dir_fd is None and not effective_ids and follow_symlinks:
+        if _access(path, mode):
+            return True
+    elif _access(path, mode, dir_fd=dir_fd, effective_ids=effective_ids, follow_symlinks=follow_symlinks):
+        return True
+    try:
+        _lstat(path) if dir_fd is None else _lstat(path, dir_fd=dir_fd)
+        return False  # it is here, and the system said no
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, TypeError):
+        return False
+    route = resolve(path) if dir_fd is None and not isinstance(path, int) else None
+    entry = _remote_entry(*route) if route is not None else None
+    if entry is None or (entry.type != "dir" and _names_a_folder(path)):
+        return False
+    return not mode & os.X_OK or entry.type == "dir"
+
+
+def listxattr(path: Any = None, *, follow_symlinks: bool = True) -> List[str]:
+    """``os.listxattr``: a repo entry has no extended attributes (``shutil.copy2`` asks, and takes none)."""
+    assert _listxattr is not None
+    try:
+        return _listxattr(path, follow_symlinks=follow_symlinks)
+    except FileNotFoundError as exc:
+        local_error = exc
+    route = resolve(path) if path is not None and not isinstance(path, int) else None
+    if route is None or _remote_entry(*route) is None:
+        raise local_error
+    return []

@@ -29,7 +29,11 @@ _WRAPPERS = {
     "open": patches.open, "stat": patches.stat, "lstat": patches.lstat, "listdir": patches.listdir,
     "scandir": patches.scandir, "mkdir": patches.mkdir,
 }
-_OURS = frozenset(id(fn) for fn in _WRAPPERS.values())
+# os functions wrapped under their own names (os.open is patches.os_open: builtins' open is patches.open)
+_OS_WRAPPERS = {"open": patches.os_open, "utime": patches.utime, "access": patches.access}
+if hasattr(os, "listxattr"):
+    _OS_WRAPPERS["listxattr"] = patches.listxattr
+_OURS = frozenset(id(fn) for fn in (*_WRAPPERS.values(), *_OS_WRAPPERS.values()))
 # Modules that copy the original open() at import time (``from builtins import open as ...``). IPython's is what
 # ``open`` in a notebook calls.
 _OPEN_ALIASES = (("tarfile", "bltn_open"), ("bz2", "_builtin_open"), ("tokenize", "_builtin_open"),
@@ -40,6 +44,7 @@ def _targets() -> List[Tuple[Any, str, Callable[..., Any], bool]]:
     found: List[Tuple[Any, str, Callable[..., Any], bool]] = [(builtins, "open", patches.open, False),
                                                               (io, "open", patches.open, False)]
     found += [(os, name, _WRAPPERS[name], False) for name in ("stat", "lstat", "listdir", "scandir", "mkdir")]
+    found += [(os, name, wrapper, False) for name, wrapper in _OS_WRAPPERS.items()]
     for module_name, name in _OPEN_ALIASES:
         module = sys.modules.get(module_name)  # not imported yet: it will copy the patched open itself
         if module is not None and getattr(module, name, None) is patches.originals()["open"]:
@@ -70,7 +75,8 @@ def apply() -> None:
         return
     # the functions the wrappers delegate to: whatever is there now, unless it is already one of ours
     sources = {"open": io.open, "stat": os.stat, "lstat": os.lstat, "listdir": os.listdir, "scandir": os.scandir,
-               "mkdir": os.mkdir}
+               "mkdir": os.mkdir, "os_open": os.open, "utime": os.utime, "access": os.access,
+               "listxattr": getattr(os, "listxattr", None)}
     patches.capture_originals({k: v for k, v in sources.items() if id(v) not in _OURS})
     for owner, name, wrapper, is_class in _targets():
         before = _current(owner, name, is_class)

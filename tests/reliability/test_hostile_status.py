@@ -86,7 +86,7 @@ def test_a_pushback_saying_wait_no_time_is_retried_with_backoff_not_at_once(repo
             client.read_bytes("data/0.bin")
         seconds = time.monotonic() - started
     # backoff 0.05, 0.1, 0.2 ... 1 s (jittered): ~6-10 requests in the 2 s budget; at once it was ~360
-    assert refuse.sent <= 20 and seconds < 6, (refuse.sent, seconds)
+    assert refuse.sent <= 20 and seconds < 30, (refuse.sent, seconds)  # (the count is the point; the time is loose)
 
 
 def _listing_of_data(body: bytes):
