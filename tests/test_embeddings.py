@@ -164,3 +164,34 @@ def test_npy_member_decoding():
         npy_from_bytes(b"garbage")
     with pytest.raises(DataFormatError):
         npy_from_bytes(_npy_bytes(np.array([{"a": 1}], dtype=object)))
+
+
+def test_npy_member_header_must_match_its_bytes_and_any_byte_order_comes_out_native():
+    from numpy.lib import format as npformat
+
+    for shape in ((10 ** 13,), (1, 10 ** 12), (2 * 10 ** 9,)):
+        bomb = io.BytesIO()
+        npformat.write_array_header_1_0(bomb, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        bomb.write(b"\0" * 64)  # a 200-byte member claiming terabytes: refused before any allocation
+        with pytest.raises(DataFormatError, match="header says"):
+            npy_from_bytes(bomb.getvalue())
+    with pytest.raises(DataFormatError, match="header says"):
+        npy_from_bytes(_npy_bytes(np.arange(4.0))[:-3])  # cut short
+    big = npy_from_bytes(_npy_bytes(np.arange(4.0, dtype=">f4")))  # big-endian: torch takes none but native
+    assert big.dtype == np.dtype("=f4") and big.tolist() == [0.0, 1.0, 2.0, 3.0] and big.flags.writeable
+    import torch
+
+    assert torch.from_numpy(big).tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_big_endian_embedding_files_read_in_native_byte_order(tmp_path):
+    path = tmp_path / "img_emb_0.npy"
+    np.save(path, np.arange(12, dtype=">f8").reshape(3, 4))
+    with NpyRows(str(path)) as rows:
+        row = rows.row(2)
+    assert row.dtype == np.dtype("=f8") and row.tolist() == [8.0, 9.0, 10.0, 11.0]
+    fs = fsspec.filesystem("memory")
+    with fs.open("/e/img_emb_0.npy", "wb") as f:
+        np.save(f, np.arange(12, dtype=">f4").reshape(3, 4))
+    with NpyRows("memory://e/img_emb_0.npy") as rows:  # (read through a file, not a memory map)
+        assert rows.read(0, 2).dtype == np.dtype("=f4") and rows.row(1).tolist() == [4.0, 5.0, 6.0, 7.0]

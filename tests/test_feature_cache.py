@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import rewrite_file
+from conftest import mkdir_on_disk, rewrite_file
 from streamloader.data.feature_cache import FeatureCache, content_identity
 from streamloader.data.features import tiny_cnn_extractor
 from streamloader.data.laion import LaionAestheticsDataset
@@ -54,8 +54,16 @@ def test_damaged_entries_read_as_absent(tmp_path, caplog):
     with open(cache.path("b"), "wb") as handle:
         handle.write(b"garbage")
     assert cache.get("b") is None
-    np.save(cache.path("c"), np.arange(3, dtype=np.float64))  # any 1-D float .npy is accepted
-    assert cache.get("c").tolist() == [0.0, 1.0, 2.0]
+    np.save(cache.path("c"), np.arange(16, dtype=np.float64))  # any 1-D float .npy of the right length is accepted
+    assert cache.get("c").tolist() == list(map(float, range(16)))
+    np.save(cache.path("c"), np.arange(3, dtype=np.float32))  # another length than the extractor's: damaged
+    assert cache.get("c") is None and not cache.holds("c") and cache.holds("a") is False  # ("a" was cut above)
+    from numpy.lib import format as npformat
+
+    with open(cache.path("b"), "wb") as handle:  # a header claiming far more than the bytes there
+        npformat.write_array_header_1_0(handle, {"descr": "<f4", "fortran_order": False, "shape": (10 ** 13,)})
+        handle.write(b"\0" * 64)
+    assert cache.get("b") is None  # (np.load tried to allocate 36 TiB: a MemoryError)
 
 
 def test_sweep_removes_only_stale_temp_files(tmp_path):
@@ -138,7 +146,7 @@ def test_hooked_path_has_the_same_identity_as_its_url(server, tmp_path, monkeypa
         server.reset_counts()
         assert content_identity("data/0003.jpg") == content_identity("dagshub://user/repo/data/0003.jpg", fs)
         assert server.request_count(kind="raw") == 0
-        (project / "data").mkdir()
+        mkdir_on_disk(project / "data")  # a local folder by the repo's name, to shadow one file
         (project / "data" / "0003.jpg").write_bytes(b"a local file shadows the remote one")
         assert content_identity("data/0003.jpg").startswith("local:")
 

@@ -138,8 +138,9 @@ class NpyRows:
         """Rows ``[start, stop)`` as a new ``(stop-start, dim)`` array."""
         if not 0 <= start <= stop <= self.rows:
             raise DataFormatError(f"{self.url}: rows [{start}, {stop}) out of range (file has {self.rows} rows)")
+        native = self.header.dtype.newbyteorder("=")  # (torch takes no other byte order: ">f4" files convert)
         if self._memmap is not None:
-            return np.array(self._memmap[start:stop])
+            return np.array(self._memmap[start:stop], dtype=native)
         if self._file is None:
             raise ValueError(f"{self.url}: file is closed")
         n = stop - start
@@ -147,8 +148,8 @@ class NpyRows:
         data = self._file.read(n * self.header.row_bytes)
         if len(data) != n * self.header.row_bytes:
             raise DataFormatError(f"{self.url}: truncated .npy (short read at row {start})")
-        # frombuffer over bytes is read-only; copy so callers may hand it to torch.from_numpy.
-        return np.frombuffer(data, dtype=self.header.dtype).reshape(n, self.dim).copy()
+        # frombuffer over bytes is read-only; a copy (in native byte order) may be handed to torch.from_numpy.
+        return np.frombuffer(data, dtype=self.header.dtype).reshape(n, self.dim).astype(native)
 
     def row(self, index: int) -> np.ndarray:
         """Row ``index`` as a new 1-D array; an index past the array is a :class:`DataFormatError`."""
@@ -255,18 +256,40 @@ class EmbeddingFolder:
 
 
 def npy_from_bytes(data: bytes, name: str = "<npy>") -> np.ndarray:
-    """Decode a ``.npy`` member (an embedding stored inside a tar) into a 1-D array."""
+    """Decode a ``.npy`` member (an embedding stored inside a tar) into a 1-D array in native byte order.
+
+    The header must describe exactly the bytes that follow it (a 200-byte member claiming 10**13 values is a
+    DataFormatError, not an allocation of terabytes), and a numeric dtype (objects are never unpickled)."""
     import io
 
+    from numpy.lib import format as npformat
+
+    stream = io.BytesIO(data)
     try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
+        version = npformat.read_magic(stream)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"unsupported .npy format version {version}")
+        read_header = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(stream)
     except (ValueError, OSError, EOFError) as exc:
         raise DataFormatError(f"{name}: not a valid .npy ({exc})") from exc
+    dtype = np.dtype(dtype)
+    if dtype.hasobject or dtype.kind not in "fiu":
+        raise DataFormatError(f"{name}: expected a 1-D numeric embedding, got {dtype} {shape}")
+    count = 1
+    for n in shape:
+        count *= int(n)
+    offset = stream.tell()
+    if count * dtype.itemsize != len(data) - offset:
+        raise DataFormatError(f"{name}: its header says {tuple(shape)} x {dtype} ({count * dtype.itemsize} bytes), "
+                              f"the member holds {len(data) - offset}")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    array = array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
     if array.ndim == 2 and array.shape[0] == 1:
         array = array[0]
-    if array.ndim != 1 or array.dtype.kind not in "fiu":
+    if array.ndim != 1:
         raise DataFormatError(f"{name}: expected a 1-D numeric embedding, got {array.dtype} {array.shape}")
-    return array
+    return array.astype(dtype.newbyteorder("="))  # (a copy: writable, in the byte order torch takes)
 
 
 

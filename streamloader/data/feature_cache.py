@@ -37,6 +37,8 @@ import numpy as np
 
 from streamloader import _realos
 from streamloader._files import atomic_write, makedirs_private
+from streamloader.data.embeddings import npy_from_bytes
+from streamloader.errors import DataFormatError
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +155,9 @@ class FeatureCache:
         self._tmp = os.path.join(self.root, "tmp")
         self._ready = False
         self._headers: Dict[int, bytes] = {}  # vector length -> the exact .npy header our writer emits
+        dims = self.info.get("feature_dims")
+        # the extractor's vector length: an entry of any other length is damaged (recomputed, never served)
+        self.dim: Optional[int] = dims if isinstance(dims, int) and not isinstance(dims, bool) and dims > 0 else None
 
     def __repr__(self) -> str:
         return f"FeatureCache({self.root!r}, fingerprint={self.fingerprint[:12]}...)"
@@ -169,6 +174,17 @@ class FeatureCache:
 
     def __contains__(self, identity: str) -> bool:
         return os.path.exists(self.path(identity))
+
+    def holds(self, identity: str) -> bool:
+        """Whether a usable entry for ``identity`` is stored: with the vector length known, one of exactly the size
+        our writer gives it (a stat; a cut, grown or other-length entry is not), else one that reads and decodes."""
+        if self.dim is None:
+            return self.get(identity) is not None
+        try:
+            size = _realos.stat(self.path(identity)).st_size
+        except OSError:
+            return False
+        return size == len(self._header(self.dim)) + 4 * self.dim
 
     def get(self, identity: str) -> Optional[np.ndarray]:
         """The cached vector (a fresh float32 array) or None when absent or unreadable."""
@@ -189,13 +205,14 @@ class FeatureCache:
         if len(data) > 10:
             header_len = 10 + int.from_bytes(data[8:10], "little")
             length = (len(data) - header_len) // 4
-            if self._header(length) == data[:header_len] and header_len + 4 * length == len(data):
+            if self._header(length) == data[:header_len] and header_len + 4 * length == len(data) and \
+                    (self.dim is None or length == self.dim):
                 return np.frombuffer(data, dtype="<f4", offset=header_len).copy()
-        try:  # any other valid 1-D float .npy (e.g. written by np.save)
-            array = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError):
+        try:  # any other valid 1-D float .npy (e.g. written by np.save); its header must match its bytes
+            array: Optional[np.ndarray] = npy_from_bytes(data, self.path(identity))
+        except DataFormatError:
             array = None
-        if array is None or array.ndim != 1 or array.dtype.kind != "f":
+        if array is None or array.dtype.kind != "f" or (self.dim is not None and array.shape[0] != self.dim):
             log.warning("ignoring a damaged feature cache entry %s (it will be recomputed)", self.path(identity))
             return None
         return array.astype(np.float32)
@@ -213,6 +230,8 @@ class FeatureCache:
     def put(self, identity: str, features: Any) -> str:
         """Store a 1-D vector (numpy array or CPU tensor) atomically; return the entry's path."""
         array = np.ascontiguousarray(np.asarray(features, dtype="<f4").reshape(-1))
+        if self.dim is None:  # (an extractor that learns its length at its first batch)
+            self.dim = int(array.shape[0])
         if not self._ready:
             self._prepare()
         final = self.path(identity)

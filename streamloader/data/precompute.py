@@ -180,7 +180,7 @@ def _plan(dataset: Any, cache: FeatureCache, rank: int, world_size: int, on_erro
         seen.add(identity)
         if int(cache.key(identity)[:15], 16) % world_size != rank:
             result.other_ranks += 1
-        elif identity in cache:
+        elif cache.holds(identity):  # (read and checked: a damaged entry is computed again here, not in training)
             result.cached += 1
         else:
             todo_paths.append(path)
