@@ -224,3 +224,44 @@ def test_laion_state_keeps_unreadable_items_from_being_fetched_again(server, rep
     assert server.request_count(path="data/0001.jpg", kind="raw") == 0 and resumed.stats["decode_error"] == 1
     with pytest.raises(ValueError, match="rows"):
         LaionAestheticsDataset(ds.rows[:2], "dagshub://user/repo/data").load_state_dict(state)
+
+
+@pytest.mark.parametrize("shuffle_num", [0, 4])
+def test_a_shard_rewritten_since_the_state_was_saved_refuses_the_resume(tmp_path, shuffle_num):
+    import tarfile
+
+    info = _shards(tmp_path, n_shards=2, per_shard=5)
+    ds = _make(info, shuffle_num=shuffle_num, shuffle_shards=False)
+    it = iter(ds)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(ds.state_dict()))
+    first = sorted(Path(tmp_path).rglob("*.tar"))[0]
+    with tarfile.open(first) as tar:  # the same members, in another order: every saved offset names another one
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    import io
+
+    with tarfile.open(first, "w") as tar:
+        for member, data in reversed(members):
+            tar.addfile(member, io.BytesIO(data))
+    os.utime(first, ns=(time.time_ns(), time.time_ns() + 10 ** 9))  # (a rewrite within the same clock tick)
+    resumed = _make(info, shuffle_num=shuffle_num, shuffle_shards=False)
+    resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match="changed since the state was saved"):
+        next(iter(resumed))
+
+
+def test_a_laion_state_is_for_its_rows_and_well_formed(server, repo_dir, tmp_path):
+    from streamloader.data.laion import LaionAestheticsDataset
+
+    options = {"host": server.url, "cache_dir": str(tmp_path / "c"), "skip_instance_cache": True}
+    ds = LaionAestheticsDataset("dagshub://user/repo/data/labels.tsv", "dagshub://user/repo/data",
+                                on_error="skip", storage_options=options)
+    state = json.loads(json.dumps(ds.state_dict()))
+    reordered = LaionAestheticsDataset(list(reversed(ds.rows)), "dagshub://user/repo/data", storage_options=options)
+    with pytest.raises(ValueError, match="other rows"):  # same count, other rows: item numbers name other images
+        reordered.load_state_dict(state)
+    for bad in ({"0": "whatever"}, {"-1": "missing_image"}, {str(len(ds)): "decode_error"}, {"x": "decode_error"}):
+        with pytest.raises(ValueError, match="malformed"):
+            ds.load_state_dict({**state, "bad": bad})
+    ds.load_state_dict({**state, "bad": {"1": "missing_image"}})  # well formed: taken

@@ -30,6 +30,7 @@ errors always raise.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import operator
@@ -374,15 +375,38 @@ class LaionAestheticsDataset(Dataset):
         delivered. This state adds the items found unreadable (``on_error="skip"``/``"warn"``), so they are neither
         requested nor reported again. JSON-serializable.
         """
-        return {"version": 1, "rows": len(self.rows), "bad": {str(j): reason for j, reason in self._bad.items()}}
+        return {"version": 1, "rows": len(self.rows), "selection": self._selection(),
+                "bad": {str(j): reason for j, reason in self._bad.items()}}
+
+    def _selection(self) -> str:
+        """A digest of the selected rows (file names and scores, in order), made once: what a state is for."""
+        digest = getattr(self, "_selection_digest", None)
+        if digest is None:
+            hasher = hashlib.sha256()
+            for row in self.rows:
+                hasher.update(f"{row.file}\t{row.score!r}\n".encode("utf-8", "surrogatepass"))
+            digest = self._selection_digest = hasher.hexdigest()[:32]
+        return digest
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (a state of the same rows; another selection raises ValueError)."""
+        """Restore :meth:`state_dict` (a state of the same rows; another selection, or a malformed state, raises
+        ValueError: item numbers of other rows would name other images)."""
         if not isinstance(state, dict) or state.get("version") != 1:
             raise ValueError(f"not a LaionAestheticsDataset state: {str(state)[:80]!r}")
-        if state["rows"] != len(self.rows):
-            raise ValueError(f"cannot resume: the state is for {state['rows']} rows, this dataset has {len(self)}")
-        self._bad.update({int(j): reason for j, reason in state["bad"].items()})
+        if state.get("rows") != len(self.rows):
+            raise ValueError(f"cannot resume: the state is for {state.get('rows')} rows, this dataset has {len(self)}")
+        selection = state.get("selection")
+        if selection is not None and selection != self._selection():
+            raise ValueError("cannot resume: the state is for other rows (the labels file or the filter changed "
+                             "since it was saved)")
+        bad: Dict[int, str] = {}
+        for j, reason in dict(state.get("bad") or {}).items():
+            index = int(j) if str(j).isdigit() else -1
+            if not 0 <= index < len(self.rows) or reason not in ("missing_image", "decode_error"):
+                raise ValueError(f"cannot resume: a malformed entry in the state ({str(j)[:20]!r}: "
+                                 f"{str(reason)[:40]!r})")
+            bad[index] = reason
+        self._bad.update(bad)
 
 
 #: the guide's spelling

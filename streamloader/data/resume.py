@@ -8,6 +8,9 @@ yield. After any yielded sample the pass's state is small (no sample bytes) and 
     buffer           the shuffle buffer as references (shard, key, member offsets and sizes)
     rng              the shuffle RNG's state; draining: the buffer is being emptied at the end of the epoch
     yielded, skips   samples yielded so far (for ``epoch_length``) and skips by reason (restored into ``stats``)
+    shards           the content identity of the shards the state points into (the current one, the buffer's):
+                     a shard rewritten since (another order of members, other members) refuses the resume, where
+                     reading at the saved offsets would pair images with other embeddings
 
 A resumed pass opens the shard at ``shard``, seeks to ``offset`` (a compressed tar is read through without
 extracting the members before it), reads back only the buffered samples, and continues with the same RNG, so
@@ -28,6 +31,7 @@ import random
 from contextlib import closing
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from streamloader.data.feature_cache import content_identity
 from streamloader.data.tar_samples import SKIP_SHARD
 from streamloader.data.tars import ErrorPolicy, is_compressed, iter_shard_samples, iter_tar_entries, open_url
 from streamloader.errors import DataFormatError
@@ -81,8 +85,20 @@ class ReaderPass:
         self.policy = ErrorPolicy(dataset.handler, dataset._counters)
         self.index = {url: i for i, url in enumerate(dataset.urls)}
         self.config = _config(dataset)  # once: state() runs after every batch
+        self.identities: Dict[int, Optional[str]] = {}  # shard index -> content identity, noted as it is opened
+        self.current: Optional[int] = None  # the index of the shard being read
         if resume is not None:
             self._restore(resume)
+
+    def _identity(self, url_index: int) -> Optional[str]:
+        """The shard's content identity (size and mtime of a local file, a repo file's hash...; never its bytes
+        hashed), or None where none can be had cheaply."""
+        if url_index not in self.identities:
+            try:
+                self.identities[url_index] = content_identity(self.ds.urls[url_index], read_bytes=False)
+            except (OSError, ValueError):
+                self.identities[url_index] = None
+        return self.identities[url_index]
 
     # --- state ---------------------------------------------------------------------------------------------------
     def state(self) -> Dict[str, Any]:
@@ -95,8 +111,14 @@ class ReaderPass:
             "reader": list(self.reader), "config": self.config, "epoch": self.epoch,
             "shard": self.shard, "offset": self.offset, "draining": self.draining, "done": self.done,
             "buffer": self.pending + [list(item[-1]) for item in self.buffer], "rng": rng,
-            "yielded": self.yielded, "skips": dict(self.policy.local),
+            "yielded": self.yielded, "skips": dict(self.policy.local), "shards": self._pointed_at(),
         }
+
+    def _pointed_at(self) -> Dict[str, Optional[str]]:
+        wanted = {ref[0] for ref in self.pending} | {item[-1][0] for item in self.buffer}
+        if self.current is not None:
+            wanted.add(self.current)
+        return {str(i): self.identities.get(i) for i in sorted(wanted)}
 
     def _restore(self, saved: Dict[str, Any]) -> None:
         if list(saved["reader"]) != self.reader:
@@ -113,6 +135,13 @@ class ReaderPass:
             version, internal, gauss = saved["rng"]
             self.rng.setstate((version, tuple(internal), gauss))
         self.pending = [list(ref) for ref in saved["buffer"]]
+        for index, identity in dict(saved.get("shards") or {}).items():
+            url_index = int(index)
+            if identity is not None and 0 <= url_index < len(self.ds.urls):
+                now = self._identity(url_index)
+                if now is not None and now != identity:
+                    raise ValueError(f"cannot resume: the shard {self.ds.urls[url_index]} changed since the state was "
+                                     "saved (its saved positions would name other members)")
         for reason, count in saved["skips"].items():  # the interrupted part of the epoch counts in stats
             self.policy.local[reason] += count
             self.ds._counters.add(reason, count)
@@ -151,6 +180,8 @@ class ReaderPass:
         for position, url in enumerate(itertools.islice(order, self.shard, None), self.shard):
             start = self.offset if position == self.shard else 0
             self.shard, self.offset = position, start
+            self.current = self.index[url]
+            self._identity(self.current)
             produced = 0
             ds._io.add("shards_opened")
             samples = iter_shard_samples(url, policy, ds.cache_dir, ds.max_member_bytes, start=start, positions=True)
