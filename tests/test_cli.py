@@ -46,10 +46,17 @@ def test_every_usage_mistake_exits_2_with_one_line(server, tmp_path, capsys):
                  ["ls", f"{server.repo_url}/data", "--host", "http://127.0.0.1:1"],
                  ["ls", f"{server.repo_url}/src/main/data", "--branch", "other"],
                  ["prefetch", str(names), "--host", server.url],
-                 ["prefetch", "--base", "data", str(names)], ["filter", "dagshub://user", "-k", "x"]):
+                 ["prefetch", "--base", "data", str(names)], ["filter", "dagshub://user", "-k", "x"],
+                 ["serve", str(tmp_path), "--port", "99999"], ["serve", str(tmp_path / "nowhere")],
+                 ["cache", "info", "--cache-dir", str(names)], ["cache", "prune", "--max-size", "1.2.3"],
+                 ["cache", "prune", "--max-size", "0.5B"], ["mount", "badurl", str(tmp_path)],
+                 ["mount", "dagshub://user/repo", str(tmp_path), "--prefetch-dir-on-open", "-5"],
+                 ["mount", "dagshub://user/repo", str(tmp_path), "--whole-file-max", "-1"]):
         assert _exit_code(argv) == 2, argv
-        err = capsys.readouterr().err
+        captured = capsys.readouterr()
+        err = captured.err
         assert err.strip().splitlines()[-1].startswith("streamloader"), (argv, err)
+        assert "Traceback" not in err and not captured.out.strip(), (argv, captured)  # (errors go to stderr)
     assert _exit_code(["prefetch", str(names), "--host", server.url]) == 2
     assert "give --base dagshub://OWNER/REPO/DIR" in capsys.readouterr().err
 

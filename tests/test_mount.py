@@ -275,6 +275,25 @@ def test_signal_unmounts_cleanly(server, tmp_path, mnt, sig):
 
 
 @needs_fuse
+def test_a_web_address_of_the_repo_mounts_too(server, tmp_path, mnt):
+    from streamloader.fusemount import is_mounted
+
+    cmd = [sys.executable, "-m", "streamloader", "mount", f"{server.repo_url}/data/nested", str(mnt), "--foreground"]
+    proc = subprocess.Popen(cmd, env=_env(tmp_path / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # (an http://HOST/OWNER/REPO/PATH address, as ls and prefetch take)
+    try:
+        _wait_mounted(mnt, proc)
+        assert (mnt / "deeper" / "note.txt").read_text() == "nested file\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.communicate()
+        assert not is_mounted(str(mnt))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@needs_fuse
 def test_kill_9_leaves_a_sound_cache_and_umount_cleans_the_dead_mount(server, repo_dir, tmp_path, mnt):
     from streamloader.cache import FileCache
     from streamloader.fusemount import is_mounted

@@ -74,11 +74,14 @@ def parse_size(size: Union[int, str, None]) -> Optional[int]:
     """``"10GB"`` → 10_000_000_000, ``"512MiB"`` → 536870912, ints pass through, None stays None."""
     if size is None or isinstance(size, int):
         return size
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgtp]?)(i?)b?\s*", str(size).lower())
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgtp]?)(i?)b?\s*", str(size).lower())
     if not m:
         raise ValueError(f"invalid size {size!r}; use e.g. 500MB, 10GB, 1.5TiB or a byte count")
     base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " kmgtp".index(m.group(2) or " "))
+    value = float(m.group(1)) * base ** " kmgtp".index(m.group(2) or " ")
+    if 0 < value < 1:
+        raise ValueError(f"invalid size {size!r}: less than one byte")
+    return int(value)
 
 
 def _verify_from_env() -> Union[bool, str]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any, Optional
 
 
@@ -41,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from streamloader.cache.report import cache_report, clear_cache
 
     root = _root(args.cache_dir)
+    if os.path.exists(root) and not os.path.isdir(root):
+        print(f"streamloader cache: error: {root} is not a directory", file=sys.stderr)
+        return 2
     if args.action == "info":
         print(cache_report(root).format())
         return 0

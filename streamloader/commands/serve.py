@@ -55,7 +55,7 @@ def register(subparsers: Any) -> None:
                              "empty or missing, and serve it as the guide's repo "
                              f"{DEMO_OWNER}/{DEMO_REPO} (unless --owner/--repo say otherwise)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=0, help="port (default 0: pick a free one)")
+    parser.add_argument("--port", type=_port, default=0, help="port (default 0: pick a free one)")
     parser.add_argument("--owner", help="repository owner in URLs (default: user)")
     parser.add_argument("--repo", help="repository name in URLs (default: repo)")
     parser.add_argument("--branch", default="main", help="branch name (default: main)")
@@ -143,19 +143,30 @@ def storage_folders(items: Any) -> Dict[str, str]:
     return out
 
 
+def _port(text: str) -> int:
+    """An argparse ``type=``: a TCP port, 0-65535 (0: pick a free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {value}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code."""
     from streamloader.server import DagsHubLike, DagsHubServer, ServerFaults
 
     if args.demo_data is not None:
         if args.demo_data < 1:
-            print("streamloader serve: error: --demo-data needs at least 1 image")
+            print("streamloader serve: error: --demo-data needs at least 1 image", file=sys.stderr)
             return 2
         _write_demo_data(args.dir, args.demo_data)
         args.owner, args.repo = args.owner or DEMO_OWNER, args.repo or DEMO_REPO
     args.owner, args.repo = args.owner or "user", args.repo or "repo"
     if not os.path.isdir(args.dir):
-        print(f"streamloader serve: error: not a directory: {args.dir}")
+        print(f"streamloader serve: error: not a directory: {args.dir}", file=sys.stderr)
         return 2
     try:
         storage = storage_folders(args.storage)
@@ -167,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
             mode = DagsHubLike()
             mode.update(knobs)
     except ValueError as exc:
-        print(f"streamloader serve: error: {exc}")
+        print(f"streamloader serve: error: {exc}", file=sys.stderr)
         return 2
     token = args.token or os.environ.get(TOKEN_ENV) or None
     if not _is_loopback(args.host):
