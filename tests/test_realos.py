@@ -20,7 +20,8 @@ def test_under_a_hooked_root_it_sees_only_the_disk_and_sends_no_request(hooked, 
         assert not _realos.exists_locally(path)
         assert not _realos.exists_locally(path, follow_symlinks=False)
     assert remote.request_count() == 0  # ... but the real stat never did
-    (project / "local.txt").write_bytes(b"abc")
+    (project / "local.txt").write_bytes(b"abc")  # (a new file under the root: the hooks ask what the repo has there)
+    remote.reset_counts()
     assert _realos.stat("local.txt").st_size == 3 and _realos.exists_locally(str(project / "local.txt"))
     os.symlink("gone", project / "dangling")
     assert not _realos.exists_locally("dangling") and _realos.exists_locally("dangling", follow_symlinks=False)

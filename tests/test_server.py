@@ -596,7 +596,7 @@ def test_cli_banner_knobs_and_clean_exit_on_sigint(repo_dir):
 def test_cli_rejects_a_missing_folder(tmp_path):
     out = subprocess.run([sys.executable, "-m", "streamloader", "serve", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "not a directory" in out.stdout
+    assert out.returncode == 2 and "not a directory" in out.stderr and not out.stdout
 
 
 def test_make_jpeg_is_deterministic_and_decodable(tmp_path):

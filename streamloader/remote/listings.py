@@ -31,7 +31,7 @@ import urllib.parse
 import weakref
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
-from streamloader import _forksafe
+from streamloader import _forksafe, _realos
 from streamloader._forksafe import NO_FORK
 from streamloader._files import makedirs_private
 from streamloader.remote.entries import RemoteEntry
@@ -152,9 +152,9 @@ class ListingStore:
         try:
             makedirs_private(folder)
         except OSError:
-            if not os.path.exists(self.path):
+            if not _realos.exists_locally(self.path):
                 raise
-        if os.path.exists(self.path) and not os.access(folder, os.W_OK):
+        if _realos.exists_locally(self.path) and not os.access(folder, os.W_OK):
             return self._open_read_only()
         try:  # created private up front: SQLite gives its -wal and -shm files the database file's mode
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
