@@ -199,22 +199,30 @@ def _rename(handle: Any, name: Any) -> None:
         pass
 
 
+def _repo_file_to_write(hook: "HookedRoot", rel: str, path: Any, exclusive: bool) -> bool:
+    """For a write to ``path``, missing locally: whether the repo has a file there (its content may be wanted
+    first). A repo folder is IsADirectoryError ("file/" on a repo file NotADirectoryError), and an exclusive
+    create of a repo file FileExistsError, as on disk."""
+    entry = _remote_entry(hook, rel)
+    if entry is None:
+        return False
+    name = os.fspath(path)
+    _not_a_folder(entry, name)
+    if entry.type == "dir":
+        raise _errno_error(IsADirectoryError, errno.EISDIR, name)
+    if exclusive:
+        raise _errno_error(FileExistsError, errno.EEXIST, name)
+    return True
+
+
 def _open_for_write(hook: "HookedRoot", rel: str, file: Any, mode: str, *rest: Any) -> Any:
     try:  # whether (and what) the file already is matters: locally it simply is opened
         _stat(file)
         return _open(file, mode, *rest)
     except FileNotFoundError:
         pass
-    entry = _remote_entry(hook, rel)
-    if entry is not None:
-        name = os.fspath(file)
-        _not_a_folder(entry, name)
-        if entry.type == "dir":
-            raise _errno_error(IsADirectoryError, errno.EISDIR, name)
-        if "x" in mode:
-            raise _errno_error(FileExistsError, errno.EEXIST, name)
-        if "w" not in mode:  # "a", "r+": the repo's content first ("w" starts it empty anyway)
-            _materialize(hook, rel)
+    if _repo_file_to_write(hook, rel, file, "x" in mode) and "w" not in mode:
+        _materialize(hook, rel)  # "a", "r+": the repo's content first ("w" starts it empty anyway)
     try:
         return _open(file, mode, *rest)
     except FileNotFoundError:
@@ -392,14 +400,7 @@ def os_open(path: Any, flags: int, mode: int = 0o777, *, dir_fd: Optional[int] =
         return _os_open(path, flags, mode)
     except FileNotFoundError:
         pass
-    entry = _remote_entry(hook, rel)
-    if entry is not None:
-        name = os.fspath(path)
-        _not_a_folder(entry, name)
-        if entry.type == "dir":
-            raise _errno_error(IsADirectoryError, errno.EISDIR, name)
-        if flags & os.O_CREAT and flags & os.O_EXCL:
-            raise _errno_error(FileExistsError, errno.EEXIST, name)
+    if _repo_file_to_write(hook, rel, path, bool(flags & os.O_CREAT and flags & os.O_EXCL)):
         if not flags & os.O_TRUNC:
             _materialize(hook, rel)
         elif not flags & os.O_CREAT:  # truncating a file that is only in the repo: it is there, so make it here
