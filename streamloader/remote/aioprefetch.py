@@ -187,8 +187,8 @@ class _Engine:
         self.more = more
         self.primer = self.repo.primer(self.taken)
         running: Set["asyncio.Future[Optional[_Outcome]]"] = set()
-        session = ConnectionPool(lambda: _ssl_context(self.repo), self.policy.connect_timeout, self._resolve,
-                                 (self.policy.read_timeout, self.policy.min_rate))
+        pace = (self.policy.read_timeout, self.policy.min_rate) if self.policy.min_rate > 0 else None
+        session = ConnectionPool(lambda: _ssl_context(self.repo), self.policy.connect_timeout, self._resolve, pace)
         try:
             idle = 0.001
             while pending or running or self.more is not None:

@@ -190,8 +190,9 @@ class ListingStore:
 
     def _open_read_only(self) -> sqlite3.Connection:
         """A store in a folder this process cannot write (a cache on a read-only mount, or another user's): read
-        as it is, without locking (``immutable``: nobody can write it either, or this process could too); a
-        listing not stored yet cannot be added (an error where one is needed)."""
+        as it is, through its ``-wal`` where SQLite can (read-only, its ``-shm`` there), else as the main file holds
+        it (``immutable``: no locking, nothing read from the ``-wal``); a listing not stored yet cannot be added
+        (an error where one is needed)."""
         log.info("listing store %s is read-only here: reading it as it is", self.path)
         uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
