@@ -262,6 +262,17 @@ def test_in_tar_embeddings_validation(tmp_path, caplog):
     }
     ds.reset_stats()
     assert not any(ds.stats.values())
+    # without embedding_dim, the first embedding read sets it: a 4-long one is refused, not batched with 8-long ones
+    write_tar(tmp_path / "0001.tar", [
+        {"__key__": "00010000", "jpg": _jpeg(), "npy": _npy(good)},
+        {"__key__": "00010001", "jpg": _jpeg(), "npy": _npy(np.ones(4, np.float32))},
+        {"__key__": "00010002", "jpg": _jpeg(), "npy": _npy(good)},
+    ])
+    mixed = str(tmp_path / "0001.tar")
+    with pytest.raises(DataFormatError, match="dimension 4, expected 8 .the dimension of the first one read"):
+        list(ImageEmbeddingDataset(mixed))
+    ds = ImageEmbeddingDataset(mixed, extra_keys=("__key__",), handler=skip_and_count)
+    assert _run(ds) == ["00010000", "00010002"] and ds.stats["bad_embedding"] == 1
 
 
 def test_all_zero_rows_malformed_keys_and_missing_embedding_files(tmp_path):

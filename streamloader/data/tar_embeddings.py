@@ -126,6 +126,7 @@ class ImageEmbeddingDataset(IterableDataset):
             raise ValueError("epoch_length must be positive")
         self.epoch_length = epoch_length
         self.embedding_dim = embedding_dim
+        self._dims: Dict[str, int] = {}  # without embedding_dim: the dimension first read, per kind (see _check_sample)
         self.cache_dir = cache_dir
         if (rank is None) != (world_size is None):
             raise ValueError("pass both rank and world_size, or neither")
@@ -235,10 +236,13 @@ class ImageEmbeddingDataset(IterableDataset):
             exc = DataFormatError(f"{url}: sample {key!r} has no .npy embedding; did you set embedding_folder_url?")
             return None if policy.skip("incomplete_sample", exc) else SKIP_SHARD
         for name, vector in found.items():
-            if self.embedding_dim is not None and vector.shape[-1] != self.embedding_dim:
+            # without embedding_dim, the first embedding this reader sees sets it (per kind): one of another length
+            # would only break the batch it lands in, later and less clearly
+            expected = self.embedding_dim or self._dims.setdefault(name, int(vector.shape[-1]))
+            if vector.shape[-1] != expected:
                 exc = DataFormatError(
-                    f"{url}: sample {key!r} {name} embedding has dimension {vector.shape[-1]}, "
-                    f"expected {self.embedding_dim}"
+                    f"{url}: sample {key!r} {name} embedding has dimension {vector.shape[-1]}, expected {expected}"
+                    + ("" if self.embedding_dim else " (the dimension of the first one read; set embedding_dim=)")
                 )
                 return None if policy.skip("bad_embedding", exc) else SKIP_SHARD
             if not np.any(vector):
