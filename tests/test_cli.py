@@ -40,6 +40,8 @@ def test_every_usage_mistake_exits_2_with_one_line(server, tmp_path, capsys):
     capsys.readouterr()
     names = tmp_path / "names.txt"
     names.write_text("0000.jpg\n")
+    binary = tmp_path / "names.bin"
+    binary.write_bytes(b"0000.jpg\n\xff\xfe\x00\n")
     for argv in (["cache", "explode"], ["cache", "prune", "--max-size", "5XB"],
                  ["prefetch", "-j", "0", "dagshub://user/repo/data"], ["ls", "dagshub://user"],
                  ["ls", "https://example.com/just-one-segment"], ["prefetch", "dagshub://user"],
@@ -51,7 +53,9 @@ def test_every_usage_mistake_exits_2_with_one_line(server, tmp_path, capsys):
                  ["cache", "info", "--cache-dir", str(names)], ["cache", "prune", "--max-size", "1.2.3"],
                  ["cache", "prune", "--max-size", "0.5B"], ["mount", "badurl", str(tmp_path)],
                  ["mount", "dagshub://user/repo", str(tmp_path), "--prefetch-dir-on-open", "-5"],
-                 ["mount", "dagshub://user/repo", str(tmp_path), "--whole-file-max", "-1"]):
+                 ["mount", "dagshub://user/repo", str(tmp_path), "--whole-file-max", "-1"],
+                 ["ls", "dagshub://user/repo", "--host", "not a host"], ["ls", "dagshub://user/repo", "--host", "ftp://x"],
+                 ["prefetch", str(binary), "--base", "dagshub://user/repo/data"]):
         assert _exit_code(argv) == 2, argv
         captured = capsys.readouterr()
         err = captured.err

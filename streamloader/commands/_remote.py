@@ -58,7 +58,26 @@ def storage_options(args: argparse.Namespace) -> Dict[str, Any]:
         value = getattr(args, name, None)
         if value:
             opts[name] = value
+    if "host" in opts:
+        _check_host(opts["host"])
     return opts
+
+
+def _check_host(host: str) -> None:
+    """UsageError unless ``host`` names an http(s) origin (``dagshub.com``, ``http://127.0.0.1:8080``): a space, another
+    scheme or a path would otherwise fail later as an unreachable host or an odd redirect."""
+    from urllib.parse import urlsplit
+
+    from streamloader.remote.urls import normalize_host
+
+    parts = urlsplit(normalize_host(host))
+    try:
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok or \
+            any(c.isspace() for c in host) or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise UsageError(f"--host {host!r} is not a host: give one like https://dagshub.com or http://127.0.0.1:8080")
 
 
 def is_remote(url: str) -> bool:

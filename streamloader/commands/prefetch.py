@@ -50,11 +50,15 @@ def register(subparsers: Any) -> None:
 
 
 def _read_list(target: str) -> List[Tuple[int, str]]:
-    if target == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        with open(target, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+    try:
+        if target == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            with open(target, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+    except UnicodeDecodeError as exc:
+        shown = "stdin" if target == "-" else target
+        raise UsageError(f"the list {shown} is not UTF-8 text (byte {exc.start}): one path per line") from None
     return [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
 
 
