@@ -16,7 +16,8 @@ from PIL import Image
 from conftest import TOKEN, make_jpeg, remote_repo
 from streamloader.errors import RemoteError
 from streamloader.remote import lookups as lookups_module
-from streamloader.remote.client import RetryPolicy
+from streamloader.remote.client import DagsHubClient, RetryPolicy
+from streamloader.remote.repo import RemoteRepo
 from streamloader.remote.filesystem import DagsHubFileSystem
 from streamloader.server import DagsHubLike
 
@@ -111,6 +112,46 @@ def test_crlf_text_hashed_by_dvc_as_dos2unix_verifies(tmp_path, make_server):
     assert repo.cache_key(entry).kind == "md5"
     repo.cache.flush()
     assert os.path.exists(repo.cache.path_for(repo.cache_key(entry)))
+
+
+def test_a_crlf_split_by_dvcs_1mib_chunk_boundary_is_hashed_as_dvc_did(tmp_path, make_server):
+    """DVC 2 replaced CRLF within each 1 MiB chunk it read: one that the boundary splits stayed in the hash."""
+    import hashlib
+
+    line = b"x" * 62 + b"\r\n"
+    text = bytearray(line * (2**21 // 64))
+    text[2**20 - 3 : 2**20 + 1] = b"yy\r\n"  # the CR ends the first chunk, the LF starts the second
+    text = bytes(text)
+    dvc = hashlib.md5(text[: 2**20].replace(b"\r\n", b"\n") + text[2**20 :].replace(b"\r\n", b"\n")).hexdigest()
+    assert dvc != hashlib.md5(text.replace(b"\r\n", b"\n")).hexdigest()
+    root = tmp_path / "repo"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "big.tsv").write_bytes(text)
+    srv = make_server(root, token=TOKEN, dagshub_like=DagsHubLike(max_in_flight=0))
+    repo = remote_repo(srv, tmp_path / "cache", FAST)
+    (entry,) = repo.ls("data")
+    assert entry.hash == dvc  # the server hashes as DVC 2 did
+    assert repo.read_bytes("data/big.tsv") == text  # through the cache
+    uncached = RemoteRepo(DagsHubClient(srv.repo_url, token=TOKEN, branch="main", retry=FAST), use_cache=False)
+    uncached.ls("data")
+    assert uncached.read_bytes("data/big.tsv") == text  # verified in memory
+    # bytes that differ from the hashed ones in that split CRLF alone are still refused
+    from streamloader.cache.verify import Verifier
+
+    joined = text[: 2**20 - 1] + text[2**20 :]
+    assert not Verifier("md5", dvc).verify_bytes(joined)
+
+
+def test_a_file_dvc_calls_binary_gets_no_dos2unix_second_chance():
+    import hashlib
+
+    from streamloader.cache.verify import Verifier
+
+    binary = b"\x00\x01\r\n" * 64  # a NUL in the first 512 bytes: DVC hashed the bytes as they are
+    assert not Verifier("md5", hashlib.md5(binary.replace(b"\r\n", b"\n")).hexdigest()).verify_bytes(binary)
+    assert Verifier("md5", hashlib.md5(binary).hexdigest()).verify_bytes(binary)
+    text = b"a\tb\r\n" * 64
+    assert Verifier("md5", hashlib.md5(text.replace(b"\r\n", b"\n")).hexdigest()).verify_bytes(text)
 
 
 def test_expired_presigned_links_are_asked_for_again(like, tmp_path, repo_dir):
