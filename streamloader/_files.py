@@ -14,11 +14,13 @@ from streamloader.errors import CacheError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["makedirs_private", "atomic_write", "record_size", "recorded_size", "rename_into_place", "reserve_fds",
-           "secure_private_dir", "sync_files", "TempFileVanished"]
+__all__ = ["makedirs_private", "atomic_write", "record_size", "recorded_size", "recorded_sha256", "rename_into_place",
+           "reserve_fds", "secure_private_dir", "sync_files", "TempFileVanished"]
 
 #: the extended attribute that holds a cache object's size, written as it is stored (see :func:`record_size`)
 SIZE_XATTR = "user.streamloader.size"
+#: the sha256 of the bytes of an object whose key no hash checks (a path key), noted as it is stored
+SHA256_XATTR = "user.streamloader.sha256"
 _XATTRS = hasattr(os, "setxattr")  # Linux; elsewhere nothing is recorded (the listing's size is then all there is)
 
 
@@ -133,16 +135,19 @@ class TempFileVanished(CacheError):
 _UNSUPPORTED = frozenset(getattr(errno, name) for name in ("ENOTSUP", "EOPNOTSUPP", "ENOSYS") if hasattr(errno, name))
 
 
-def record_size(fd: int, size: int) -> bool:
-    """Note ``size`` on the open file ``fd`` (a user extended attribute, which moves with the inode through the
-    rename into place), so that a later read can tell the file was cut or grown on disk even when no listing says
-    its size. False where the file system keeps no such attributes (then nothing is recorded, and reads there check
+def record_size(fd: int, size: int, sha256: Optional[str] = None) -> bool:
+    """Note ``size`` (and ``sha256``, the hex digest of its bytes) on the open file ``fd`` (user extended
+    attributes, which move with the inode through the rename into place), so that a later read can tell the file
+    was cut or grown on disk even when no listing says its size (and ``verify="full"`` that it was altered where no
+    listed hash can tell). False where the file system keeps no such attributes (then nothing is recorded, and reads there check
     only listed sizes: :func:`recorded_size` says None); True otherwise, even if this one could not be noted (a
     warning: a later read without a listed size then takes the file for a replaced one and downloads it again)."""
     if not _XATTRS:
         return False
     try:
         os.setxattr(fd, SIZE_XATTR, str(size).encode("ascii"))
+        if sha256 is not None:
+            os.setxattr(fd, SHA256_XATTR, sha256.encode("ascii"))
     except OSError as exc:
         if exc.errno in _UNSUPPORTED:  # (e.g. some network or old tmpfs mounts)
             log.debug("cannot record cache object sizes here (%s): only sizes the listings know are checked", exc)
@@ -165,6 +170,21 @@ def recorded_size(path: str) -> Optional[int]:
         return int(value.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
         return -1
+
+
+def recorded_sha256(path: str) -> Optional[str]:
+    """The sha256 :func:`record_size` noted on ``path`` (not following a symlink); None where the file system
+    keeps no such attributes; "" (which no digest matches) where it could but none is there or it is unreadable."""
+    if not _XATTRS:
+        return None
+    try:
+        value = os.getxattr(path, SHA256_XATTR, follow_symlinks=False)
+    except OSError as exc:
+        return None if exc.errno in _UNSUPPORTED else ""
+    try:
+        return value.decode("ascii")
+    except UnicodeDecodeError:
+        return ""
 
 
 def rename_into_place(tmp: str, final: str) -> None:

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+from streamloader._files import recorded_sha256
 from streamloader.cache.verify import Verifier
 
 __all__ = ["CacheKey", "HEX", "file_matches"]
@@ -61,11 +62,14 @@ class CacheKey:
 
 
 def file_matches(key: CacheKey, path: str) -> bool:
-    """Whether the file at ``path`` hashes to ``key`` (True for kinds nothing can check; DVC's md5-dos2unix counts)."""
+    """Whether the file at ``path`` hashes to ``key`` (DVC's md5-dos2unix counts); for a kind no hash checks
+    ("path", "opaque"), whether it hashes to the sha256 noted on it as it was stored (False when none is noted;
+    True where the file system keeps no such notes: nothing can be checked there)."""
     verifier = key.hasher()
-    if verifier is None:
-        return True
     try:
+        if verifier is None:
+            noted = recorded_sha256(path)
+            return noted is None or Verifier("sha256", noted).check_file(path)
         return verifier.verify(path, streamed=False)
     except OSError:  # evicted meanwhile: dropping finds nothing, the caller downloads
         return False

@@ -99,7 +99,8 @@ class FileCache(CacheWriter):
     """The shared on-disk cache (see module docstring). ``max_size`` (bytes or "10GB") enables LRU eviction.
 
     ``verify``: True (default) checks downloads against size and hash and every use against the size; "full" also
-    re-hashes an entry ("git", "md5" keys) on its first use in this process; False checks sizes only. None (the
+    re-hashes an entry on its first use in this process (against its "git" or "md5" key, or, for a key no hash
+    checks, against the sha256 noted on it as it was stored); False checks sizes only. None (the
     default): ``$STREAMLOADER_VERIFY`` (``full``, ``1``, ``0``) or True, so that "full" reaches every cache a job
     makes (file systems, hooks, DataLoader workers) with one setting.
     ``corrupt_entries`` counts entries dropped. Starting sweeps dead temp files (at most every
@@ -279,7 +280,8 @@ class FileCache(CacheWriter):
             return f"{st.st_size} bytes, expected {size}"
         if self._full and key not in self._checked:
             if not file_matches(key, path):
-                return "content hash mismatch"
+                return "content hash mismatch" if key.hasher() is not None else \
+                    "its bytes do not hash as the sha256 noted on it as it was stored (or none is noted)"
             self._checked.add(key)
         return None
 

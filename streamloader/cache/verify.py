@@ -80,6 +80,10 @@ class Verifier:
     def ok(self) -> bool:
         return self._h.hexdigest() == self.expected
 
+    def hexdigest(self) -> str:
+        """The digest of the bytes fed since the last start."""
+        return self._h.hexdigest()
+
     def can_stream(self, size: Optional[int]) -> bool:
         """Whether the hash can be computed while the bytes stream in (a git blob id needs the size first)."""
         return size is not None or not self.git_blob

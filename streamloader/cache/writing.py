@@ -22,7 +22,7 @@ from streamloader.cache import scan as _cachescan
 from streamloader.cache.commit_queue import QUEUE, CommitTask
 from streamloader.cache.entrylock import EntryLock, Timeout
 from streamloader.cache.key import CacheKey
-from streamloader.cache.verify import HashingWriter
+from streamloader.cache.verify import HashingWriter, Verifier
 from streamloader.errors import CacheError, IntegrityError, StreamloaderError
 
 log = logging.getLogger("streamloader.cache")
@@ -180,10 +180,14 @@ class CacheWriter:
                     size: Optional[int]) -> Tuple[str, BinaryIO]:
         """Download into a new temp file and verify size and hash; returns its path and still-open file."""
         verifier = key.hasher() if self.verify else None
+        # a key no hash checks gets the sha256 of its bytes noted on it: what verify="full" checks it against later
+        noting = Verifier("sha256", "") if self.record_sizes and key.hasher() is None else None
         tmp, raw = self._create_temp(key)
         try:
             streamed = verifier is not None and verifier.can_stream(size)
-            target: BinaryIO = HashingWriter(raw, verifier, size) if streamed else raw  # type: ignore[arg-type]
+            target: BinaryIO = raw
+            if streamed or noting is not None:
+                target = HashingWriter(raw, verifier if streamed else noting, size)  # type: ignore[arg-type]
             fill(target)
             raw.flush()
             got = raw.tell()
@@ -197,7 +201,7 @@ class CacheWriter:
                 raise IntegrityError(f"content hash mismatch for cache entry {key.digest} ({key.kind})")
             if self.record_sizes:
                 # what every later read checks the file against when no listing says its size
-                self.record_sizes = record_size(raw.fileno(), got)
+                self.record_sizes = record_size(raw.fileno(), got, None if noting is None else noting.hexdigest())
         except OSError as exc:
             _discard(tmp, raw)
             # the disk refusing the bytes is the cache's failure; a download's own errors (a missing file, a

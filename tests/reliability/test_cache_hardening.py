@@ -241,6 +241,34 @@ def test_streamloader_verify_full_reaches_the_caches_file_systems_make(one_file,
         FileCache(cache)
 
 
+def test_verify_full_checks_a_file_read_before_any_listing_against_the_sha256_noted_as_it_was_stored(
+        one_file, tmp_path, monkeypatch):
+    """The guide's loop reads files no listing has named: no listed hash, so the cache notes the bytes' sha256."""
+    from conftest import remote_repo
+
+    cache = str(tmp_path / "cache")
+    repo = remote_repo(one_file, cache)
+    assert repo.read_bytes("data/a.bin") == GOOD  # unlisted: stored under a path key
+    repo.cache.flush(10)
+    path = repo.cached_path("data/a.bin")
+    assert "/objects/path/" in path
+    assert os.getxattr(path, "user.streamloader.sha256").decode() == hashlib.sha256(GOOD).hexdigest()
+    flipped = bytearray(GOOD)
+    flipped[7] ^= 1
+    _overwrite(path, bytes(flipped))  # same size, same notes: only a hash tells
+    assert remote_repo(one_file, cache).read_bytes("data/a.bin") == bytes(flipped)  # the default trusts it
+    monkeypatch.setenv("STREAMLOADER_VERIFY", "full")
+    gets = raw_gets(one_file, "data/a.bin")
+    paranoid = remote_repo(one_file, cache)
+    assert paranoid.read_bytes("data/a.bin") == GOOD and paranoid.cache.corrupt_entries == 1
+    assert raw_gets(one_file, "data/a.bin") == gets + 1
+    paranoid.cache.flush(10)
+    path = paranoid.cached_path("data/a.bin")
+    os.removexattr(path, "user.streamloader.sha256")  # no note to check against: not trusted either
+    again = remote_repo(one_file, cache)
+    assert again.read_bytes("data/a.bin") == GOOD and again.cache.corrupt_entries == 1
+
+
 def test_finished_objects_are_read_only_yet_evictable(tmp_path):
     cache = FileCache(str(tmp_path / "c"), max_size=len(GOOD) + 10)
     path = cache.fetch(git_key(GOOD), writer(GOOD), len(GOOD))
